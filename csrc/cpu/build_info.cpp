@@ -1,0 +1,22 @@
+#include "../ops.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace peftkern {
+
+std::string build_info() {
+  std::string info = "cpu";
+#ifdef _OPENMP
+  info += " openmp(max_threads=" + std::to_string(omp_get_max_threads()) + ")";
+#else
+  info += " no-openmp";
+#endif
+#ifdef PEFTKERN_WITH_CUDA
+  info += " cuda";
+#endif
+  return info;
+}
+
+}  // namespace peftkern

@@ -1,0 +1,178 @@
+"""The public API. Each function validates first and mutates last."""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from . import methods as _methods
+from . import patching
+from .ops import dispatch
+
+log = logging.getLogger("peftkern")
+
+
+def patch(model: nn.Module, method: str = "lora", rank: int = 8, targets=None, alpha: Optional[float] = None,
+          backend: str = "auto", **options: Any) -> nn.Module:
+    """Adapt ``model`` in place with ``method`` and return it.
+
+    Args:
+        method: a registered method name, see ``peftkern.methods()``.
+        rank: r. For AdaLoRA-style methods, the target average rank.
+        targets: module names (suffix match, e.g. ``["q_proj", "v_proj"]``) or one regex
+            over module paths. Default: the architecture's attention query and value.
+        alpha: s = alpha / r. Default: the method's paper setting.
+        backend: "auto" | "triton" | "cpp" | "torch".
+        **options: the method's options; an unknown one raises TypeError listing the valid ones.
+    """
+    p = patching.plan(model, method, rank, targets, alpha, backend, **options)
+    state = patching.build(p)
+    patching.commit(model, state, backend)
+    log.info("peftkern: patched %d modules with %r (rank %d, backend %r)", len(p.slots), method, p.rank, backend)
+    return model
+
+
+def unpatch(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Remove the adapter and put the original modules back.
+
+    With ``merge=True`` the adapter is first folded into the base weights (PEFT's
+    merge_and_unload). Without it the original weights come back bit-identical, unless
+    the model is currently merged, in which case they are unmerged first (exact only to
+    rounding, hence a warning).
+    """
+    patching.state_of(model)
+    layers = patching.adapted_modules(model)
+    if merge:
+        for _, m in layers:
+            m.merge()
+    elif any(m.merged for _, m in layers):
+        warnings.warn("unpatching a merged model: unmerging first, so base weights are restored to rounding, "
+                      "not bit for bit", RuntimeWarning, stacklevel=2)
+        for _, m in layers:
+            m.unmerge()
+    return patching.uncommit(model)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold ΔW into every adapted base weight; forward then runs the base modules only."""
+    patching.state_of(model)
+    for _, m in patching.adapted_modules(model):
+        m.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Take ΔW back out of the base weights."""
+    patching.state_of(model)
+    for _, m in patching.adapted_modules(model):
+        m.unmerge()
+    return model
+
+
+def methods() -> List[str]:
+    """Names of the registered methods."""
+    return _methods.names()
+
+
+@dataclass
+class Explanation:
+    rows: List[Dict[str, Any]]
+    method: str
+    backends: Dict[str, Optional[str]]
+
+    def __str__(self) -> str:
+        cols = ["module", "shape", "rank", "backend", "path", "A", "B", "u", "v", "merged"]
+        table = [[str(r.get(c, "")) for c in cols] for r in self.rows]
+        widths = [max(len(c), *(len(row[i]) for row in table)) if table else len(c) for i, c in enumerate(cols)]
+        lines = [f"peftkern: method {self.method!r}, {len(self.rows)} adapted modules",
+                 "  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+        lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in table]
+        avail = ", ".join(f"{k}: {'ok' if v is None else 'unavailable (' + v + ')'}" for k, v in self.backends.items())
+        lines.append(f"backends: {avail}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def explain(model: nn.Module) -> Explanation:
+    """Which backend and which code path each adapted module runs, and where its factors come from."""
+    state = patching.state_of(model)
+    rows = []
+    for path, m in patching.adapted_modules(model):
+        device_type = m.base_layer.weight.device.type
+        try:
+            backend = m.ops(device_type).name
+        except dispatch.BackendUnavailable as exc:
+            backend = f"unavailable: {exc}"
+        f_group = state.factors(m.slot).group if device_type != "meta" else None
+        row = {"module": path, "shape": f"{m.in_features}->{m.out_features}", "rank": state.effective_rank(m.slot),
+               "backend": backend, "requested": m.backend,
+               "path": "merged (base only)" if m.merged else ("joint shrink+expand" if f_group else "fused adapter"),
+               "merged": m.merged}
+        row.update(state.describe_slot(m.slot))
+        rows.append(row)
+    return Explanation(rows, state.plan.method, dispatch.availability())
+
+
+@dataclass(frozen=True)
+class Counts:
+    adapter_trainable: int  # what the papers' tables count
+    adapter_total: int  # trainable + frozen adapter tensors (e.g. VeRA's shared A, B)
+    trainable: int  # everything with requires_grad, heads included
+    total: int
+
+    def __str__(self) -> str:
+        pct = 100.0 * self.trainable / max(self.total, 1)
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {pct:.4f} "
+                f"|| adapter: {self.adapter_trainable:,} trained / {self.adapter_total:,}")
+
+
+def count(model: nn.Module) -> Counts:
+    """Parameter counts; works on meta-device models."""
+    state = patching.state_of(model)
+    a_train = sum(p.numel() for p in state.parameters() if p.requires_grad)
+    a_total = sum(p.numel() for p in state.parameters())
+    return Counts(a_train, a_total, sum(p.numel() for p in model.parameters() if p.requires_grad),
+                  sum(p.numel() for p in model.parameters()))
+
+
+def parameter_table(model_or_config: Any, method: str = "lora", rank: int = 8, targets=None,
+                    alpha: Optional[float] = None, **options: Any) -> str:
+    """The trainable-parameter table of a method on a model, built on the meta device (no weights).
+
+    ``model_or_config`` is a transformers config, a local model path, or an nn.Module
+    (never modified: the table is computed on a fresh meta-device copy).
+    """
+    model = _meta_model(model_or_config)
+    patch(model, method, rank, targets, alpha, **options)
+    state = patching.state_of(model)
+    lines = [f"{method} (rank {state.plan.rank}, alpha {state.plan.alpha:g}) on {state.plan.model_type or type(model).__name__}",
+             f"{'tensor':58s} {'shape':>16s} {'params':>12s}  trained"]
+    for name, p in state.named_parameters():
+        lines.append(f"{name:58s} {str(tuple(p.shape)):>16s} {p.numel():>12,d}  {'yes' if p.requires_grad else 'no'}")
+    c = count(model)
+    lines.append(f"adapter parameters trained: {c.adapter_trainable:,} (frozen: {c.adapter_total - c.adapter_trainable:,}); "
+                 f"base model: {c.total - c.adapter_total:,}")
+    return "\n".join(lines)
+
+
+def _meta_model(obj: Any) -> nn.Module:
+    """A fresh meta-device model: the caller's model is never modified."""
+    if isinstance(obj, nn.Module):
+        if getattr(obj, "config", None) is None:  # a plain nn.Module: copy it to meta
+            import copy
+
+            clone = copy.deepcopy(obj)
+            if patching.is_patched(clone):
+                patching.uncommit(clone)
+            return clone.to("meta")
+        obj = obj.config
+    from transformers import AutoConfig, AutoModel, PretrainedConfig
+
+    config = obj if isinstance(obj, PretrainedConfig) else AutoConfig.from_pretrained(obj)
+    with torch.device("meta"):
+        return AutoModel.from_config(config)

@@ -1,0 +1,188 @@
+"""Factor sources: where A, B, u and v come from.
+
+Every method is the same adapter, y = W0·x + s·(v ⊙ (B·(u ⊙ (A·x)))); methods differ only
+in where the four factors come from. A method builds one ``AdapterState`` (an nn.Module
+registered once on the model as ``model.peftkern``) that owns every tensor of the adapter:
+per-module parameters, parameters tied across modules, hypernetworks and their
+embeddings, and any optimiser-side state (AdaLoRA's importance scores).
+
+Each patched module holds a slot index into that state and asks it for ``Factors`` on
+every forward. The state knows nothing about kernels; the ops know nothing about
+methods.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One module to adapt, as discovered by ``targets.find_targets``."""
+
+    index: int
+    path: str  # module path in the model, e.g. "model.layers.3.self_attn.q_proj"
+    name: str  # the target name it matched, e.g. "q_proj"
+    layer: Optional[int]  # index of the repeated block that contains it, None if outside the blocks
+    in_features: int
+    out_features: int
+
+
+@dataclass
+class Plan:
+    """Everything a method needs to build its state, known before the model is touched."""
+
+    method: str
+    rank: int
+    alpha: float
+    options: Any  # the method's options dataclass, already validated
+    slots: List[Slot]
+    device: torch.device
+    dtype: torch.dtype
+    model_type: str = ""
+    backend: str = "auto"  # requested backend; generating sources dispatch their hypernet op with it
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def layers(self) -> List[int]:
+        """Sorted distinct block indices that contain targets."""
+        return sorted({s.layer for s in self.slots if s.layer is not None})
+
+    @property
+    def target_names(self) -> List[str]:
+        seen: Dict[str, None] = {}
+        for s in self.slots:
+            seen.setdefault(s.name, None)
+        return list(seen)
+
+    def ops(self, device_type: str):
+        """The backend ops for tensors on ``device_type`` (resolved through dispatch)."""
+        from .ops import dispatch
+
+        return dispatch.resolve(self.backend, device_type)
+
+    def new_tensor(self, *shape: int) -> Tensor:
+        return torch.empty(*shape, device=self.device, dtype=self.dtype)
+
+    def describe(self) -> Dict[str, Any]:
+        """JSON-friendly record of the method and its options (adapter_config.json)."""
+        opts = dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options) else dict(self.options)
+        return {"method": self.method, "rank": self.rank, "alpha": self.alpha, "options": opts,
+                "targets": self.target_names, "model_type": self.model_type}
+
+
+@dataclass
+class Factors:
+    """What one module multiplies by. ``None`` for u or v means the identity (frozen at 1).
+
+    With ``group`` set (joint-QKV form), A and u belong to the group's shared shrink and
+    B and v are this member's slices of the stacked up-projection.
+    """
+
+    A: Tensor
+    B: Tensor
+    u: Optional[Tensor]
+    v: Optional[Tensor]
+    scale: float
+    group: Optional["JointGroup"] = None
+
+
+class JointGroup:
+    """One down-projection shared by every target of a layer (Tied-LoRA's joint QKV).
+
+    Attention modules call q_proj(x), k_proj(x) and v_proj(x) one after another on the
+    same tensor. The first call computes hu = (x·Aᵀ)⊙u through the backend's shrink op;
+    the others find the same ``x`` object and reuse it, so x·Aᵀ runs once per layer. The
+    reference is dropped as soon as every member has consumed it, so no activation is
+    kept alive. A different ``x`` (cross-attention, say) simply recomputes: always correct.
+    """
+
+    __slots__ = ("members", "_x", "_hu", "_left")
+
+    def __init__(self, members: int):
+        self.members = members
+        self._x: Optional[Tensor] = None
+        self._hu: Optional[Tensor] = None
+        self._left = 0
+
+    def hidden(self, x: Tensor, A: Tensor, u: Optional[Tensor], shrink) -> Tensor:
+        if self._x is x and self._left > 0:
+            hu = self._hu
+        else:
+            hu = shrink(x, A, u)
+            self._x, self._hu, self._left = x, hu, self.members
+        self._left -= 1
+        if self._left == 0:
+            self._x = self._hu = None
+        return hu
+
+    def __deepcopy__(self, memo):  # a copy starts with an empty cache
+        return JointGroup(self.members)
+
+    def __getstate__(self):
+        return {"members": self.members}
+
+    def __setstate__(self, state):
+        self.__init__(state["members"])
+
+
+class AdapterState(nn.Module):
+    """Base class of every method's factor source. Subclasses implement ``factors``."""
+
+    def __init__(self, plan: Plan):
+        super().__init__()
+        self.plan = plan
+        self.disabled = False
+
+    # --- the hot path -------------------------------------------------------------
+    def factors(self, slot: int) -> Factors:
+        raise NotImplementedError
+
+    # --- integration points (no-ops unless a method needs them) -----------------------
+    def attach(self, model: nn.Module) -> List[Any]:
+        """Register hooks on the patched model; return their handles (removed by unpatch)."""
+        return []
+
+    def regularization(self) -> Optional[Tensor]:
+        """A term to add to the task loss (AdaLoRA's orthogonality), or None."""
+        return None
+
+    def describe_slot(self, slot: int) -> Dict[str, str]:
+        """Provenance of each factor for explain(), e.g. {"A": "tied, trained", "u": "1"}."""
+        return {}
+
+    @torch.no_grad()
+    def delta_weight(self, slot: int) -> Tensor:
+        """ΔW = s·Λv·B·Λu·A for one slot, in Linear layout [N, K]."""
+        from .ops.reference import delta_weight
+
+        f = self.factors(slot)
+        return delta_weight(f.A, f.B, f.u, f.v, f.scale)
+
+    def effective_rank(self, slot: int) -> int:
+        return self.plan.rank
+
+    def extra_config(self) -> Dict[str, Any]:
+        """Method-specific facts to store next to the options (e.g. AdaLoRA's rank pattern)."""
+        return {}
+
+
+def register_optional(module: nn.Module, name: str, tensor: Optional[Tensor], trained: bool) -> None:
+    """Register ``tensor`` as a Parameter (requires_grad = trained) or None."""
+    module.register_parameter(name, None if tensor is None else nn.Parameter(tensor, requires_grad=trained))
+
+
+def field_names(options: Any) -> List[str]:
+    return [f.name for f in dataclasses.fields(options)]
+
+
+__all__ = ["Slot", "Plan", "Factors", "JointGroup", "AdapterState", "register_optional", "field_names"]

@@ -1,0 +1,66 @@
+"""The registry of methods: a name -> (options schema, builder). No if-chains anywhere else.
+
+A method is data plus one small builder. Adding one means writing an options dataclass
+(its fields are the method's options, with their defaults) with a ``validate(plan)``
+method, and a builder ``Plan -> AdapterState``; patching and the ops do not change.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from ..factors import AdapterState, Plan
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    options: type  # a dataclass; fields are the options, with defaults
+    build: Callable[[Plan], AdapterState]
+    default_alpha: Callable[[int], float]  # rank -> alpha
+    paper: str = ""
+    # hook to turn the public ``rank`` argument into the method's own ranks (AdaLoRA's
+    # target_r/init_r); returns the rank that sizes the factors
+    resolve_rank: Optional[Callable[[int, Any], int]] = None
+
+
+_METHODS: Dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in _METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    if not dataclasses.is_dataclass(method.options):
+        raise TypeError(f"options of {method.name!r} must be a dataclass")
+    _METHODS[method.name] = method
+    return method
+
+
+def get(name: Any) -> Method:
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a string, got {type(name).__name__}; valid methods: {', '.join(names())}")
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(names())}")
+    return _METHODS[name]
+
+
+def names() -> List[str]:
+    return sorted(_METHODS)
+
+
+def summaries() -> Dict[str, str]:
+    return {n: _METHODS[n].summary for n in names()}
+
+
+def parse_options(method: Method, options: Mapping[str, Any]) -> Any:
+    """Options dict -> the method's validated options dataclass (TypeError for unknown names)."""
+    valid = [f.name for f in dataclasses.fields(method.options)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"method {method.name!r} does not take option(s) {', '.join(map(repr, unknown))}; "
+            f"valid options: {', '.join(valid) or '(none)'}"
+        )
+    return method.options(**options)

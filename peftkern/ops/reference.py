@@ -1,0 +1,71 @@
+"""Plain-torch reference ops: the truth every backend is tested against.
+
+Everything here is written for clarity, uses only differentiable torch ops and lets
+autograd produce the gradients. No backend may be "more right" than this file.
+
+Shapes (Linear layout, as ``nn.Linear`` stores them):
+    x      [..., K]          input
+    weight [N, K]            frozen base weight W0
+    bias   [N] or None
+    A      [r, K]            down-projection
+    B      [N, r]            up-projection
+    u      [r] or None       Λu (None means the identity, i.e. u = 1 frozen)
+    v      [N] or None       Λv (None means the identity)
+    scale  float             s = α / r
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def adapter(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    A: Tensor,
+    B: Tensor,
+    u: Optional[Tensor],
+    v: Optional[Tensor],
+    scale: float,
+) -> Tensor:
+    """y = W0·x (+ bias) + s·(v ⊙ (B·(u ⊙ (A·x)))) — Tied-LoRA eq. (1)."""
+    return expand(x, weight, bias, shrink(x, A, u), B, v, scale)
+
+
+def shrink(x: Tensor, A: Tensor, u: Optional[Tensor]) -> Tensor:
+    """hu = u ⊙ (A·x): the rank-r hidden state. In the joint-QKV form one hu serves q, k and v."""
+    h = F.linear(x, A)
+    return h if u is None else h * u
+
+
+def expand(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    hu: Tensor,
+    B: Tensor,
+    v: Optional[Tensor],
+    scale: float,
+) -> Tensor:
+    """y = W0·x (+ bias) + s·(v ⊙ (B·hu))."""
+    z = F.linear(hu, B)
+    if v is not None:
+        z = z * v
+    return F.linear(x, weight, bias) + scale * z
+
+
+def delta_weight(A: Tensor, B: Tensor, u: Optional[Tensor], v: Optional[Tensor], scale: float) -> Tensor:
+    """ΔW = s·Λv·B·Λu·A, shape [N, K]. Used by merge() and by export."""
+    Bv = B if v is None else B * v[:, None]
+    Au = A if u is None else A * u[:, None]
+    return scale * (Bv @ Au)
+
+
+def hypernet(E: Tensor, W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor) -> Tensor:
+    """LEFT's γ for every layer at once: GeLU(E·W1ᵀ + b1)·W2ᵀ + b2 → [L, P]."""
+    return F.linear(F.gelu(F.linear(E, W1, b1)), W2, b2)

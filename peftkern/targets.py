@@ -1,0 +1,129 @@
+"""Which modules to adapt: default targets per architecture, Linear/Conv1D discovery, layer indices."""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from torch import nn
+
+from .factors import Slot
+
+try:  # GPT-2 style layers store their weight as [in, out]
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # transformers is optional for plain nn.Module use
+    Conv1D = None  # type: ignore[assignment]
+
+# model_type -> default targets. Attention query and value, as LoRA, the LEFT paper and
+# PEFT do. DeBERTa-v2 names them query_proj/value_proj and DeBERTa (v1) fuses them into
+# in_proj, so the table uses the names those models actually have.
+DEFAULT_TARGETS: Dict[str, Tuple[str, ...]] = {
+    **{t: ("q_proj", "v_proj") for t in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2", "gemma3_text",
+        "olmo", "olmo2", "starcoder2", "phi", "opt", "gptj", "granite", "stablelm", "smollm3")},
+    **{t: ("query_key_value",) for t in ("gpt_neox", "bloom", "falcon")},
+    **{t: ("query", "value") for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie")},
+    "deberta-v2": ("query_proj", "value_proj"),
+    "deberta": ("in_proj",),
+    "distilbert": ("q_lin", "v_lin"),
+    "gpt2": ("c_attn",),
+    "t5": ("q", "v"),
+    "mpnet": ("q", "v"),
+}
+
+TargetSpec = Union[None, str, Sequence[str]]
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """Conv1D keeps its weight as [in, out]; nn.Linear as [out, in]."""
+    return Conv1D is not None and isinstance(module, Conv1D)
+
+
+def features(module: nn.Module) -> Tuple[int, int]:
+    w = module.weight
+    return (w.shape[0], w.shape[1]) if is_transposed(module) else (w.shape[1], w.shape[0])
+
+
+def model_type(model: nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "model_type", "") or ""
+
+
+def default_targets(model: nn.Module) -> Tuple[str, ...]:
+    mtype = model_type(model)
+    if mtype in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[mtype]
+    names = sorted(adaptable_names(model))
+    raise ValueError(
+        f"no default targets for model type {mtype or type(model).__name__!r}; pass targets=[...]. "
+        f"Linear/Conv1D modules in this model: {', '.join(names) or '(none)'}"
+    )
+
+
+def adaptable_names(model: nn.Module) -> List[str]:
+    """Distinct last path components of every Linear/Conv1D, for error messages."""
+    return sorted({path.rsplit(".", 1)[-1] for path, m in model.named_modules() if path and is_adaptable(m)})
+
+
+def _matcher(targets: TargetSpec):
+    if isinstance(targets, str):  # a single string is a regex over full module paths (PEFT's convention)
+        pattern = re.compile(targets)
+        return [targets], lambda path, t: pattern.fullmatch(path) is not None
+    return list(targets), lambda path, t: path == t or path.endswith("." + t)
+
+
+def layer_index_map(model: nn.Module) -> Dict[str, int]:
+    """module path -> index of the repeated block containing it.
+
+    The blocks are the largest nn.ModuleList of the model (Llama's ``model.layers``,
+    BERT's ``encoder.layer``, GPT-2's ``h``). Found from the module tree, not from names.
+    """
+    best: Optional[Tuple[str, nn.ModuleList]] = None
+    for path, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and (best is None or len(m) > len(best[1])):
+            best = (path, m)
+    if best is None:
+        return {}
+    prefix, blocks = best
+    out: Dict[str, int] = {}
+    for i, block in enumerate(blocks):
+        base = f"{prefix}.{i}" if prefix else str(i)
+        for sub, _ in block.named_modules():
+            out[f"{base}.{sub}" if sub else base] = i
+    return out
+
+
+def find_targets(model: nn.Module, targets: TargetSpec) -> List[Slot]:
+    """Every Linear/Conv1D matching ``targets``, as Slots in model order.
+
+    Raises ValueError if a target matches nothing, listing the module names that exist.
+    """
+    if targets is None:
+        targets = default_targets(model)
+    if not isinstance(targets, str):
+        if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets) or not targets:
+            raise TypeError(f"targets must be a non-empty list of module names or a regex string, got {targets!r}")
+    wanted, match = _matcher(targets)
+    layer_of = layer_index_map(model)
+    slots: List[Slot] = []
+    hits = {t: 0 for t in wanted}
+    for path, module in model.named_modules():
+        if not path or not is_adaptable(module):
+            continue
+        for t in wanted:
+            if match(path, t):
+                hits[t] += 1
+                k, n = features(module)
+                name = path.rsplit(".", 1)[-1]
+                slots.append(Slot(len(slots), path, name, layer_of.get(path), k, n))
+                break
+    missing = [t for t, n in hits.items() if n == 0]
+    if missing:
+        raise ValueError(
+            f"target(s) {missing} matched no nn.Linear or Conv1D module. "
+            f"Linear/Conv1D module names in this model: {', '.join(adaptable_names(model)) or '(none)'}"
+        )
+    return slots
