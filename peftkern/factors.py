@@ -175,6 +175,28 @@ class AdapterState(nn.Module):
         """Method-specific facts to store next to the options (e.g. AdaLoRA's rank pattern)."""
         return {}
 
+    # --- persistence contract used by peftkern.io (save/load) --------------------------
+    def tensors_for_save(self) -> Dict[str, Tensor]:
+        """Tensors to write to adapter_model.safetensors. Default: the state_dict.
+
+        A method may shrink them here (AdaLoRA drops pruned rank components); it must
+        then undo that in ``load_saved``.
+        """
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    def load_saved(self, tensors: Dict[str, Tensor], extra: Dict[str, Any]) -> None:
+        """Inverse of ``tensors_for_save`` + ``extra_config``. Must raise ValueError naming the
+        first mismatching tensor before modifying anything."""
+        own = self.state_dict()
+        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"adapter file does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for k, t in tensors.items():
+            if tuple(t.shape) != tuple(own[k].shape):
+                raise ValueError(f"adapter tensor {k!r} has shape {tuple(t.shape)} but this model needs "
+                                 f"{tuple(own[k].shape)}")
+        self.load_state_dict(tensors, strict=True)
+
 
 def register_optional(module: nn.Module, name: str, tensor: Optional[Tensor], trained: bool) -> None:
     """Register ``tensor`` as a Parameter (requires_grad = trained) or None."""
