@@ -28,15 +28,15 @@ def extension_build():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     define_macros = []
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one cpp_extension picks for the installed torch
     with_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None \
         and os.environ.get("PEFTKERN_NO_CUDA") != "1"
     if with_cuda:
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         define_macros.append(("PEFTKERN_WITH_CUDA", "1"))
         ext = cpp_extension.CUDAExtension(
             "peftkern._C", sources, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},  # no fast-math: it flushes denormal importance scores
             extra_link_args=["-fopenmp"])
     else:
         ext = cpp_extension.CppExtension("peftkern._C", sources, define_macros=define_macros,

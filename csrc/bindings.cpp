@@ -1,10 +1,53 @@
 // pybind11 bindings of peftkern._C. Each op lives in its own file under csrc/cpu (and
-// csrc/cuda when built with CUDA); this file only exposes them.
+// csrc/cuda when built with CUDA); this file only exposes them. The autograd Functions
+// that call these are in peftkern/ops/cpp_backend.py.
 #include <torch/extension.h>
 
 #include "ops.h"
 
+namespace py = pybind11;
+using namespace peftkern;
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "peftkern compiled ops (C++ for CPU, CUDA when built with it)";
-  m.def("build_info", &peftkern::build_info, "How this extension was built (OpenMP threads, CUDA)");
+  m.def("build_info", &build_info, "How this extension was built (OpenMP threads, CUDA)");
+#ifdef PEFTKERN_WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+
+  // Path codes for the `path` argument of the adapter ops (0 lets the cost model choose).
+  m.attr("PATH_AUTO") = int64_t(kAuto);
+  m.attr("PATH_FUSED") = int64_t(kFused);
+  m.attr("PATH_MERGED") = int64_t(kMerged);
+  m.attr("PATH_ADDMM") = int64_t(kAddmm);
+  m.def("path_name", &path_name, py::arg("path"));
+  m.def("path_counts", &path_counts, "(name, calls) of every path that ran since the last reset");
+  m.def("reset_path_counts", &reset_path_counts);
+  m.def("planned_paths", &planned_paths, "(forward, backward) path the cost model picks for these sizes",
+        py::arg("M"), py::arg("N"), py::arg("K"), py::arg("r"), py::arg("like"), py::arg("path") = int64_t(kAuto));
+
+  m.def("adapter_forward", &adapter_forward, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("A"),
+        py::arg("B"), py::arg("u"), py::arg("v"), py::arg("scale"), py::arg("path") = int64_t(kAuto));
+  m.def("adapter_backward", &adapter_backward, py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("A"),
+        py::arg("B"), py::arg("u"), py::arg("v"), py::arg("h"), py::arg("scale"), py::arg("needs"),
+        py::arg("path") = int64_t(kAuto));
+  m.def("shrink_forward", &shrink_forward, py::arg("x"), py::arg("A"), py::arg("u"));
+  m.def("shrink_backward", &shrink_backward, py::arg("dhu"), py::arg("x"), py::arg("A"), py::arg("u"), py::arg("h"),
+        py::arg("needs"));
+  m.def("expand_forward", &expand_forward, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("hu"),
+        py::arg("B"), py::arg("v"), py::arg("scale"));
+  m.def("expand_backward", &expand_backward, py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("hu"),
+        py::arg("B"), py::arg("v"), py::arg("scale"), py::arg("needs"));
+  m.def("hypernet_forward", &hypernet_forward, py::arg("E"), py::arg("W1"), py::arg("b1"), py::arg("W2"),
+        py::arg("b2"));
+  m.def("hypernet_backward", &hypernet_backward, py::arg("dout"), py::arg("E"), py::arg("W1"), py::arg("W2"),
+        py::arg("pre"), py::arg("needs"));
+
+  m.def("update_importance_", &update_importance_, "AdaLoRA importance update of every tensor, in place",
+        py::arg("params"), py::arg("grads"), py::arg("exp_avg_ipt"), py::arg("exp_avg_unc"), py::arg("beta1"),
+        py::arg("beta2"));
+  m.def("mask_below_", &mask_below_, "values[i][scores[i] <= threshold] = 0 for every i, in place",
+        py::arg("values"), py::arg("scores"), py::arg("threshold"));
 }

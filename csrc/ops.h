@@ -1,11 +1,83 @@
-// Declarations of every op in peftkern._C. One op per source file.
+// Declarations of every op in peftkern._C. One op per source file (csrc/cpu/<op>.cpp).
+//
+// Shapes follow peftkern/ops/reference.py: x [M, K] (callers flatten leading dims),
+// weight [N, K], bias [N], A [r, K], B [N, r], u [r], v [N], hu [M, r]. Optional
+// tensors are None in Python. Backward functions take the `needs` flags of
+// ctx.needs_input_grad and return one tensor (or None) per differentiable input.
 #pragma once
 #include <torch/extension.h>
 
+#include <optional>
 #include <string>
+#include <tuple>
+#include <vector>
 
 namespace peftkern {
 
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
 std::string build_info();
+
+// --- which code path an adapter call runs (paths.cpp) ---------------------------------
+// kFused: row-streaming rank-r pass + base GEMM accumulating on top (CPU float/double).
+// kMerged: W_eff = W0 + s·(v⊙B)·(u⊙A) and one GEMM (float/double only: never bf16/fp16).
+// kAddmm: the ATen GEMM sequence (any dtype and device).
+enum Path : int64_t { kAuto = 0, kFused = 1, kMerged = 2, kAddmm = 3 };
+Path choose_forward(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& x, int64_t forced);
+Path choose_backward(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& x, int64_t forced);
+// Fused or addmm for an op that has no merged form (shrink, expand).
+Path choose_unmerged(const Tensor& x, int64_t r);
+void record_path(const char* op, bool backward, Path path);
+std::vector<std::tuple<std::string, int64_t>> path_counts();
+void reset_path_counts();
+std::string path_name(int64_t path);
+std::tuple<std::string, std::string> planned_paths(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& like,
+                                                   int64_t forced);
+
+// --- adapter: y = x·W0ᵀ + b + s·(v⊙(B·(u⊙(A·x)))) (adapter.cpp) -------------------------
+// Returns (y, h = x·Aᵀ or None when the merged path ran, the path that ran).
+std::tuple<Tensor, OptTensor, int64_t> adapter_forward(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                                       const Tensor& A, const Tensor& B, const OptTensor& u,
+                                                       const OptTensor& v, double scale, int64_t path);
+// Returns (dx, dweight, dbias, dA, dB, du, dv, the path that ran).
+std::tuple<std::vector<OptTensor>, int64_t> adapter_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
+                                                             const Tensor& A, const Tensor& B, const OptTensor& u,
+                                                             const OptTensor& v, const OptTensor& h, double scale,
+                                                             std::vector<bool> needs, int64_t path);
+
+// --- joint-QKV form (shrink.cpp, expand.cpp) -------------------------------------------
+// shrink: hu = u⊙(x·Aᵀ). Returns (hu, h).
+std::tuple<Tensor, Tensor> shrink_forward(const Tensor& x, const Tensor& A, const OptTensor& u);
+// Returns (dx, dA, du).
+std::vector<OptTensor> shrink_backward(const Tensor& dhu, const Tensor& x, const Tensor& A, const OptTensor& u,
+                                       const Tensor& h, std::vector<bool> needs);
+// expand: y = x·W0ᵀ + b + s·(v⊙(B·hu)).
+Tensor expand_forward(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& hu, const Tensor& B,
+                      const OptTensor& v, double scale);
+// Returns (dx, dweight, dbias, dhu, dB, dv).
+std::vector<OptTensor> expand_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& hu,
+                                       const Tensor& B, const OptTensor& v, double scale, std::vector<bool> needs);
+
+// --- hypernetwork: GeLU(E·W1ᵀ + b1)·W2ᵀ + b2 (hypernet.cpp) --------------------------------
+// Returns (out, pre) where pre = E·W1ᵀ + b1 is what backward needs.
+std::tuple<Tensor, Tensor> hypernet_forward(const Tensor& E, const Tensor& W1, const OptTensor& b1, const Tensor& W2,
+                                            const OptTensor& b2);
+// Returns (dE, dW1, db1, dW2, db2).
+std::vector<OptTensor> hypernet_backward(const Tensor& dout, const Tensor& E, const Tensor& W1, const Tensor& W2,
+                                         const Tensor& pre, std::vector<bool> needs);
+
+// --- AdaLoRA (importance.cpp, mask.cpp) ---------------------------------------------------
+void update_importance_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                        const std::vector<Tensor>& exp_avg_ipt, const std::vector<Tensor>& exp_avg_unc, double beta1,
+                        double beta2);
+void mask_below_(const std::vector<Tensor>& values, const std::vector<Tensor>& scores, const Tensor& threshold);
+
+#ifdef PEFTKERN_WITH_CUDA
+// csrc/cuda/importance_host.cpp: the same update for CUDA tensors.
+void update_importance_cuda_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                             const std::vector<Tensor>& exp_avg_ipt, const std::vector<Tensor>& exp_avg_unc,
+                             double beta1, double beta2);
+#endif
 
 }  // namespace peftkern

@@ -1,4 +1,5 @@
 #include "../ops.h"
+#include "lowrank.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -7,7 +8,7 @@
 namespace peftkern {
 
 std::string build_info() {
-  std::string info = "cpu";
+  std::string info = std::string("cpu kernels=") + lowrank::isa_name();
 #ifdef _OPENMP
   info += " openmp(max_threads=" + std::to_string(omp_get_max_threads()) + ")";
 #else

@@ -1,0 +1,173 @@
+// The fused adapter, forward and backward: y = x·W0ᵀ + b + s·(v⊙(B·(u⊙(A·x)))).
+//
+// Mirrors the dataflow of peftkern/ops/torch_backend.py (u and v are folded into the
+// rank-r factors, no M×N temporary is saved), with one change of order: the rank-r term
+// is written into y (and dh·A into dx) *first*, and the base GEMM then accumulates on
+// top with beta = 1. The GEMM reads its C tile while it is compute-bound anyway, so the
+// output is written by the rank-r pass once instead of read and rewritten after the GEMM.
+//
+// Paths (chosen per call in paths.cpp, or forced by the caller):
+//   fused   rank-r work in one row-streaming pass (lowrank_pass.cpp)       CPU float/double
+//   merged  W_eff = W0 + s·(v⊙B)·(u⊙A); y = x·W_effᵀ; dx = dy·W_eff        float/double, large M
+//   addmm   the same order with ATen GEMMs                                 any dtype/device
+#include "common.h"
+
+namespace peftkern {
+namespace {
+
+using detail::has;
+
+struct Shapes {
+  int64_t M, K, N, r;
+};
+
+Shapes check_adapter(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& A, const Tensor& B,
+                     const OptTensor& u, const OptTensor& v) {
+  const char* op = "adapter";
+  TORCH_CHECK_VALUE(x.dim() == 2, "peftkern.adapter: x must be flattened to [M, K], got ", x.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2, "peftkern.adapter: weight must be [N, K], got ", weight.sizes());
+  const Shapes s{x.size(0), x.size(1), weight.size(0), A.size(0)};
+  detail::check_matrix(weight, s.N, s.K, op, "weight");
+  detail::check_matrix(A, s.r, s.K, op, "A");
+  detail::check_matrix(B, s.N, s.r, op, "B");
+  detail::check_vector(bias, s.N, op, "bias");
+  detail::check_vector(u, s.r, op, "u");
+  detail::check_vector(v, s.N, op, "v");
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&weight, "weight"}, {&A, "A"}, {&B, "B"}})
+    detail::check_same(x, *t, op, name);
+  detail::check_same(x, bias, op, "bias");
+  detail::check_same(x, u, op, "u");
+  detail::check_same(x, v, op, "v");
+  return s;
+}
+
+Tensor merged_weight(const Tensor& weight, const Tensor& A, const Tensor& B, const OptTensor& u, const OptTensor& v,
+                     double scale) {
+  return at::addmm(weight, detail::folded_vB(B, v), detail::folded_uA(A, u), 1.0, scale);
+}
+
+Tensor forward_fused(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& A, const Tensor& B,
+                     const OptTensor& u, const OptTensor& v, double scale, Tensor& h) {
+  const Shapes s{x.size(0), x.size(1), weight.size(0), A.size(0)};
+  Tensor xc = x.contiguous(), Ac = A.contiguous(), vBt = detail::folded_vBt(B, v);
+  OptTensor bc = detail::contiguous(bias), uc = detail::contiguous(u);
+  Tensor y = at::empty({s.M, s.N}, x.options());
+  h = at::empty({s.M, s.r}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "peftkern.adapter.forward", [&] {
+    lowrank::ForwardArgs<scalar_t> a;
+    a.M = s.M, a.K = s.K, a.N = s.N, a.r = s.r;
+    a.x = xc.data_ptr<scalar_t>(), a.A = Ac.data_ptr<scalar_t>(), a.u = detail::ptr_or_null<scalar_t>(uc);
+    a.vBt = vBt.data_ptr<scalar_t>(), a.bias = detail::ptr_or_null<scalar_t>(bc);
+    a.scale = static_cast<scalar_t>(scale), a.h = h.data_ptr<scalar_t>(), a.y = y.data_ptr<scalar_t>();
+    lowrank::forward(a);
+  });
+  return y.addmm_(xc, weight.t());
+}
+
+Tensor forward_addmm(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& A, const Tensor& B,
+                     const OptTensor& u, const OptTensor& v, double scale, Tensor& h) {
+  h = at::mm(x, A.t());
+  Tensor hu = has(u) ? h * *u : h;
+  Tensor vBs_t = (detail::folded_vB(B, v) * scale).t();
+  Tensor y = has(bias) ? at::addmm(*bias, hu, vBs_t) : at::mm(hu, vBs_t);
+  return y.addmm_(x, weight.t());
+}
+
+Tensor forward_merged(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& A, const Tensor& B,
+                      const OptTensor& u, const OptTensor& v, double scale) {
+  Tensor w_eff_t = merged_weight(weight, A, B, u, v, scale).t();
+  return has(bias) ? at::addmm(*bias, x, w_eff_t) : at::mm(x, w_eff_t);
+}
+
+// The rank-r gradients from one streaming pass; dx (if given) receives dh·A.
+void backward_pass(const Tensor& dy, const Tensor& x, const Tensor& A, const Tensor& B, const OptTensor& u,
+                   const OptTensor& v, const OptTensor& h, double scale, Tensor& GtT, Tensor& dA, Tensor& du,
+                   Tensor& dx_lowrank) {
+  const int64_t M = x.size(0), K = x.size(1), N = B.size(0), r = A.size(0);
+  Tensor xc = x.contiguous(), dyc = dy.contiguous(), Ac = A.contiguous(), vBt = detail::folded_vBt(B, v);
+  OptTensor uc = detail::contiguous(u), hc = detail::contiguous(h);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "peftkern.adapter.backward", [&] {
+    lowrank::BackwardArgs<scalar_t> a;
+    a.M = M, a.K = K, a.N = N, a.r = r;
+    a.x = xc.data_ptr<scalar_t>(), a.dy = dyc.data_ptr<scalar_t>(), a.A = Ac.data_ptr<scalar_t>();
+    a.vBt = vBt.data_ptr<scalar_t>(), a.u = detail::ptr_or_null<scalar_t>(uc);
+    a.scale = static_cast<scalar_t>(scale), a.h = detail::ptr_or_null<scalar_t>(hc);
+    a.GtT = detail::ptr_or_null<scalar_t>(GtT), a.dA = detail::ptr_or_null<scalar_t>(dA);
+    a.du = detail::ptr_or_null<scalar_t>(du), a.dx = detail::ptr_or_null<scalar_t>(dx_lowrank);
+    lowrank::backward(a);
+  });
+}
+
+}  // namespace
+
+std::tuple<Tensor, OptTensor, int64_t> adapter_forward(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                                       const Tensor& A, const Tensor& B, const OptTensor& u,
+                                                       const OptTensor& v, double scale, int64_t forced) {
+  const Shapes s = check_adapter(x, weight, bias, A, B, u, v);
+  const Path path = choose_forward(s.M, s.N, s.K, s.r, x, forced);
+  record_path("adapter", false, path);
+  Tensor h;
+  Tensor y;
+  switch (path) {
+    case kFused: y = forward_fused(x, weight, bias, A, B, u, v, scale, h); break;
+    case kMerged: y = forward_merged(x, weight, bias, A, B, u, v, scale); break;
+    default: y = forward_addmm(x, weight, bias, A, B, u, v, scale, h); break;
+  }
+  return {y, h.defined() ? OptTensor(h) : OptTensor(), path};
+}
+
+std::tuple<std::vector<OptTensor>, int64_t> adapter_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
+                                                             const Tensor& A, const Tensor& B, const OptTensor& u,
+                                                             const OptTensor& v, const OptTensor& h, double scale,
+                                                             std::vector<bool> needs, int64_t forced) {
+  TORCH_CHECK_VALUE(needs.size() >= 7, "peftkern.adapter_backward: needs 7 flags (x, weight, bias, A, B, u, v)");
+  const bool need_x = needs[0], need_w = needs[1], need_b = needs[2], need_A = needs[3], need_B = needs[4],
+             need_u = needs[5] && has(u), need_v = needs[6] && has(v);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0);
+  std::vector<OptTensor> grads(7);
+  if (need_w) grads[1] = at::mm(dy.t(), x);
+  if (need_b) grads[2] = dy.sum(0);
+  const bool need_dhu = need_x || need_A || need_u;  // the rank-r path back to x, A and u
+  if (!need_dhu && !need_B && !need_v) return {grads, kAuto};
+
+  const Path path = choose_backward(M, N, K, r, x, forced);
+  record_path("adapter", true, path);
+  Tensor GtT, dA, du, dx;
+  if (path == kAddmm) {
+    Tensor hh = has(h) ? *h : at::mm(x, A.t());
+    Tensor hu = has(u) ? hh * *u : hh;
+    if (need_B || need_v) GtT = at::mm(dy.t(), hu).t();
+    if (need_dhu) {
+      Tensor dhu = at::mm(dy, detail::folded_vB(B, v) * scale);
+      if (need_u) du = (dhu * hh).sum(0);
+      Tensor dh = has(u) ? dhu * *u : dhu;
+      if (need_A) dA = at::mm(dh.t(), x);
+      if (need_x) dx = at::mm(dh, A).addmm_(dy, weight);
+    }
+  } else {
+    auto opts = x.options();
+    if (need_B || need_v) GtT = at::empty({r, N}, opts);
+    if (need_A) dA = at::empty({r, K}, opts);
+    if (need_u) du = at::empty({r}, opts);
+    Tensor dx_lowrank;
+    if (need_x && path == kFused) dx = dx_lowrank = at::empty({M, K}, opts);
+    backward_pass(dy, x, A, B, u, v, h, scale, GtT, dA, du, dx_lowrank);
+    if (need_x) {
+      if (path == kFused)
+        dx.addmm_(dy, weight);
+      else
+        dx = at::mm(dy, merged_weight(weight, A, B, u, v, scale));
+    }
+  }
+  if (need_x) grads[0] = dx;
+  if (need_A) grads[3] = dA;
+  if (need_u) grads[5] = du;
+  if (need_B || need_v) {
+    Tensor Gt = GtT.t();
+    if (need_B) grads[4] = has(v) ? Gt * (*v * scale).unsqueeze(1) : Gt * scale;
+    if (need_v) grads[6] = (Gt * B).sum(1).mul_(scale);
+  }
+  return {grads, path};
+}
+
+}  // namespace peftkern

@@ -1,0 +1,404 @@
+"""Rank allocation for the SVD-style methods (adalora, hyper_adalora), with no host sync.
+
+Four pieces, shared by both methods:
+
+* ``Schedule``: PEFT's cubic budget schedule (``RankAllocator.budget_schedule``) and the
+  validation of its numbers (init_r, target_r, tinit, tfinal, deltaT, total_step).
+* ``ImportanceAllocator``: AdaLoRA's allocator (PEFT's ``RankAllocator``): EMA sensitivity
+  and uncertainty of every element of P, Λ, Q, triplet scores, and a global kthvalue
+  threshold that zeroes Λ entries in place. The threshold stays a device tensor, masks
+  are ``masked_fill_`` with tensor conditions, and the rank pattern is a device bool
+  tensor [slots, init_r]; nothing is read back to the host on the step path.
+* ``MagnitudePruner``: HyperAdaLoRA's allocator: every ΔT steps it removes the k smallest
+  |Λ| among the unpruned components, globally, into a persistent mask. k is a host int
+  that follows from the schedule alone (the unpruned count is exactly the last budget).
+* Hooks: ``attach_step_hook`` runs allocation after each optimizer step by itself (a
+  global optimizer-step post hook that fires only for optimizers holding the adapter's
+  parameters), and ``attach_loss_hook`` adds the state's regulariser (the orthogonality
+  term, defined in ``methods/adalora.py``) to ``outputs.loss``.
+
+Step convention (PEFT's): allocation for step t runs after the t-th ``optimizer.step()``
+(t counted from 0), while the gradients are still there, i.e. before ``zero_grad``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .ops import importance
+
+Tensor = torch.Tensor
+
+AUTO = "auto"  # total_step="auto": filled in later from transformers.Trainer's max_steps (AllocatorCallback)
+
+
+# --- the schedule ----------------------------------------------------------------------------------
+
+
+def check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """PEFT's budget schedule over all slots: warm-up at init_bgt for tinit steps, a cubic
+    decrease to target_bgt, then tfinal steps of fine-tuning at the final pattern."""
+
+    init_r: int
+    target_r: int
+    n_slots: int
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    total_step: Optional[int] = None  # None while total_step="auto" waits for the Trainer
+
+    @staticmethod
+    def checked(init_r: int, target_r: int, n_slots: int, tinit: Any, tfinal: Any, deltaT: Any, total_step: Any,
+                deltaT_name: str = "deltaT") -> "Schedule":
+        tinit, tfinal = check_int("tinit", tinit, 0), check_int("tfinal", tfinal, 0)
+        deltaT = check_int(deltaT_name, deltaT, 1)
+        if total_step is None:
+            raise ValueError("total_step is required (the number of optimizer steps, as PEFT's AdaLoraConfig needs "
+                             "it): pass total_step=N, or total_step='auto' under transformers.Trainer with "
+                             "peftkern.AllocatorCallback, which fills it from max_steps")
+        s = Schedule(init_r, target_r, n_slots, tinit, tfinal, deltaT, None)
+        return s if total_step == AUTO else s.with_total_step(total_step)
+
+    def with_total_step(self, total_step: Any) -> "Schedule":
+        total = check_int("total_step", total_step, 1)
+        if self.tinit >= total - self.tfinal:  # PEFT's own check: there must be a budgeting phase
+            raise ValueError(f"total_step={total} leaves no budgeting phase after tinit={self.tinit} and before "
+                             f"tfinal={self.tfinal}: total_step must be greater than tinit + tfinal "
+                             f"({self.tinit + self.tfinal})")
+        return dataclasses.replace(self, total_step=total)
+
+    @property
+    def init_bgt(self) -> int:
+        return self.init_r * self.n_slots
+
+    @property
+    def target_bgt(self) -> int:
+        return self.target_r * self.n_slots
+
+    @property
+    def final_step(self) -> int:
+        """The step at which the final pattern is forced: total_step - tfinal."""
+        return self.total - self.tfinal
+
+    @property
+    def total(self) -> int:
+        if self.total_step is None:
+            raise RuntimeError("total_step='auto' was never filled in: train with transformers.Trainer and "
+                               "callbacks=[peftkern.AllocatorCallback()], or call state.allocator.set_total_step(n)")
+        return self.total_step
+
+    def budget(self, step: int) -> Tuple[int, bool]:
+        """(budget, mask now?), exactly PEFT's ``budget_schedule`` (same float expression, same int())."""
+        if step <= self.tinit:
+            return self.init_bgt, False
+        if step > self.total - self.tfinal:
+            return self.target_bgt, True
+        mul_coeff = 1 - (step - self.tinit) / (self.total - self.tfinal - self.tinit)
+        budget = int((self.init_bgt - self.target_bgt) * (mul_coeff ** 3) + self.target_bgt)
+        return budget, step % self.deltaT == 0
+
+
+class ScheduledAllocator(nn.Module):
+    """Common part of both allocators: the schedule and the optimizer-step counter.
+
+    ``global_step`` counts optimizer steps from 0 (PEFT's convention); the Trainer callback
+    overwrites it with ``TrainerState.global_step`` so that a resumed run stays in step.
+    """
+
+    def __init__(self, schedule: Schedule, n_slots: int, rank: int, device: torch.device):
+        super().__init__()
+        self.schedule = schedule
+        self.global_step = 0
+        # The rank pattern: which of each slot's init_r components are kept. Persistent, so
+        # a plain state_dict round trip keeps it.
+        self.register_buffer("keep", torch.ones(n_slots, rank, dtype=torch.bool, device=device))
+
+    def set_total_step(self, total_step: int) -> None:
+        self.schedule = self.schedule.with_total_step(total_step)
+
+    def on_optimizer_step(self, *args: Any) -> None:
+        """Allocate for the step that just ran, then count it."""
+        self.allocate(self.global_step, *args)
+        self.global_step += 1
+
+    def allocate(self, step: int, *args: Any) -> None:
+        raise NotImplementedError
+
+    def checkpoint(self) -> Dict[str, Any]:
+        """Everything needed to resume allocation exactly: the step counter, total_step and every
+        buffer, the EMA scores included (the adapter file leaves those out, as PEFT does)."""
+        return {"global_step": self.global_step, "total_step": self.schedule.total_step,
+                "buffers": {n: b.detach().clone() for n, b in self.named_buffers()}}
+
+    def restore(self, checkpoint: Dict[str, Any]) -> None:
+        """Inverse of ``checkpoint``; raises ValueError before changing anything if it does not fit."""
+        own = dict(self.named_buffers())
+        saved = checkpoint.get("buffers", {})
+        if sorted(saved) != sorted(own):
+            raise ValueError(f"allocator checkpoint has buffers {sorted(saved)[:4]}, this adapter needs "
+                             f"{sorted(own)[:4]}")
+        for n, t in saved.items():
+            if tuple(t.shape) != tuple(own[n].shape):
+                raise ValueError(f"allocator buffer {n!r} has shape {tuple(t.shape)}, needs {tuple(own[n].shape)}")
+        with torch.no_grad():
+            for n, t in saved.items():
+                own[n].copy_(t)
+        if checkpoint.get("total_step") is not None:
+            self.set_total_step(checkpoint["total_step"])
+        self.global_step = int(checkpoint["global_step"])
+
+    def rank_pattern(self) -> List[List[bool]]:
+        """Host copy of the pattern (syncs: for save, explain and users, never the step path)."""
+        return self.keep.cpu().tolist()
+
+    def kept(self, slot: int) -> int:
+        if self.keep.is_meta:
+            return self.keep.shape[1]
+        return int(self.keep[slot].sum())
+
+
+# --- AdaLoRA: importance-based allocation ----------------------------------------------------------
+
+
+class _SlotScores(nn.Module):
+    """EMA sensitivity (ipt) and uncertainty (unc) of one slot's P and Q (optimizer-side state,
+    not saved with the adapter, as in PEFT)."""
+
+    def __init__(self, P: Tensor, Q: Tensor):
+        super().__init__()
+        for name, t in (("P_ipt", P), ("P_unc", P), ("Q_ipt", Q), ("Q_unc", Q)):
+            self.register_buffer(name, torch.zeros_like(t, memory_format=torch.contiguous_format), persistent=False)
+
+
+class ImportanceAllocator(ScheduledAllocator):
+    """PEFT's ``RankAllocator`` on typed references, without host sync.
+
+    ``factors`` returns (P list, Λ [slots, r], Q list) of the owning state, read on every
+    call (so that ``.to()`` or ``to_empty`` replacing a Parameter can never leave a stale
+    reference here).
+    """
+
+    def __init__(self, schedule: Schedule, factors: Callable[[], Tuple[Sequence[Tensor], Tensor, Sequence[Tensor]]],
+                 beta1: float, beta2: float):
+        P, lam, Q = factors()
+        super().__init__(schedule, lam.shape[0], lam.shape[1], lam.device)
+        self._factors = factors
+        self.beta1, self.beta2 = beta1, beta2
+        self.slot_scores = nn.ModuleList(_SlotScores(p, q) for p, q in zip(P, Q))
+        self.register_buffer("lam_ipt", torch.zeros_like(lam), persistent=False)
+        self.register_buffer("lam_unc", torch.zeros_like(lam), persistent=False)
+        self.importance_path = "not run yet"  # which importance op ran ("cpp" or "torch"), for explain()
+
+    @torch.no_grad()
+    def allocate(self, step: int) -> None:
+        """PEFT's ``AdaLoraModel.update_and_allocate(step)``."""
+        final = self.schedule.final_step
+        if step < final:
+            self._update_importance()
+            budget, mask_now = self.schedule.budget(step)
+            if mask_now:
+                self._mask_to_budget(budget)
+        elif step == final:  # force the final pattern, then forget the scores (PEFT resets them here)
+            self._mask_to_budget(self.schedule.budget(step)[0])
+            self._reset_scores()
+        else:  # final fine-tuning: mask with the final pattern every step
+            self._factors()[1].masked_fill_(~self.keep, 0.0)
+
+    def _update_importance(self) -> None:
+        P, lam, Q = self._factors()
+        params, grads, ipts, uncs = [], [], [], []
+        pairs = [(lam, self.lam_ipt, self.lam_unc)]
+        for s, p, q in zip(self.slot_scores, P, Q):
+            pairs += [(p, s.P_ipt, s.P_unc), (q, s.Q_ipt, s.Q_unc)]
+        for t, e, u in pairs:
+            if t.grad is not None:  # a slot the forward never reached keeps its scores
+                params.append(t.detach())
+                grads.append(t.grad)
+                ipts.append(e)
+                uncs.append(u)
+        self.importance_path = importance.update_(params, grads, ipts, uncs, self.beta1, self.beta2)
+
+    def triplet_scores(self) -> Tensor:
+        """[slots, r]: Λ-score + mean over Q's row + mean over P's column (PEFT's ``mask_to_budget``)."""
+        vector = torch.stack([(s.Q_ipt * s.Q_unc).mean(dim=1) + (s.P_ipt * s.P_unc).mean(dim=0)
+                              for s in self.slot_scores])
+        return self.lam_ipt * self.lam_unc + vector
+
+    def _mask_to_budget(self, budget: int) -> None:
+        k = self.schedule.init_bgt - budget
+        if k <= 0:  # nothing to prune (init_r == target_r); PEFT's kthvalue would raise here
+            self.keep.fill_(True)
+            return
+        scores = self.triplet_scores()
+        threshold = torch.kthvalue(scores.flatten(), k).values  # a device scalar: no .item()
+        # PEFT masks `score <= threshold`; written as its negation so a NaN score is kept, as there.
+        self.keep.copy_(~(scores <= threshold))
+        self._factors()[1].masked_fill_(~self.keep, 0.0)
+
+    def _reset_scores(self) -> None:
+        for t in self.buffers():
+            if t is not self.keep:
+                t.zero_()
+
+
+# --- HyperAdaLoRA: magnitude pruning of the generated Λ --------------------------------------------
+
+
+class MagnitudePruner(ScheduledAllocator):
+    """Every ``prune_every`` steps of the budgeting phase, and once more at total_step - tfinal,
+    prune the k smallest |Λ| among unpruned components (globally) so that exactly ``budget``
+    remain. The mask is persistent: a pruned component never returns."""
+
+    def __init__(self, schedule: Schedule, n_slots: int, rank: int, device: torch.device):
+        super().__init__(schedule, n_slots, rank, device)
+        self._alive: Optional[int] = n_slots * rank  # host count of kept components; None after a load
+
+    def reload(self) -> None:
+        """Call after ``keep`` was loaded: the host count is recomputed once, on the next prune."""
+        self._alive = None
+
+    def restore(self, checkpoint: Dict[str, Any]) -> None:
+        super().restore(checkpoint)
+        self.reload()
+
+    @torch.no_grad()
+    def allocate(self, step: int, lam: Tensor) -> None:
+        """``lam``: the generated Λ [slots, r] that the last forward used (before masking)."""
+        final = self.schedule.final_step
+        if step > final:
+            return
+        budget, due = self.schedule.budget(step)
+        if not (due or step == final):
+            return
+        if self._alive is None:
+            self._alive = int(self.keep.sum())  # one sync, only right after a load
+        k = self._alive - budget
+        if k <= 0:
+            return
+        # A NaN component is broken: it goes first (NaN would otherwise sort after the +inf of the
+        # already-pruned ones, and pruning fewer than k would break the host count).
+        scores = lam.detach().abs().nan_to_num(nan=-1.0).masked_fill(~self.keep, float("inf")).flatten()
+        smallest = torch.topk(scores, k, largest=False, sorted=False).indices  # exactly k, ties included
+        self.keep.view(-1).index_fill_(0, smallest, False)
+        self._alive = budget
+
+
+# --- hooks -----------------------------------------------------------------------------------------
+
+
+class _OptimizerStepHook:
+    """Global optimizer-step post hook that calls ``state.after_optimizer_step()`` for the
+    optimizers that hold the state's parameters (decided once per optimizer)."""
+
+    def __init__(self, state: nn.Module):
+        self._state = weakref.ref(state)
+        self._holds: "weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]" = weakref.WeakKeyDictionary()
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        state = self._state()
+        if state is None:
+            return
+        holds = self._holds.get(optimizer)
+        if holds is None:
+            holds = self._holds[optimizer] = _holds_params(optimizer, state)
+        if holds:
+            state.after_optimizer_step()
+
+
+def _holds_params(optimizer: torch.optim.Optimizer, state: nn.Module) -> bool:
+    # A wrapper (accelerate's AcceleratedOptimizer) proxies the inner optimizer's param_groups;
+    # only the inner one counts, or a step would allocate twice.
+    if isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        return False
+    ours = {id(p) for p in state.parameters() if p.requires_grad}
+    return any(id(p) in ours for group in optimizer.param_groups for p in group["params"])
+
+
+class StepHookHandle:
+    """The state's entry in torch's global optimizer-step post hooks; ``remove()`` takes it out.
+
+    Copying a patched model (deepcopy, pickle) registers the copy's own hook: the handle is
+    rebuilt from its (copied) state through ``__reduce__``, so torch's global hook table is
+    never copied and a copy never allocates for the original.
+    """
+
+    def __init__(self, state: nn.Module, active: bool = True):
+        self.state = state  # the handle lives in state._handles: a cycle, which the GC collects
+        self._handle = None
+        if active:
+            self._handle = register_optimizer_step_post_hook(_OptimizerStepHook(state))
+            weakref.finalize(state, self._handle.remove)  # a model dropped without unpatch leaves no hook
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __reduce__(self):
+        return StepHookHandle, (self.state, self._handle is not None)
+
+
+def attach_step_hook(state: nn.Module) -> StepHookHandle:
+    return StepHookHandle(state)
+
+
+class _LossHook:
+    """Root forward hook: ``outputs.loss += state.regularization()`` when the output has a loss.
+    An object holding its state (not a closure), so that a copied model's hook serves the copy."""
+
+    def __init__(self, state: nn.Module):
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        loss = getattr(output, "loss", None)
+        if self.state.disabled or not isinstance(loss, Tensor):
+            return output
+        reg = self.state.regularization()
+        if reg is not None:
+            output.loss = loss + reg.to(loss.dtype)  # ModelOutput keeps its key and attribute in step
+        return output
+
+
+def attach_loss_hook(model: nn.Module, state: nn.Module) -> Any:
+    return model.register_forward_hook(_LossHook(state))
+
+
+# --- public helpers --------------------------------------------------------------------------------
+
+
+def orthogonal_regularization(model: nn.Module) -> Optional[Tensor]:
+    """The adapter's regulariser (weight included), for custom loops that compute the loss
+    themselves. Models whose output carries ``loss`` already get it added by a forward hook."""
+    from .patching import state_of  # patching imports the methods, which import this module
+
+    return state_of(model).regularization()
+
+
+def rank_pattern(model: nn.Module) -> dict:
+    """{module path: [kept?] * init_r} of an adalora or hyper_adalora model (reads the device mask)."""
+    from .patching import state_of
+
+    state = state_of(model)
+    if not hasattr(state, "rank_pattern"):
+        raise ValueError(f"method {state.plan.method!r} has no rank pattern; only adalora and hyper_adalora do")
+    return state.rank_pattern()
+
+
+__all__ = ["AUTO", "Schedule", "ScheduledAllocator", "ImportanceAllocator", "MagnitudePruner", "check_int",
+           "attach_step_hook", "attach_loss_hook", "orthogonal_regularization", "rank_pattern"]

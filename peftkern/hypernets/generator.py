@@ -1,0 +1,254 @@
+"""LEFT's parameter generator γ: layer embeddings -> one row of adapter factors per layer.
+
+γ is Linear(h_in -> h2) -> exact GeLU -> Linear(h2 -> P), both with biases (LEFT §2.1 and
+Appendix D). Its input for layer l is the layer embedding e^l (h1 values, N(0, 1) at init,
+frozen or trained), optionally concatenated with the fixed sinusoidal position p^l of
+eq. (2), so h_in = h1 or 2·h1. A ``LayerGenerator`` owns γ and the embeddings of the
+layers it serves, and produces the rows of *all* of them with one call of the dispatched
+``hypernet`` op, ``op(E, W1, b1, W2, b2) -> [L_g, P]``, which a backend may run as one
+kernel.
+
+The pieces are method-agnostic and meant to be reused (HyperAdaLoRA's MLP hypernetworks
+have the same "embeddings of a group of layers -> one batched call -> per-layer views"
+shape):
+
+    group_layers(layers, per_group)   consecutive groups of layers, one hypernetwork each
+    sinusoidal_positions(layers, h)   eq. (2)
+    LayerGenerator                    embeddings + γ, one batched call
+    unpack_rows(rows, shapes)         [L_g, P] -> per layer, per target views (no copies)
+    PassCache                         generate lazily once per forward pass of the model, and
+                                      reuse under eval, gradient checkpointing and merge
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+HypernetOp = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def group_layers(layers: Sequence[int], per_group: Optional[int]) -> List[List[int]]:
+    """Split ``layers`` into consecutive groups of ``per_group`` (None: one group of all).
+
+    Raises ValueError, listing the valid sizes, when ``per_group`` does not divide the
+    number of layers: unequal groups would give their hypernetworks different input
+    statistics and are not what LEFT Table 3 evaluates.
+    """
+    layers = list(layers)
+    if per_group is None:
+        return [layers]
+    n = len(layers)
+    if n % per_group:
+        valid = ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+        raise ValueError(f"layers_per_hypernet={per_group} does not divide the {n} adapted layers; "
+                         f"valid values: {valid}, or None for one hypernetwork over all layers")
+    return [layers[i:i + per_group] for i in range(0, n, per_group)]
+
+
+def sinusoidal_positions(layers: Sequence[int], dim: int) -> Tensor:
+    """LEFT eq. (2): p^l = [sin(w_i·l), cos(w_i·l)] for i = 1..dim/2, w_i = 1/10000^(2i/dim).
+
+    Indexing, as the paper writes it: l runs over [L] = 1..L, so the model's block b
+    (0-based, ``Slot.layer``) has l = b + 1, and i starts at 1 (Vaswani et al. start
+    both at 0, which would make the first layer's embedding a constant 0/1 pattern).
+    Each (sin, cos) pair is interleaved, as in Vaswani et al. Positions are the blocks'
+    indices in the whole model, so grouping layers never changes a layer's position.
+    Computed in float64 on the CPU: the same values on every device and dtype.
+    Returns a [len(layers), dim] float64 CPU tensor.
+    """
+    if dim <= 0 or dim % 2:
+        raise ValueError(f"the positional embedding size must be a positive even number, got {dim}")
+    pos = torch.tensor([b + 1 for b in layers], dtype=torch.float64)[:, None]
+    i = torch.arange(1, dim // 2 + 1, dtype=torch.float64)
+    angles = pos * torch.pow(10000.0, -2.0 * i / dim)  # [L, dim/2]
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).reshape(len(layers), dim)
+
+
+class LayerGenerator(nn.Module):
+    """γ and the embeddings of one group of layers: ``forward(op)`` -> [L_g, out_features].
+
+    Parameters (what LEFT Table 1 counts): ``embed`` [L_g, h1] (trained or frozen), and
+    ``linear1`` (h_in·h2 + h2) and ``linear2`` (h2·P + P). The positional half of the
+    input is a non-persistent buffer: fixed, recomputable, and neither counted nor saved.
+
+    Initialisation: both Linears keep nn.Linear's default, Kaiming-uniform weights
+    (a = √5) and uniform biases, as LEFT Appendix D says; ``zero_output`` zeroes the final
+    Linear (weight and bias) so that the generated factor starts at exactly 0.
+    """
+
+    def __init__(self, layers: Sequence[int], out_features: int, embed_dim: int, hidden_dim: int, *,
+                 train_embeddings: bool, positional: bool, zero_output: bool,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.layers = list(layers)
+        kw = dict(device=device, dtype=dtype or torch.get_default_dtype())
+        self.embed = nn.Parameter(torch.randn(len(self.layers), embed_dim, **kw), requires_grad=train_embeddings)
+        positions = sinusoidal_positions(self.layers, embed_dim).to(**kw) if positional else None
+        self.register_buffer("positions", positions, persistent=False)
+        h_in = 2 * embed_dim if positional else embed_dim
+        self.linear1 = nn.Linear(h_in, hidden_dim, **kw)
+        self.linear2 = nn.Linear(hidden_dim, out_features, **kw)
+        if zero_output:
+            nn.init.zeros_(self.linear2.weight)
+            nn.init.zeros_(self.linear2.bias)
+
+    def inputs(self) -> Tensor:
+        """E = e (or [e, p]) for every layer of the group: [L_g, h_in]."""
+        if self.positions is None:
+            return self.embed
+        return torch.cat((self.embed, self.positions.to(self.embed.dtype)), dim=1)
+
+    def watched(self) -> Tuple[Tensor, ...]:
+        """The tensors whose in-place changes make previously generated rows stale.
+
+        Read from the attributes on every call (never kept): FSDP2 swaps parameter
+        objects between sharded and unsharded forms."""
+        return (self.embed, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias)
+
+    def forward(self, op: HypernetOp) -> Tensor:
+        return op(self.inputs(), self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias)
+
+    def extra_repr(self) -> str:
+        return f"layers={self.layers}, positional={self.positions is not None}"
+
+
+def row_size(shapes: Sequence[Tuple[int, ...]]) -> int:
+    """P: the length of one layer's row holding tensors of these shapes back to back."""
+    return sum(math.prod(s) for s in shapes)
+
+
+def unpack_rows(rows: Tensor, shapes: Sequence[Tuple[int, ...]]) -> List[List[Tensor]]:
+    """[L_g, P] -> out[layer][target], each a contiguous view of ``shapes[target]``.
+
+    One split along P, then one view and one unbind per target: a handful of autograd
+    nodes however many layers there are, and no copies (every result aliases ``rows``).
+    The backward of this is a stack per target and one cat, into the [L_g, P] gradient.
+    """
+    n = rows.shape[0]
+    per_target = [chunk.view(n, *shape).unbind(0)
+                  for chunk, shape in zip(rows.split([math.prod(s) for s in shapes], dim=1), shapes)]
+    return [list(layer) for layer in zip(*per_target)]
+
+
+class PassCache:
+    """Generate lazily, once per forward pass of the model; reuse when that is exact.
+
+    ``get(training, generate, watched)`` returns what ``generate()`` made, reused or anew:
+
+    * ``attach(model)``'s root forward pre-hook only marks a new pass. Generating there
+      would be too early: under FSDP2 the root's unshard hook may run after ours, and
+      the parameters would still be sharded. The pass's first ``get`` generates; the
+      others reuse (the hot path: two attribute reads).
+    * Outside a pass (merge, explain, non-reentrant gradient-checkpoint recomputation)
+      the result is reused unless a ``watched`` tensor changed since (its ``_version``
+      counter or storage; no host sync). In-place changes made through ``.data`` bypass
+      the counters: call ``invalidate()`` after them.
+    * A new pass with ``training`` False and grad disabled reuses a result made without
+      grad; any other new pass regenerates.
+    * A result made without grad cannot serve a call that needs grad. Reentrant
+      checkpointing runs the forward without grad and backpropagates each recomputed
+      block on its own graph, so after such a pass every call needing grad gets a fresh,
+      uncached result (one generation per recomputed call: exact, slower).
+
+    Generation runs with autocast off (the result may be reused outside the caller's
+    autocast; consumers cast per use) and with identity saved-tensor hooks: it happens
+    inside the first checkpointed block, whose recomputation reuses the result instead
+    of generating, so its tensors must be saved normally, not by the checkpoint.
+
+    Calling an inner module instead of the patched root skips the pre-hook; results
+    are then regenerated only when watched tensors change. Never copied: a deep copy
+    or an unpickled cache starts empty (its tensors belong to an autograd graph).
+    """
+
+    __slots__ = ("value", "key", "no_grad", "in_pass", "new_pass", "gradless_pass")
+
+    def __init__(self):
+        self.value: Any = None
+        self.key: Optional[tuple] = None
+        self.no_grad = False  # value was made with grad disabled
+        self.in_pass = False  # between the root's forward pre-hook and its forward hook
+        self.new_pass = False  # the pre-hook ran and no get() has checked the value since
+        self.gradless_pass = False  # this pass generated with grad disabled
+
+    def attach(self, model: nn.Module) -> List[Any]:
+        return [model.register_forward_pre_hook(_PassStart(self)),
+                model.register_forward_hook(_PassEnd(self), always_call=True)]
+
+    def invalidate(self) -> None:
+        self.value = None
+        self.new_pass = True  # so that a get() inside a running pass regenerates too
+
+    def get(self, training: bool, generate: Callable[[], Any], watched: Callable[[], Iterable[Tensor]]) -> Any:
+        grad = torch.is_grad_enabled()
+        gradless = self.no_grad and grad
+        if self.in_pass and not self.new_pass and not gradless:
+            return self.value
+        if not self.in_pass and grad and (self.no_grad or self.gradless_pass) and self.value is not None:
+            return _generate_plainly(generate, watched)  # reentrant recomputation: see above
+        key = tuple((t._version, t.data_ptr(), t.dtype) for t in watched())
+        valid = self.value is not None and self.key == key and not gradless
+        if valid and self.new_pass:  # a new forward: only inference may reuse the last value
+            valid = self.no_grad and not training and not grad
+        if not valid:
+            self.value = _generate_plainly(generate, watched)
+            self.key, self.no_grad = key, not grad
+            self.gradless_pass |= self.in_pass and not grad
+        self.new_pass = False
+        return self.value
+
+    def __deepcopy__(self, memo):
+        return PassCache()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+class _PassStart:
+    """Root forward pre-hook. An object, not a closure, so that a deep copy of the model
+    gets a hook bound to the copy's cache."""
+
+    def __init__(self, cache: PassCache):
+        self.cache = cache
+
+    def __call__(self, module, args):
+        self.cache.in_pass = self.cache.new_pass = True
+        self.cache.gradless_pass = False
+
+
+class _PassEnd:
+    def __init__(self, cache: PassCache):
+        self.cache = cache
+
+    def __call__(self, module, args, output):
+        self.cache.in_pass = False
+
+
+def _keep(t: Tensor) -> Tensor:
+    return t
+
+
+def _generate_plainly(generate: Callable[[], Any], watched: Callable[[], Iterable[Tensor]]) -> Any:
+    """``generate()`` with autocast off and any saved-tensor hooks shadowed (the innermost
+    pair wins), so that a checkpointed block around us neither drops nor counts its tensors."""
+    device_type = next(iter(watched())).device.type
+    with contextlib.ExitStack() as stack:
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        if torch.is_grad_enabled():
+            try:
+                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_keep, _keep))
+            except RuntimeError:  # hooks are disabled here, so none can be active either
+                pass
+        return generate()
+
+
+__all__ = ["group_layers", "sinusoidal_positions", "LayerGenerator", "row_size", "unpack_rows", "PassCache",
+           "HypernetOp"]

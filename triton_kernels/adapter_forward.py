@@ -1,0 +1,142 @@
+"""One GEMM with a low-rank epilogue: y = x·wᵀ (+ bias) + h·fᵀ.
+
+This single kernel serves every "big" product of the adapter, by passing strides:
+
+    forward      y[M,N]  = x·W0ᵀ + b + h·(s·u⊙v⊙B)ᵀ        h = x·Aᵀ        (u, v, s folded into f)
+    expand       y[M,N]  = x·W0ᵀ + b + hu·(s·v⊙B)ᵀ          hu given        (joint QKV)
+    backward dx  dx[M,K] = dy·W0 + dh·A    = dy·(W0ᵀ)ᵀ + dh·(Aᵀ)ᵀ            (w := W0ᵀ, f := Aᵀ views)
+    shrink dx    dx[M,K] = dh·A             (HAS_BASE = False: no main loop)
+
+Two ways to get h for the forward (the issue's comparison), one flag, ``FUSE_SHRINK``:
+  (a) in-loop:      h = x·Aᵀ accumulated inside the K-loop from the x tile already in
+                    registers; every N-block recomputes it, the pid_n == 0 blocks store it.
+  (b) prior shrink: h comes from ``shrink.py``'s kernel and is read in the epilogue.
+``adapter.py`` picks between them. Accumulation is fp32 (fp64 for fp64 inputs).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def _lowrank_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, h_ptr, a_ptr, f_ptr, y_ptr, hout_ptr,
+    M, N, K, R, M_BUCKET,
+    sxm, sxk, swn, swk, shm, shr, sar, sak, sfn, sfr, sym, syn, shom, shor,
+    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, FUSE_SHRINK: tl.constexpr,
+    STORE_H: tl.constexpr, DOT_DT: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M row-blocks walk the N-blocks together, so W tiles stay in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ranks = tl.arange(0, BLOCK_R)
+    m_ok = rows < M
+    n_ok = cols < N
+    r_ok = ranks < R
+    # 64-bit row/column offsets once, outside the loop: M·K or N·K may exceed 2**31.
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DT)
+    hacc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DT)
+    if HAS_BASE or FUSE_SHRINK:
+        x_rows = x_ptr + rows64[:, None] * sxm
+        w_cols = w_ptr + cols64[None, :] * swn
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            xt = tl.load(x_rows + ks[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(DOT_DT)
+            if HAS_BASE:
+                wt = tl.load(w_cols + ks[:, None] * swk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot(xt, wt.to(DOT_DT), acc, input_precision=PREC, out_dtype=ACC_DT)
+            if FUSE_SHRINK:
+                at = tl.load(a_ptr + ranks[None, :] * sar + ks[:, None] * sak, mask=k_ok[:, None] & r_ok[None, :],
+                             other=0.0)
+                hacc = tl.dot(xt, at.to(DOT_DT), hacc, input_precision=PREC, out_dtype=ACC_DT)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(ACC_DT)[None, :]
+    if HAS_LOWRANK:
+        if FUSE_SHRINK:
+            ht = hacc
+            if STORE_H:  # h is saved for backward; one N-block per row-block writes it
+                if pid_n == 0:
+                    tl.store(hout_ptr + rows64[:, None] * shom + ranks[None, :] * shor,
+                             hacc.to(hout_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+        else:
+            ht = tl.load(h_ptr + rows64[:, None] * shm + ranks[None, :] * shr, mask=m_ok[:, None] & r_ok[None, :],
+                         other=0.0)
+        ft = tl.load(f_ptr + ranks[:, None] * sfr + cols64[None, :] * sfn, mask=r_ok[:, None] & n_ok[None, :],
+                     other=0.0)
+        acc = tl.dot(ht.to(DOT_DT), ft.to(DOT_DT), acc, input_precision=PREC, out_dtype=ACC_DT)
+
+    tl.store(y_ptr + rows64[:, None] * sym + cols64[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): the usual Hopper/Ampere bf16 set.
+_GEMM = _launch.Kernel(
+    _lowrank_gemm_kernel, "lowrank_gemm",
+    _launch.configs([(128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3), (64, 256, 32, 8, 4, 4),
+                     (128, 128, 32, 8, 4, 4), (128, 64, 32, 8, 4, 4), (64, 128, 32, 8, 4, 4),
+                     (64, 64, 64, 8, 4, 3)],
+                    ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")),
+    key=("M_BUCKET", "N", "K", "BLOCK_R", "HAS_BASE", "FUSE_SHRINK"),
+    fallback={"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
+)
+
+
+def _strides(t: Optional[Tensor]) -> Tuple[int, int]:
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def lowrank_gemm(x: Optional[Tensor], w: Optional[Tensor], bias: Optional[Tensor], h: Optional[Tensor],
+                 f: Optional[Tensor], *, out_dtype: torch.dtype, a: Optional[Tensor] = None,
+                 store_h: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """y[M, N] = x[M, K]·w[N, K]ᵀ (+ bias[N]) + h[M, R]·f[N, R]ᵀ over strided 2-D views.
+
+    x/w may be None (no base product), h/f may be None (no low-rank term). With ``a``
+    [R, K] given and ``h`` None, h = x·aᵀ is computed in the K-loop (variant a) and, if
+    ``store_h``, returned as the second value (dtype ``out_dtype``).
+    """
+    fuse = a is not None and h is None
+    has_base = w is not None
+    has_lowrank = f is not None
+    M = x.shape[0] if x is not None else h.shape[0]
+    N = w.shape[0] if has_base else f.shape[0]
+    K = x.shape[1] if x is not None else 0
+    R = f.shape[1] if has_lowrank else 1
+    device = (x if x is not None else h).device
+    y = torch.empty(M, N, device=device, dtype=out_dtype)
+    h_out = torch.empty(M, R, device=device, dtype=out_dtype) if fuse and store_h else None
+    dummy = y  # never dereferenced: the constexpr flags compile its uses away
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _GEMM(grid,
+          x if x is not None else dummy, w if has_base else dummy, _launch.vec(bias) if bias is not None else dummy,
+          h if h is not None else dummy, a if fuse else dummy, f if has_lowrank else dummy, y,
+          h_out if h_out is not None else dummy,
+          M, N, K, R, _launch.m_bucket(M),
+          *_strides(x), *_strides(w), *_strides(h), *_strides(a if fuse else None), *_strides(f), *_strides(y),
+          *_strides(h_out),
+          HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, FUSE_SHRINK=fuse,
+          STORE_H=h_out is not None, BLOCK_R=_launch.block_r(R), **_launch.dot_meta(out_dtype))
+    return y, h_out
