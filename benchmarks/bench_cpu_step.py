@@ -336,7 +336,8 @@ def summarise(providers: List[Provider], times: Dict[str, List[float]], runners:
 
 def write_results(args, rows, info) -> str:
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, "bench_cpu_step" + ("_quick" if args.quick else ""))
+    stem = os.path.join(args.out_dir, "bench_cpu_step" + ("_quick" if args.quick else "")
+                        + ("_cpuclock" if args.clock == "cpu" else ""))
     cols = ["provider", "method", "impl", "median_ms", "iqr_ms", "reps", "ratio_to_floor", "overhead_ms",
             "overhead_vs_peft", "peak_rss_mb", "peak_minus_model_mb", "cpp_paths"]
     cols = [c for c in cols if any(c in r for r in rows)]

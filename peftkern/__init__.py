@@ -7,6 +7,7 @@ from .api import Counts, Explanation, count, explain, merge, methods, parameter_
 from .layer import AdaptedLinear
 from .allocator import orthogonal_regularization, rank_pattern
 from .io import export_peft, load, save
+from .health import NonFiniteError, check_finite
 
 __version__ = "0.1.0"
 
@@ -14,7 +15,7 @@ __all__ = [
     "patch", "unpatch", "merge", "unmerge", "methods", "explain", "count", "parameter_table",
     "AdaptedLinear", "Counts", "Explanation", "__version__",
     "save", "load", "export_peft",
-    "orthogonal_regularization", "rank_pattern", "AllocatorCallback",
+    "orthogonal_regularization", "rank_pattern", "AllocatorCallback", "check_finite", "NonFiniteError",
 ]
 
 

@@ -16,13 +16,13 @@ from .ops import dispatch
 log = logging.getLogger("peftkern")
 
 
-def patch(model: nn.Module, method: str = "lora", rank: int = 8, targets=None, alpha: Optional[float] = None,
+def patch(model: nn.Module, method: str = "lora", rank: Optional[int] = None, targets=None, alpha: Optional[float] = None,
           backend: str = "auto", **options: Any) -> nn.Module:
     """Adapt ``model`` in place with ``method`` and return it.
 
     Args:
         method: a registered method name, see ``peftkern.methods()``.
-        rank: r. For AdaLoRA-style methods, the target average rank.
+        rank: r, default 8. For AdaLoRA-style methods, the target average rank.
         targets: module names (suffix match, e.g. ``["q_proj", "v_proj"]``) or one regex
             over module paths. Default: the architecture's attention query and value.
         alpha: s = alpha / r. Default: the method's paper setting.
@@ -140,7 +140,7 @@ def count(model: nn.Module) -> Counts:
                   sum(p.numel() for p in model.parameters()))
 
 
-def parameter_table(model_or_config: Any, method: str = "lora", rank: int = 8, targets=None,
+def parameter_table(model_or_config: Any, method: str = "lora", rank: Optional[int] = None, targets=None,
                     alpha: Optional[float] = None, **options: Any) -> str:
     """The trainable-parameter table of a method on a model, built on the meta device (no weights).
 

@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     seeds.add_argument("--seed", type=int, help=f"default {PAPER_SEEDS[0]}")
     seeds.add_argument("--seeds", help="comma-separated seeds, or 'paper' for 100,482,584,721,770: mean ± std")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ft.add_argument("--save-every", type=int, metavar="N", help="write a checkpoint every N optimizer steps to "
+                    "<output-dir>/checkpoints (atomically; the last one is kept)")
+    ft.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output "
+                    "directory: adapter, optimizer, scheduler, RNG states, data order, AdaLoRA allocator")
     ft.set_defaults(func=cmd_finetune)
 
     pr = sub.add_parser("params", help="the trainable-parameter table of a method (no weights are loaded)")
@@ -174,20 +178,30 @@ def run_config(args) -> "RunConfig":
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, split_dev=args.split_dev,
         seed=PAPER_SEEDS[0] if args.seed is None else args.seed,
         output_dir=args.output_dir or str(Path("runs") / f"{task}-{method}"), progress=not args.no_progress,
-        **values)
+        save_every=args.save_every, resume=args.resume, **values)
 
 
 def cmd_finetune(args) -> int:
+    """Under torchrun / accelerate launch every rank runs this; rank 0 alone prints and writes."""
+    from . import distributed
     from .train import finetune_seeds
 
     config = run_config(args)
     config.resolved()  # unknown method, option or task: fail before printing or loading anything
     seeds = parse_seeds(args.seeds) if args.seeds else [config.seed]
     demo = args.task is None and args.data_dir is None
-    print(f"peftkern finetune: {config.task} ({'embedded SST-2 sample' if demo else config.data_dir or 'hub'}) "
-          f"with {config.method} on {config.model}", flush=True)
-    summary = finetune_seeds(config, seeds)
-    print(format_table(summary))
+    ctx = distributed.init_from_env("cpu")
+    distributed.quiet_unless_main(ctx)
+    try:
+        if ctx.is_main:
+            print(f"peftkern finetune: {config.task} ({'embedded SST-2 sample' if demo else config.data_dir or 'hub'})"
+                  f" with {config.method} on {config.model}"
+                  + (f", {ctx.world_size} processes" if ctx.enabled else ""), flush=True)
+        summary = finetune_seeds(config, seeds)
+        if ctx.is_main:
+            print(format_table(summary))
+    finally:
+        distributed.shutdown(ctx)
     return 0
 
 
@@ -242,6 +256,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BAD_INPUT as exc:  # peftkern validates early and names the problem: one line, not a traceback
         print(f"peftkern {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # peftkern.health.NonFiniteError: NaN/Inf, with where it appeared
+        print(f"peftkern {args.command}: training stopped: {exc}", file=sys.stderr)
+        return 3
 
 
 # What peftkern's own validation raises for bad input (unknown method, option, task, target, file).

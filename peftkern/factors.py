@@ -47,6 +47,7 @@ class Plan:
     dtype: torch.dtype
     model_type: str = ""
     backend: str = "auto"  # requested backend; generating sources dispatch their hypernet op with it
+    requested_rank: Optional[int] = None  # patch()'s ``rank`` as given (None: the default); plan.rank sizes factors
 
     @property
     def scale(self) -> float:

@@ -130,6 +130,10 @@ def load_splits(task: Task, data_dir: Optional[str] = None, split_dev: bool = Fa
         train, dev = parts["train"], standard(_subset(parts["test"], max_eval_samples))
     train = standard(_subset(train, max_train_samples))
     evaluation = standard(_subset(official_dev, max_eval_samples))
+    for name, ds in (("train", train), ("evaluation", evaluation), ("dev", dev)):
+        if ds is not None and len(ds) == 0:
+            raise ValueError(f"the {name} split of {task.name} ({source}) is empty: nothing to "
+                             f"{'train on' if name == 'train' else 'evaluate on'}")
     sizes = {"train": len(train), "eval": len(evaluation)}
     if dev is not None:
         sizes["dev"] = len(dev)
@@ -154,15 +158,12 @@ def _load_tsv(task: Task, data_dir: Path):
     if missing:
         raise FileNotFoundError(f"GLUE {task.name} files not found: {', '.join(missing)} (expected the GLUE layout "
                                 f"<data-dir>/{layout.folder}/train.tsv and {layout.dev_file})")
+    for path in files.values():  # datasets would fail on these with errors that do not name the file
+        _check_tsv_head(path, layout)
     kwargs = dict(delimiter="\t", quoting=csv.QUOTE_NONE, encoding="utf-8-sig", keep_default_na=False)
     if layout.columns is not None:
         kwargs.update(column_names=list(layout.columns), header=None)
     raw = datasets.load_dataset("csv", data_files={k: str(v) for k, v in files.items()}, **kwargs)
-    for split, ds in raw.items():
-        needed = [c for c in (layout.text_a, layout.text_b, layout.label) if c is not None]
-        absent = [c for c in needed if c not in ds.column_names]
-        if absent:
-            raise ValueError(f"{files[split]} lacks column(s) {absent}; it has {ds.column_names}")
     convert = _label_converter(task)
 
     def standard(row):
@@ -174,12 +175,37 @@ def _load_tsv(task: Task, data_dir: Path):
     return raw["train"], raw["dev"], lambda ds: _standardise(ds, standard, task)
 
 
+def _check_tsv_head(path: Path, layout: TsvLayout) -> None:
+    """The file has its header (with the task's columns) and at least one example; ValueError otherwise."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        head = [f.readline().rstrip("\r\n") for _ in range(2)]
+    needed = [c for c in (layout.text_a, layout.text_b, layout.label) if c is not None]
+    if layout.columns is not None:  # header-less (CoLA): check the field count of the first example
+        if not head[0]:
+            raise ValueError(f"{path} is empty: it needs one example per line, {len(layout.columns)} tab-separated "
+                             f"fields ({', '.join(layout.columns)})")
+        if len(head[0].split("\t")) != len(layout.columns):
+            raise ValueError(f"{path}: the first line has {len(head[0].split(chr(9)))} tab-separated fields, "
+                             f"expected {len(layout.columns)} ({', '.join(layout.columns)}; this file has no header)")
+        return
+    if not head[0]:
+        raise ValueError(f"{path} is empty: it needs a header line naming the tab-separated columns "
+                         f"({', '.join(needed)}) and one example per line")
+    header = head[0].split("\t")
+    absent = [c for c in needed if c not in header]
+    if absent:
+        raise ValueError(f"{path}: the header line {header} lacks column(s) {absent}; the first line must name the "
+                         f"tab-separated columns, including {', '.join(needed)}")
+    if not head[1]:
+        raise ValueError(f"{path} has a header but no examples (the dataset is empty)")
+
+
 def _label_converter(task: Task) -> Callable:
     layout = task.tsv
     if task.is_regression:
-        return float
+        return _number(task, float)
     if layout.label_map is None:
-        return int
+        return _number(task, int)
 
     def convert(value):
         if value not in layout.label_map:
@@ -187,6 +213,30 @@ def _label_converter(task: Task) -> Callable:
         return layout.label_map[value]
 
     return convert
+
+
+def _number(task: Task, kind: type) -> Callable:
+    def convert(value):
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{task.name}: label {value!r} is not a{'' if kind is float else 'n'} "
+                             f"{kind.__name__}; {_label_range(task)}") from None
+
+    return convert
+
+
+def _label_range(task: Task) -> str:
+    if task.is_regression:
+        return f"{task.name} labels are finite real numbers (a similarity score)"
+    return f"{task.name} labels are the integers 0..{task.num_labels - 1}"
+
+
+def _check_label(task: Task, label, index: int) -> None:
+    ok = math.isfinite(label) if task.is_regression else (isinstance(label, int) and 0 <= label < task.num_labels)
+    if not ok:
+        raise ValueError(f"{task.name}: label {label!r} of example {index} is outside the task's range: "
+                         f"{_label_range(task)}")
 
 
 def _load_hub(task: Task):
@@ -216,7 +266,13 @@ def _standardise(ds, fn, task: Task):
                 "label": datasets.Value("float32" if task.is_regression else "int64")}
     if task.is_pair:
         features["text_b"] = datasets.Value("string")
-    return ds.map(fn, remove_columns=ds.column_names, features=datasets.Features(features))
+
+    def checked(row, index):
+        out = fn(row)
+        _check_label(task, out["label"], index)  # out of range here, or an obscure error deep in the loss later
+        return out
+
+    return ds.map(checked, with_indices=True, remove_columns=ds.column_names, features=datasets.Features(features))
 
 
 # --- metrics (no `evaluate` dependency) -----------------------------------------------------------

@@ -28,13 +28,12 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from . import patching
-from .methods import registry as _methods
+from . import health, patching
 from .factors import AdapterState, Plan
 from .targets import is_transposed
 
@@ -110,10 +109,10 @@ def atomic_write(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     try:  # makes the rename itself durable; not every platform can open a directory
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -149,6 +148,7 @@ def load(model: nn.Module, directory: PathLike, backend: str = "auto") -> nn.Mod
     config = read_config(directory)
     tensors = _read_tensors(directory, config)
     plan = _plan_from_config(model, config, backend)
+    health.check_placement(model, plan.device, plan.dtype, [s.path for s in plan.slots])
     state = patching.build(plan)
     adapter = {k[len(STATE_PREFIX):]: t for k, t in tensors.items() if k.startswith(STATE_PREFIX)}
     heads = {k: t for k, t in tensors.items() if not k.startswith(STATE_PREFIX)}
@@ -239,34 +239,10 @@ def _check_heads(model: nn.Module, heads: Dict[str, torch.Tensor]) -> Dict[str, 
     return out
 
 
-def requested_rank(plan: Plan) -> int:
-    """The public ``rank`` that ``patch`` was given, which ``patching.plan`` turns into ``plan.rank``.
-
-    Methods with a ``resolve_rank`` hook (AdaLoRA: rank is the target average, the factors
-    are sized at init_r) size their factors differently from the public rank, so load must
-    call ``plan`` with the public one. Plan records it when it has a ``requested_rank``
-    field; otherwise it is recovered by inverting the hook.
-    """
-    recorded = getattr(plan, "requested_rank", None)
-    if recorded is not None:
-        return int(recorded)
-    spec = _methods.get(plan.method)
-    if spec.resolve_rank is None:
-        return plan.rank
-    target = getattr(plan.options, "target_r", None)  # AdaLoRA-style options name the public rank themselves
-    if isinstance(target, int) and _resolves(spec, target, plan):
-        return target
-    for r in range(1, plan.rank + 1):
-        if _resolves(spec, r, plan):
-            return r
-    return plan.rank
-
-
-def _resolves(spec, r: int, plan: Plan) -> bool:
-    try:
-        return spec.resolve_rank(r, plan.options) == plan.rank
-    except (ValueError, TypeError):
-        return False
+def requested_rank(plan: Plan) -> Optional[int]:
+    """The public ``rank`` that ``patch`` was given (None: the default), so that load can
+    call ``patching.plan`` exactly as the original patch did."""
+    return plan.requested_rank
 
 
 def _block_count(model: nn.Module) -> int:
@@ -376,4 +352,4 @@ def _version() -> str:
 
 
 __all__ = ["save", "load", "export_peft", "read_config", "trained_outside_adapter", "peft_factors", "atomic_write",
-           "requested_rank", "CONFIG_NAME", "WEIGHTS_NAME"]
+           "fsync_dir", "requested_rank", "CONFIG_NAME", "WEIGHTS_NAME"]

@@ -64,12 +64,16 @@ class AdaptedLinear(nn.Module):
             return self.base_layer(x)
         f = self._state.factors(self.slot)
         weight, bias = self.base_weight(), self.base_layer.bias
+        if x.device != weight.device or f.A.device != weight.device or f.B.device != weight.device:
+            raise _placement_error(self, x, f)  # a model moved only in part (torch would compute on meta silently)
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             with torch.autocast(device_type, enabled=False):
                 return self._run(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
                                  _cast(f, dtype), device_type)
+        if x.dtype != weight.dtype:
+            raise _placement_error(self, x, f)
         if f.A.dtype != x.dtype:
             f = _cast(f, x.dtype)
         return self._run(x, weight, bias, f, device_type)
@@ -104,6 +108,12 @@ class AdaptedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, method={self._state.plan.method}, "
                 f"rank={self._state.effective_rank(self.slot)}, backend={self.backend}, merged={self.merged}")
+
+
+def _placement_error(layer: AdaptedLinear, x: Tensor, f: Factors) -> Exception:
+    from .health import placement_error  # health imports patching, which imports this module
+
+    return placement_error(layer, x, f)
 
 
 def _cast(f: Factors, dtype: torch.dtype) -> Factors:

@@ -19,6 +19,7 @@ from .layer import AdaptedLinear
 from .ops import dispatch
 
 STATE_ATTR = "peftkern"  # model.peftkern is the AdapterState
+DEFAULT_RANK = methods.DEFAULT_RANK
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -59,11 +60,16 @@ def _param_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def plan(model: nn.Module, method: str, rank: int = 8, targets=None, alpha=None, backend: str = "auto",
-         **options) -> Plan:
-    """Validate a patch request against a model; raises before anything is modified."""
+def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None, alpha=None,
+         backend: str = "auto", **options) -> Plan:
+    """Validate a patch request against a model; raises before anything is modified.
+
+    ``rank=None`` means the default (8). Methods with a ``resolve_rank`` hook see the value
+    as given, so that they can tell an explicit rank from the default (AdaLoRA's target_r).
+    """
     spec = methods.get(method)
-    rank = _check_rank(rank)
+    requested = None if rank is None else _check_rank(rank)
+    rank = DEFAULT_RANK if requested is None else requested
     alpha = _check_alpha(alpha)
     dispatch.check_name(backend)
     opts = methods.parse_options(spec, options)
@@ -73,7 +79,7 @@ def plan(model: nn.Module, method: str, rank: int = 8, targets=None, alpha=None,
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     slots = targets_mod.find_targets(model, targets)
-    size_rank = spec.resolve_rank(rank, opts) if spec.resolve_rank else rank
+    size_rank = spec.resolve_rank(requested, opts) if spec.resolve_rank else rank
     for s in slots:
         limit = min(s.in_features, s.out_features)
         if size_rank > limit:
@@ -82,7 +88,7 @@ def plan(model: nn.Module, method: str, rank: int = 8, targets=None, alpha=None,
     device, dtype = _param_device_dtype(model)
     p = Plan(method=method, rank=size_rank, alpha=spec.default_alpha(rank) if alpha is None else alpha,
              options=opts, slots=slots, device=device, dtype=dtype, model_type=targets_mod.model_type(model),
-             backend=backend)
+             backend=backend, requested_rank=requested)
     validate = getattr(opts, "validate", None)
     if validate is not None:
         validate(p)

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from . import api, glue, io as pk_io, report
+from . import api, checkpoint, distributed, glue, health, io as pk_io, report
 from .methods import registry
 
 log = logging.getLogger("peftkern")
@@ -69,6 +69,8 @@ class RunConfig:
     eval_batch_size: int = 64
     group_by_length: bool = False  # batches of similar length (less padding); off as in the HF Trainer
     progress: bool = True
+    save_every: Optional[int] = None  # optimizer steps between checkpoints in output_dir (None: none)
+    resume: bool = False  # continue from the last checkpoint in output_dir (peftkern.checkpoint)
 
     def resolved(self) -> "RunConfig":
         """A copy with the task defaults filled in, validated before any work is done."""
@@ -80,6 +82,10 @@ class RunConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.save_every is not None and not (isinstance(self.save_every, int) and self.save_every > 0):
+            raise ValueError(f"save_every must be a positive number of steps, got {self.save_every!r}")
+        if (self.resume or self.save_every) and not self.output_dir:
+            raise ValueError("resume and save_every need an output directory, where checkpoints are kept")
         out = RunConfig(**{k: getattr(self, k) for k in self.__dataclass_fields__})
         out.batch_size = task.batch_size if self.batch_size is None else self.batch_size
         out.epochs = task.epochs if self.epochs is None else self.epochs
@@ -211,22 +217,32 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
         return math.ceil(len(self.lengths) / self.batch_size)
 
 
-def _train_loader(tokenizer, examples, batch_size: int, seed: int, group_by_length: bool):
+def _train_loader(tokenizer, examples, batch_size: int, seed: int, group_by_length: bool,
+                  ctx: distributed.Context = distributed.Context()):
+    """(DataLoader, sampler): this rank's share of every global batch, resumable mid-epoch
+    (``distributed.ShardedBatches``). A single process gets the order it always got."""
     from transformers import DataCollatorWithPadding
 
     collate = DataCollatorWithPadding(tokenizer)
     if group_by_length:
         batches = LengthGroupedBatches([len(e["input_ids"]) for e in examples], batch_size, seed)
-        return torch.utils.data.DataLoader(examples, batch_sampler=batches, collate_fn=collate)
-    return torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True, collate_fn=collate,
-                                       generator=torch.Generator().manual_seed(seed))
+        sampler = distributed.ShardedBatches(batches, batches.generator, ctx.rank, ctx.world_size)
+        return torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=collate), sampler
+    generator = torch.Generator().manual_seed(seed)
+    batches = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(examples, generator=generator),
+                                            batch_size, drop_last=False)
+    sampler = distributed.ShardedBatches(batches, generator, ctx.rank, ctx.world_size)
+    # generator=: the loader draws its seed from it, as DataLoader(shuffle=True, generator=...) does
+    loader = torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=collate, generator=generator)
+    return loader, sampler
 
 
-def _eval_loader(tokenizer, examples, batch_size: int):
-    """Longest first: the metrics do not depend on the order, and batches of equal length pad least."""
+def _eval_loader(tokenizer, examples, batch_size: int, ctx: distributed.Context = distributed.Context()):
+    """Longest first: the metrics do not depend on the order, and batches of equal length pad least.
+    Under DDP each rank evaluates every world-th example; ``evaluate`` gathers the predictions."""
     from transformers import DataCollatorWithPadding
 
-    ordered = sorted(examples, key=lambda e: -len(e["input_ids"]))
+    ordered = distributed.shard(sorted(examples, key=lambda e: -len(e["input_ids"])), ctx.rank, ctx.world_size)
     return torch.utils.data.DataLoader(ordered, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer))
 
 
@@ -256,7 +272,9 @@ def linear_schedule(optimizer, total_steps: int):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, task: glue.Task) -> Dict[str, float]:
+def evaluate(model: nn.Module, loader, task: glue.Task,
+             ctx: distributed.Context = distributed.Context()) -> Dict[str, float]:
+    """The task metric and mean loss over ``loader`` (over every rank's loader, given a running ``ctx``)."""
     model.eval()
     preds, labels, loss_sum, count = [], [], torch.zeros(()), 0
     for batch in loader:
@@ -267,20 +285,35 @@ def evaluate(model: nn.Module, loader, task: glue.Task) -> Dict[str, float]:
         logits = out.logits.float().cpu()
         preds.extend(logits.squeeze(-1).tolist() if task.is_regression else logits.argmax(-1).tolist())
         labels.extend(batch["labels"].tolist())
+    if ctx.enabled:  # the metrics need every prediction (Matthews and Pearson do not decompose)
+        parts = distributed.gather_objects((preds, labels, float(loss_sum), count), ctx)
+        preds, labels = [p for part in parts for p in part[0]], [y for part in parts for y in part[1]]
+        loss_sum, count = sum(part[2] for part in parts), sum(part[3] for part in parts)
     return {"metric": glue.score(task, preds, labels), "loss": float(loss_sum) / max(count, 1)}
 
 
 def finetune(config: RunConfig) -> RunResult:
-    """One fine-tuning run; writes the adapter, metrics.json and curves.png when output_dir is set."""
+    """One fine-tuning run; writes the adapter, metrics.json and curves.png when output_dir is set.
+
+    Under torchrun or accelerate launch (WORLD_SIZE > 1) it trains under DDP: each rank takes
+    its share of every global batch (``batch_size`` stays the global batch), metrics are
+    reduced over ranks and rank 0 alone writes. ``save_every`` checkpoints and ``resume``
+    continues from the last checkpoint (peftkern.checkpoint); a non-finite loss or factor
+    stops the run with ``health.NonFiniteError`` naming where it appeared.
+    """
     cfg = config.resolved()
     task = glue.get_task(cfg.task)
+    ctx = distributed.init_from_env("cpu")  # this loop trains on the CPU
+    if cfg.batch_size % ctx.world_size:
+        raise ValueError(f"batch size {cfg.batch_size} is the global batch: it must be a multiple of the "
+                         f"{ctx.world_size} processes")
     started = time.perf_counter()
     seed_everything(cfg.seed)
     splits = glue.load_splits(task, cfg.data_dir, cfg.split_dev, cfg.max_train_samples, cfg.max_eval_samples)
     tokenizer, model, fresh = load_model(cfg.model, task)
-    train = _train_loader(tokenizer, _encode(tokenizer, splits.train, cfg.max_length), cfg.batch_size, cfg.seed,
-                          cfg.group_by_length)
-    evals = {name: _eval_loader(tokenizer, _encode(tokenizer, ds, cfg.max_length), cfg.eval_batch_size)
+    train, sampler = _train_loader(tokenizer, _encode(tokenizer, splits.train, cfg.max_length), cfg.batch_size,
+                                   cfg.seed, cfg.group_by_length, ctx)
+    evals = {name: _eval_loader(tokenizer, _encode(tokenizer, ds, cfg.max_length), cfg.eval_batch_size, ctx)
              for name, ds in (("eval", splits.eval), ("dev", splits.dev)) if ds is not None}
     total = cfg.epochs * len(train)
     options = with_training_length(cfg.method, cfg.options, total)
@@ -292,64 +325,96 @@ def finetune(config: RunConfig) -> RunResult:
     optimizer = optimizer_for(model, cfg.lr, cfg.weight_decay, cfg.betas)
     scheduler = linear_schedule(optimizer, total)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
-    history: List[Dict[str, float]] = []
-    step_losses: List[torch.Tensor] = []
-    best_dev = -math.inf
-    bar = _progress(total, cfg, task)
-    for epoch in range(1, cfg.epochs + 1):
-        epoch_losses = train_epoch(model, train, optimizer, scheduler, bar, cfg.progress)
-        step_losses.extend(epoch_losses)
-        row = {"epoch": epoch, "train_loss": float(torch.stack(epoch_losses).mean())}
-        for name, loader in evals.items():
-            r = evaluate(model, loader, task)
-            row[f"{name}_metric"], row[f"{name}_loss"] = r["metric"], r["loss"]
-        history.append(row)
-        bar.set_postfix(loss=f"{row['train_loss']:.4f}", **{task.metric: f"{row['eval_metric']:.4f}"})
-        if out_dir is not None and splits.dev is not None and row["dev_metric"] > best_dev:
-            best_dev = row["dev_metric"]
-            pk_io.save(model, out_dir)  # the adapter of the epoch chosen on dev (atomic overwrite)
+    run, rng = checkpoint.RunState(), None
+    if cfg.resume:
+        run, rng = checkpoint.resume_latest(out_dir, cfg, model, optimizer, scheduler, sampler, ctx)
+    # On the CPU reading the loss costs nothing, so a single process checks it every step, before the update.
+    monitor = health.FiniteMonitor(model, start_step=run.step, every=LOG_EVERY if ctx.enabled else 1, ctx=ctx)
+    saver = checkpoint.Checkpointer(out_dir, cfg, model, optimizer, scheduler, sampler, ctx, cfg.save_every,
+                                    before_save=lambda: monitor.check(ctx)) if cfg.save_every else None
+    trained = distributed.wrap_ddp(model, ctx)
+    bar = _progress(total, cfg, task, ctx)
+    bar.update(run.step)
+    try:
+        for epoch in range(run.epoch, cfg.epochs + 1):
+            batches = iter(train)
+            if rng is not None:  # after the iterator drew its seed, as the interrupted run had (peftkern.checkpoint)
+                checkpoint.set_rng_state(rng)
+                rng = None
+            train_epoch(trained, batches, optimizer, scheduler, bar, cfg.progress, run, monitor, saver,
+                        sampler.share_weight)
+            monitor.check(ctx)
+            epoch_losses = list(distributed.mean_across(torch.stack(run.epoch_losses), ctx).unbind(0))
+            run.step_losses.extend(epoch_losses)
+            row = {"epoch": epoch, "train_loss": float(torch.stack(epoch_losses).mean())}
+            for name, loader in evals.items():
+                r = evaluate(model, loader, task, ctx)
+                row[f"{name}_metric"], row[f"{name}_loss"] = r["metric"], r["loss"]
+            run.history.append(row)
+            bar.set_postfix(loss=f"{row['train_loss']:.4f}", **{task.metric: f"{row['eval_metric']:.4f}"})
+            if splits.dev is not None and row["dev_metric"] > run.best_dev:
+                run.best_dev = row["dev_metric"]
+                if out_dir is not None and ctx.is_main:
+                    pk_io.save(model, out_dir)  # the adapter of the epoch chosen on dev (atomic overwrite)
+            run.next_epoch()
+    finally:
+        monitor.close()
     bar.close()
+    history = run.history
     chosen = max(history, key=lambda r: r["dev_metric"]) if splits.dev is not None else history[-1]
     counts = api.count(model)
     result = RunResult(
         task=task.name, method=cfg.method, metric=task.metric, value=chosen["eval_metric"], seed=cfg.seed,
-        epochs=history, step_losses=torch.stack(step_losses).tolist(),
+        epochs=history, step_losses=torch.stack(run.step_losses).tolist(),
         seconds=time.perf_counter() - started, sizes=splits.sizes,
         trainable={"adapter": counts.adapter_trainable, "all": counts.trainable, "total": counts.total},
         backend=_backend_name(model), output_dir=str(out_dir) if out_dir else None,
         config={**{k: v for k, v in asdict(cfg).items() if k != "progress"}, "options": options,
-                "data_source": splits.source,
+                "data_source": splits.source, "processes": ctx.world_size,
                 "chosen_epoch": chosen["epoch"], "trained_fresh_modules": unfrozen})
-    if out_dir is not None:
+    if out_dir is not None and ctx.is_main:
         if splits.dev is None:
             pk_io.save(model, out_dir)
         report.write_outputs(out_dir, [result])
     return result
 
 
-def train_epoch(model: nn.Module, loader, optimizer, scheduler, bar, show_loss: bool) -> List[torch.Tensor]:
-    """One pass over ``loader``; returns the per-step losses as device tensors (no host sync per
-    step: the progress bar reads the loss back once every LOG_EVERY steps)."""
+def train_epoch(model: nn.Module, loader, optimizer, scheduler, bar, show_loss: bool,
+                run: Optional[checkpoint.RunState] = None, monitor: Optional[health.FiniteMonitor] = None,
+                saver: Optional[checkpoint.Checkpointer] = None, weight=lambda: 1.0) -> List[torch.Tensor]:
+    """One pass over ``loader``; appends the per-step losses to ``run.epoch_losses`` as device tensors
+    (no host sync per step: the progress bar reads the loss back once every LOG_EVERY steps) and
+    returns them. ``weight()`` scales this rank's loss when a final batch splits unevenly over ranks;
+    ``monitor`` sees each loss before the update; ``saver`` checkpoints when due."""
+    run = checkpoint.RunState() if run is None else run
     model.train()
-    losses: List[torch.Tensor] = []
     for batch in loader:
         loss = model(**batch).loss
+        w = weight()
+        if w != 1.0:
+            loss = loss * w
+        if monitor is not None:
+            monitor.observe(loss, batch)
         loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        run.epoch_losses.append(loss.detach())
+        run.step += 1
+        run.step_in_epoch += 1
         bar.update(1)
-        if show_loss and len(losses) % LOG_EVERY == 0:
-            bar.set_postfix(loss=f"{float(torch.stack(losses[-LOG_EVERY:]).mean()):.4f}")
-    return losses
+        if show_loss and len(run.epoch_losses) % LOG_EVERY == 0:
+            bar.set_postfix(loss=f"{float(torch.stack(run.epoch_losses[-LOG_EVERY:]).mean()):.4f}")
+        if saver is not None and saver.due(run.step):
+            saver.save(run)
+    return run.epoch_losses
 
 
-def _progress(total: int, cfg: RunConfig, task: glue.Task):
+def _progress(total: int, cfg: RunConfig, task: glue.Task, ctx: distributed.Context = distributed.Context()):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=f"{task.name} {cfg.method} seed {cfg.seed}", unit="step",
-                disable=not cfg.progress, dynamic_ncols=True)
+                disable=not cfg.progress or not ctx.is_main, dynamic_ncols=True)
 
 
 def _backend_name(model: nn.Module) -> str:
@@ -374,7 +439,7 @@ def finetune_seeds(config: RunConfig, seeds: Sequence[int]) -> "report.Summary":
             run.output_dir = str(Path(config.output_dir) / f"seed-{seed}")
         results.append(finetune(run))
     summary = report.Summary(results)
-    if config.output_dir and len(seeds) > 1:
+    if config.output_dir and len(seeds) > 1 and distributed.context().is_main:
         report.write_summary(Path(config.output_dir), summary)
     return summary
 

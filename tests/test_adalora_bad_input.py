@@ -52,9 +52,12 @@ def test_bad_option_raises_and_leaves_the_model_untouched(method, options, error
 def test_rank_names_the_target_and_init_r_may_be_given_with_it():
     model = peftkern.patch(tiny_model("llama"), "adalora", rank=2, target_r=2, init_r=4, total_step=10)
     assert model.peftkern.plan.rank == 4 and model.peftkern.plan.options.target_r == 2
-    # a saved config records rank = init_r (the factor size) with both given: accepted
-    again = peftkern.patch(tiny_model("llama"), "adalora", rank=4, target_r=2, init_r=4, total_step=10)
-    assert again.peftkern.plan.options.target_r == 2
+    assert model.peftkern.plan.requested_rank == 2
+    # without an explicit rank, target_r alone names the target (rank is not the default 8 then)
+    again = peftkern.patch(tiny_model("llama"), "adalora", target_r=2, init_r=4, total_step=10)
+    assert again.peftkern.plan.options.target_r == 2 and again.peftkern.plan.rank == 4
+    default = peftkern.patch(tiny_model("llama"), "adalora", total_step=10)
+    assert default.peftkern.plan.options.target_r == 8 and default.peftkern.plan.rank == 12
 
 
 def test_unpatch_removes_every_hook():

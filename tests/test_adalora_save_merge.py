@@ -101,3 +101,28 @@ def test_misfit_file_is_refused_before_any_change(base, trained):
             fresh.peftkern.load_saved(tensors, ext)
         for k, v in fresh.peftkern.state_dict().items():
             assert torch.equal(v, snapshot[k]), f"{k} changed by a refused load"
+
+
+def test_mid_budgeting_save_and_merge_keep_regrown_components(base, tmp_path):
+    """During budgeting PEFT zeroes pruned Λ only at mask steps, so between them a pruned
+    component can regrow and contributes to the forward: save/load and merge must keep it."""
+    model = peftkern.patch(copy.deepcopy(base), "adalora", rank=2, backend="torch", tinit=1, tfinal=2, deltaT=3,
+                           total_step=20)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    state = model.peftkern
+    for step in range(5):  # step 3 masks; step 4 lets masked Λ regrow without masking again
+        ids = tokens(batch=2, seq=7, seed=step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    regrown = (~state.allocator.keep) & (state.lam.detach() != 0)
+    assert regrown.any(), "the schedule should leave a pruned component regrown"
+    model.eval()
+    want = _logits(model)
+    peftkern.save(model, tmp_path)
+    fresh = peftkern.load(copy.deepcopy(base).eval(), tmp_path)
+    # dropping the regrown components would move these logits by ~4e-4 on this schedule
+    torch.testing.assert_close(_logits(fresh), want, rtol=0, atol=1e-6)
+    assert torch.equal(fresh.peftkern.allocator.keep, state.allocator.keep)  # resume sees the same pattern
+    peftkern.merge(model)
+    torch.testing.assert_close(_logits(model), want, rtol=1e-5, atol=1e-5)

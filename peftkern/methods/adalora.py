@@ -38,7 +38,7 @@ from torch import nn
 
 from .. import allocator as alloc
 from ..factors import AdapterState, Factors, Plan
-from .registry import Method, register
+from .registry import DEFAULT_RANK, Method, register
 
 Tensor = torch.Tensor
 
@@ -49,17 +49,16 @@ INIT_STD = 0.02
 # --- validation shared with hyper_adalora ----------------------------------------------------------
 
 
-def resolve_ranks(rank: int, target_r: Optional[int], init_r: Optional[int]) -> Tuple[int, int]:
-    """The public ``rank`` is the target average rank. target_r defaults to it and init_r to
-    round(1.5·target_r) (12 for 8, PEFT's defaults). A saved config records rank = init_r
-    (the size of the factors), so rank may equal init_r when both init_r and target_r are given."""
+def resolve_ranks(rank: Optional[int], target_r: Optional[int], init_r: Optional[int]) -> Tuple[int, int]:
+    """The public ``rank`` is the target average rank. target_r defaults to it (8 when neither
+    is given) and init_r to round(1.5·target_r) (12 for 8, PEFT's defaults). ``rank`` is None
+    when the caller did not pass one, so an explicit rank that disagrees with target_r is an error."""
     if target_r is not None:
         target_r = alloc.check_int("target_r", target_r, 1)
-        both_given = init_r is not None and rank == init_r
-        if target_r != rank and not both_given:
+        if rank is not None and target_r != rank:
             raise ValueError(f"rank={rank} and target_r={target_r} disagree: for AdaLoRA-style methods rank is the "
                              f"target average rank, so pass rank={target_r} (and init_r to size the factors)")
-    target = rank if target_r is None else target_r
+    target = target_r if target_r is not None else (DEFAULT_RANK if rank is None else rank)
     init = max(round(1.5 * target), target) if init_r is None else alloc.check_int("init_r", init_r, 1)
     if target > init:
         raise ValueError(f"target_r ({target}) must not exceed init_r ({init}): ranks are only ever pruned")
@@ -128,7 +127,7 @@ class AdaLoraOptions:
                                       self.total_step)
 
 
-def resolve_rank(rank: int, opts: Any) -> int:
+def resolve_rank(rank: Optional[int], opts: Any) -> int:
     """The registry's hook: fills target_r and init_r, and sizes the factors at init_r."""
     opts.target_r, opts.init_r = resolve_ranks(rank, opts.target_r, opts.init_r)
     return opts.init_r
@@ -185,47 +184,59 @@ class AdaLoraState(AdapterState):
 
     @torch.no_grad()
     def delta_weight(self, slot: int) -> Tensor:
-        """ΔW = s·P·diag(Λ)·Q over the kept components only."""
-        keep = self.allocator.keep[slot]
-        P, Q, lam = self.P[slot][:, keep], self.Q[slot][keep], self.lam[slot][keep]
-        return self.scale * ((P * lam) @ Q)
+        """ΔW = s·P·diag(Λ)·Q: exactly what the forward adds (a pruned component has Λ = 0 and
+        adds nothing; during budgeting a component pruned at the last mask step may have
+        regrown, and then it does count, in the forward and here alike)."""
+        return self.scale * ((self.P[slot] * self.lam[slot]) @ self.Q[slot])
 
     def extra_config(self) -> Dict[str, Any]:
-        return {"rank_pattern": self.rank_pattern(), "init_r": self.plan.rank,
-                "target_r": self.plan.options.target_r, "allocator_step": self.allocator.global_step}
+        return {"rank_pattern": self.rank_pattern(), "saved_components": self._saved_components(),
+                "init_r": self.plan.rank, "target_r": self.plan.options.target_r,
+                "allocator_step": self.allocator.global_step}
 
     # --- persistence: pruned components are dropped -------------------------------------------------
+    def _live(self) -> Tensor:
+        """[slots, init_r] components the file must hold: kept by the allocator, or still
+        contributing to the forward (Λ ≠ 0: regrown since the last mask step of budgeting)."""
+        return self.allocator.keep | (self.lam.detach() != 0)
+
+    def _saved_components(self) -> Dict[str, List[bool]]:
+        return {s.path: row for s, row in zip(self.plan.slots, self._live().cpu().tolist())}
+
     def tensors_for_save(self) -> Dict[str, Tensor]:
         out: Dict[str, Tensor] = {}
-        for i, keep in enumerate(self.allocator.keep.cpu()):
-            keep = keep.to(self.lam.device)
-            out[f"P.{i}"] = self.P[i].detach()[:, keep].contiguous()
-            out[f"lam.{i}"] = self.lam.detach()[i][keep].contiguous()
-            out[f"Q.{i}"] = self.Q[i].detach()[keep].contiguous()
+        for i, live in enumerate(self._live()):
+            out[f"P.{i}"] = self.P[i].detach()[:, live].contiguous()
+            out[f"lam.{i}"] = self.lam.detach()[i][live].contiguous()
+            out[f"Q.{i}"] = self.Q[i].detach()[live].contiguous()
         return out
 
     def load_saved(self, tensors: Dict[str, Tensor], extra: Dict[str, Any]) -> None:
-        pattern = self._check_saved(tensors, extra)  # raises before anything is modified
+        saved, keep_rows = self._check_saved(tensors, extra)  # raises before anything is modified
         with torch.no_grad():
-            for i, (slot, row) in enumerate(zip(self.plan.slots, pattern)):
-                keep = torch.tensor(row, dtype=torch.bool, device=self.lam.device)
+            for i, (row, keep_row) in enumerate(zip(saved, keep_rows)):
+                live = torch.tensor(row, dtype=torch.bool, device=self.lam.device)
                 for dst, src, dim in ((self.P[i], tensors[f"P.{i}"], 1), (self.Q[i], tensors[f"Q.{i}"], 0)):
-                    dst.zero_()  # dropped components come back as zeros, masked out by Λ = 0
-                    dst.index_copy_(dim, keep.nonzero().flatten(), src.to(dst))
-                self.lam[i].zero_().masked_scatter_(keep, tensors[f"lam.{i}"].to(self.lam))
-                self.allocator.keep[i].copy_(keep)
+                    dst.zero_()  # dropped components come back as zeros, switched off by Λ = 0
+                    dst.index_copy_(dim, live.nonzero().flatten(), src.to(dst))
+                self.lam[i].zero_().masked_scatter_(live, tensors[f"lam.{i}"].to(self.lam))
+                self.allocator.keep[i].copy_(torch.tensor(keep_row, dtype=torch.bool))
 
-    def _check_saved(self, tensors: Dict[str, Tensor], extra: Dict[str, Any]) -> List[List[bool]]:
-        saved = extra.get("rank_pattern")
+    def _check_saved(self, tensors: Dict[str, Tensor], extra: Dict[str, Any]):
+        """(saved components, allocator keep mask) per slot, after checking every shape."""
+        keep = extra.get("rank_pattern")
+        saved = extra.get("saved_components", keep)  # files without it saved exactly the kept components
         paths = [s.path for s in self.plan.slots]
-        if not isinstance(saved, dict) or sorted(saved) != sorted(paths):
-            raise ValueError(f"adapter config has no rank pattern for this model's modules {paths[:5]}")
+        for name, table in (("rank pattern", keep), ("saved-components pattern", saved)):
+            if not isinstance(table, dict) or sorted(table) != sorted(paths):
+                raise ValueError(f"adapter config has no {name} for this model's modules {paths[:5]}")
         r = self.plan.rank
-        pattern = []
+        saved_rows, keep_rows = [], []
         for i, slot in enumerate(self.plan.slots):
+            for row in (saved[slot.path], keep[slot.path]):
+                if not isinstance(row, list) or len(row) != r or not all(isinstance(b, bool) for b in row):
+                    raise ValueError(f"rank pattern of {slot.path} must be {r} booleans (init_r), got {row!r}")
             row = saved[slot.path]
-            if not isinstance(row, list) or len(row) != r or not all(isinstance(b, bool) for b in row):
-                raise ValueError(f"rank pattern of {slot.path} must be {r} booleans (init_r), got {row!r}")
             k = sum(row)
             want = {f"P.{i}": (slot.out_features, k), f"lam.{i}": (k,), f"Q.{i}": (k, slot.in_features)}
             for key, shape in want.items():
@@ -233,12 +244,13 @@ class AdaLoraState(AdapterState):
                     raise ValueError(f"adapter file does not fit this model: missing {key!r} ({slot.path})")
                 if tuple(tensors[key].shape) != shape:
                     raise ValueError(f"adapter tensor {key!r} has shape {tuple(tensors[key].shape)} but "
-                                     f"{slot.path} with {k} kept components needs {shape}")
-            pattern.append(row)
+                                     f"{slot.path} with {k} saved components needs {shape}")
+            saved_rows.append(row)
+            keep_rows.append(keep[slot.path])
         extra_keys = sorted(set(tensors) - {f"{n}.{i}" for i in range(len(paths)) for n in ("P", "lam", "Q")})
         if extra_keys:
             raise ValueError(f"adapter file does not fit this model: unexpected {extra_keys[:5]}")
-        return pattern
+        return saved_rows, keep_rows
 
 
 def _normal(plan: Plan, *shape: int) -> Tensor:

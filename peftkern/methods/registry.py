@@ -26,6 +26,8 @@ class Method:
     resolve_rank: Optional[Callable[[int, Any], int]] = None
 
 
+DEFAULT_RANK = 8  # patch(rank=None) means this, for every method
+
 _METHODS: Dict[str, Method] = {}
 
 

@@ -1,0 +1,300 @@
+"""Finite checks and placement checks: NaN/Inf and misplaced tensors are named, never propagated silently.
+
+Three tools:
+
+* ``check_finite(model)``: a diagnostic pass (public as ``peftkern.check_finite``). It asks
+  the adapter for every slot's factors, generated ones included, and lists each slot and
+  factor holding NaN or Inf, first bad slot first, then every adapter or head parameter
+  that is not finite. It reads values back to the host: not for the hot path.
+* ``FiniteMonitor``: the training loop's on-device "all finite" record, with no host sync
+  per step. Forward hooks on the adapter's generator modules (``GENERATORS``: PG's
+  ``LayerGenerator``, HyperAdaLoRA's ``StateUpdateNet``) and ``observe(loss)`` record, on
+  the device, the first step at which each produced a non-finite value. The loop calls
+  ``check()`` where it reads the loss anyway (the progress bar, the end of an epoch, before
+  a checkpoint); a failed check raises ``NonFiniteError`` with the diagnostic pass's
+  findings and, given the batch, the first module whose output went non-finite.
+* Placement: ``check_placement`` (at load) and ``placement_error`` (raised by
+  AdaptedLinear's forward) name the module whose input, base weight or factors are on
+  another device or dtype than the rest, as when only part of a model was moved or cast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import patching
+from .distributed import Context, all_true, unwrap
+from .hypernets.generator import LayerGenerator
+from .hypernets.state_update import StateUpdateNet
+
+Tensor = torch.Tensor
+
+# Modules whose outputs are adapter factors (or the tensors they are cut from): watched by FiniteMonitor.
+GENERATORS = (LayerGenerator, StateUpdateNet)
+FACTOR_NAMES = ("A", "B", "u", "v")
+NO_STEP = -1
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf in the adapter's factors, its parameters or the loss."""
+
+
+# --- the diagnostic pass ---------------------------------------------------------------------------
+
+
+@dataclass
+class Finding:
+    where: str  # module path (a slot) or parameter name
+    what: str  # "A", "B", "u", "v" (a slot's factor) or "parameter"
+    count: int  # non-finite entries
+    numel: int
+    source: str = ""  # where the factor comes from (describe_slot), for slots
+
+    def __str__(self) -> str:
+        src = f" ({self.source})" if self.source else ""
+        kind = f"factor {self.what}{src}" if self.what != "parameter" else "parameter"
+        return f"{self.where}: {kind} has {self.count} non-finite of {self.numel} values"
+
+
+@dataclass
+class FiniteReport:
+    findings: List[Finding] = field(default_factory=list)
+    slots_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    @property
+    def first_bad_slot(self) -> Optional[str]:
+        return next((f.where for f in self.findings if f.what != "parameter"), None)
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"peftkern: every factor of {self.slots_checked} adapted modules and every adapter parameter is finite"
+        lines = [str(f) for f in self.findings[:8]]
+        if len(self.findings) > 8:
+            lines.append(f"... and {len(self.findings) - 8} more")
+        return "\n".join(lines)
+
+    def raise_if_bad(self) -> None:
+        if not self.ok:
+            raise NonFiniteError(f"non-finite adapter values; first bad module: {self.first_bad_slot}\n{self}")
+
+
+def _nonfinite_counts(tensors: Sequence[Tensor]) -> List[int]:
+    """Non-finite entries per tensor, with one host read for all of them."""
+    live = [t for t in tensors if not t.is_meta]
+    if not live:
+        return [0] * len(tensors)
+    counts = iter(torch.stack([(~torch.isfinite(t.detach())).sum().to("cpu") for t in live]).tolist())
+    return [0 if t.is_meta else next(counts) for t in tensors]
+
+
+@torch.no_grad()
+def check_finite(model: nn.Module) -> FiniteReport:
+    """Which adapted modules' factors (generated ones included) and which trained parameters hold
+    NaN or Inf, in slot order. Reads values back to the host: a diagnostic, not for every step."""
+    inner = unwrap(model)
+    state = patching.state_of(inner)
+    report = FiniteReport(slots_checked=len(state.plan.slots))
+    tensors, where = [], []
+    for slot in state.plan.slots:
+        f = state.factors(slot.index)
+        for name in FACTOR_NAMES:
+            t = getattr(f, name)
+            if t is not None:
+                tensors.append(t)
+                where.append((slot, name))
+    for (slot, name), n, t in zip(where, _nonfinite_counts(tensors), tensors):
+        if n:
+            source = state.describe_slot(slot.index).get(name, "")
+            report.findings.append(Finding(slot.path, name, n, t.numel(), source))
+    own = {id(p) for p in state.parameters()}
+    params = [(f"{patching.STATE_ATTR}.{n}", p) for n, p in state.named_parameters()]
+    params += [(n, p) for n, p in inner.named_parameters() if p.requires_grad and id(p) not in own]
+    for (name, p), n in zip(params, _nonfinite_counts([p for _, p in params])):
+        if n:
+            report.findings.append(Finding(name, "parameter", n, p.numel()))
+    return report
+
+
+def _tensors_in(obj: Any) -> Iterable[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors_in(v)
+
+
+def _all_finite(obj: Any) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in _tensors_in(obj) if t.is_floating_point())
+
+
+@torch.no_grad()
+def first_nonfinite_module(model: nn.Module, batch: Dict[str, Any]) -> Optional[str]:
+    """Run ``model(**batch)`` once with a hook on every module and name the first module (in the
+    order they finish, so the innermost) whose output is not finite, and whether its input was."""
+    inner = unwrap(model)
+    found: List[str] = []
+    names = {id(m): n for n, m in inner.named_modules()}
+
+    def hook(module, args, output):
+        if found or _all_finite(output):
+            return
+        name = names.get(id(module)) or type(module).__name__
+        cause = "its input is finite" if _all_finite(args) else "its input is already non-finite"
+        found.append(f"{name} ({type(module).__name__}: output non-finite, {cause})")
+
+    handles = [m.register_forward_hook(hook) for m in inner.modules() if m is not inner]
+    was_training = inner.training
+    try:
+        out = inner(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+        inner.train(was_training)
+    if found:
+        return found[0]
+    loss = getattr(out, "loss", None)
+    if isinstance(loss, Tensor) and not bool(torch.isfinite(loss).all()):
+        return "the loss (every module output is finite: check the labels and the loss function)"
+    return None
+
+
+# --- the training loop's monitor --------------------------------------------------------------------
+
+
+class _MarkOutput:
+    """Forward hook on a generator module: records the step of its first non-finite output."""
+
+    def __init__(self, monitor: "FiniteMonitor", index: int):
+        self.monitor, self.index = monitor, index
+
+    def __call__(self, module, args, output):
+        tensors = [t for t in _tensors_in(output) if t.is_floating_point() and not t.is_meta]
+        if tensors:
+            bad = torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any()
+            self.monitor._mark(self.index, bad)
+
+
+class FiniteMonitor:
+    """On-device record of the first non-finite loss and generated factors (module docstring).
+
+    ``observe(loss)`` once per step and the generator hooks only launch tiny device ops;
+    ``check()`` reads the record back (one host read) and raises ``NonFiniteError`` if any
+    value was not finite; ``observe`` calls it every ``every`` steps (None: never), on every
+    rank of ``ctx`` at once. ``start_step`` is the number of optimizer steps already done (a
+    resumed run), so that steps are reported as the run counts them.
+    """
+
+    def __init__(self, model: nn.Module, start_step: int = 0, every: Optional[int] = None,
+                 ctx: Optional[Context] = None):
+        self.model = unwrap(model)
+        state = patching.state_of(self.model)
+        self.sources = [(f"{patching.STATE_ATTR}.{n}", m) for n, m in state.named_modules() if isinstance(m, GENERATORS)]
+        self.start_step, self.every, self.ctx = start_step, every, ctx
+        self.observed = 0
+        self._first_bad: Optional[Tensor] = None  # [1 + sources] int64: index 0 is the loss
+        self._step: Optional[Tensor] = None
+        self._handles = [m.register_forward_hook(_MarkOutput(self, i + 1)) for i, (_, m) in enumerate(self.sources)]
+
+    def _record(self, device: torch.device) -> Tensor:
+        if self._first_bad is None:
+            self._first_bad = torch.full((1 + len(self.sources),), NO_STEP, dtype=torch.int64, device=device)
+            self._step = torch.full((), self.start_step, dtype=torch.int64, device=device)
+        return self._first_bad
+
+    def _mark(self, index: int, bad: Tensor) -> None:
+        record = self._record(bad.device)
+        current = record[index]
+        record[index] = torch.where(bad.to(record.device) & (current == NO_STEP), self._step, current)
+
+    def observe(self, loss: Tensor, batch: Optional[Dict[str, Any]] = None) -> None:
+        """Record the loss of the step being run (no host sync), and ``check`` every ``every`` steps."""
+        self._mark(0, ~torch.isfinite(loss.detach()).all())
+        self._step.add_(1)
+        self.observed += 1
+        if self.every and self.observed % self.every == 0:
+            self.check(self.ctx, batch)
+
+    def check(self, ctx: Optional[Context] = None, batch: Optional[Dict[str, Any]] = None) -> None:
+        """Raise NonFiniteError if anything recorded so far was not finite (on any rank, given ``ctx``)."""
+        if self._first_bad is None:
+            return
+        ok = (self._first_bad == NO_STEP).all()
+        if ctx is not None:
+            ok = all_true(ok, ctx)
+        if bool(ok):  # the one host read
+            return
+        raise NonFiniteError(self.describe(batch))
+
+    def describe(self, batch: Optional[Dict[str, Any]] = None) -> str:
+        steps = self._first_bad.tolist()
+        names = ["the loss"] + [f"{name} (generated factors)" for name, _ in self.sources]
+        seen = [f"{n} first at step {s + 1}" for n, s in zip(names, steps) if s != NO_STEP]
+        lines = ["non-finite values during training: " + ("; ".join(seen) or "on another rank")]
+        report = check_finite(self.model)
+        if not report.ok:
+            lines.append(f"first bad adapted module: {report.first_bad_slot or report.findings[0].where}")
+            lines.append(str(report))
+        elif batch is not None:
+            where = first_nonfinite_module(self.model, batch)
+            lines.append("every adapter factor and parameter is finite; "
+                         + (f"first non-finite output: {where}" if where else "this batch now runs finite"))
+        lines.append("lower the learning rate, check the data, or train in a wider dtype")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+# --- placement: device and dtype ------------------------------------------------------------------------
+
+
+def _where(t: Optional[Tensor]) -> str:
+    return "-" if t is None else f"{t.device}/{str(t.dtype).replace('torch.', '')}"
+
+
+def placement_error(module: nn.Module, x: Tensor, factors: Any) -> Exception:
+    """The error an AdaptedLinear raises when its input, base weight and factors disagree on the
+    device (ValueError) or the input and base weight on the dtype (TypeError)."""
+    state = module.state
+    path = state.plan.slots[module.slot].path
+    weight = module.base_weight()
+    parts = {"input": x, "base weight": weight, **{f"factor {n}": getattr(factors, n) for n in FACTOR_NAMES}}
+    listing = ", ".join(f"{k} {_where(t)}" for k, t in parts.items() if t is not None)
+    hint = ("the model was moved or cast only in part: call model.to(device, dtype) on the whole patched model "
+            "(the adapter is registered on its root as model.peftkern)")
+    if len({t.device for t in parts.values() if t is not None}) > 1:
+        return ValueError(f"{path}: tensors on different devices ({listing}); {hint}")
+    return TypeError(f"{path}: input and base weight have different dtypes ({listing}); {hint}")
+
+
+def check_placement(model: nn.Module, device: torch.device, dtype: torch.dtype, paths: Sequence[str]) -> None:
+    """Every target's base weight must be materialised, on ``device``, in ``dtype``: the adapter is one
+    module built there. Raises ValueError (device) or TypeError (dtype) naming the first misfit."""
+    for path in paths:
+        weight = model.get_submodule(path).weight
+        if weight.is_meta:
+            raise ValueError(f"{path} has its weights on the meta device (not loaded yet): materialise the model "
+                             "(from_pretrained, or to_empty and load its weights) before loading an adapter")
+        if weight.device != device:
+            raise ValueError(f"{path} is on {weight.device} but the model's first parameter is on {device}: one "
+                             "adapter serves the whole model, so move the whole model to one device first")
+        if weight.dtype != dtype:
+            raise TypeError(f"{path} is {weight.dtype} but the model's first parameter is {dtype}: the adapter "
+                            "would be built in one dtype for modules of another; cast the whole model first "
+                            "(model.to(dtype))")
+
+
+__all__ = ["NonFiniteError", "Finding", "FiniteReport", "check_finite", "first_nonfinite_module", "FiniteMonitor",
+           "placement_error", "check_placement", "GENERATORS"]
