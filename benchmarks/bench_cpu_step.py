@@ -21,11 +21,14 @@ of a fresh subprocess per provider (model build + warm-up + timed steps).
 
     python benchmarks/bench_cpu_step.py            # full size, results in benchmarks/results/
     python benchmarks/bench_cpu_step.py --quick    # 2 layers, small vocab and batch: < 30 s
-    python benchmarks/bench_cpu_step.py --threads 1 --clock cpu --memory   # on a shared machine
+    python benchmarks/bench_cpu_step.py --memory   # also the peak RSS per provider
+    python benchmarks/bench_cpu_step.py --clock wall --threads 0   # elapsed time, torch's threads
 
-On a machine that other jobs share, elapsed time mostly measures them (and OpenMP threads
-that wait for a descheduled sibling); ``--threads 1 --clock cpu`` times the CPU the step
-itself uses instead.
+The default is one torch thread timed by the process CPU-time clock: on a machine that
+other jobs share, elapsed time mostly measures them (and OpenMP threads that wait for a
+descheduled sibling), while the CPU time of one thread is what the step itself costs.
+On a quiet machine ``--clock wall --threads 0`` gives the elapsed time with torch's
+threads. The results record the clock, the thread count and the command line.
 """
 from __future__ import annotations
 
@@ -358,6 +361,7 @@ def write_results(args, rows, info) -> str:
              f"clock: {args.clock} ({'elapsed time' if args.clock == 'wall' else 'process CPU time'})",
              "- floor: all weights frozen, input embeddings require grad (backward through every layer), "
              "no adapter, no optimizer"]
+    lines.append("- command: `" + " ".join(["python", "benchmarks/bench_cpu_step.py"] + args.argv) + "`")
     lines += [f"- {k}: {v}" for k, v in info.items()]
     if any("peak_rss_mb" in r for r in rows):
         lines.append("- memory: a fresh subprocess per provider builds the model and the adapter, resets its RSS "
@@ -390,27 +394,29 @@ def parse(argv=None):
     ap.add_argument("--reps", type=int)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                    help="wall: elapsed time (quiet machines); cpu: process CPU time (shared machines, --threads 1)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice; default 1)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
+                    help="cpu: process CPU time (default; shared machines, with --threads 1); "
+                         "wall: elapsed time (quiet machines)")
     ap.add_argument("--providers", default=",".join(p.name for p in PROVIDERS))
     ap.add_argument("--memory", action="store_true", help="also measure peak RSS, one fresh subprocess per provider")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     quick = dict(layers=2, vocab=8192, batch=2, seq=64, reps=3)
     full = dict(layers=30, vocab=49152, batch=4, seq=128, reps=7)
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.clock == "cpu" and args.threads != 1:
+        print("warning: --clock cpu with more than one thread also counts OpenMP's spin-waiting", file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
     # What a memory subprocess needs to rebuild the same model and batch.
     args.passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
                         ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "batch", "seq", "rank",
-                         "vera_rank", "alpha", "reps", "warmup", "seed")]
-    if args.threads:
-        args.passthrough.append(f"--threads={args.threads}")
+                         "vera_rank", "alpha", "reps", "warmup", "seed", "threads")]
     return args
 
 

@@ -31,7 +31,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adapter_forward", &adapter_forward, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("A"),
         py::arg("B"), py::arg("u"), py::arg("v"), py::arg("scale"), py::arg("path") = int64_t(kAuto));
   m.def("adapter_backward", &adapter_backward, py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("A"),
-        py::arg("B"), py::arg("u"), py::arg("v"), py::arg("h"), py::arg("scale"), py::arg("needs"),
+        py::arg("B"), py::arg("u"), py::arg("v"), py::arg("h"), py::arg("w_eff"), py::arg("scale"), py::arg("needs"),
         py::arg("path") = int64_t(kAuto));
   m.def("shrink_forward", &shrink_forward, py::arg("x"), py::arg("A"), py::arg("u"));
   m.def("shrink_backward", &shrink_backward, py::arg("dhu"), py::arg("x"), py::arg("A"), py::arg("u"), py::arg("h"),
@@ -50,4 +50,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("beta2"));
   m.def("mask_below_", &mask_below_, "values[i][scores[i] <= threshold] = 0 for every i, in place",
         py::arg("values"), py::arg("scores"), py::arg("threshold"));
+  m.def("gram_distances", &gram_distances, "‖XᵀX − I‖_F for each of columns, then ‖XXᵀ − I‖_F for each of rows",
+        py::arg("columns"), py::arg("rows"));
+  m.def("gram_distances_backward", &gram_distances_backward, "gradients of Σ grad[i]·distance[i]", py::arg("grad"),
+        py::arg("distances"), py::arg("D"), py::arg("columns"), py::arg("rows"));
 }

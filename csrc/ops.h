@@ -25,7 +25,12 @@ std::string build_info();
 // kAddmm: the ATen GEMM sequence (any dtype and device).
 enum Path : int64_t { kAuto = 0, kFused = 1, kMerged = 2, kAddmm = 3 };
 Path choose_forward(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& x, int64_t forced);
-Path choose_backward(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& x, int64_t forced);
+// have_merged_weight: the forward ran merged and kept W_eff (see keeps_merged_weight).
+Path choose_backward(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& x, int64_t forced,
+                     bool have_merged_weight = false);
+// Whether a merged forward keeps W_eff for the backward: for GEMM-sized ranks, where
+// rebuilding it would cost N·K·r multiply-adds again (it costs N·K memory until then).
+bool keeps_merged_weight(int64_t r);
 // Fused or addmm for an op that has no merged form (shrink, expand).
 Path choose_unmerged(const Tensor& x, int64_t r);
 void record_path(const char* op, bool backward, Path path);
@@ -36,14 +41,16 @@ std::tuple<std::string, std::string> planned_paths(int64_t M, int64_t N, int64_t
                                                    int64_t forced);
 
 // --- adapter: y = x·W0ᵀ + b + s·(v⊙(B·(u⊙(A·x)))) (adapter.cpp) -------------------------
-// Returns (y, h = x·Aᵀ or None when the merged path ran, the path that ran).
-std::tuple<Tensor, OptTensor, int64_t> adapter_forward(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+// Returns (y, h = x·Aᵀ or None when the merged path ran, W_eff when a merged forward kept
+// it or None, the path that ran). The backward takes both saved tensors back.
+std::tuple<Tensor, OptTensor, OptTensor, int64_t> adapter_forward(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                                        const Tensor& A, const Tensor& B, const OptTensor& u,
                                                        const OptTensor& v, double scale, int64_t path);
 // Returns (dx, dweight, dbias, dA, dB, du, dv, the path that ran).
 std::tuple<std::vector<OptTensor>, int64_t> adapter_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
                                                              const Tensor& A, const Tensor& B, const OptTensor& u,
-                                                             const OptTensor& v, const OptTensor& h, double scale,
+                                                             const OptTensor& v, const OptTensor& h,
+                                                             const OptTensor& w_eff, double scale,
                                                              std::vector<bool> needs, int64_t path);
 
 // --- joint-QKV form (shrink.cpp, expand.cpp) -------------------------------------------
@@ -72,6 +79,13 @@ void update_importance_(const std::vector<Tensor>& params, const std::vector<Ten
                         const std::vector<Tensor>& exp_avg_ipt, const std::vector<Tensor>& exp_avg_unc, double beta1,
                         double beta2);
 void mask_below_(const std::vector<Tensor>& values, const std::vector<Tensor>& scores, const Tensor& threshold);
+// The orthogonality regulariser's distances ‖G − I‖_F, one per matrix: G = XᵀX for each of
+// `columns` (P [N, r]), then G = XXᵀ for each of `rows` (Q [r, K]) (orthogonality.cpp).
+// Returns (distances, D): D holds every G − I (float64, flat) for the backward.
+std::tuple<Tensor, Tensor> gram_distances(const std::vector<Tensor>& columns, const std::vector<Tensor>& rows);
+// Gradients of Σ_i grad[i]·d_i with respect to every matrix, in the same order.
+std::vector<Tensor> gram_distances_backward(const Tensor& grad, const Tensor& distances, const Tensor& D,
+                                            const std::vector<Tensor>& columns, const std::vector<Tensor>& rows);
 
 #ifdef PEFTKERN_WITH_CUDA
 // csrc/cuda/importance_host.cpp: the same update for CUDA tensors.

@@ -309,7 +309,7 @@ def restore(loaded: Loaded, config: Any, model: nn.Module, optimizer, scheduler,
     if missing or unexpected:
         raise ValueError(f"checkpoint {where} does not fit this model: missing {missing[:4]}, unexpected "
                          f"{unexpected[:4]}")
-    for k, t in loaded.tensors.items():
+    for k, t in sorted(loaded.tensors.items()):  # sorted: the same first misfit whatever the file's order
         if tuple(t.shape) != tuple(own[k].shape):
             raise ValueError(f"checkpoint tensor {k!r} has shape {tuple(t.shape)}, this model needs {tuple(own[k].shape)}")
     _check_optimizer(loaded.trainer["optimizer"], optimizer, where)

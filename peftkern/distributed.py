@@ -4,7 +4,10 @@
 (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``);
 ``init_from_env`` reads them and starts the default process group (gloo for CPU
 tensors, nccl for CUDA ones). Without them, or with ``WORLD_SIZE=1``, everything here
-is a no-op and a single process runs exactly as before.
+is a no-op and a single process runs exactly as before. (accelerate 1.15 on a machine
+without GPUs: ``accelerate launch --multi_gpu --num_processes 2`` goes through torchrun
+and runs 2 CPU processes; ``--cpu --num_processes 2`` starts one process, as accelerate
+runs several CPU processes only through mpirun.)
 
 Data: ``ShardedBatches`` takes the *global* batches of a batch sampler (the same ones a
 single process would draw) and gives each rank its share, ``batch[rank::world]``. That is

@@ -125,12 +125,12 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _safetensors_bytes(tensors: Dict[str, torch.Tensor]) -> bytes:
+def _safetensors_bytes(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
     from safetensors.torch import save as st_save
 
     # own contiguous CPU copies: safetensors refuses tensors that share memory (tied views)
     return st_save({k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()},
-                   metadata={"format": "pt"})
+                   metadata={"format": "pt", **(metadata or {})})
 
 
 # --- load -------------------------------------------------------------------------------------
@@ -295,7 +295,10 @@ def export_peft(model: nn.Module, directory: PathLike) -> Path:
     config = _peft_config(model, plan, sorted(ranks), pattern, head_modules, transposed)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS_NAME, _safetensors_bytes(tensors))
+    # Provenance goes in the safetensors header, which PEFT ignores; in adapter_config.json
+    # an unknown key makes peft warn on every load.
+    provenance = {"peftkern": json.dumps({"method": plan.method, "version": _version(), "options": _options_dict(plan)})}
+    atomic_write(directory / WEIGHTS_NAME, _safetensors_bytes(tensors, provenance))
     atomic_write(directory / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return directory
 
@@ -325,7 +328,6 @@ def _peft_config(model: nn.Module, plan: Plan, targets: List[str], pattern: Dict
         "fan_in_fan_out": fan_in_fan_out, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
         "use_dora": False, "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
         "layers_pattern": None, "revision": None,
-        "peftkern": {"method": plan.method, "version": _version(), "options": _options_dict(plan)},
     }
 
 

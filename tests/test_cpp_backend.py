@@ -88,6 +88,11 @@ def test_cost_model_choices():
     assert cb.planned_paths(8192, 192, 576, 8)[0] == "merged"
     assert cb.planned_paths(8192, 192, 576, 8, dtype=torch.bfloat16) == ("addmm", "addmm")
     assert cb.planned_paths(64, 576, 576, 128) == ("addmm", "addmm")  # GEMM-sized ranks: MKL wins
+    # ... and with enough rows W_eff (N·K·r multiply-adds) costs less than M·r·(K + N); the
+    # forward keeps it, so the backward's dx is the merged GEMM too (VeRA r=128 at 4×128 tokens)
+    assert cb.planned_paths(512, 576, 576, 128) == ("merged", "merged")
+    assert cb.planned_paths(512, 192, 576, 128) == ("merged", "merged")
+    assert cb.planned_paths(512, 576, 576, 128, dtype=torch.bfloat16) == ("addmm", "addmm")
     with cb.forced_path("addmm"):
         assert cb.planned_paths(64, 576, 576, 8) == ("addmm", "addmm")
 

@@ -124,6 +124,37 @@ def test_saved_tensors_merged_keeps_x_only():
     assert activations == [M * K], sizes
 
 
+# GEMM-sized ranks (r > 32): a merged forward keeps W_eff and the backward takes every factor
+# gradient from G = dyᵀ·h (csrc/cpu/adapter.cpp, backward_with_merged_weight).
+GEMM_RANK = 40
+
+
+@pytest.mark.parametrize("trained", ["xABuv", "uv", "xuv", "x", "xA", "Bu", "Auv"])
+@pytest.mark.parametrize("u,v", [(True, True), (False, False), (True, False), (False, True)])
+def test_merged_gemm_rank_gradients(trained, u, v):
+    with cb.forced_path("merged"):
+        opcheck.compare_adapter(cb.adapter, 37, 51, 45, GEMM_RANK, u=u, v=v, trained=trained)
+        opcheck.compare_adapter(cb.adapter, 37, 51, 45, GEMM_RANK, u=u, v=v, trained=trained, dtype=torch.float64)
+
+
+def test_merged_gemm_rank_gradcheck_fp64():
+    inp = opcheck.make_inputs(6, 35, 34, 33, dtype=torch.float64)
+    inp["weight"].requires_grad_(True)
+    args = [inp[n] for n in ("x", "weight", "bias", "A", "B", "u", "v")]
+    with cb.forced_path("merged"):
+        assert torch.autograd.gradcheck(lambda *a: cb.adapter(*a, 0.7), args)
+
+
+def test_saved_tensors_merged_gemm_rank_keep_w_eff_not_h():
+    """At a GEMM-sized rank the merged forward saves W_eff [N, K] (rebuilding it would cost
+    N·K·r multiply-adds again) and no [M, r] activation."""
+    M, K, N, r = 41, 37, 35, GEMM_RANK
+    with cb.forced_path("merged"):
+        sizes = opcheck.saved_numels(cb.adapter, M, K, N, r)
+    assert sizes.count(N * K) == 2, sizes  # the base weight and W_eff
+    assert M * r not in sizes and M * N not in sizes
+
+
 def test_backward_is_deterministic():
     """Row reductions use per-thread partials summed in a fixed order."""
     inp = opcheck.make_inputs(301, 96, 80, 8)

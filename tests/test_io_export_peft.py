@@ -134,3 +134,16 @@ def test_peft_factors_give_delta_weight():
     for slot in state.plan.slots:
         a, b = pk_io.peft_factors(state, slot.index)
         torch.testing.assert_close(b @ a, state.delta_weight(slot.index), **TOL)
+
+
+def test_provenance_is_in_the_safetensors_header_and_peft_loads_without_warnings(tmp_path, recwarn):
+    """adapter_config.json holds only PEFT's keys (an unknown key makes peft warn on every load);
+    the method and its options travel in the safetensors metadata."""
+    from safetensors import safe_open
+
+    export_and_reload(tmp_path, "pg_pos", "llama", "lm")
+    assert not [w for w in recwarn if "Unexpected keyword" in str(w.message)]
+    assert "peftkern" not in json.loads((tmp_path / "adapter_config.json").read_text())
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["peftkern"])
+    assert meta["method"] == "pg_pos" and meta["options"]["embed_dim"] == 20 and meta["version"] == peftkern.__version__

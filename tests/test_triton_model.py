@@ -53,3 +53,32 @@ def test_explain_reports_triton():
     exp = peftkern.explain(model)
     assert exp.rows and all(row["backend"] == "triton" and row["requested"] == "triton" for row in exp.rows)
     assert exp.backends["triton"] is None  # loads: no recorded failure
+
+
+@pytest.mark.parametrize("kw,hypernets", [({}, 1), ({"generate": "AB"}, 2), ({"layers_per_hypernet": 1}, 3)])
+def test_pg_generates_every_layer_in_one_launch_per_hypernet(kw, hypernets):
+    """The design card's promise: one hypernet kernel launch per hypernetwork per forward (and
+    one per backward), however many layers and targets it generates for, and the launches
+    agree with the torch backend."""
+    ids = tokens()
+    model = peftkern.patch(tiny_model("llama"), "pg_pos", rank=4, backend="triton", **kw)
+    with torch.no_grad():  # off the init (B_L = 0), so that every gradient is non-trivial
+        g = torch.Generator().manual_seed(5)
+        for p in model.peftkern.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    ref = peftkern.patch(tiny_model("llama"), "pg_pos", rank=4, backend="torch", **kw)
+    ref.load_state_dict(model.state_dict())
+    assert model.config.num_hidden_layers == 3 and hypernets <= 3  # so that the counts below mean something
+    tk.reset_launch_counts()
+    out = model(ids, labels=ids)
+    assert tk.launch_counts()["hypernet_fwd"] == hypernets
+    tk.reset_launch_counts()
+    out.loss.backward()
+    assert tk.launch_counts()["hypernet_bwd"] == hypernets
+    want = ref(ids, labels=ids)
+    want.loss.backward()
+    torch.testing.assert_close(out.logits, want.logits, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(model.peftkern.named_parameters(), ref.peftkern.parameters()):
+        if p.requires_grad:
+            assert p.grad.abs().sum() > 0, name
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -10,6 +10,8 @@
 //   fused   rank-r work in one row-streaming pass (lowrank_pass.cpp)       CPU float/double
 //   merged  W_eff = W0 + s·(v⊙B)·(u⊙A); y = x·W_effᵀ; dx = dy·W_eff        float/double, large M
 //   addmm   the same order with ATen GEMMs                                 any dtype/device
+// For GEMM-sized ranks the merged forward keeps W_eff, and its backward takes the factor
+// gradients from G = dyᵀ·h alone (backward_with_merged_weight below).
 #include "common.h"
 
 namespace peftkern {
@@ -73,10 +75,28 @@ Tensor forward_addmm(const Tensor& x, const Tensor& weight, const OptTensor& bia
   return y.addmm_(x, weight.t());
 }
 
-Tensor forward_merged(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& A, const Tensor& B,
-                      const OptTensor& u, const OptTensor& v, double scale) {
-  Tensor w_eff_t = merged_weight(weight, A, B, u, v, scale).t();
-  return has(bias) ? at::addmm(*bias, x, w_eff_t) : at::mm(x, w_eff_t);
+// Backward of a merged forward that kept W_eff (GEMM-sized ranks, where every rank-r
+// product costs a real GEMM). dx = dy·W_eff replaces the base GEMM, so x's gradient costs
+// nothing extra; the factor gradients all come from G = dyᵀ·h [N, r]:
+//   du_j = s·Σ_n (v⊙B)_nj·G_nj,   dv_n = s·Σ_j B_nj·u_j·G_nj,   dB = s·v ⊙ G ⊙ uᵀ
+// (Σ_m h_mj·dhu_mj = s·Σ_n (v⊙B)_nj·G_nj), and dhu = s·dy·(v⊙B) is formed only for dA.
+// With A and B frozen (VeRA) that is one [M, r] and one [N, r] GEMM per call, against
+// three for the unmerged dataflow.
+void backward_with_merged_weight(const Tensor& dy, const Tensor& x, const Tensor& A, const Tensor& B,
+                                 const OptTensor& u, const OptTensor& v, const Tensor& w_eff, double scale,
+                                 bool need_x, bool need_A, bool need_u, bool need_Bv, Tensor& dx, Tensor& dA,
+                                 Tensor& du, Tensor& GtT) {
+  if (need_x) dx = at::mm(dy, w_eff);
+  Tensor vB = detail::folded_vB(B, v);
+  if (need_u || need_Bv) {
+    Tensor G = at::mm(dy.t(), at::mm(x, A.t()));  // [N, r]
+    if (need_u) du = (vB * G).sum(0).mul_(scale);
+    if (need_Bv) GtT = (has(u) ? G * *u : G).t();  // (dyᵀ·hu)ᵀ, as the other paths leave it
+  }
+  if (need_A) {
+    Tensor dhu = at::mm(dy, vB * scale);
+    dA = at::mm((has(u) ? dhu * *u : dhu).t(), x);
+  }
 }
 
 // The rank-r gradients from one streaming pass; dx (if given) receives dh·A.
@@ -100,25 +120,32 @@ void backward_pass(const Tensor& dy, const Tensor& x, const Tensor& A, const Ten
 
 }  // namespace
 
-std::tuple<Tensor, OptTensor, int64_t> adapter_forward(const Tensor& x, const Tensor& weight, const OptTensor& bias,
-                                                       const Tensor& A, const Tensor& B, const OptTensor& u,
-                                                       const OptTensor& v, double scale, int64_t forced) {
+std::tuple<Tensor, OptTensor, OptTensor, int64_t> adapter_forward(const Tensor& x, const Tensor& weight,
+                                                                  const OptTensor& bias, const Tensor& A,
+                                                                  const Tensor& B, const OptTensor& u,
+                                                                  const OptTensor& v, double scale, int64_t forced) {
   const Shapes s = check_adapter(x, weight, bias, A, B, u, v);
   const Path path = choose_forward(s.M, s.N, s.K, s.r, x, forced);
   record_path("adapter", false, path);
-  Tensor h;
-  Tensor y;
+  Tensor h, w_eff, y;
   switch (path) {
     case kFused: y = forward_fused(x, weight, bias, A, B, u, v, scale, h); break;
-    case kMerged: y = forward_merged(x, weight, bias, A, B, u, v, scale); break;
+    case kMerged: {
+      w_eff = merged_weight(weight, A, B, u, v, scale);
+      y = has(bias) ? at::addmm(*bias, x, w_eff.t()) : at::mm(x, w_eff.t());
+      if (!keeps_merged_weight(s.r)) w_eff = Tensor();
+      break;
+    }
     default: y = forward_addmm(x, weight, bias, A, B, u, v, scale, h); break;
   }
-  return {y, h.defined() ? OptTensor(h) : OptTensor(), path};
+  auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+  return {y, opt(h), opt(w_eff), path};
 }
 
 std::tuple<std::vector<OptTensor>, int64_t> adapter_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
                                                              const Tensor& A, const Tensor& B, const OptTensor& u,
-                                                             const OptTensor& v, const OptTensor& h, double scale,
+                                                             const OptTensor& v, const OptTensor& h,
+                                                             const OptTensor& w_eff, double scale,
                                                              std::vector<bool> needs, int64_t forced) {
   TORCH_CHECK_VALUE(needs.size() >= 7, "peftkern.adapter_backward: needs 7 flags (x, weight, bias, A, B, u, v)");
   const bool need_x = needs[0], need_w = needs[1], need_b = needs[2], need_A = needs[3], need_B = needs[4],
@@ -130,10 +157,13 @@ std::tuple<std::vector<OptTensor>, int64_t> adapter_backward(const Tensor& dy, c
   const bool need_dhu = need_x || need_A || need_u;  // the rank-r path back to x, A and u
   if (!need_dhu && !need_B && !need_v) return {grads, kAuto};
 
-  const Path path = choose_backward(M, N, K, r, x, forced);
+  const Path path = choose_backward(M, N, K, r, x, forced, has(w_eff));
   record_path("adapter", true, path);
   Tensor GtT, dA, du, dx;
-  if (path == kAddmm) {
+  if (path == kMerged && has(w_eff)) {
+    backward_with_merged_weight(dy, x, A, B, u, v, *w_eff, scale, need_x, need_A, need_u, need_B || need_v, dx, dA,
+                                du, GtT);
+  } else if (path == kAddmm) {
     Tensor hh = has(h) ? *h : at::mm(x, A.t());
     Tensor hu = has(u) ? hh * *u : hh;
     if (need_B || need_v) GtT = at::mm(dy.t(), hu).t();

@@ -38,6 +38,7 @@ from torch import nn
 
 from .. import allocator as alloc
 from ..factors import AdapterState, Factors, Plan
+from ..ops import importance
 from .registry import DEFAULT_RANK, Method, register
 
 Tensor = torch.Tensor
@@ -89,6 +90,13 @@ def orthogonality(grams: Sequence[Tensor], n_slots: int, form: str) -> Tensor:
     if form == "peft":  # vector_norm, as PEFT's torch.norm: a zero gradient (not NaN) at exact orthogonality
         return torch.linalg.vector_norm(diff, dim=1).mean()
     return (diff * diff).sum() / n_slots
+
+
+def orthogonality_from_distances(distances: Tensor, n_slots: int, form: str) -> Tensor:
+    """``orthogonality`` from the per-matrix distances ‖G − I‖_F (ops.importance.gram_distances)."""
+    if form == "peft":
+        return distances.mean()
+    return (distances * distances).sum() / n_slots
 
 
 def check_orth(weight: Any, form: Any) -> None:
@@ -146,6 +154,7 @@ class AdaLoraState(AdapterState):
         self.orth_reg_weight, self.orth_form = float(opts.orth_reg_weight), opts.orth_form
         self.allocator = alloc.ImportanceAllocator(opts.schedule(len(plan.slots)), self.svd_factors,
                                                    opts.beta1, opts.beta2)
+        self.orthogonality_path = "not run yet"  # which distances op ran ("cpp" or "torch"), for explain()
 
     # --- the hot path -------------------------------------------------------------------------
     def factors(self, slot: int) -> Factors:
@@ -165,14 +174,17 @@ class AdaLoraState(AdapterState):
     def regularization(self) -> Optional[Tensor]:
         if self.orth_reg_weight == 0:
             return None
-        grams = [p.t() @ p for p in self.P] + [q @ q.t() for q in self.Q]
-        return self.orth_reg_weight * orthogonality(grams, len(self.P), self.orth_form)
+        # All 2·slots distances in one compiled call per direction on CPU (a few tiny ops per
+        # matrix otherwise: ~7 ms a step for 60 slots on one core).
+        distances, self.orthogonality_path = importance.gram_distances(list(self.P), list(self.Q),
+                                                                       self.plan.backend)
+        return self.orth_reg_weight * orthogonality_from_distances(distances, len(self.P), self.orth_form)
 
     def describe_slot(self, slot: int) -> Dict[str, str]:
         kept = self.effective_rank(slot)
         return {"A": "Q: per module, trained (SVD)", "B": "P: per module, trained (SVD)",
                 "u": f"Λ: per module, trained, masked ({kept}/{self.plan.rank} kept)", "v": "1 (identity)",
-                "importance": self.allocator.importance_path}
+                "importance": self.allocator.importance_path, "orthogonality": self.orthogonality_path}
 
     def effective_rank(self, slot: int) -> int:
         """Components kept by the current rank pattern (syncs; not on the hot path)."""

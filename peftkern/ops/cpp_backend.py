@@ -7,6 +7,7 @@ top of it (csrc/cpu/adapter.cpp). Per call, a cost model picks one of three path
 
     fused    the row-streaming pass + base GEMM                        CPU float32/float64
     merged   W_eff = W0 + s·(v⊙B)·(u⊙A), then one GEMM per direction    float32/float64, many rows
+             (for GEMM-sized ranks the forward keeps W_eff for the backward)
     addmm    the same order with ATen GEMMs                             bf16/fp16, CUDA tensors
 
 ``path_counts()`` says which paths ran (explain() can report it); ``forced_path(name)``
@@ -27,7 +28,7 @@ Tensor = torch.Tensor
 
 _REQUIRED = ("adapter_forward", "adapter_backward", "shrink_forward", "shrink_backward", "expand_forward",
              "expand_backward", "hypernet_forward", "hypernet_backward", "update_importance_", "mask_below_",
-             "path_counts")
+             "gram_distances", "gram_distances_backward", "path_counts")
 _REBUILD = "build it with `pip install --no-build-isolation -e .` (torch must be installed first)"
 
 
@@ -81,23 +82,24 @@ def planned_paths(M: int, N: int, K: int, r: int, dtype: torch.dtype = torch.flo
 
 
 class AdapterFunction(torch.autograd.Function):
-    """y = W0·x + b + s·(v ⊙ (B·(u ⊙ (A·x)))) for one target; saves x (and h = x·Aᵀ on the unmerged path)."""
+    """y = W0·x + b + s·(v ⊙ (B·(u ⊙ (A·x)))) for one target; saves x, plus h = x·Aᵀ on the
+    unmerged paths, or W_eff on the merged path with a GEMM-sized rank (see csrc/cpu/paths.cpp)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, u, v, scale):
         N, K = weight.shape
         x2 = x.reshape(-1, K)
-        y, h, _path = _C.adapter_forward(x2, weight, bias, A, B, u, v, scale, _forced["path"])
-        ctx.save_for_backward(x2, weight, A, B, u, v, h)
+        y, h, w_eff, _path = _C.adapter_forward(x2, weight, bias, A, B, u, v, scale, _forced["path"])
+        ctx.save_for_backward(x2, weight, A, B, u, v, h, w_eff)
         ctx.scale, ctx.x_shape, ctx.path = scale, x.shape, _forced["path"]
         return y.view(*x.shape[:-1], N)
 
     @staticmethod
     def backward(ctx, gy):
-        x2, weight, A, B, u, v, h = ctx.saved_tensors
+        x2, weight, A, B, u, v, h, w_eff = ctx.saved_tensors
         g = gy.reshape(-1, weight.shape[0])
         (dx, dw, db, dA, dB, du, dv), _path = _C.adapter_backward(
-            g, x2, weight, A, B, u, v, h, ctx.scale, list(ctx.needs_input_grad[:7]), ctx.path)
+            g, x2, weight, A, B, u, v, h, w_eff, ctx.scale, list(ctx.needs_input_grad[:7]), ctx.path)
         if dx is not None:
             dx = dx.view(ctx.x_shape)
         return dx, dw, db, dA, dB, du, dv, None
@@ -181,6 +183,30 @@ def update_importance_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_av
     """AdaLoRA's score update for every tensor in one call, in place; bit for bit
     ``importance.update_reference_`` (and PEFT's update_ipt)."""
     _C.update_importance_(list(params), list(grads), list(exp_avg_ipt), list(exp_avg_unc), float(beta1), float(beta2))
+
+
+class GramDistancesFunction(torch.autograd.Function):
+    """‖PᵀP − I‖_F for each P, then ‖QQᵀ − I‖_F for each Q: one C++ call per direction
+    (csrc/cpu/orthogonality.cpp) instead of a handful of tiny ops per matrix."""
+
+    @staticmethod
+    def forward(ctx, n_columns, *mats):
+        distances, D = _C.gram_distances(list(mats[:n_columns]), list(mats[n_columns:]))
+        ctx.n_columns = n_columns
+        ctx.save_for_backward(distances, D, *mats)  # D: every G − I (r×r each), so backward skips the Grams
+        return distances
+
+    @staticmethod
+    def backward(ctx, grad):
+        distances, D, *mats = ctx.saved_tensors
+        n = ctx.n_columns
+        grads = _C.gram_distances_backward(grad.contiguous(), distances, D, mats[:n], mats[n:])
+        return (None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:])))
+
+
+def gram_distances(columns: Sequence[Tensor], rows: Sequence[Tensor]) -> Tensor:
+    """[len(columns) + len(rows)] distances from orthogonality, differentiable. CPU float32/float64."""
+    return GramDistancesFunction.apply(len(columns), *columns, *rows)
 
 
 @torch.no_grad()

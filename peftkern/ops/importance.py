@@ -1,4 +1,5 @@
-"""AdaLoRA's importance scores, updated in place for every adapter tensor in one call.
+"""AdaLoRA's per-step ops: the importance scores, updated in place for every adapter tensor in
+one call, and the orthogonality regulariser's distances (``gram_distances``).
 
 Per element (Zhang et al. 2023, eqs. 8-9; PEFT's RankAllocator.update_ipt):
     ipt  = |p · ∇p|
@@ -11,7 +12,7 @@ floating-point contraction disabled.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -47,3 +48,36 @@ def update_(params: List[Tensor], grads: List[Tensor], exp_avg_ipt: List[Tensor]
             raise RuntimeError("backend='cpp' asked for, but the compiled importance op is unavailable")
     update_reference_(params, grads, exp_avg_ipt, exp_avg_unc, beta1, beta2)
     return "torch"
+
+
+def gram_distances_reference(columns: Sequence[Tensor], rows: Sequence[Tensor]) -> Tensor:
+    """‖PᵀP − I‖_F for each of ``columns``, then ‖QQᵀ − I‖_F for each of ``rows`` (same r)."""
+    grams = [p.t() @ p for p in columns] + [q @ q.t() for q in rows]
+    r = grams[0].shape[-1]
+    eye = torch.eye(r, device=grams[0].device, dtype=grams[0].dtype)
+    diff = torch.stack([(g - eye).reshape(r * r) for g in grams])
+    # vector_norm, as PEFT's torch.norm: a zero gradient (not NaN) at exact orthogonality
+    return torch.linalg.vector_norm(diff, dim=1)
+
+
+def gram_distances(columns: List[Tensor], rows: List[Tensor], backend: str = "auto") -> Tuple[Tensor, str]:
+    """The distances of ``gram_distances_reference`` and the name of the path that ran.
+
+    The compiled op (one call per direction for all matrices) runs for CPU float32/float64
+    tensors when ``backend`` is "auto" or "cpp" and the extension has it; otherwise the
+    reference (a few small torch ops per matrix) runs. The name is what explain() reports.
+    """
+    mats = list(columns) + list(rows)
+    compiled = backend in ("auto", "cpp") and all(
+        t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in mats)
+    if compiled:
+        try:
+            from . import cpp_backend
+        except ImportError:
+            cpp_backend = None
+        if cpp_backend is not None:
+            return cpp_backend.gram_distances(columns, rows), "cpp"
+    if backend == "cpp":
+        raise RuntimeError("backend='cpp' asked for, but the compiled orthogonality op is unavailable for these "
+                           "tensors (it needs the C++ extension and CPU float32/float64 tensors)")
+    return gram_distances_reference(columns, rows), "torch"
