@@ -104,16 +104,8 @@ class Runner:
     paths: Dict[str, int] = field(default_factory=dict)
     steps: int = 0
 
-    def step(self, ids: torch.Tensor) -> None:
-        loss = self.model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        self.steps += 1
-        if self.optimizer is not None:
-            self.optimizer.step()
-        if self.after_step is not None:
-            self.after_step(self.steps)
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        return train_step(self, {"input_ids": ids, "labels": ids})
 
     def collect_paths(self) -> None:
         if not self.track_paths:
@@ -123,6 +115,21 @@ class Runner:
         for name, n in cpp_backend.path_counts().items():
             self.paths[name] = self.paths.get(name, 0) + n
         cpp_backend.reset_path_counts()
+
+
+def train_step(runner, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Forward, backward, optimizer step, then ``after_step`` (PEFT AdaLoRA's allocation; ours runs
+    in the optimizer-step hook), then zero_grad: the step every provider is timed on."""
+    loss = runner.model(**batch).loss
+    loss.backward()
+    runner.steps += 1
+    if runner.optimizer is not None:
+        runner.optimizer.step()
+    if runner.after_step is not None:
+        runner.after_step(runner.steps)
+    if runner.optimizer is not None:
+        runner.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def _adamw(model) -> torch.optim.Optimizer:

@@ -35,7 +35,8 @@ for _p in (REPO, HERE):
         sys.path.insert(0, _p)
 
 import peftkern  # noqa: E402
-from bench_cpu_step import ADALORA_SCHEDULE, CLOCKS, _status_mb, machine, sharing_copy, time_interleaved  # noqa: E402,F401
+from bench_cpu_step import (ADALORA_SCHEDULE, CLOCKS, _status_mb, machine, sharing_copy, time_interleaved,  # noqa: E402,F401
+                            train_step)
 
 # --- model shapes ------------------------------------------------------------------------------
 
@@ -192,16 +193,7 @@ class StepRunner:
     paths: Dict[str, int] = field(default_factory=dict)
 
     def step(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = self.model(**batch).loss
-        loss.backward()
-        self.steps += 1
-        if self.optimizer is not None:
-            self.optimizer.step()
-        if self.after_step is not None:
-            self.after_step(self.steps)
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return train_step(self, batch)
 
     def collect_paths(self) -> None:  # bench_cpu_step.time_interleaved calls it
         pass
