@@ -53,7 +53,11 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["peftkern", "peftkern.*", "triton_kernels", "triton_kernels.*"]),
+    # The repository keeps triton_kernels/ at the top level (the design's layout), but it is
+    # installed as peftkern.triton_kernels: triton-lang publishes a package named
+    # triton_kernels, and two distributions must not install the same top-level module.
+    packages=find_packages(include=["peftkern", "peftkern.*"]) + ["peftkern.triton_kernels"],
+    package_dir={"peftkern.triton_kernels": "triton_kernels"},
     package_data={"peftkern": ["data/*", "data/**/*"]},
     install_requires=[
         "torch>=2.4",

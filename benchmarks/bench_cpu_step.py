@@ -110,11 +110,11 @@ class Runner:
     def collect_paths(self) -> None:
         if not self.track_paths:
             return
-        from peftkern.ops import cpp_backend
+        from peftkern.ops import cpp_kernels
 
-        for name, n in cpp_backend.path_counts().items():
+        for name, n in cpp_kernels.path_counts().items():
             self.paths[name] = self.paths.get(name, 0) + n
-        cpp_backend.reset_path_counts()
+        cpp_kernels.reset_path_counts()
 
 
 def train_step(runner, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -309,8 +309,8 @@ def machine() -> Dict[str, str]:
     import transformers
 
     try:
-        from peftkern.ops import cpp_backend
-        ext = cpp_backend.build_info()
+        from peftkern.ops import cpp_kernels
+        ext = cpp_kernels.build_info()
     except ImportError as exc:
         ext = f"unavailable: {exc}"
     return {"cpu": cpu, "cores": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),

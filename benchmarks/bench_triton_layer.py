@@ -87,11 +87,12 @@ def _providers(tensors, scale) -> Dict[str, Callable[[], Tuple[Callable, list]]]
 
     def ours(variant):
         def build():
-            import triton_kernels as tk
+            import peftkern.triton_kernels as tk
+            from peftkern.ops import functions
 
             def run():
                 tk.set_forward_variant(variant)
-                return tk.BACKEND.adapter(x, W, None, A, B, None, None, scale)
+                return functions.adapter(x, W, None, A, B, None, None, scale, backend=tk.BACKEND)
             return run, [x, A, B]
         return build
 
@@ -116,9 +117,9 @@ def _providers(tensors, scale) -> Dict[str, Callable[[], Tuple[Callable, list]]]
         return (lambda: fn.apply(x, W, A, B, scale)), [x, A, B]
 
     def torch_backend():
-        from peftkern.ops import torch_backend as tb
+        from peftkern.ops import functions, torch_kernels
 
-        return (lambda: tb.adapter(x, W, None, A, B, None, None, scale)), [x, A, B]
+        return (lambda: functions.adapter(x, W, None, A, B, None, None, scale, backend=torch_kernels.BACKEND)), [x, A, B]
 
     return {"cublas_frozen": frozen, "triton_prior_shrink": ours("prior_shrink"), "triton_in_loop": ours("in_loop"),
             "peft_lora": peft_layer, "unsloth_addmm": unsloth, "torch_backend": torch_backend}
@@ -230,12 +231,11 @@ def main(argv=None) -> int:
     if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
         print("bench_triton_layer: --smoke needs TRITON_INTERPRET=1 before triton is imported", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(ROOT))  # triton_kernels is a top-level package of the repo
     if args.smoke:
         device, dtype, shapes, device_name = "cpu", torch.float32, SMOKE_SHAPES, "cpu-interpreter"
     else:
         device, dtype, shapes, device_name = "cuda", torch.bfloat16, FULL_SHAPES, torch.cuda.get_device_name()
-    import triton_kernels
+    import peftkern.triton_kernels as triton_kernels
 
     variant = triton_kernels.forward_variant()
     try:

@@ -1,6 +1,6 @@
 // pybind11 bindings of peftkern._C. Each op lives in its own file under csrc/cpu (and
 // csrc/cuda when built with CUDA); this file only exposes them. The autograd Functions
-// that call these are in peftkern/ops/cpp_backend.py.
+// that call these are in peftkern/ops/functions.py, through peftkern/ops/cpp_kernels.py.
 #include <torch/extension.h>
 
 #include "ops.h"
@@ -26,16 +26,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("path_counts", &path_counts, "(name, calls) of every path that ran since the last reset");
   m.def("reset_path_counts", &reset_path_counts);
   m.def("planned_paths", &planned_paths, "(forward, backward) path the cost model picks for these sizes",
-        py::arg("M"), py::arg("N"), py::arg("K"), py::arg("r"), py::arg("like"), py::arg("path") = int64_t(kAuto));
+        py::arg("M"), py::arg("N"), py::arg("K"), py::arg("r"), py::arg("like"), py::arg("path") = int64_t(kAuto),
+        py::arg("dropout") = false);
+  m.def("dropout_mask", &dropout_mask, "keep[m, k] in {0, 1} of the dropout every op here applies for (seed, p)",
+        py::arg("seed"), py::arg("M"), py::arg("K"), py::arg("p"), py::arg("like"));
 
   m.def("adapter_forward", &adapter_forward, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("A"),
-        py::arg("B"), py::arg("u"), py::arg("v"), py::arg("scale"), py::arg("path") = int64_t(kAuto));
-  m.def("adapter_backward", &adapter_backward, py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("A"),
-        py::arg("B"), py::arg("u"), py::arg("v"), py::arg("h"), py::arg("w_eff"), py::arg("scale"), py::arg("needs"),
+        py::arg("B"), py::arg("u"), py::arg("v"), py::arg("scale"), py::arg("dropout"), py::arg("seed"),
         py::arg("path") = int64_t(kAuto));
-  m.def("shrink_forward", &shrink_forward, py::arg("x"), py::arg("A"), py::arg("u"));
+  m.def("adapter_backward", &adapter_backward, py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("A"),
+        py::arg("B"), py::arg("u"), py::arg("v"), py::arg("h"), py::arg("w_eff"), py::arg("scale"), py::arg("dropout"),
+        py::arg("seed"), py::arg("needs"), py::arg("path") = int64_t(kAuto));
+  m.def("shrink_forward", &shrink_forward, py::arg("x"), py::arg("A"), py::arg("u"), py::arg("dropout"),
+        py::arg("seed"));
   m.def("shrink_backward", &shrink_backward, py::arg("dhu"), py::arg("x"), py::arg("A"), py::arg("u"), py::arg("h"),
-        py::arg("needs"));
+        py::arg("dropout"), py::arg("seed"), py::arg("needs"));
   m.def("expand_forward", &expand_forward, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("hu"),
         py::arg("B"), py::arg("v"), py::arg("scale"));
   m.def("expand_backward", &expand_backward, py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("hu"),

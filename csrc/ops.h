@@ -24,10 +24,11 @@ std::string build_info();
 // kMerged: W_eff = W0 + s·(v⊙B)·(u⊙A) and one GEMM (float/double only: never bf16/fp16).
 // kAddmm: the ATen GEMM sequence (any dtype and device).
 enum Path : int64_t { kAuto = 0, kFused = 1, kMerged = 2, kAddmm = 3 };
-Path choose_forward(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& x, int64_t forced);
+// With dropout the merged path is never chosen (and forcing it is an error).
+Path choose_forward(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& x, int64_t forced, bool dropout);
 // have_merged_weight: the forward ran merged and kept W_eff (see keeps_merged_weight).
 Path choose_backward(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& x, int64_t forced,
-                     bool have_merged_weight = false);
+                     bool have_merged_weight, bool dropout);
 // Whether a merged forward keeps W_eff for the backward: for GEMM-sized ranks, where
 // rebuilding it would cost N·K·r multiply-adds again (it costs N·K memory until then).
 bool keeps_merged_weight(int64_t r);
@@ -38,32 +39,41 @@ std::vector<std::tuple<std::string, int64_t>> path_counts();
 void reset_path_counts();
 std::string path_name(int64_t path);
 std::tuple<std::string, std::string> planned_paths(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& like,
-                                                   int64_t forced);
+                                                   int64_t forced, bool dropout);
 
-// --- adapter: y = x·W0ᵀ + b + s·(v⊙(B·(u⊙(A·x)))) (adapter.cpp) -------------------------
-// Returns (y, h = x·Aᵀ or None when the merged path ran, W_eff when a merged forward kept
-// it or None, the path that ran). The backward takes both saved tensors back.
+// --- dropout on the adapter's input (dropout.h, dropout.cpp) ------------------------------
+// keep[m, k] in {0, 1} as a tensor like `like` (dtype, device): the mask every op of this
+// extension applies for (seed, p), built here only for the ATen path and for tests.
+Tensor dropout_mask(int64_t seed, int64_t M, int64_t K, double p, const Tensor& like);
+
+// --- adapter: y = x·W0ᵀ + b + s·(v⊙(B·(u⊙(A·D(x))))) (adapter.cpp) ----------------------
+// D is dropout with probability `dropout` and mask seed `seed` (dropout.h; 0 = none).
+// Returns (y, h = D(x)·Aᵀ or None when the merged path ran, W_eff when a merged forward
+// kept it or None, the path that ran). The backward takes both saved tensors back; its x
+// may be None when no gradient reads it (then h must be given if B, u or v is trained).
 std::tuple<Tensor, OptTensor, OptTensor, int64_t> adapter_forward(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                                        const Tensor& A, const Tensor& B, const OptTensor& u,
-                                                       const OptTensor& v, double scale, int64_t path);
+                                                       const OptTensor& v, double scale, double dropout, int64_t seed,
+                                                       int64_t path);
 // Returns (dx, dweight, dbias, dA, dB, du, dv, the path that ran).
-std::tuple<std::vector<OptTensor>, int64_t> adapter_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
+std::tuple<std::vector<OptTensor>, int64_t> adapter_backward(const Tensor& dy, const OptTensor& x, const Tensor& weight,
                                                              const Tensor& A, const Tensor& B, const OptTensor& u,
                                                              const OptTensor& v, const OptTensor& h,
-                                                             const OptTensor& w_eff, double scale,
-                                                             std::vector<bool> needs, int64_t path);
+                                                             const OptTensor& w_eff, double scale, double dropout,
+                                                             int64_t seed, std::vector<bool> needs, int64_t path);
 
 // --- joint-QKV form (shrink.cpp, expand.cpp) -------------------------------------------
-// shrink: hu = u⊙(x·Aᵀ). Returns (hu, h).
-std::tuple<Tensor, Tensor> shrink_forward(const Tensor& x, const Tensor& A, const OptTensor& u);
-// Returns (dx, dA, du).
-std::vector<OptTensor> shrink_backward(const Tensor& dhu, const Tensor& x, const Tensor& A, const OptTensor& u,
-                                       const Tensor& h, std::vector<bool> needs);
+// shrink: hu = u⊙(D(x)·Aᵀ). Returns (hu, h).
+std::tuple<Tensor, Tensor> shrink_forward(const Tensor& x, const Tensor& A, const OptTensor& u, double dropout,
+                                          int64_t seed);
+// Returns (dx, dA, du); x may be None unless A is trained, h None unless u is.
+std::vector<OptTensor> shrink_backward(const Tensor& dhu, const OptTensor& x, const Tensor& A, const OptTensor& u,
+                                       const OptTensor& h, double dropout, int64_t seed, std::vector<bool> needs);
 // expand: y = x·W0ᵀ + b + s·(v⊙(B·hu)).
 Tensor expand_forward(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& hu, const Tensor& B,
                       const OptTensor& v, double scale);
-// Returns (dx, dweight, dbias, dhu, dB, dv).
-std::vector<OptTensor> expand_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& hu,
+// Returns (dx, dweight, dbias, dhu, dB, dv); x may be None unless the weight is trained.
+std::vector<OptTensor> expand_backward(const Tensor& dy, const OptTensor& x, const Tensor& weight, const Tensor& hu,
                                        const Tensor& B, const OptTensor& v, double scale, std::vector<bool> needs);
 
 // --- hypernetwork: GeLU(E·W1ᵀ + b1)·W2ᵀ + b2 (hypernet.cpp) --------------------------------

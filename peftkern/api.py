@@ -104,14 +104,17 @@ def explain(model: nn.Module) -> Explanation:
     rows = []
     for path, m in patching.adapted_modules(model):
         device_type = m.base_layer.weight.device.type
+        rank = state.plan.slot_rank(state.plan.slots[m.slot])
         try:
-            backend = m.ops(device_type).name
+            ops = m.ops(device_type)
+            backend, kernels = ops.name, ops.path_for(m.out_features, m.in_features, rank, m.base_layer.weight.dtype)
         except dispatch.BackendUnavailable as exc:
-            backend = f"unavailable: {exc}"
+            backend, kernels = f"unavailable: {exc}", "-"
         f_group = state.factors(m.slot).group if device_type != "meta" else None
+        form = "joint shrink+expand" if f_group else "adapter"
         row = {"module": path, "shape": f"{m.in_features}->{m.out_features}", "rank": state.effective_rank(m.slot),
                "backend": backend, "requested": m.backend,
-               "path": "merged (base only)" if m.merged else ("joint shrink+expand" if f_group else "fused adapter"),
+               "path": "merged (base only)" if m.merged else f"{form}: {kernels}",
                "merged": m.merged}
         row.update(state.describe_slot(m.slot))
         rows.append(row)

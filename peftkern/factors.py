@@ -7,19 +7,25 @@ per-module parameters, parameters tied across modules, hypernetworks and their
 embeddings, and any optimiser-side state (AdaLoRA's importance scores).
 
 Each patched module holds a slot index into that state and asks it for ``Factors`` on
-every forward. The state knows nothing about kernels; the ops know nothing about
-methods.
+every forward. The state says *what* the factors are (from the ops it uses only the
+reference math, for ΔW); a method whose factors are computed (PG's hypernetworks) calls
+the ops layer itself, and the ops know nothing about methods. The state is registered on the
+model root as ``model.peftkern`` (``STATE_ATTR``); ``state_of`` and ``is_patched`` find it.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
+from .ops import reference
+
 Tensor = torch.Tensor
+
+STATE_ATTR = "peftkern"  # model.peftkern is the AdapterState
 
 
 @dataclass(frozen=True)
@@ -48,10 +54,27 @@ class Plan:
     model_type: str = ""
     backend: str = "auto"  # requested backend; generating sources dispatch their hypernet op with it
     requested_rank: Optional[int] = None  # patch()'s ``rank`` as given (None: the default); plan.rank sizes factors
+    dropout: float = 0.0  # PEFT's lora_dropout: probability of zeroing an element of the adapter's input
+    rank_pattern: Dict[str, int] = dataclasses.field(default_factory=dict)  # slot path -> rank (PEFT's rank_pattern)
+    alpha_pattern: Dict[str, float] = dataclasses.field(default_factory=dict)  # slot path -> alpha
+    use_rslora: bool = False  # s = alpha / sqrt(r) instead of alpha / r (rsLoRA, Kalajdzievski 2023)
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self.scale_of(self.rank, self.alpha)
+
+    def scale_of(self, rank: int, alpha: float) -> float:
+        """s = α/r, or α/√r with rsLoRA."""
+        return alpha / (rank ** 0.5 if self.use_rslora else rank)
+
+    def slot_rank(self, slot: "Slot") -> int:
+        return self.rank_pattern.get(slot.path, self.rank)
+
+    def slot_alpha(self, slot: "Slot") -> float:
+        return self.alpha_pattern.get(slot.path, self.alpha)
+
+    def slot_scale(self, slot: "Slot") -> float:
+        return self.scale_of(self.slot_rank(slot), self.slot_alpha(slot))
 
     @property
     def layers(self) -> List[int]:
@@ -65,12 +88,6 @@ class Plan:
             seen.setdefault(s.name, None)
         return list(seen)
 
-    def ops(self, device_type: str):
-        """The backend ops for tensors on ``device_type`` (resolved through dispatch)."""
-        from .ops import dispatch
-
-        return dispatch.resolve(self.backend, device_type)
-
     def new_tensor(self, *shape: int) -> Tensor:
         return torch.empty(*shape, device=self.device, dtype=self.dtype)
 
@@ -78,7 +95,9 @@ class Plan:
         """JSON-friendly record of the method and its options (adapter_config.json)."""
         opts = dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options) else dict(self.options)
         return {"method": self.method, "rank": self.rank, "alpha": self.alpha, "options": opts,
-                "targets": self.target_names, "model_type": self.model_type}
+                "targets": self.target_names, "model_type": self.model_type, "dropout": self.dropout,
+                "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
+                "use_rslora": self.use_rslora}
 
 
 @dataclass
@@ -101,8 +120,8 @@ class JointGroup:
     """One down-projection shared by every target of a layer (Tied-LoRA's joint QKV).
 
     Attention modules call q_proj(x), k_proj(x) and v_proj(x) one after another on the
-    same tensor. The first call computes hu = (x·Aᵀ)⊙u through the backend's shrink op;
-    the others find the same ``x`` object and reuse it, so x·Aᵀ runs once per layer. The
+    same tensor. The first call computes hu = (D(x)·Aᵀ)⊙u (``compute``: the layer's shrink
+    op); the others find the same ``x`` object and reuse it, so x·Aᵀ runs once per layer. The
     reference is dropped as soon as every member has consumed it, so no activation is
     kept alive. A different ``x`` (cross-attention, say) simply recomputes: always correct.
     """
@@ -115,11 +134,11 @@ class JointGroup:
         self._hu: Optional[Tensor] = None
         self._left = 0
 
-    def hidden(self, x: Tensor, A: Tensor, u: Optional[Tensor], shrink) -> Tensor:
+    def hidden(self, x: Tensor, compute: Callable[[], Tensor]) -> Tensor:
         if self._x is x and self._left > 0:
             hu = self._hu
         else:
-            hu = shrink(x, A, u)
+            hu = compute()
             self._x, self._hu, self._left = x, hu, self.members
         self._left -= 1
         if self._left == 0:
@@ -163,11 +182,9 @@ class AdapterState(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self, slot: int) -> Tensor:
-        """ΔW = s·Λv·B·Λu·A for one slot, in Linear layout [N, K]."""
-        from .ops.reference import delta_weight
-
+        """ΔW = s·Λv·B·Λu·A for one slot, in Linear layout [N, K] (Tied-LoRA eq. (1) without x)."""
         f = self.factors(slot)
-        return delta_weight(f.A, f.B, f.u, f.v, f.scale)
+        return reference.delta_weight(f.A, f.B, f.u, f.v, f.scale)
 
     def effective_rank(self, slot: int) -> int:
         return self.plan.rank
@@ -208,4 +225,17 @@ def field_names(options: Any) -> List[str]:
     return [f.name for f in dataclasses.fields(options)]
 
 
-__all__ = ["Slot", "Plan", "Factors", "JointGroup", "AdapterState", "register_optional", "field_names"]
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(getattr(model, STATE_ATTR, None), AdapterState)
+
+
+def state_of(model: nn.Module) -> AdapterState:
+    """The adapter state of a patched model; ValueError if ``model`` is not patched."""
+    state = getattr(model, STATE_ATTR, None)
+    if not isinstance(state, AdapterState):
+        raise ValueError("this model is not patched by peftkern; call peftkern.patch(model, ...) first")
+    return state
+
+
+__all__ = ["Slot", "Plan", "Factors", "JointGroup", "AdapterState", "register_optional", "field_names",
+           "STATE_ATTR", "is_patched", "state_of"]

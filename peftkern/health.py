@@ -13,9 +13,9 @@ Three tools:
   ``check()`` where it reads the loss anyway (the progress bar, the end of an epoch, before
   a checkpoint); a failed check raises ``NonFiniteError`` with the diagnostic pass's
   findings and, given the batch, the first module whose output went non-finite.
-* Placement: ``check_placement`` (at load) and ``placement_error`` (raised by
-  AdaptedLinear's forward) name the module whose input, base weight or factors are on
-  another device or dtype than the rest, as when only part of a model was moved or cast.
+* Placement: ``check_placement`` (at load) names the module whose base weight is on
+  another device or dtype than the rest, as when only part of a model was moved or cast
+  (AdaptedLinear's forward raises ``layer.placement_error`` for the same fault at run time).
 """
 from __future__ import annotations
 
@@ -260,25 +260,6 @@ class FiniteMonitor:
 # --- placement: device and dtype ------------------------------------------------------------------------
 
 
-def _where(t: Optional[Tensor]) -> str:
-    return "-" if t is None else f"{t.device}/{str(t.dtype).replace('torch.', '')}"
-
-
-def placement_error(module: nn.Module, x: Tensor, factors: Any) -> Exception:
-    """The error an AdaptedLinear raises when its input, base weight and factors disagree on the
-    device (ValueError) or the input and base weight on the dtype (TypeError)."""
-    state = module.state
-    path = state.plan.slots[module.slot].path
-    weight = module.base_weight()
-    parts = {"input": x, "base weight": weight, **{f"factor {n}": getattr(factors, n) for n in FACTOR_NAMES}}
-    listing = ", ".join(f"{k} {_where(t)}" for k, t in parts.items() if t is not None)
-    hint = ("the model was moved or cast only in part: call model.to(device, dtype) on the whole patched model "
-            "(the adapter is registered on its root as model.peftkern)")
-    if len({t.device for t in parts.values() if t is not None}) > 1:
-        return ValueError(f"{path}: tensors on different devices ({listing}); {hint}")
-    return TypeError(f"{path}: input and base weight have different dtypes ({listing}); {hint}")
-
-
 def check_placement(model: nn.Module, device: torch.device, dtype: torch.dtype, paths: Sequence[str]) -> None:
     """Every target's base weight must be materialised, on ``device``, in ``dtype``: the adapter is one
     module built there. Raises ValueError (device) or TypeError (dtype) naming the first misfit."""
@@ -297,4 +278,4 @@ def check_placement(model: nn.Module, device: torch.device, dtype: torch.dtype, 
 
 
 __all__ = ["NonFiniteError", "Finding", "FiniteReport", "check_finite", "first_nonfinite_module", "FiniteMonitor",
-           "placement_error", "check_placement", "GENERATORS"]
+           "check_placement", "GENERATORS"]

@@ -7,19 +7,22 @@ import torch
 from torch import nn
 
 from .factors import AdapterState, Factors
-from .ops import dispatch
+from .ops import dispatch, functions
+from .ops.backend import Backend
 from .targets import features, is_transposed
 
 Tensor = torch.Tensor
+FACTOR_NAMES = ("A", "B", "u", "v")
 
 
 class AdaptedLinear(nn.Module):
-    """Computes ``y = W0·x + b + s·(v ⊙ (B·(u ⊙ (A·x))))`` through the chosen backend.
+    """Computes ``y = W0·x + b + s·(v ⊙ (B·(u ⊙ (A·D(x)))))`` through the chosen backend.
 
-    The original module is kept untouched as ``base_layer`` so that unpatch() can put it
-    back exactly. The state is *not* registered as a submodule here: it is registered
-    once, on the model root, so that each adapter parameter appears exactly once in
-    ``model.parameters()`` however many modules share it.
+    D is the adapter's dropout (PEFT's lora_dropout, ``patch(..., dropout=p)``), active only
+    in training mode. The original module is kept untouched as ``base_layer`` so that
+    unpatch() can put it back exactly. The state is *not* registered as a submodule here:
+    it is registered once, on the model root, so that each adapter parameter appears
+    exactly once in ``model.parameters()`` however many modules share it.
     """
 
     def __init__(self, base_layer: nn.Module, state: AdapterState, slot: int, backend: str = "auto"):
@@ -32,7 +35,10 @@ class AdaptedLinear(nn.Module):
         self.transposed = is_transposed(base_layer)
         self.in_features, self.out_features = features(base_layer)
         self.merged = False
-        self._ops: Dict[str, dispatch.Backend] = {}
+        self._ops: Dict[str, Backend] = {}
+
+    def __getstate__(self):  # a copy resolves its own backend: kernels are process-local, never pickled
+        return {**self.__dict__, "_ops": {}}
 
     # HF code sometimes reads proj.weight / proj.bias directly (dtype checks, fused paths).
     @property
@@ -47,11 +53,12 @@ class AdaptedLinear(nn.Module):
     def state(self) -> AdapterState:
         return self._state
 
-    def ops(self, device_type: str) -> dispatch.Backend:
+    def ops(self, device_type: str) -> Backend:
         """The backend for tensors on ``device_type``, resolved once per device type."""
         backend = self._ops.get(device_type)
         if backend is None:
-            backend = self._ops[device_type] = dispatch.resolve(self.backend, device_type)
+            shape = (self.out_features, self.in_features, self._state.plan.rank)
+            backend = self._ops[device_type] = dispatch.resolve(self.backend, device_type, shape)
         return backend
 
     def base_weight(self) -> Tensor:
@@ -60,12 +67,17 @@ class AdaptedLinear(nn.Module):
         return w.t() if self.transposed else w
 
     def forward(self, x: Tensor) -> Tensor:
+        """x [..., K] -> [..., N] in x's dtype (under autocast: the autocast dtype).
+
+        Raises ValueError when x, the base weight and the factors are on different devices,
+        and TypeError when x and the base weight have different dtypes outside autocast
+        (a model moved or cast only in part)."""
         if self.merged or self._state.disabled:
             return self.base_layer(x)
         f = self._state.factors(self.slot)
         weight, bias = self.base_weight(), self.base_layer.bias
         if x.device != weight.device or f.A.device != weight.device or f.B.device != weight.device:
-            raise _placement_error(self, x, f)  # a model moved only in part (torch would compute on meta silently)
+            raise placement_error(self, x, f)  # a model moved only in part (torch would compute on meta silently)
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
@@ -73,17 +85,18 @@ class AdaptedLinear(nn.Module):
                 return self._run(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
                                  _cast(f, dtype), device_type)
         if x.dtype != weight.dtype:
-            raise _placement_error(self, x, f)
+            raise placement_error(self, x, f)
         if f.A.dtype != x.dtype:
             f = _cast(f, x.dtype)
         return self._run(x, weight, bias, f, device_type)
 
     def _run(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], f: Factors, device_type: str) -> Tensor:
         ops = self.ops(device_type)
+        dropout = self._state.plan.dropout if self.training else 0.0
         if f.group is None:
-            return ops.adapter(x, weight, bias, f.A, f.B, f.u, f.v, f.scale)
-        hu = f.group.hidden(x, f.A, f.u, ops.shrink)
-        return ops.expand(x, weight, bias, hu, f.B, f.v, f.scale)
+            return functions.adapter(x, weight, bias, f.A, f.B, f.u, f.v, f.scale, dropout, backend=ops)
+        hu = f.group.hidden(x, lambda: functions.shrink(x, f.A, f.u, dropout, backend=ops))
+        return functions.expand(x, weight, bias, hu, f.B, f.v, f.scale, backend=ops)
 
     # --- merge / unmerge ------------------------------------------------------------
     @torch.no_grad()
@@ -110,14 +123,29 @@ class AdaptedLinear(nn.Module):
                 f"rank={self._state.effective_rank(self.slot)}, backend={self.backend}, merged={self.merged}")
 
 
-def _placement_error(layer: AdaptedLinear, x: Tensor, f: Factors) -> Exception:
-    from .health import placement_error  # health imports patching, which imports this module
-
-    return placement_error(layer, x, f)
-
-
 def _cast(f: Factors, dtype: torch.dtype) -> Factors:
     def c(t):
         return None if t is None else t.to(dtype)
 
     return Factors(c(f.A), c(f.B), c(f.u), c(f.v), f.scale, f.group)
+
+
+def _where(t: Optional[Tensor]) -> str:
+    return "-" if t is None else f"{t.device}/{str(t.dtype).replace('torch.', '')}"
+
+
+def placement_error(module: AdaptedLinear, x: Tensor, factors: Factors) -> Exception:
+    """The error an AdaptedLinear raises when its input, base weight and factors disagree on the
+    device (ValueError) or the input and base weight on the dtype (TypeError)."""
+    path = module.state.plan.slots[module.slot].path
+    parts = {"input": x, "base weight": module.base_weight(),
+             **{f"factor {n}": getattr(factors, n) for n in FACTOR_NAMES}}
+    listing = ", ".join(f"{k} {_where(t)}" for k, t in parts.items() if t is not None)
+    hint = ("the model was moved or cast only in part: call model.to(device, dtype) on the whole patched model "
+            "(the adapter is registered on its root as model.peftkern)")
+    if len({t.device for t in parts.values() if t is not None}) > 1:
+        return ValueError(f"{path}: tensors on different devices ({listing}); {hint}")
+    return TypeError(f"{path}: input and base weight have different dtypes ({listing}); {hint}")
+
+
+__all__ = ["AdaptedLinear", "placement_error", "FACTOR_NAMES"]

@@ -14,23 +14,9 @@ import torch
 from torch import nn
 
 from . import methods, targets as targets_mod
-from .factors import AdapterState, Plan
+from .factors import STATE_ATTR, AdapterState, Plan, is_patched, state_of
 from .layer import AdaptedLinear
 from .ops import dispatch
-
-STATE_ATTR = "peftkern"  # model.peftkern is the AdapterState
-DEFAULT_RANK = methods.DEFAULT_RANK
-
-
-def is_patched(model: nn.Module) -> bool:
-    return isinstance(getattr(model, STATE_ATTR, None), AdapterState)
-
-
-def state_of(model: nn.Module) -> AdapterState:
-    state = getattr(model, STATE_ATTR, None)
-    if not isinstance(state, AdapterState):
-        raise ValueError("this model is not patched by peftkern; call peftkern.patch(model, ...) first")
-    return state
 
 
 def adapted_modules(model: nn.Module) -> List[Tuple[str, AdaptedLinear]]:
@@ -69,7 +55,7 @@ def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None
     """
     spec = methods.get(method)
     requested = None if rank is None else _check_rank(rank)
-    rank = DEFAULT_RANK if requested is None else requested
+    rank = methods.DEFAULT_RANK if requested is None else requested
     alpha = _check_alpha(alpha)
     dispatch.check_name(backend)
     opts = methods.parse_options(spec, options)

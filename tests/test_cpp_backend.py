@@ -10,13 +10,16 @@ import pytest
 import torch
 
 import peftkern
-from peftkern.ops import dispatch, torch_backend
+from peftkern.ops import dispatch, torch_kernels
 from tests.models import tiny_model, tokens
 
 if os.environ.get("PEFTKERN_NO_EXT") == "1":
     pytest.skip("installed with PEFTKERN_NO_EXT=1: no C++ extension", allow_module_level=True)
 
-from peftkern.ops import cpp_backend as cb  # noqa: E402
+from peftkern.ops import cpp_kernels as cb  # noqa: E402
+from peftkern.ops.functions import BoundOps  # noqa: E402
+
+ops = BoundOps(cb.BACKEND)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,7 +126,7 @@ def test_missing_or_outdated_extension_raises_import_error_and_auto_warns():
         sys.modules["peftkern._C"] = None  # what Python does for a module that cannot be imported
         import peftkern
         try:
-            from peftkern.ops import cpp_backend
+            from peftkern.ops import cpp_kernels
         except ImportError as exc:
             print("IMPORT_ERROR:", exc)
         from peftkern.ops import dispatch
@@ -140,7 +143,7 @@ def test_missing_or_outdated_extension_raises_import_error_and_auto_warns():
         stale.build_info = lambda: "cpu"
         sys.modules["peftkern._C"] = peftkern._C = stale
         try:
-            from peftkern.ops import cpp_backend
+            from peftkern.ops import cpp_kernels
         except ImportError as exc:
             print("STALE:", exc)
     """)
@@ -158,5 +161,5 @@ def test_missing_or_outdated_extension_raises_import_error_and_auto_warns():
 
 def test_torch_and_cpp_backends_are_distinct():
     """Guard against dispatch silently aliasing the cpp name to the torch ops."""
-    assert cb.BACKEND.adapter is not torch_backend.adapter
+    assert cb.BACKEND.adapter_forward is not torch_kernels.BACKEND.adapter_forward
     assert cb.BACKEND.name == "cpp"

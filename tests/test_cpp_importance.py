@@ -13,7 +13,7 @@ from peftkern.ops import importance
 if os.environ.get("PEFTKERN_NO_EXT") == "1":
     pytest.skip("installed with PEFTKERN_NO_EXT=1: no C++ extension", allow_module_level=True)
 
-from peftkern.ops import cpp_backend as cb  # noqa: E402
+from peftkern.ops import cpp_kernels as cb  # noqa: E402
 
 # Odd sizes, a 0-d-like single element, an empty tensor, and one large enough to be split
 # across threads (the op parallelises over one flat index space of all tensors).

@@ -9,7 +9,7 @@ from peftkern.ops import importance
 if os.environ.get("PEFTKERN_NO_EXT") == "1":
     pytest.skip("installed with PEFTKERN_NO_EXT=1: no C++ extension", allow_module_level=True)
 
-from peftkern.ops import cpp_backend as cb  # noqa: E402
+from peftkern.ops import cpp_kernels as cb  # noqa: E402
 
 
 def _factors(dtype, r=5, seed=0):

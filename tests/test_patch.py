@@ -107,20 +107,20 @@ def test_patch_call_spelling_from_the_issue():
                          train="ABuv", joint=True)
     assert out is model
     rows = peftkern.explain(model).rows
-    assert len(rows) == 9 and {r["path"] for r in rows} == {"joint shrink+expand"}
+    assert len(rows) == 9 and all(r["path"].startswith("joint shrink+expand") for r in rows)
 
 
 def test_joint_form_computes_x_a_once_per_layer(monkeypatch):
-    from peftkern.ops import torch_backend
+    from peftkern.ops import functions
 
     calls = {"shrink": 0}
-    real = torch_backend.ShrinkFunction.apply
+    real = functions.ShrinkFunction.apply
 
     def counting(*a):
         calls["shrink"] += 1
         return real(*a)
 
-    monkeypatch.setattr(torch_backend.ShrinkFunction, "apply", counting)
+    monkeypatch.setattr(functions.ShrinkFunction, "apply", counting)
     model = tiny_model("llama")
     peftkern.patch(model, "tied_lora", rank=4, targets=["q_proj", "k_proj", "v_proj"], joint=True, backend="torch")
     model(tokens())

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peftkern.ops import dispatch
+from peftkern.ops.functions import BoundOps
 from tests import opcheck
 
 
@@ -45,7 +46,7 @@ def adapter_case(draw, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_adapter_op_matches_reference(backend):
-    ops = dispatch.load(backend)
+    ops = BoundOps(dispatch.load(backend))
 
     @settings(max_examples=BUDGET[backend][0], **SETTINGS)
     @given(adapter_case(backend))
@@ -59,7 +60,7 @@ def test_adapter_op_matches_reference(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_joint_shrink_expand_match_reference(backend):
-    ops = dispatch.load(backend)
+    ops = BoundOps(dispatch.load(backend))
     big = BUDGET[backend][1]
 
     @settings(max_examples=max(3, BUDGET[backend][0] // 3), **SETTINGS)
@@ -75,7 +76,7 @@ def test_joint_shrink_expand_match_reference(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hypernet_op_matches_reference(backend):
-    ops = dispatch.load(backend)
+    ops = BoundOps(dispatch.load(backend))
 
     @settings(max_examples=max(3, BUDGET[backend][0] // 3), **SETTINGS)
     @given(st.integers(1, 6), st.integers(1, 16), st.integers(1, 16), st.integers(1, 24))

@@ -24,10 +24,10 @@ def _ptxas_available() -> bool:
 @pytest.mark.skipif(not _ptxas_available(), reason="triton wheel without the bundled ptxas")
 def test_every_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "triton_kernels.aot_check", "--quick"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "peftkern.triton_kernels.aot_check", "--quick"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    from triton_kernels.aot_check import KERNELS
+    from peftkern.triton_kernels.aot_check import KERNELS
 
     compiled = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
     assert len(compiled) == sum(len(flag_sets) for _, _, flag_sets in KERNELS), proc.stdout

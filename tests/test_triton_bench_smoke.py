@@ -20,7 +20,7 @@ def _load():
 
 
 def test_smoke_mode_writes_a_table_with_every_provider(tmp_path):
-    import triton_kernels
+    import peftkern.triton_kernels as triton_kernels
 
     bench = _load()
     before = triton_kernels.forward_variant()

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-import triton_kernels as tk  # noqa: E402
+import peftkern.triton_kernels as tk  # noqa: E402
+from peftkern.ops.functions import BoundOps  # noqa: E402
 from tests import opcheck  # noqa: E402
 
-ops = tk.BACKEND  # the bundle dispatch hands to AdaptedLinear
+ops = BoundOps(tk.BACKEND)  # the bundle dispatch hands to AdaptedLinear, with its ops bound
 
 pytestmark = pytest.mark.gpu
 

@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton")
 import peftkern  # noqa: E402
-import triton_kernels as tk  # noqa: E402
+import peftkern.triton_kernels as tk  # noqa: E402
 from tests.models import tiny_model, tokens  # noqa: E402
 
 CASES = [

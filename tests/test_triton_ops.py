@@ -4,11 +4,12 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-import triton_kernels as tk  # noqa: E402
+import peftkern.triton_kernels as tk  # noqa: E402
+from peftkern.ops.functions import BoundOps  # noqa: E402
 from peftkern.ops import reference  # noqa: E402
 from tests import opcheck  # noqa: E402
 
-ops = tk.BACKEND  # the bundle dispatch hands to AdaptedLinear
+ops = BoundOps(tk.BACKEND)  # the bundle dispatch hands to AdaptedLinear, with its ops bound
 
 VARIANTS = tk.FORWARD_VARIANTS
 
@@ -141,7 +142,7 @@ def test_shrink_keeps_leading_dims():
 
 def test_grad_a_split_reduction_matches_matmul():
     """dA = dhᵀ·x reduced over several M-splits with atomics equals one matmul."""
-    from triton_kernels.adapter_backward import grad_a
+    from peftkern.triton_kernels.adapter_backward import grad_a
 
     g = torch.Generator().manual_seed(2)
     dh, x = torch.randn(150, 5, generator=g), torch.randn(150, 37, generator=g)

@@ -1,27 +1,22 @@
-"""Triton kernels for peftkern: one op per file (kernel + launcher + autograd.Function).
+"""Triton kernels for peftkern, installed as ``peftkern.triton_kernels`` (this folder keeps the
+design's top-level place in the repository; installing it under peftkern avoids a clash
+with triton-lang's own ``triton_kernels`` package).
 
-    adapter_forward.py   GEMM with a low-rank epilogue (forward, expand and backward dx)
-    shrink.py            h = x·Aᵀ, hu = h⊙u (forward variant b, joint-QKV shrink)
-    adapter_backward.py  one pass over dy (dh, Gt, du) and dA = dhᵀ·x
-    adapter.py / expand.py   the autograd Functions tying them together
+    _launch.py           what every launcher shares: autotuning with resource pruning and
+                         alias checks, dtypes, rank blocks, the dropout mask
+    adapter_forward.py   GEMM with a low-rank epilogue (forward, expand, and backward dx)
+    shrink.py            h = D(x)·Aᵀ, hu = h⊙u (forward, joint-QKV shrink)
+    adapter_backward.py  one pass over dy (dh, Gt, du) and dA = dhᵀ·D(x)
     hypernet.py          GeLU(E·W1ᵀ + b1)·W2ᵀ + b2 for all layers in one launch
+    kernels.py           the backend's kernels (peftkern/ops/backend.py's contract) from these
+    aot_check.py         compile every kernel for a CUDA target on a machine without a GPU
 
 On CUDA the kernels are autotuned; on the CPU they run under ``TRITON_INTERPRET=1``
 (set before triton is imported) with one fixed config, which is how the tests run them.
 ``launch_counts()`` reports kernel launches by name since ``reset_launch_counts()``.
 """
-from peftkern.ops.dispatch import Backend
-
 from ._launch import launch_counts, reset_launch_counts
-from .adapter import FORWARD_VARIANTS, forward_variant, set_forward_variant
-from .adapter import adapter as _adapter
-from .expand import expand as _expand
-from .hypernet import hypernet as _hypernet
-from .shrink import shrink as _shrink
-
-# The ops are reached through BACKEND (as dispatch does), not re-exported by name: the
-# names adapter/shrink/expand/hypernet belong to the submodules.
-BACKEND = Backend("triton", _adapter, _shrink, _expand, _hypernet, devices=("cuda", "cpu"))
+from .kernels import BACKEND, FORWARD_VARIANTS, dropout_mask, forward_variant, set_forward_variant
 
 __all__ = ["BACKEND", "launch_counts", "reset_launch_counts", "FORWARD_VARIANTS", "forward_variant",
-           "set_forward_variant"]
+           "set_forward_variant", "dropout_mask"]

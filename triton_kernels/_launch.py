@@ -1,5 +1,5 @@
-"""What every launcher shares: dot/accumulator dtypes, the autotune-or-fixed-config
-choice, block sizes for the rank dimension, and the module-level launch counter.
+"""What every launcher shares: dtypes, block sizes for the rank dimension, strides, the
+dropout mask, and ``Kernel``, which autotunes safely.
 
 Two execution modes:
   * CUDA: kernels are ``@triton.autotune``-d over a handful of configs; dots run on the
@@ -7,12 +7,30 @@ Two execution modes:
   * CPU under ``TRITON_INTERPRET=1`` (the test suite): autotune with several configs
     crashes there, so one fixed small config runs; and the interpreter's bf16/fp16
     ``tl.dot`` is wrong, so tiles are cast to fp32 (fp64 stays fp64) before every dot.
+    tests/test_triton_autotune.py runs the autotuned path too, with a stub benchmarker.
+
+Two faults of the first GPU run are excluded here by construction, not by care:
+
+* **Aliased reset arguments.** ``triton.autotune(reset_to_zero=...)`` zeroes the named
+  arguments before every config it benchmarks and before the chosen one runs. A launcher
+  that passed live data (a factor) as a stand-in for an unused reset argument had it
+  zeroed: wrong gradients on the first call of every new autotune key. ``Kernel``
+  refuses, at every launch, a reset argument that overlaps any other argument, and
+  launchers pass ``unused(...)``, a fresh scratch tensor, for reset arguments they do
+  not need.
+* **Configs that do not fit the device.** ``Kernel`` prunes, before autotuning, every
+  config whose compiled shared memory exceeds the device's per-block limit
+  (``resources``: the real compiler's figure for that config, flags and dtypes, cached).
+  Registers cannot overflow a block: ptxas caps a thread at 255 registers and no config
+  has more than 8 warps (255 × 256 < 65,536). Ranks above ``MAX_RANK`` do not reach the
+  kernels at all (the backend runs them on the torch kernels and says so).
 """
 from __future__ import annotations
 
 import collections
+import functools
 import os
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -21,9 +39,14 @@ import triton.language as tl
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
+_SIG_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+              torch.int64: "i64", torch.int32: "i32"}
 
 # tl.dot needs every block dimension >= 16 on CUDA; the rank r (often 1..8) is padded up to it.
 MIN_DOT = 16
+# The whole rank lives in one tile; above this the backend uses the torch kernels (see kernels.py).
+MAX_RANK = 128
+MAX_WARPS = 8
 
 _LAUNCHES: "collections.Counter[str]" = collections.Counter()
 
@@ -37,7 +60,7 @@ def count_launch(name: str) -> None:
 
 
 def launch_counts() -> Dict[str, int]:
-    """Kernel launches since the last reset, by kernel name (host-side counter, no sync)."""
+    """Kernel launches (and torch-kernel calls for ranks above MAX_RANK) since the last reset, by name."""
     return dict(_LAUNCHES)
 
 
@@ -45,15 +68,11 @@ def reset_launch_counts() -> None:
     _LAUNCHES.clear()
 
 
-def check_dtype(t: torch.Tensor, what: str) -> None:
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"triton backend: {what} has dtype {t.dtype}; supported: "
-                        f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
-
-
 def check_same_dtype(name: str, first: torch.Tensor, **others) -> None:
     """The kernels read every operand in ``first``'s dtype; a mismatch is a caller bug, named here."""
-    check_dtype(first, name)
+    if first.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"triton backend: {name} has dtype {first.dtype}; supported: "
+                        f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
     bad = {n: t.dtype for n, t in others.items() if t is not None and t.dtype != first.dtype}
     if bad:
         raise TypeError(f"triton backend: every operand must have {name}'s dtype {first.dtype}; got "
@@ -64,6 +83,17 @@ def vec(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """1-D operands (bias, u, b1, b2) are read with unit stride: a copy of a strided
     vector is negligible next to the GEMMs, unlike the big operands, which keep strides."""
     return None if t is None else t.contiguous()
+
+
+def strides(t: Optional[torch.Tensor]) -> Tuple[int, int]:
+    """(stride 0, stride 1) of a 2-D operand, (0, 0) for an absent one (its pointer is never read)."""
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def unused(like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A fresh one-element tensor for a pointer argument the kernel will not touch. Never an alias
+    of live data, so it is safe where the autotuner may zero or restore the argument."""
+    return torch.empty(1, device=like.device, dtype=dtype or like.dtype)
 
 
 def acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -82,6 +112,8 @@ def dot_meta(dtype: torch.dtype) -> Dict[str, object]:
 
 def block_r(r: int) -> int:
     """Padded rank block: the whole rank lives in one tile (registers grow with r)."""
+    if r > MAX_RANK:
+        raise ValueError(f"triton kernels take rank <= {MAX_RANK}, got {r}; kernels.py routes larger ranks elsewhere")
     return max(MIN_DOT, triton.next_power_of_2(r))
 
 
@@ -91,11 +123,79 @@ def m_bucket(M: int) -> int:
     return triton.next_power_of_2(max(M, 1))
 
 
+@triton.jit
+def dropout_keep(seed, rows64, cols, K, p):
+    """[BLOCK_M, BLOCK_K] bool: element (m, k) of the adapter's [M, K] input is kept.
+
+    Philox (tl.rand) of (seed, m·K + k): a pure function of the seed and the position, so
+    the forward, the dA pass and the dx epilogue draw the same mask without storing it."""
+    return tl.rand(seed, rows64[:, None] * K + cols[None, :]) >= p
+
+
+# --- resources of a config, from the real compiler ----------------------------------------------
+
+def _sig_of(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _SIG_DTYPE[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i64" if not -2 ** 31 <= value < 2 ** 31 else "i32"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"cannot type kernel argument {value!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_shared(fn, signature: Tuple[Tuple[str, str], ...], constexprs: Tuple[Tuple[str, object], ...],
+                     num_warps: int, num_stages: int, target) -> int:
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn, dict(signature), dict(constexprs))
+    compiled = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+    return int(compiled.metadata.shared)
+
+
+def resources(kernel: "Kernel", config: triton.Config, named_args: Dict[str, object], target) -> int:
+    """Shared memory in bytes that ``config`` of ``kernel`` needs for these arguments (their dtypes
+    and constexpr flags) on ``target`` (a triton GPUTarget), as the compiler reports it."""
+    fn = kernel.plain
+    constexprs = {**{k: v for k, v in named_args.items() if k in kernel.constexpr_names}, **config.kwargs}
+    signature = tuple((name, "constexpr" if name in constexprs else _sig_of(named_args[name]))
+                      for name in fn.arg_names)
+    frozen = tuple(sorted((k, v) for k, v in constexprs.items()))
+    return _compiled_shared(fn, signature, frozen, config.num_warps, config.num_stages, target)
+
+
+def shared_limit(device: torch.device) -> int:
+    """Bytes of shared memory one block may use on ``device`` (the opt-in maximum)."""
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", 0)
+    if not limit:
+        from triton.runtime import driver
+
+        limit = driver.active.utils.get_device_properties(props.index if hasattr(props, "index") else 0)["max_shared_mem"]
+    return int(limit)
+
+
+def fitting(kernel: "Kernel", configs: Sequence[triton.Config], named_args: Dict[str, object], target,
+            limit: int) -> list:
+    """The configs whose compiled shared memory fits ``limit``; ValueError naming the smallest need if none does."""
+    needs = [(resources(kernel, c, named_args, target), c) for c in configs]
+    kept = [c for need, c in needs if need <= limit]
+    if not kept:
+        smallest = min(needs, key=lambda t: t[0])
+        raise ValueError(f"{kernel.name}: no config fits {limit} bytes of shared memory (the smallest, "
+                         f"{smallest[1]}, needs {smallest[0]})")
+    return kept
+
+
 class Kernel:
     """A jit kernel that is autotuned on CUDA and runs one fixed config under the interpreter.
 
     ``grid`` is always a function of the meta-parameters (as for ``triton.autotune``), so
-    launchers do not care which path runs.
+    launchers do not care which path runs. ``reset_to_zero`` names accumulator arguments
+    (atomics); see the module docstring for the two guarantees this class adds.
     """
 
     def __init__(self, fn, name: str, configs: Sequence[triton.Config], key: Sequence[str],
@@ -103,14 +203,60 @@ class Kernel:
         self.name = name
         self.plain = fn
         self.fallback = dict(fallback)
-        self.tuned = triton.autotune(list(configs), key=list(key), reset_to_zero=list(reset_to_zero or ()) or None)(fn)
+        self.reset_to_zero = tuple(reset_to_zero or ())
+        self.constexpr_names = _constexpr_names(fn)
+        bad = [c for c in configs if c.num_warps > MAX_WARPS]
+        if bad:
+            raise ValueError(f"{name}: configs with more than {MAX_WARPS} warps could exceed a block's registers: {bad}")
+        self.tuned = triton.autotune(list(configs), key=list(key), reset_to_zero=list(self.reset_to_zero) or None,
+                                     prune_configs_by={"early_config_prune": self._prune})(fn)
+
+    def _prune(self, configs, named_args, **kwargs):
+        from triton.runtime import driver
+
+        args = {**named_args, **kwargs}
+        device = next(v.device for v in args.values() if isinstance(v, torch.Tensor))
+        return fitting(self, configs, args, driver.active.get_current_target(), shared_limit(device))
+
+    def check_aliases(self, args: Sequence[object]) -> None:
+        """Raise if an argument the autotuner may zero overlaps any other tensor argument."""
+        if not self.reset_to_zero:
+            return
+        named = dict(zip(self.plain.arg_names, args))
+        spans = {n: _span(t) for n, t in named.items() if isinstance(t, torch.Tensor)}
+        for name in self.reset_to_zero:
+            lo, hi = spans[name]
+            for other, (olo, ohi) in spans.items():
+                if other != name and lo < ohi and olo < hi:
+                    raise RuntimeError(f"{self.name}: argument {name!r}, which autotuning zeroes, overlaps "
+                                       f"argument {other!r}; pass _launch.unused(...) for an unused accumulator")
 
     def __call__(self, grid: Callable[[Dict[str, int]], tuple], *args, **kwargs) -> None:
         count_launch(self.name)
+        self.check_aliases(args)
         if interpreting():
             self.plain[grid(self.fallback)](*args, **kwargs, **self.fallback)
         else:
             self.tuned[grid](*args, **kwargs)
+
+
+def _constexpr_names(fn) -> set:
+    """Names of a kernel's tl.constexpr parameters (a JITFunction, or the interpreter's wrapper)."""
+    import inspect
+
+    target = getattr(fn, "fn", fn)
+    while hasattr(target, "fn") and not inspect.isfunction(target):
+        target = target.fn
+    params = inspect.signature(target).parameters.values()
+    return {p.name for p in params if p.annotation is tl.constexpr or "constexpr" in str(p.annotation)}
+
+
+def _span(t: torch.Tensor) -> Tuple[int, int]:
+    """[first byte, one past the last byte] that a strided tensor can touch."""
+    if t.numel() == 0:
+        return (t.data_ptr(), t.data_ptr())
+    extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0) + 1
+    return (t.data_ptr(), t.data_ptr() + extent * t.element_size())
 
 
 def configs(rows: Sequence[tuple], names: Sequence[str]) -> list:

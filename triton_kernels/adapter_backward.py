@@ -9,8 +9,12 @@ transposed views: dx = dy·W0 + dh·A).
 From Gt the caller gets dB = s·v⊙Gt and dv = s·Σ_j B⊙Gt with [N, r] torch ops: the M×N
 reduction of the reference's dv is never formed.
 
-``grad_a``: dA = dhᵀ·x [r, K], a skinny pass over x; grid over K blocks × M splits, the
-splits reduced with fp32 atomics.
+``grad_a``: dA = dhᵀ·D(x) [r, K], a skinny pass over x (masked in registers with dropout);
+grid over K blocks × M splits, the splits reduced with fp32 atomics.
+
+Gt, du and dA are accumulated with atomics into zeroed buffers, so the autotuner must
+zero them before each config it benchmarks (``reset_to_zero``). An accumulator a call
+does not need gets ``_launch.unused(...)``, never a live tensor: the autotuner zeroes it.
 
 Reduction choice: atomics, not a two-stage buffer. The buffers a two-stage reduction
 would need are (M/BLOCK_M)·N·r floats, which for long sequences and wide MLPs is hundreds
@@ -26,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
+from ._launch import dropout_keep
 
 Tensor = torch.Tensor
 
@@ -81,7 +86,8 @@ def _dy_pass_kernel(
 
 _DY_PASS = _launch.Kernel(
     _dy_pass_kernel, "dy_pass",
-    _launch.configs([(16, 128, 4, 3), (32, 64, 4, 4), (32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 8, 3)],
+    _launch.configs([(16, 128, 4, 3), (32, 64, 4, 4), (32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 8, 3),
+                     (16, 32, 4, 2)],  # the last one fits BLOCK_R = 128
                     ("BLOCK_M", "BLOCK_N")),
     key=("M_BUCKET", "N", "BLOCK_R", "COMPUTE_DH", "COMPUTE_GT", "COMPUTE_DU"),
     fallback={"BLOCK_M": 32, "BLOCK_N": 32},
@@ -102,14 +108,12 @@ def dy_pass(g: Tensor, fv: Tensor, h: Optional[Tensor], u: Optional[Tensor], *, 
     dh = torch.empty(M, R, device=g.device, dtype=acc) if compute_dh else None
     gt = torch.zeros(N, R, device=g.device, dtype=acc) if compute_gt else None
     du = torch.zeros(R, device=g.device, dtype=acc) if compute_du else None
-    dummy = fv
     _DY_PASS(lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
-             g, fv, h if h is not None else dummy, _launch.vec(u) if u is not None else dummy, dh if dh is not None else dummy,
-             gt if gt is not None else dummy, du if du is not None else dummy,
+             g, fv, h if h is not None else _launch.unused(g), _launch.vec(u) if u is not None else _launch.unused(g),
+             dh if dh is not None else _launch.unused(g, acc),
+             gt if gt is not None else _launch.unused(g, acc), du if du is not None else _launch.unused(g, acc),
              M, N, R, _launch.m_bucket(M),
-             g.stride(0), g.stride(1), fv.stride(0), fv.stride(1), *((h.stride(0), h.stride(1)) if h is not None else (0, 0)),
-             *((dh.stride(0), dh.stride(1)) if dh is not None else (0, 0)),
-             *((gt.stride(0), gt.stride(1)) if gt is not None else (0, 0)),
+             *_launch.strides(g), *_launch.strides(fv), *_launch.strides(h), *_launch.strides(dh), *_launch.strides(gt),
              HAS_U=u is not None, COMPUTE_DH=compute_dh, COMPUTE_GT=compute_gt, COMPUTE_DU=compute_du,
              BLOCK_R=_launch.block_r(R), **_launch.dot_meta(g.dtype))
     return dh, gt, du
@@ -118,9 +122,9 @@ def dy_pass(g: Tensor, fv: Tensor, h: Optional[Tensor], u: Optional[Tensor], *, 
 @triton.jit
 def _grad_a_kernel(
     dh_ptr, x_ptr, da_ptr,
-    M, K, R, SPLIT, M_BUCKET,
+    M, K, R, SPLIT, M_BUCKET, seed, p, inv,
     sdhm, sdhr, sxm, sxk, sar, sak,
-    DOT_DT: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
+    DROPOUT: tl.constexpr, DOT_DT: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
@@ -141,16 +145,21 @@ def _grad_a_kernel(
         dht = tl.load(dh_ptr + rows64[:, None] * sdhm + ranks[None, :] * sdhr, mask=m_ok[:, None] & r_ok[None, :],
                       other=0.0)
         xt = tl.load(x_ptr + rows64[:, None] * sxm + ks[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if DROPOUT:
+            xt = tl.where(dropout_keep(seed, rows64, ks, K, p), xt, tl.zeros_like(xt))
         acc = tl.dot(tl.trans(dht.to(DOT_DT)), xt.to(DOT_DT), acc, input_precision=PREC, out_dtype=ACC_DT)
+    if DROPOUT:
+        acc = acc * inv
     tl.atomic_add(da_ptr + ranks[:, None] * sar + ks[None, :] * sak, acc.to(da_ptr.dtype.element_ty),
                   mask=r_ok[:, None] & k_ok[None, :])
 
 
 _GRAD_A = _launch.Kernel(
     _grad_a_kernel, "grad_a",
-    _launch.configs([(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3)],
+    _launch.configs([(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3),
+                     (32, 32, 4, 2)],
                     ("BLOCK_M", "BLOCK_K")),
-    key=("M_BUCKET", "K", "BLOCK_R", "SPLIT"),
+    key=("M_BUCKET", "K", "BLOCK_R", "SPLIT", "DROPOUT"),
     fallback={"BLOCK_M": 32, "BLOCK_K": 32},
     reset_to_zero=("da_ptr",),
 )
@@ -161,16 +170,17 @@ ROWS_PER_SPLIT = 512
 MAX_SPLIT = 16
 
 
-def grad_a(dh: Tensor, x2: Tensor, *, out_dtype: torch.dtype, split: Optional[int] = None) -> Tensor:
-    """dA = dhᵀ·x [r, K] (accumulated in fp32/fp64, returned in ``out_dtype``)."""
+def grad_a(dh: Tensor, x2: Tensor, *, out_dtype: torch.dtype, split: Optional[int] = None, dropout: float = 0.0,
+           seed: int = 0) -> Tensor:
+    """dA = dhᵀ·D(x) [r, K] (accumulated in fp32/fp64, returned in ``out_dtype``)."""
     M, K = x2.shape
     R = dh.shape[1]
     split = split or max(1, min(MAX_SPLIT, triton.cdiv(M, ROWS_PER_SPLIT)))
     dA = torch.zeros(R, K, device=x2.device, dtype=_launch.acc_torch_dtype(x2.dtype))
     _GRAD_A(lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), split),
-            dh, x2, dA, M, K, R, split, _launch.m_bucket(M),
-            dh.stride(0), dh.stride(1), x2.stride(0), x2.stride(1), dA.stride(0), dA.stride(1),
-            BLOCK_R=_launch.block_r(R), **_launch.dot_meta(x2.dtype))
+            dh, x2, dA, M, K, R, split, _launch.m_bucket(M), seed, float(dropout), 1.0 / (1.0 - dropout),
+            *_launch.strides(dh), *_launch.strides(x2), *_launch.strides(dA),
+            DROPOUT=dropout > 0, BLOCK_R=_launch.block_r(R), **_launch.dot_meta(x2.dtype))
     return dA.to(out_dtype)
 
 

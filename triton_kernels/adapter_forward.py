@@ -7,11 +7,15 @@ This single kernel serves every "big" product of the adapter, by passing strides
     backward dx  dx[M,K] = dy·W0 + dh·A    = dy·(W0ᵀ)ᵀ + dh·(Aᵀ)ᵀ            (w := W0ᵀ, f := Aᵀ views)
     shrink dx    dx[M,K] = dh·A             (HAS_BASE = False: no main loop)
 
-Two ways to get h for the forward (the issue's comparison), one flag, ``FUSE_SHRINK``:
+Two ways to get h for the forward, one flag, ``FUSE_SHRINK``:
   (a) in-loop:      h = x·Aᵀ accumulated inside the K-loop from the x tile already in
                     registers; every N-block recomputes it, the pid_n == 0 blocks store it.
   (b) prior shrink: h comes from ``shrink.py``'s kernel and is read in the epilogue.
-``adapter.py`` picks between them. Accumulation is fp32 (fp64 for fp64 inputs).
+``kernels.py`` picks between them. Accumulation is fp32 (fp64 for fp64 inputs).
+
+Dropout (``_launch.dropout_keep``): ``MASK_INPUT`` masks the x tiles that feed h in the
+in-loop variant (never the base product's); ``MASK_LOWRANK`` masks the low-rank term of
+the output, which is how dx = dy·W0 + D'(dh·A) gets its dropout in the same launch.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
+from ._launch import dropout_keep
 
 Tensor = torch.Tensor
 
@@ -29,10 +34,11 @@ Tensor = torch.Tensor
 @triton.jit
 def _lowrank_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, a_ptr, f_ptr, y_ptr, hout_ptr,
-    M, N, K, R, M_BUCKET,
+    M, N, K, R, M_BUCKET, seed, p, inv,
     sxm, sxk, swn, swk, shm, shr, sar, sak, sfn, sfr, sym, syn, shom, shor,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, FUSE_SHRINK: tl.constexpr,
-    STORE_H: tl.constexpr, DOT_DT: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
+    STORE_H: tl.constexpr, MASK_INPUT: tl.constexpr, MASK_LOWRANK: tl.constexpr,
+    DOT_DT: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -71,12 +77,17 @@ def _lowrank_gemm_kernel(
             if FUSE_SHRINK:
                 at = tl.load(a_ptr + ranks[None, :] * sar + ks[:, None] * sak, mask=k_ok[:, None] & r_ok[None, :],
                              other=0.0)
-                hacc = tl.dot(xt, at.to(DOT_DT), hacc, input_precision=PREC, out_dtype=ACC_DT)
+                xh = xt
+                if MASK_INPUT:
+                    xh = tl.where(dropout_keep(seed, rows64, ks, K, p), xt, tl.zeros_like(xt))
+                hacc = tl.dot(xh, at.to(DOT_DT), hacc, input_precision=PREC, out_dtype=ACC_DT)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(ACC_DT)[None, :]
     if HAS_LOWRANK:
         if FUSE_SHRINK:
+            if MASK_INPUT:
+                hacc = hacc * inv
             ht = hacc
             if STORE_H:  # h is saved for backward; one N-block per row-block writes it
                 if pid_n == 0:
@@ -87,7 +98,12 @@ def _lowrank_gemm_kernel(
                          other=0.0)
         ft = tl.load(f_ptr + ranks[:, None] * sfr + cols64[None, :] * sfn, mask=r_ok[:, None] & n_ok[None, :],
                      other=0.0)
-        acc = tl.dot(ht.to(DOT_DT), ft.to(DOT_DT), acc, input_precision=PREC, out_dtype=ACC_DT)
+        if MASK_LOWRANK:
+            lowrank = tl.dot(ht.to(DOT_DT), ft.to(DOT_DT), input_precision=PREC, out_dtype=ACC_DT)
+            keep = dropout_keep(seed, rows64, cols64, N, p)
+            acc += tl.where(keep, lowrank * inv, tl.zeros_like(lowrank))
+        else:
+            acc = tl.dot(ht.to(DOT_DT), ft.to(DOT_DT), acc, input_precision=PREC, out_dtype=ACC_DT)
 
     tl.store(y_ptr + rows64[:, None] * sym + cols64[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
@@ -98,25 +114,23 @@ _GEMM = _launch.Kernel(
     _lowrank_gemm_kernel, "lowrank_gemm",
     _launch.configs([(128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3), (64, 256, 32, 8, 4, 4),
                      (128, 128, 32, 8, 4, 4), (128, 64, 32, 8, 4, 4), (64, 128, 32, 8, 4, 4),
-                     (64, 64, 64, 8, 4, 3)],
+                     (64, 64, 64, 8, 4, 3), (64, 64, 32, 8, 4, 2)],  # the last one fits BLOCK_R = 128
                     ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")),
     key=("M_BUCKET", "N", "K", "BLOCK_R", "HAS_BASE", "FUSE_SHRINK"),
     fallback={"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
 )
 
 
-def _strides(t: Optional[Tensor]) -> Tuple[int, int]:
-    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
-
-
 def lowrank_gemm(x: Optional[Tensor], w: Optional[Tensor], bias: Optional[Tensor], h: Optional[Tensor],
                  f: Optional[Tensor], *, out_dtype: torch.dtype, a: Optional[Tensor] = None,
-                 store_h: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+                 store_h: bool = False, dropout: float = 0.0, seed: int = 0,
+                 mask_lowrank: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
     """y[M, N] = x[M, K]·w[N, K]ᵀ (+ bias[N]) + h[M, R]·f[N, R]ᵀ over strided 2-D views.
 
     x/w may be None (no base product), h/f may be None (no low-rank term). With ``a``
-    [R, K] given and ``h`` None, h = x·aᵀ is computed in the K-loop (variant a) and, if
-    ``store_h``, returned as the second value (dtype ``out_dtype``).
+    [R, K] given and ``h`` None, h = D(x)·aᵀ is computed in the K-loop (variant a) and, if
+    ``store_h``, returned as the second value (dtype ``out_dtype``). ``mask_lowrank``
+    applies the dropout mask of (seed, p) to the low-rank term of y instead (dx's D').
     """
     fuse = a is not None and h is None
     has_base = w is not None
@@ -134,9 +148,10 @@ def lowrank_gemm(x: Optional[Tensor], w: Optional[Tensor], bias: Optional[Tensor
           x if x is not None else dummy, w if has_base else dummy, _launch.vec(bias) if bias is not None else dummy,
           h if h is not None else dummy, a if fuse else dummy, f if has_lowrank else dummy, y,
           h_out if h_out is not None else dummy,
-          M, N, K, R, _launch.m_bucket(M),
-          *_strides(x), *_strides(w), *_strides(h), *_strides(a if fuse else None), *_strides(f), *_strides(y),
-          *_strides(h_out),
+          M, N, K, R, _launch.m_bucket(M), seed, float(dropout), 1.0 / (1.0 - dropout),
+          *_launch.strides(x), *_launch.strides(w), *_launch.strides(h), *_launch.strides(a if fuse else None),
+          *_launch.strides(f), *_launch.strides(y), *_launch.strides(h_out),
           HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, FUSE_SHRINK=fuse,
-          STORE_H=h_out is not None, BLOCK_R=_launch.block_r(R), **_launch.dot_meta(out_dtype))
+          STORE_H=h_out is not None, MASK_INPUT=fuse and dropout > 0, MASK_LOWRANK=mask_lowrank and dropout > 0,
+          BLOCK_R=_launch.block_r(R), **_launch.dot_meta(out_dtype))
     return y, h_out

@@ -5,7 +5,7 @@ The interpreter checks the arithmetic but not what only the real compiler enforc
 runs the real compiler (to cubin, with the ptxas bundled in the triton wheel) for each
 kernel, flag combination and dtype, with the CUDA autotune configs:
 
-    env -u TRITON_INTERPRET python -m triton_kernels.aot_check [--quick] [--arch 90 80]
+    env -u TRITON_INTERPRET python -m peftkern.triton_kernels.aot_check [--quick] [--arch 90 80]
 
 ``--quick`` compiles one config per kernel (the first, the largest) in bf16 for the first
 arch. Exit status 1 if anything fails to compile; shared memory per kernel is printed
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     dtypes = ["bf16"] if args.quick else args.dtypes
     failures = 0
     for module, attr, flag_sets in KERNELS:
-        kernel = getattr(importlib.import_module(f"triton_kernels.{module}"), attr)
+        kernel = getattr(importlib.import_module(f"peftkern.triton_kernels.{module}"), attr)
         configs = kernel.tuned.configs[:1] if args.quick else kernel.tuned.configs
         for io in dtypes:
             acc = "fp64" if io == "fp64" else "fp32"

@@ -13,18 +13,15 @@ The tail (dZ = dH⊙GeLU'(Z), dW1 = dZᵀ·E, db1 = Σ_L dZ, dE = dZ·W1) is pla
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
+from peftkern.ops.torch_kernels import gelu_grad
+
 from . import _launch
 
 Tensor = torch.Tensor
-
-_SQRT1_2 = 0.7071067811865476
-
 
 @triton.jit
 def _gelu(z):
@@ -130,63 +127,44 @@ _BWD = _launch.Kernel(
 )
 
 
-def _gelu_grad(z: Tensor) -> Tensor:
-    """d/dz of z·Φ(z) = Φ(z) + z·φ(z) (exact erf GeLU)."""
-    cdf = 0.5 * (1.0 + torch.erf(z * _SQRT1_2))
-    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
-    return cdf + z * pdf
+def hypernet_forward(E: Tensor, W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor, save: bool):
+    """(out [L, P], Z = E·W1ᵀ + b1 [L, h2] in the accumulation dtype if ``save`` else empty)."""
+    _launch.check_same_dtype("E", E, W1=W1, b1=b1, W2=W2, b2=b2)
+    L, H_IN = E.shape
+    H2, P = W1.shape[0], W2.shape[0]
+    b1 = b1 if b1 is not None else E.new_zeros(H2)  # the kernel always adds a bias
+    b2 = b2 if b2 is not None else E.new_zeros(P)
+    out = torch.empty(L, P, device=E.device, dtype=E.dtype)
+    z = torch.empty(L, H2, device=E.device, dtype=_launch.acc_torch_dtype(E.dtype)) if save else None
+    _FWD(lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(L, meta["BLOCK_L"])),
+         E, W1, _launch.vec(b1), W2, _launch.vec(b2), z if save else _launch.unused(E), out, L, H_IN, H2, P,
+         *_launch.strides(E), *_launch.strides(W1), *_launch.strides(W2), *_launch.strides(z), *_launch.strides(out),
+         STORE_Z=save, **_launch.dot_meta(E.dtype))
+    return out, (z if save else E.new_empty(0))
 
 
-class HypernetFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, E, W1, b1, W2, b2):
-        _launch.check_same_dtype("E", E, W1=W1, b1=b1, W2=W2, b2=b2)
-        lead = E.shape[:-1]
-        E2 = E.reshape(-1, E.shape[-1])
-        L, H_IN = E2.shape
-        H2, P = W1.shape[0], W2.shape[0]
-        need_grad = any(ctx.needs_input_grad)
-        out = torch.empty(L, P, device=E.device, dtype=E.dtype)
-        z = torch.empty(L, H2, device=E.device, dtype=_launch.acc_torch_dtype(E.dtype)) if need_grad else out
-        _FWD(lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(L, meta["BLOCK_L"])),
-             E2, W1, _launch.vec(b1), W2, _launch.vec(b2), z, out, L, H_IN, H2, P,
-             E2.stride(0), E2.stride(1), W1.stride(0), W1.stride(1), W2.stride(0), W2.stride(1),
-             z.stride(0), z.stride(1), out.stride(0), out.stride(1),
-             STORE_Z=need_grad, **_launch.dot_meta(E.dtype))
-        if need_grad:
-            ctx.save_for_backward(E2, W1, W2, z)
-        ctx.lead, ctx.b1_dtype, ctx.b2_dtype = lead, b1.dtype, b2.dtype
-        return out.view(*lead, P)
-
-    @staticmethod
-    def backward(ctx, gout):
-        E2, W1, W2, z = ctx.saved_tensors
-        need_E, need_W1, need_b1, need_W2, need_b2 = ctx.needs_input_grad
-        L, P, H2 = E2.shape[0], W2.shape[0], W1.shape[0]
-        g = gout.reshape(L, P)
-        acc = z.dtype
-        need_dh = need_E or need_W1 or need_b1
-        dW2 = torch.empty_like(W2) if need_W2 else None
-        db2 = torch.empty(P, device=g.device, dtype=ctx.b2_dtype) if need_b2 else None
-        dh = torch.zeros(L, H2, device=g.device, dtype=acc) if need_dh else None
-        dummy = z
-        _BWD(lambda meta: (triton.cdiv(P, meta["BLOCK_P"]),),
-             g, z, W2, dW2 if need_W2 else dummy, db2 if need_b2 else dummy, dh if need_dh else dummy,
-             L, H2, P, g.stride(0), g.stride(1), z.stride(0), z.stride(1), W2.stride(0), W2.stride(1),
-             *((dW2.stride(0), dW2.stride(1)) if need_W2 else (0, 0)),
-             *((dh.stride(0), dh.stride(1)) if need_dh else (0, 0)),
-             COMPUTE_DW2=need_W2, COMPUTE_DB2=need_b2, COMPUTE_DH=need_dh, **_launch.dot_meta(g.dtype))
-        dE = dW1 = db1 = None
-        if need_dh:  # the [L, h2] tail in torch
-            dz = dh * _gelu_grad(z)
-            if need_E:
-                dE = (dz @ W1.to(acc)).to(E2.dtype).view(*ctx.lead, E2.shape[1])
-            if need_W1:
-                dW1 = (dz.t() @ E2.to(acc)).to(W1.dtype)
-            if need_b1:
-                db1 = dz.sum(0).to(ctx.b1_dtype)
-        return dE, dW1, db1, dW2, db2
-
-
-def hypernet(E: Tensor, W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor) -> Tensor:
-    return HypernetFunction.apply(E, W1, b1, W2, b2)
+def hypernet_backward(g: Tensor, E: Tensor, W1: Tensor, W2: Tensor, z: Tensor, needs):
+    """(dE, dW1, db1, dW2, db2): the main kernel gives dW2, db2 and dH = dOut·W2; the [L, h2] tail is torch."""
+    need_E, need_W1, need_b1, need_W2, need_b2 = needs
+    L, P, H2 = E.shape[0], W2.shape[0], W1.shape[0]
+    acc = z.dtype
+    need_dh = need_E or need_W1 or need_b1
+    dW2 = torch.empty_like(W2) if need_W2 else None
+    db2 = torch.empty(P, device=g.device, dtype=W2.dtype) if need_b2 else None
+    dh = torch.zeros(L, H2, device=g.device, dtype=acc) if need_dh else None
+    _BWD(lambda meta: (triton.cdiv(P, meta["BLOCK_P"]),),
+         g, z, W2, dW2 if need_W2 else _launch.unused(g), db2 if need_b2 else _launch.unused(g),
+         dh if need_dh else _launch.unused(g, acc),
+         L, H2, P, *_launch.strides(g), *_launch.strides(z), *_launch.strides(W2), *_launch.strides(dW2),
+         *_launch.strides(dh),
+         COMPUTE_DW2=need_W2, COMPUTE_DB2=need_b2, COMPUTE_DH=need_dh, **_launch.dot_meta(g.dtype))
+    dE = dW1 = db1 = None
+    if need_dh:  # the [L, h2] tail in torch
+        dz = dh * gelu_grad(z)
+        if need_E:
+            dE = (dz @ W1.to(acc)).to(E.dtype)
+        if need_W1:
+            dW1 = (dz.t() @ E.to(acc)).to(W1.dtype)
+        if need_b1:
+            db1 = dz.sum(0).to(W1.dtype)
+    return [t if t is not None else g.new_empty(0) for t in (dE, dW1, db1, dW2, db2)]

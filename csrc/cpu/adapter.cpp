@@ -13,6 +13,7 @@
 // For GEMM-sized ranks the merged forward keeps W_eff, and its backward takes the factor
 // gradients from G = dyᵀ·h alone (backward_with_merged_weight below).
 #include "common.h"
+#include "dropout.h"
 
 namespace peftkern {
 namespace {
@@ -48,8 +49,14 @@ Tensor merged_weight(const Tensor& weight, const Tensor& A, const Tensor& B, con
   return at::addmm(weight, detail::folded_vB(B, v), detail::folded_uA(A, u), 1.0, scale);
 }
 
+// D(x) = x⊙keep/(1-p) as a tensor (the ATen path's dropped input; freed after its GEMM).
+Tensor dropped(const Tensor& x, double dropout, int64_t seed) {
+  if (dropout <= 0) return x;
+  return x * dropout_mask(seed, x.size(0), x.size(1), dropout, x).mul_(1.0 / (1.0 - dropout));
+}
+
 Tensor forward_fused(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& A, const Tensor& B,
-                     const OptTensor& u, const OptTensor& v, double scale, Tensor& h) {
+                     const OptTensor& u, const OptTensor& v, double scale, double dropout, int64_t seed, Tensor& h) {
   const Shapes s{x.size(0), x.size(1), weight.size(0), A.size(0)};
   Tensor xc = x.contiguous(), Ac = A.contiguous(), vBt = detail::folded_vBt(B, v);
   OptTensor bc = detail::contiguous(bias), uc = detail::contiguous(u);
@@ -61,14 +68,15 @@ Tensor forward_fused(const Tensor& x, const Tensor& weight, const OptTensor& bia
     a.x = xc.data_ptr<scalar_t>(), a.A = Ac.data_ptr<scalar_t>(), a.u = detail::ptr_or_null<scalar_t>(uc);
     a.vBt = vBt.data_ptr<scalar_t>(), a.bias = detail::ptr_or_null<scalar_t>(bc);
     a.scale = static_cast<scalar_t>(scale), a.h = h.data_ptr<scalar_t>(), a.y = y.data_ptr<scalar_t>();
+    a.dropout = dropout, a.seed = static_cast<uint64_t>(seed);
     lowrank::forward(a);
   });
   return y.addmm_(xc, weight.t());
 }
 
 Tensor forward_addmm(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& A, const Tensor& B,
-                     const OptTensor& u, const OptTensor& v, double scale, Tensor& h) {
-  h = at::mm(x, A.t());
+                     const OptTensor& u, const OptTensor& v, double scale, double dropout, int64_t seed, Tensor& h) {
+  h = at::mm(dropped(x, dropout, seed), A.t());
   Tensor hu = has(u) ? h * *u : h;
   Tensor vBs_t = (detail::folded_vB(B, v) * scale).t();
   Tensor y = has(bias) ? at::addmm(*bias, hu, vBs_t) : at::mm(hu, vBs_t);
@@ -100,20 +108,21 @@ void backward_with_merged_weight(const Tensor& dy, const Tensor& x, const Tensor
 }
 
 // The rank-r gradients from one streaming pass; dx (if given) receives dh·A.
-void backward_pass(const Tensor& dy, const Tensor& x, const Tensor& A, const Tensor& B, const OptTensor& u,
-                   const OptTensor& v, const OptTensor& h, double scale, Tensor& GtT, Tensor& dA, Tensor& du,
-                   Tensor& dx_lowrank) {
-  const int64_t M = x.size(0), K = x.size(1), N = B.size(0), r = A.size(0);
-  Tensor xc = x.contiguous(), dyc = dy.contiguous(), Ac = A.contiguous(), vBt = detail::folded_vBt(B, v);
-  OptTensor uc = detail::contiguous(u), hc = detail::contiguous(h);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "peftkern.adapter.backward", [&] {
+void backward_pass(const Tensor& dy, const OptTensor& x, const Tensor& A, const Tensor& B, const OptTensor& u,
+                   const OptTensor& v, const OptTensor& h, double scale, double dropout, int64_t seed, Tensor& GtT,
+                   Tensor& dA, Tensor& du, Tensor& dx_lowrank) {
+  const int64_t M = dy.size(0), K = A.size(1), N = B.size(0), r = A.size(0);
+  Tensor dyc = dy.contiguous(), Ac = A.contiguous(), vBt = detail::folded_vBt(B, v);
+  OptTensor xc = detail::contiguous(x), uc = detail::contiguous(u), hc = detail::contiguous(h);
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "peftkern.adapter.backward", [&] {
     lowrank::BackwardArgs<scalar_t> a;
     a.M = M, a.K = K, a.N = N, a.r = r;
-    a.x = xc.data_ptr<scalar_t>(), a.dy = dyc.data_ptr<scalar_t>(), a.A = Ac.data_ptr<scalar_t>();
+    a.x = detail::ptr_or_null<scalar_t>(xc), a.dy = dyc.data_ptr<scalar_t>(), a.A = Ac.data_ptr<scalar_t>();
     a.vBt = vBt.data_ptr<scalar_t>(), a.u = detail::ptr_or_null<scalar_t>(uc);
     a.scale = static_cast<scalar_t>(scale), a.h = detail::ptr_or_null<scalar_t>(hc);
     a.GtT = detail::ptr_or_null<scalar_t>(GtT), a.dA = detail::ptr_or_null<scalar_t>(dA);
     a.du = detail::ptr_or_null<scalar_t>(du), a.dx = detail::ptr_or_null<scalar_t>(dx_lowrank);
+    a.dropout = dropout, a.seed = static_cast<uint64_t>(seed);
     lowrank::backward(a);
   });
 }
@@ -123,65 +132,74 @@ void backward_pass(const Tensor& dy, const Tensor& x, const Tensor& A, const Ten
 std::tuple<Tensor, OptTensor, OptTensor, int64_t> adapter_forward(const Tensor& x, const Tensor& weight,
                                                                   const OptTensor& bias, const Tensor& A,
                                                                   const Tensor& B, const OptTensor& u,
-                                                                  const OptTensor& v, double scale, int64_t forced) {
+                                                                  const OptTensor& v, double scale, double dropout,
+                                                                  int64_t seed, int64_t forced) {
   const Shapes s = check_adapter(x, weight, bias, A, B, u, v);
-  const Path path = choose_forward(s.M, s.N, s.K, s.r, x, forced);
+  TORCH_CHECK_VALUE(dropout >= 0.0 && dropout < 1.0, "peftkern.adapter: dropout must be in [0, 1), got ", dropout);
+  const Path path = choose_forward(s.M, s.N, s.K, s.r, x, forced, dropout > 0);
   record_path("adapter", false, path);
   Tensor h, w_eff, y;
   switch (path) {
-    case kFused: y = forward_fused(x, weight, bias, A, B, u, v, scale, h); break;
+    case kFused: y = forward_fused(x, weight, bias, A, B, u, v, scale, dropout, seed, h); break;
     case kMerged: {
       w_eff = merged_weight(weight, A, B, u, v, scale);
       y = has(bias) ? at::addmm(*bias, x, w_eff.t()) : at::mm(x, w_eff.t());
       if (!keeps_merged_weight(s.r)) w_eff = Tensor();
       break;
     }
-    default: y = forward_addmm(x, weight, bias, A, B, u, v, scale, h); break;
+    default: y = forward_addmm(x, weight, bias, A, B, u, v, scale, dropout, seed, h); break;
   }
   auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
   return {y, opt(h), opt(w_eff), path};
 }
 
-std::tuple<std::vector<OptTensor>, int64_t> adapter_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
+std::tuple<std::vector<OptTensor>, int64_t> adapter_backward(const Tensor& dy, const OptTensor& x, const Tensor& weight,
                                                              const Tensor& A, const Tensor& B, const OptTensor& u,
                                                              const OptTensor& v, const OptTensor& h,
-                                                             const OptTensor& w_eff, double scale,
-                                                             std::vector<bool> needs, int64_t forced) {
+                                                             const OptTensor& w_eff, double scale, double dropout,
+                                                             int64_t seed, std::vector<bool> needs, int64_t forced) {
   TORCH_CHECK_VALUE(needs.size() >= 7, "peftkern.adapter_backward: needs 7 flags (x, weight, bias, A, B, u, v)");
   const bool need_x = needs[0], need_w = needs[1], need_b = needs[2], need_A = needs[3], need_B = needs[4],
              need_u = needs[5] && has(u), need_v = needs[6] && has(v);
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0);
+  const int64_t M = dy.size(0), K = weight.size(1), N = weight.size(0), r = A.size(0);
+  TORCH_CHECK_VALUE(has(x) || !(need_w || need_A || ((need_B || need_u || need_v) && !has(h) && !has(w_eff))),
+                    "peftkern.adapter_backward: x is needed for the gradients asked for but was not given");
   std::vector<OptTensor> grads(7);
-  if (need_w) grads[1] = at::mm(dy.t(), x);
+  if (need_w) grads[1] = at::mm(dy.t(), *x);
   if (need_b) grads[2] = dy.sum(0);
   const bool need_dhu = need_x || need_A || need_u;  // the rank-r path back to x, A and u
   if (!need_dhu && !need_B && !need_v) return {grads, kAuto};
 
-  const Path path = choose_backward(M, N, K, r, x, forced, has(w_eff));
+  const Path path = choose_backward(M, N, K, r, dy, forced, has(w_eff), dropout > 0);
   record_path("adapter", true, path);
   Tensor GtT, dA, du, dx;
   if (path == kMerged && has(w_eff)) {
-    backward_with_merged_weight(dy, x, A, B, u, v, *w_eff, scale, need_x, need_A, need_u, need_B || need_v, dx, dA,
-                                du, GtT);
+    backward_with_merged_weight(dy, x.value_or(Tensor()), A, B, u, v, *w_eff, scale, need_x, need_A, need_u,
+                                need_B || need_v, dx, dA, du, GtT);
   } else if (path == kAddmm) {
-    Tensor hh = has(h) ? *h : at::mm(x, A.t());
-    Tensor hu = has(u) ? hh * *u : hh;
-    if (need_B || need_v) GtT = at::mm(dy.t(), hu).t();
+    const Tensor xd = has(x) ? dropped(*x, dropout, seed) : Tensor();
+    Tensor hh;  // h = D(x)·Aᵀ, read by Gt and du only
+    if (need_B || need_v || need_u) hh = has(h) ? *h : at::mm(xd, A.t());
+    if (need_B || need_v) GtT = at::mm(dy.t(), has(u) ? hh * *u : hh).t();
     if (need_dhu) {
       Tensor dhu = at::mm(dy, detail::folded_vB(B, v) * scale);
       if (need_u) du = (dhu * hh).sum(0);
       Tensor dh = has(u) ? dhu * *u : dhu;
-      if (need_A) dA = at::mm(dh.t(), x);
-      if (need_x) dx = at::mm(dh, A).addmm_(dy, weight);
+      if (need_A) dA = at::mm(dh.t(), xd);
+      if (need_x) {
+        dx = at::mm(dh, A);
+        if (dropout > 0) dx.mul_(dropout_mask(seed, M, K, dropout, dx)).mul_(1.0 / (1.0 - dropout));
+        dx.addmm_(dy, weight);
+      }
     }
   } else {
-    auto opts = x.options();
+    auto opts = dy.options();
     if (need_B || need_v) GtT = at::empty({r, N}, opts);
     if (need_A) dA = at::empty({r, K}, opts);
     if (need_u) du = at::empty({r}, opts);
     Tensor dx_lowrank;
     if (need_x && path == kFused) dx = dx_lowrank = at::empty({M, K}, opts);
-    backward_pass(dy, x, A, B, u, v, h, scale, GtT, dA, du, dx_lowrank);
+    backward_pass(dy, x, A, B, u, v, h, scale, dropout, seed, GtT, dA, du, dx_lowrank);
     if (need_x) {
       if (path == kFused)
         dx.addmm_(dy, weight);

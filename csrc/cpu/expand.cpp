@@ -45,29 +45,30 @@ Tensor expand_forward(const Tensor& x, const Tensor& weight, const OptTensor& bi
   return y.addmm_(x, weight.t());
 }
 
-std::vector<OptTensor> expand_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& hu,
+std::vector<OptTensor> expand_backward(const Tensor& dy, const OptTensor& x, const Tensor& weight, const Tensor& hu,
                                        const Tensor& B, const OptTensor& v, double scale, std::vector<bool> needs) {
   TORCH_CHECK_VALUE(needs.size() >= 6, "peftkern.expand_backward: needs 6 flags (x, weight, bias, hu, B, v)");
   const bool need_x = needs[0], need_w = needs[1], need_b = needs[2], need_hu = needs[3], need_B = needs[4],
              need_v = needs[5] && has(v);
-  const int64_t M = x.size(0), N = weight.size(0), r = hu.size(1);
+  TORCH_CHECK_VALUE(has(x) || !need_w, "peftkern.expand_backward: x is needed for the weight's gradient");
+  const int64_t M = dy.size(0), N = weight.size(0), r = hu.size(1);
   std::vector<OptTensor> grads(6);
   if (need_x) grads[0] = at::mm(dy, weight);
-  if (need_w) grads[1] = at::mm(dy.t(), x);
+  if (need_w) grads[1] = at::mm(dy.t(), *x);
   if (need_b) grads[2] = dy.sum(0);
   if (!need_hu && !need_B && !need_v) return grads;
   Tensor dhu, GtT;
-  if (choose_unmerged(x, r) != kFused) {
+  if (choose_unmerged(dy, r) != kFused) {
     record_path("expand", true, kAddmm);
     if (need_hu) dhu = at::mm(dy, detail::folded_vB(B, v) * scale);
     if (need_B || need_v) GtT = at::mm(dy.t(), hu).t();
   } else {
     record_path("expand", true, kFused);
-    auto opts = x.options();
+    auto opts = dy.options();
     if (need_hu) dhu = at::empty({M, r}, opts);
     if (need_B || need_v) GtT = at::empty({r, N}, opts);
     Tensor dyc = dy.contiguous(), huc = hu.contiguous(), vBt = detail::folded_vBt(B, v);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "peftkern.expand.backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "peftkern.expand.backward", [&] {
       lowrank::BackwardArgs<scalar_t> a;
       a.M = M, a.N = N, a.r = r;
       a.dy = dyc.data_ptr<scalar_t>(), a.vBt = vBt.data_ptr<scalar_t>(), a.h = huc.data_ptr<scalar_t>();

@@ -9,6 +9,10 @@
 //   backward  dhu = s·dy·(v⊙B), Gtᵀ = (dyᵀ·hu)ᵀ, du = Σ h⊙dhu,
 //             dh = u⊙dhu, dA = dhᵀ·x, dx = dh·A                      (one read of x and dy, one write of dx)
 //
+// With dropout > 0, every read of x for the rank-r products reads D(x) = x⊙keep/(1-p)
+// instead, built block by block in scratch from dropout.h's hash (no M×K mask exists),
+// and dx = dh·A is written as D'(dh·A) = (dh·A)⊙keep/(1-p).
+//
 // Every pointer marked "or nullptr" is optional: a missing output is not computed, a
 // missing input is not needed by the outputs asked for. All matrices are row-major and
 // contiguous. Reductions over rows (Gt, dA, du) use one partial per thread, summed in a
@@ -32,6 +36,8 @@ struct ForwardArgs {
   T* h = nullptr;           // out [M, r]: x·Aᵀ, or nullptr
   T* hu = nullptr;          // out [M, r]: u⊙h, or nullptr
   T* y = nullptr;           // out [M, N]: bias + s·hu·vBtᵀ (written, not accumulated), or nullptr
+  double dropout = 0;       // p of dropout on x (0: none)
+  uint64_t seed = 0;        // the dropout mask's seed
 };
 
 template <typename T>
@@ -50,6 +56,8 @@ struct BackwardArgs {
   T* dA = nullptr;            // out [r, K]: dhᵀ·x, or nullptr
   T* du = nullptr;            // out [r]: Σ_m h⊙dhu, or nullptr
   T* dx = nullptr;            // out [M, K]: dh·A (written, not accumulated), or nullptr
+  double dropout = 0;         // p of dropout on x (0: none)
+  uint64_t seed = 0;          // the dropout mask's seed
 };
 
 void forward(const ForwardArgs<float>& a);

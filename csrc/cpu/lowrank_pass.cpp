@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "dropout.h"
 #include "microkernels.h"
 
 namespace peftkern {
@@ -26,10 +27,35 @@ constexpr int64_t kRowBlock = 16;  // rows per block: the block of x/dy rows sta
 // Per-thread scratch: rank-r rows of one block.
 template <typename T>
 struct Scratch {
-  std::vector<T> h, hu, dhu, dh, c;
-  explicit Scratch(int64_t r)
-      : h(kRowBlock * r), hu(kRowBlock * r), dhu(kRowBlock * r), dh(kRowBlock * r), c(kRowBlock * r) {}
+  std::vector<T> h, hu, dhu, dh, c, xd;  // xd: the block's rows of D(x), only with dropout
+  Scratch(int64_t r, int64_t K, bool dropout)
+      : h(kRowBlock * r), hu(kRowBlock * r), dhu(kRowBlock * r), dh(kRowBlock * r), c(kRowBlock * r),
+        xd(dropout ? kRowBlock * K : 0) {}
 };
+
+// Rows m0..m1 of D(x) = x⊙keep/(1-p) into s.xd; returns the rows to read for rank-r products.
+template <typename T>
+PEFTKERN_INLINE const T* input_rows(const T* x, int64_t K, int64_t m0, int64_t m1, double p, uint64_t seed,
+                                    Scratch<T>& s) {
+  if (p <= 0) return x + m0 * K;
+  const T inv = static_cast<T>(1.0 / (1.0 - p));
+  for (int64_t m = m0; m < m1; ++m) {
+    const T* src = x + m * K;
+    T* dst = s.xd.data() + (m - m0) * K;
+    for (int64_t k = 0; k < K; ++k) dst[k] = dropout::keeps(seed, m * K + k, p) ? src[k] * inv : T(0);
+  }
+  return s.xd.data();
+}
+
+// dx rows m0..m1 (holding dh·A) ⊙ keep/(1-p), in place.
+template <typename T>
+PEFTKERN_INLINE void mask_rows(T* dx, int64_t K, int64_t m0, int64_t m1, double p, uint64_t seed) {
+  const T inv = static_cast<T>(1.0 / (1.0 - p));
+  for (int64_t m = m0; m < m1; ++m) {
+    T* row = dx + m * K;
+    for (int64_t k = 0; k < K; ++k) row[k] = dropout::keeps(seed, m * K + k, p) ? row[k] * inv : T(0);
+  }
+}
 
 // Partial sums of the row reductions, one slab per thread.
 template <typename T>
@@ -54,7 +80,7 @@ PEFTKERN_INLINE void forward_block(const ForwardArgs<T>& a, int64_t m0, int64_t 
     hu = a.hu_in + m0 * r;
   } else {
     T* h = a.h ? a.h + m0 * r : s.h.data();
-    K::row_dots(a.x + m0 * a.K, a.K, rows, a.A, r, a.K, T(1), h);
+    K::row_dots(input_rows(a.x, a.K, m0, m1, a.dropout, a.seed, s), a.K, rows, a.A, r, a.K, T(1), h);
     T* out = a.hu ? a.hu + m0 * r : (a.u ? s.hu.data() : h);
     if (a.u)
       scale_columns(h, rows, r, a.u, out);
@@ -76,12 +102,14 @@ PEFTKERN_INLINE void backward_block(const BackwardArgs<T>& a, int64_t m0, int64_
   const bool want_dh = a.dA || a.dx;
   const bool want_dhu = want_dh || a.du || a.dhu;
   const bool want_h = a.GtT || a.du;
+  // D(x) rows, built once per block when dA or a recomputed h reads them
+  const T* xr = (a.dA || (want_h && !a.h)) ? input_rows(a.x, a.K, m0, m1, a.dropout, a.seed, s) : nullptr;
   const T* h = nullptr;
   if (want_h) {
     if (a.h) {
       h = a.h + m0 * r;
     } else {
-      K::row_dots(a.x + m0 * a.K, a.K, rows, a.A, r, a.K, T(1), s.h.data());
+      K::row_dots(xr, a.K, rows, a.A, r, a.K, T(1), s.h.data());
       h = s.h.data();
     }
   }
@@ -113,8 +141,11 @@ PEFTKERN_INLINE void backward_block(const BackwardArgs<T>& a, int64_t m0, int64_
       scale_columns(dhu, rows, r, a.u, s.dh.data());
       dh = s.dh.data();
     }
-    if (a.dA) K::rank_update(dh, rows, r, a.x + m0 * a.K, a.K, a.K, p.dA);
-    if (a.dx) K::expand_rows(dh, rows, r, a.A, a.K, static_cast<const T*>(nullptr), a.dx + m0 * a.K, a.K);
+    if (a.dA) K::rank_update(dh, rows, r, xr, a.K, a.K, p.dA);
+    if (a.dx) {
+      K::expand_rows(dh, rows, r, a.A, a.K, static_cast<const T*>(nullptr), a.dx + m0 * a.K, a.K);
+      if (a.dropout > 0) mask_rows(a.dx, a.K, m0, m1, a.dropout, a.seed);
+    }
   }
 }
 
@@ -205,7 +236,7 @@ template <typename T>
 void forward_impl(const ForwardArgs<T>& a) {
   const ForwardFn<T> block = Table<T>::forward();
   at::parallel_for(0, a.M, grain(a.K, a.N), [&](int64_t begin, int64_t end) {
-    Scratch<T> s(a.r);
+    Scratch<T> s(a.r, a.K, a.dropout > 0);
     for (int64_t m0 = begin; m0 < end; m0 += kRowBlock) block(a, m0, std::min(m0 + kRowBlock, end), s);
   });
 }
@@ -220,7 +251,7 @@ void backward_impl(const BackwardArgs<T>& a) {
   at::parallel_for(0, a.M, grain(a.K, a.N), [&](int64_t begin, int64_t end) {
     T* mine = partial.data() + at::get_thread_num() * slab;
     Partials<T> p{mine, mine + gt_n, mine + gt_n + dA_n};
-    Scratch<T> s(a.r);
+    Scratch<T> s(a.r, a.K, a.dropout > 0);
     for (int64_t m0 = begin; m0 < end; m0 += kRowBlock) block(a, m0, std::min(m0 + kRowBlock, end), s, p);
   });
   // Sum the per-thread slabs in thread order (deterministic for a given thread count).

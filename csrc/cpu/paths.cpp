@@ -61,7 +61,9 @@ Path check_forced(int64_t forced) {
 }
 
 // A forced path that cannot run for these tensors is an error, not a silent substitute.
-Path validate(Path p, const Tensor& x) {
+Path validate(Path p, const Tensor& x, bool dropout) {
+  TORCH_CHECK_VALUE(p != kMerged || !dropout, "peftkern: the merged path cannot apply dropout (it folds ΔW into ",
+                    "W0, so the adapter never sees its own input); use 'fused' or 'addmm', or dropout=0");
   TORCH_CHECK_VALUE(p != kFused || detail::streams(x), "peftkern: the fused path needs CPU float32/float64 tensors, got ",
                     x.scalar_type(), " on ", x.device(), "; use path 'addmm'");
   TORCH_CHECK_VALUE(p != kMerged || detail::may_merge(x), "peftkern: the merged path is never used for ",
@@ -77,9 +79,10 @@ Path choose_unmerged(const Tensor& x, int64_t r) { return unmerged(x, r); }
 
 bool keeps_merged_weight(int64_t r) { return r > kMaxFusedRank; }
 
-Path choose_forward(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& x, int64_t forced) {
+Path choose_forward(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& x, int64_t forced, bool dropout) {
   Path p = check_forced(forced);
-  if (p != kAuto) return validate(p, x);
+  if (p != kAuto) return validate(p, x, dropout);
+  if (dropout) return unmerged(x, r);  // ΔW folded into W0 cannot see a dropped input
   if (r > kMaxFusedRank)  // FLOP-bound: multiply-adds of the W_eff build against the two skinny GEMMs
     return detail::may_merge(x) && double(N) * double(K) < double(M) * double(K + N) ? kMerged : unmerged(x, r);
   const double fused = double(M) * double(K + N), merged = kMergeForward * 2.0 * double(N) * double(K);
@@ -87,9 +90,10 @@ Path choose_forward(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& x,
 }
 
 Path choose_backward(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& x, int64_t forced,
-                     bool have_merged_weight) {
+                     bool have_merged_weight, bool dropout) {
   Path p = check_forced(forced);
-  if (p != kAuto) return validate(p, x);
+  if (p != kAuto) return validate(p, x, dropout);
+  if (dropout) return unmerged(x, r);
   if (have_merged_weight) return kMerged;  // dx = dy·W_eff is then as cheap as the base GEMM alone
   const double fused = double(M) * double(K), merged = kMergeBackward * 2.0 * double(N) * double(K);
   return detail::may_merge(x) && merged < fused ? kMerged : unmerged(x, r);
@@ -122,10 +126,10 @@ std::string path_name(int64_t path) {
 }
 
 std::tuple<std::string, std::string> planned_paths(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& like,
-                                                   int64_t forced) {
-  const Path forward = choose_forward(M, N, K, r, like, forced);
+                                                   int64_t forced, bool dropout) {
+  const Path forward = choose_forward(M, N, K, r, like, forced, dropout);
   const bool kept = forward == kMerged && keeps_merged_weight(r);
-  return {path_name(forward), path_name(choose_backward(M, N, K, r, like, forced, kept))};
+  return {path_name(forward), path_name(choose_backward(M, N, K, r, like, forced, kept, dropout))};
 }
 
 }  // namespace peftkern

@@ -12,6 +12,7 @@ The pieces are method-agnostic and meant to be reused (HyperAdaLoRA's MLP hypern
 have the same "embeddings of a group of layers -> one batched call -> per-layer views"
 shape):
 
+    hypernet_op(backend, device)      the dispatched op, one call for all layers
     group_layers(layers, per_group)   consecutive groups of layers, one hypernetwork each
     sinusoidal_positions(layers, h)   eq. (2)
     LayerGenerator                    embeddings + γ, one batched call
@@ -22,14 +23,22 @@ shape):
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from ..ops import dispatch, functions
+
 Tensor = torch.Tensor
 HypernetOp = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def hypernet_op(backend: str, device_type: str) -> HypernetOp:
+    """The ``hypernet`` op of the backend that ``backend`` resolves to for ``device_type`` tensors."""
+    return functools.partial(functions.hypernet, backend=dispatch.resolve(backend, device_type))
 
 
 def group_layers(layers: Sequence[int], per_group: Optional[int]) -> List[List[int]]:
@@ -250,5 +259,5 @@ def _generate_plainly(generate: Callable[[], Any], watched: Callable[[], Iterabl
         return generate()
 
 
-__all__ = ["group_layers", "sinusoidal_positions", "LayerGenerator", "row_size", "unpack_rows", "PassCache",
+__all__ = ["hypernet_op", "group_layers", "sinusoidal_positions", "LayerGenerator", "row_size", "unpack_rows", "PassCache",
            "HypernetOp"]

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .generator import hypernet_op
+
 Tensor = torch.Tensor
 FFN_MULT = 4  # BERT's intermediate size is 4× the hidden size
 
@@ -65,12 +67,13 @@ class MLPCore(nn.Module):
         self.backend = backend
         self._ops: Dict[str, Callable] = {}
 
+    def __getstate__(self):  # a copy resolves its own op: kernels are process-local, never pickled
+        return {**self.__dict__, "_ops": {}}
+
     def hypernet_op(self, device_type: str) -> Callable:
         op = self._ops.get(device_type)
         if op is None:
-            from ..ops import dispatch
-
-            op = self._ops[device_type] = dispatch.resolve(self.backend, device_type).hypernet
+            op = self._ops[device_type] = hypernet_op(self.backend, device_type)
         return op
 
     def forward(self, x: Tensor) -> Tensor:

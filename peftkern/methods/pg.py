@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..factors import AdapterState, Factors, Plan
-from ..hypernets.generator import LayerGenerator, PassCache, group_layers, row_size, unpack_rows
+from ..hypernets.generator import LayerGenerator, PassCache, group_layers, hypernet_op, row_size, unpack_rows
 from .registry import Method, register
 
 Tensor = torch.Tensor
@@ -194,7 +194,7 @@ class PGState(AdapterState):
                         offset = row_size(self._shapes[f][:t])
                         self.sources[slot][f] = Generated(gi, f, row, offset, self._shapes[f][t])
         self._pass = PassCache()  # the generated rows of the current forward pass
-        self._ops: Dict[str, Any] = {}  # device type -> resolved backend
+        self._ops: Dict[str, Any] = {}  # device type -> the resolved hypernet op
 
     # --- the hot path ------------------------------------------------------------------
     def factors(self, slot: int) -> Factors:
@@ -212,10 +212,10 @@ class PGState(AdapterState):
     def _generate(self) -> Dict[str, List[Tensor]]:
         """One dispatched hypernet op per hypernetwork; every slot gets a view of its row."""
         device_type = self.hypernets[0][self.generated[0]].linear2.weight.device.type
-        ops = self._ops.get(device_type)
-        if ops is None:
-            ops = self._ops[device_type] = self.plan.ops(device_type)
-        return self._run(ops.hypernet)
+        op = self._ops.get(device_type)
+        if op is None:
+            op = self._ops[device_type] = hypernet_op(self.plan.backend, device_type)
+        return self._run(op)
 
     def _run(self, hypernet_op) -> Dict[str, List[Tensor]]:
         out: Dict[str, List[Tensor]] = {f: [None] * len(self.plan.slots) for f in self.generated}
@@ -226,6 +226,9 @@ class PGState(AdapterState):
                     for slot, tensor in zip(self.layout.slots_of[layer], per_layer[row]):
                         out[f][slot] = tensor
         return out
+
+    def __getstate__(self):  # a copy resolves its own op: kernels are process-local, never pickled
+        return {**self.__dict__, "_ops": {}}
 
     def invalidate(self) -> None:
         """Forget the generated rows (needed only after in-place changes through ``.data``)."""

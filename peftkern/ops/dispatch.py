@@ -1,69 +1,84 @@
 """Backend choice: ``backend="auto" | "triton" | "cpp" | "torch"``.
 
-A backend is a bundle of four autograd-aware ops with the signatures of ``reference``:
-``adapter``, ``shrink``, ``expand`` and ``hypernet``. Backends register a *loader*, so
+A backend (backend.py) is a bundle of 2-D kernels. Backends register a *loader*, so
 importing peftkern never imports triton or the compiled extension; the first request
 does, and a failure is remembered together with its cause.
 
-``auto`` picks Triton for CUDA tensors, the C++ extension for CPU tensors and the torch
-backend otherwise. Whenever ``auto`` cannot have its first choice it says so once, with
-the reason (never a silent fallback). An explicit backend that cannot run raises.
+``auto`` takes, for each device type, the first backend of ``AUTO`` that loads:
+
+    cpu    cpp (the C++ extension), else torch with a one-time warning naming the cause
+    cuda   torch (cuBLAS). The Triton kernels are not chosen by auto on CUDA until they
+           pass the GPU suite on the hardware (benchmarks/gpu_check.sh); the first GPU run
+           found wrong gradients and a crash (fixed since, but not re-verified on a GPU).
+           When a verified run exists, ``CUDA_POLICY`` lists the module shapes where the
+           measured Triton step beat the torch one, and only those take Triton.
+    other  torch
+
+Whatever auto picks is logged once per device type (logger "peftkern"), and
+``peftkern.explain(model)`` prints it per module. An explicit backend that cannot run raises.
 """
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
-import torch
+from .backend import Backend, BackendUnavailable
 
 log = logging.getLogger("peftkern")
 
 BACKEND_NAMES = ("auto", "triton", "cpp", "torch")
 
+# auto's candidates per device type, first choice first (module docstring)
+AUTO: Dict[str, Tuple[str, ...]] = {"cpu": ("cpp", "torch"), "cuda": ("torch",)}
+WHY = {
+    ("cuda", "torch"): "the Triton kernels have not passed the GPU suite yet (benchmarks/gpu_check.sh); "
+                       "backend='triton' runs them anyway",
+    ("cpu", "cpp"): "the C++ extension's fused row-streaming kernels",
+}
 
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    adapter: Callable
-    shrink: Callable
-    expand: Callable
-    hypernet: Callable
-    devices: Tuple[str, ...]  # device types whose tensors it accepts
-
-
-class BackendUnavailable(RuntimeError):
-    pass
+# Shapes (N, K, r) where a verified GPU run measured Triton faster than torch: written by
+# benchmarks/gpu_check.sh, committed only from a GPU. Absent means torch everywhere.
+CUDA_POLICY = Path(__file__).with_name("cuda_policy.json")
 
 
 def _load_torch() -> Backend:
-    from . import reference, torch_backend
+    from . import torch_kernels
 
-    return Backend("torch", torch_backend.adapter, torch_backend.shrink, torch_backend.expand,
-                   reference.hypernet, devices=("cpu", "cuda", "mps", "xpu", "meta"))
+    return torch_kernels.BACKEND
 
 
 def _load_cpp() -> Backend:
-    from . import cpp_backend  # raises ImportError naming the cause if the extension is missing
+    from . import cpp_kernels  # raises ImportError naming the cause if the extension is missing
 
-    return cpp_backend.BACKEND
+    return cpp_kernels.BACKEND
 
 
 def _load_triton() -> Backend:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise BackendUnavailable("Triton compiles for CUDA and no CUDA device is available (on the CPU it "
+                                         "runs only under TRITON_INTERPRET=1, set before triton is imported)")
+        except ImportError:  # pragma: no cover - torch is a dependency
+            pass
     try:
-        mod = importlib.import_module("triton_kernels")
+        mod = importlib.import_module("peftkern.triton_kernels")
     except ImportError as exc:  # triton itself, or our kernels package, is missing
-        raise BackendUnavailable(f"cannot import triton_kernels: {exc}") from exc
+        raise BackendUnavailable(f"cannot import peftkern.triton_kernels: {exc}") from exc
     return mod.BACKEND
 
 
 _LOADERS: Dict[str, Callable[[], Backend]] = {"torch": _load_torch, "cpp": _load_cpp, "triton": _load_triton}
 _CACHE: Dict[str, Backend] = {}
 _FAILURES: Dict[str, str] = {}
-_WARNED: set = set()
+_SAID: set = set()
 
 
 def load(name: str) -> Backend:
@@ -75,7 +90,7 @@ def load(name: str) -> Backend:
     try:
         backend = _LOADERS[name]()
     except Exception as exc:  # any import/build problem becomes a named cause
-        _FAILURES[name] = f"{type(exc).__name__}: {exc}"
+        _FAILURES[name] = str(exc) if isinstance(exc, BackendUnavailable) else f"{type(exc).__name__}: {exc}"
         raise BackendUnavailable(_FAILURES[name]) from exc
     _CACHE[name] = backend
     return backend
@@ -93,43 +108,67 @@ def check_name(name: str) -> None:
         raise ValueError(f"unknown backend {name!r}; valid choices: {', '.join(BACKEND_NAMES)}")
 
 
-def resolve(requested: str, device_type: str) -> Backend:
-    """The backend that runs tensors of ``device_type`` when ``requested`` was asked for."""
+def cuda_policy() -> Dict[Tuple[int, int, int], str]:
+    """{(N, K, r): "triton"} from a verified GPU run, or {} (module docstring)."""
+    if not CUDA_POLICY.is_file():
+        return {}
+    data = json.loads(CUDA_POLICY.read_text())
+    if not data.get("verified"):
+        return {}
+    return {tuple(entry["shape"]): entry["backend"] for entry in data.get("shapes", [])}
+
+
+def resolve(requested: str, device_type: str, shape: Optional[Tuple[int, int, int]] = None) -> Backend:
+    """The backend that runs tensors of ``device_type`` (for a module of ``shape`` (N, K, r)) when
+    ``requested`` was asked for."""
     check_name(requested)
-    if requested == "torch":
-        return load("torch")
-    if requested in ("cpp", "triton"):
-        if requested == "triton" and not triton_runs_on(device_type):
-            raise BackendUnavailable(
-                f"backend='triton' cannot run {device_type} tensors: Triton compiles for CUDA, and runs on the "
-                "CPU only under TRITON_INTERPRET=1 (set before triton is imported)"
-            )
-        backend = load(requested)
+    if requested == "auto":
+        return _resolve_auto(device_type, shape)
+    if requested == "triton" and not triton_runs_on(device_type):
+        raise BackendUnavailable(
+            f"backend='triton' cannot run {device_type} tensors: Triton compiles for CUDA, and runs on the "
+            "CPU only under TRITON_INTERPRET=1 (set before triton is imported)")
+    backend = load(requested)
+    if device_type not in backend.devices:
+        raise BackendUnavailable(f"backend={requested!r} was not built for {device_type} tensors")
+    return backend
+
+
+def auto_choice(device_type: str, shape: Optional[Tuple[int, int, int]] = None) -> Tuple[str, ...]:
+    """auto's candidates for ``device_type`` (and a module shape), first choice first."""
+    if device_type == "cuda" and shape is not None and cuda_policy().get(tuple(shape)) == "triton":
+        return ("triton", "torch")
+    return AUTO.get(device_type, ("torch",))
+
+
+def _resolve_auto(device_type: str, shape: Optional[Tuple[int, int, int]]) -> Backend:
+    candidates = auto_choice(device_type, shape)
+    causes = []
+    for name in candidates:
+        try:
+            backend = load(name)
+        except BackendUnavailable as exc:
+            causes.append(f"{name}: {exc}")
+            continue
         if device_type not in backend.devices:
-            raise BackendUnavailable(f"backend={requested!r} was not built for {device_type} tensors")
+            causes.append(f"{name}: not built for {device_type}")
+            continue
+        _say_once(device_type, name, candidates[0], causes)
         return backend
-    return _resolve_auto(device_type)
+    raise BackendUnavailable(f"no backend runs {device_type} tensors: " + "; ".join(causes))
 
 
-def _resolve_auto(device_type: str) -> Backend:
-    first = {"cuda": "triton", "cpu": "cpp"}.get(device_type)
-    if first is None:
-        return load("torch")
-    try:
-        backend = load(first)
-        if device_type in backend.devices:
-            return backend
-        cause = f"{first} backend was not built for {device_type}"
-    except BackendUnavailable as exc:
-        cause = str(exc)
-    key = (first, device_type)
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(
-            f"peftkern: backend='auto' wanted {first!r} for {device_type} tensors but it is unavailable "
-            f"({cause}); using the torch backend instead", RuntimeWarning, stacklevel=3,
-        )
-    return load("torch")
+def _say_once(device_type: str, name: str, first: str, causes) -> None:
+    key = (device_type, name)
+    if key in _SAID:
+        return
+    _SAID.add(key)
+    if name != first:  # never a silent fallback
+        warnings.warn(f"peftkern: backend='auto' wanted {first!r} for {device_type} tensors but it is unavailable "
+                      f"({'; '.join(causes)}); using the {name} backend instead", RuntimeWarning, stacklevel=4)
+    else:
+        log.info("peftkern: backend='auto' runs %s tensors on the %s kernels (%s)", device_type, name,
+                 WHY.get(key, "the only candidate"))
 
 
 def availability() -> Dict[str, Optional[str]]:
@@ -144,5 +183,5 @@ def availability() -> Dict[str, Optional[str]]:
     return out
 
 
-def device_type_of(t: torch.Tensor) -> str:
-    return t.device.type
+__all__ = ["BACKEND_NAMES", "AUTO", "Backend", "BackendUnavailable", "load", "resolve", "auto_choice", "check_name",
+           "availability", "triton_runs_on", "cuda_policy"]

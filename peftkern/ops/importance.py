@@ -37,8 +37,8 @@ def update_(params: List[Tensor], grads: List[Tensor], exp_avg_ipt: List[Tensor]
     """
     if backend in ("auto", "cpp"):
         try:
-            from . import cpp_backend  # noqa: F401  (raises ImportError if the extension is missing)
-            fn = getattr(cpp_backend, "update_importance_", None)
+            from . import cpp_kernels  # noqa: F401  (raises ImportError if the extension is missing)
+            fn = getattr(cpp_kernels, "update_importance_", None)
         except ImportError:
             fn = None
         if fn is not None and all(p.device.type == "cpu" for p in params):
@@ -72,11 +72,11 @@ def gram_distances(columns: List[Tensor], rows: List[Tensor], backend: str = "au
         t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in mats)
     if compiled:
         try:
-            from . import cpp_backend
+            from . import cpp_kernels
         except ImportError:
-            cpp_backend = None
-        if cpp_backend is not None:
-            return cpp_backend.gram_distances(columns, rows), "cpp"
+            cpp_kernels = None
+        if cpp_kernels is not None:
+            return cpp_kernels.gram_distances(columns, rows), "cpp"
     if backend == "cpp":
         raise RuntimeError("backend='cpp' asked for, but the compiled orthogonality op is unavailable for these "
                            "tensors (it needs the C++ extension and CPU float32/float64 tensors)")

@@ -1,0 +1,67 @@
+"""What a backend is: the 2-D kernels of the four ops, for the tensors of some devices.
+
+A backend provides kernels only. The autograd wrappers (``functions.py``: reshape to 2-D,
+``needs_input_grad``, what to save, view back) are written once per op and call these
+kernels; ``library.py`` registers each kernel as a ``torch.library`` custom op so that
+torch.compile sees an opaque node with a fake implementation instead of a graph break.
+
+Kernel contract (every backend, same schemas as ``library.SCHEMAS``). All matrices are
+2-D: x [M, K], weight [N, K], bias [N], A [r, K], B [N, r], u [r], v [N], hu [M, r],
+E [L, h_in], W1 [h2, h_in], W2 [P, h2]. ``scale`` is s = α/r, ``dropout`` the
+probability p of zeroing an element of the adapter's input (0 = off), ``seed`` a
+one-element int64 CPU tensor from which the backend derives its dropout mask (the same
+seed gives the same mask in forward and backward, so no mask is ever stored).
+Backward kernels take ``needs`` (ctx.needs_input_grad of the differentiable inputs) and
+return one tensor per differentiable input, in the dtype of that input; an entry whose
+``needs`` flag is False is an empty placeholder (custom ops cannot return None).
+
+    adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h) -> (y, h, aux)
+    adapter_backward(dy, x, weight, A, B, u, v, h, aux, scale, dropout, seed, needs[7]) -> 7 grads
+    shrink_forward(x, A, u, dropout, seed, save_h) -> (hu, h)
+    shrink_backward(dhu, x, A, u, h, dropout, seed, needs[3]) -> (dx, dA, du)
+    expand_forward(x, weight, bias, hu, B, v, scale) -> y
+    expand_backward(dy, x, weight, hu, B, v, scale, needs[6]) -> (dx, dweight, dbias, dhu, dB, dv)
+    hypernet_forward(E, W1, b1, W2, b2, save) -> (out, pre)
+    hypernet_backward(dout, E, W1, W2, pre, needs[5]) -> (dE, dW1, db1, dW2, db2)
+
+h is x·Aᵀ (before u; with dropout, of the kept and rescaled input), returned only when
+``save_h`` asks for it; ``aux`` is any other tensor the backend wants back in its
+backward (the C++ backend's merged weight), or empty. x may be None in a backward when
+the wrapper did not keep it (no gradient needs it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend cannot run here (not built, not importable, or not for these tensors); the message says why."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: Tuple[str, ...]  # device types whose tensors it accepts
+    adapter_forward: Callable
+    adapter_backward: Callable
+    shrink_forward: Callable
+    shrink_backward: Callable
+    expand_forward: Callable
+    expand_backward: Callable
+    hypernet_forward: Callable
+    hypernet_backward: Callable
+    # (N, K, r, dtype) -> the code path a module of that shape runs, for explain()
+    path: Optional[Callable[[int, int, int, object], str]] = None
+
+    def path_for(self, N: int, K: int, r: int, dtype) -> str:
+        return self.path(N, K, r, dtype) if self.path is not None else self.name
+
+    @classmethod
+    def of(cls, name: str, devices: Tuple[str, ...], kernels: Dict[str, Callable],
+           path: Optional[Callable] = None) -> "Backend":
+        """A backend from ``library.register``'s kernels (a dict by kernel name)."""
+        return cls(name, tuple(devices), path=path, **kernels)
+
+
+__all__ = ["Backend", "BackendUnavailable"]

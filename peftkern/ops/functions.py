@@ -1,0 +1,200 @@
+"""The four ops as autograd Functions: one wrapper per op, for every backend.
+
+Each wrapper does what is the same on every backend, once: flatten x to [M, K], read
+``needs_input_grad``, ask the forward kernel for exactly what the backward will need,
+save it (never an M×N tensor, and x only when a gradient reads it), call the backend's
+backward kernel and turn its placeholders back into None, view the result back to x's
+shape. The kernels themselves (``backend.py``'s contract) are per backend; in eager mode
+they are called directly, under torch.compile as ``torch.library`` custom ops
+(``library.py``), so a compiled model has no graph break here.
+
+Math (peftkern/ops/reference.py is the truth; Tied-LoRA eq. (1), LEFT's γ):
+
+    adapter   y  = x·W0ᵀ + b + s·(v ⊙ (B·(u ⊙ (A·D(x)))))     [..., N]
+    shrink    hu = u ⊙ (A·D(x))                                [..., r]   (joint QKV: one per layer)
+    expand    y  = x·W0ᵀ + b + s·(v ⊙ (B·hu))                  [..., N]
+    hypernet  out = GeLU(E·W1ᵀ + b1)·W2ᵀ + b2                  [L, P]
+
+D is inverted dropout with probability ``dropout`` (PEFT's lora_dropout): each element
+of the adapter's input is zeroed with probability p and the rest scaled by 1/(1-p). The
+mask comes from a per-call seed and is regenerated in the backward, so it is never
+stored. Pass ``dropout=0`` in eval (AdaptedLinear does).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .backend import Backend
+
+Tensor = torch.Tensor
+
+_NO_SEED = torch.zeros(1, dtype=torch.int64)
+
+
+def new_seed(dropout: float) -> Tensor:
+    """A fresh dropout seed from torch's default CPU generator (so ``torch.manual_seed`` makes
+    masks reproducible); a constant when there is no dropout. Never a device sync."""
+    if not dropout:
+        return _NO_SEED
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64)
+
+
+def _seed(saved: Optional[Tensor]) -> Tensor:
+    return _NO_SEED if saved is None else saved  # only calls with dropout save their seed
+
+
+def _grads(values: List[Tensor], needs) -> List[Optional[Tensor]]:
+    return [t if n else None for t, n in zip(values, needs)]
+
+
+def check_dropout(p: float) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {p!r}")
+    return float(p)
+
+
+class AdapterFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, u, v, scale, dropout, backend):
+        N, K = weight.shape
+        x2 = x.reshape(-1, K)
+        _, need_w, _, need_A, need_B, need_u, need_v = ctx.needs_input_grad[:7]
+        want_h = need_B or need_u or need_v  # Gt and du read h; dx and dA do not
+        seed = new_seed(dropout)
+        y, h, aux = backend.adapter_forward(x2, weight, bias, A, B, u, v, scale, dropout, seed, want_h)
+        have_h = h.numel() > 0 or x2.shape[0] == 0
+        keep_x = need_A or need_w or (want_h and not have_h)  # a backend that saved no h recomputes it from x
+        ctx.save_for_backward(x2 if keep_x else None, weight, A, B, u, v, h if have_h else None,
+                              aux if aux.numel() else None, seed if dropout else None)
+        ctx.scale, ctx.dropout, ctx.backend, ctx.x_shape = scale, dropout, backend, x.shape
+        return y.view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, weight, A, B, u, v, h, aux, seed = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:7])
+        g = gy.reshape(-1, weight.shape[0])
+        grads = _grads(ctx.backend.adapter_backward(g, x2, weight, A, B, u, v, h, aux, ctx.scale, ctx.dropout,
+                                                    _seed(seed), needs), needs)
+        if grads[0] is not None:
+            grads[0] = grads[0].view(ctx.x_shape)
+        return (*grads, None, None, None)
+
+
+class ShrinkFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, A, u, dropout, backend):
+        x2 = x.reshape(-1, x.shape[-1])
+        _, need_A, need_u = ctx.needs_input_grad[:3]
+        seed = new_seed(dropout)
+        hu, h = backend.shrink_forward(x2, A, u, dropout, seed, need_u)
+        ctx.save_for_backward(x2 if need_A else None, A, u, h if need_u else None, seed if dropout else None)
+        ctx.dropout, ctx.backend, ctx.x_shape = dropout, backend, x.shape
+        return hu.view(*x.shape[:-1], A.shape[0])
+
+    @staticmethod
+    def backward(ctx, dhu):
+        x2, A, u, h, seed = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:3])
+        grads = _grads(ctx.backend.shrink_backward(dhu.reshape(-1, A.shape[0]), x2, A, u, h, ctx.dropout,
+                                                   _seed(seed), needs), needs)
+        if grads[0] is not None:
+            grads[0] = grads[0].view(ctx.x_shape)
+        return (*grads, None, None)
+
+
+class ExpandFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, hu, B, v, scale, backend):
+        N, K = weight.shape
+        x2 = x.reshape(-1, K)
+        hu2 = hu.reshape(-1, hu.shape[-1])
+        _, need_w, _, _, need_B, need_v = ctx.needs_input_grad[:6]
+        y = backend.expand_forward(x2, weight, bias, hu2, B, v, scale)
+        ctx.save_for_backward(x2 if need_w else None, weight, hu2, B, v)
+        ctx.scale, ctx.backend, ctx.x_shape, ctx.hu_shape = scale, backend, x.shape, hu.shape
+        return y.view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, weight, hu2, B, v = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:6])
+        g = gy.reshape(-1, weight.shape[0])
+        grads = _grads(ctx.backend.expand_backward(g, x2, weight, hu2, B, v, ctx.scale, needs), needs)
+        if grads[0] is not None:
+            grads[0] = grads[0].view(ctx.x_shape)
+        if grads[3] is not None:
+            grads[3] = grads[3].view(ctx.hu_shape)
+        return (*grads, None, None)
+
+
+class HypernetFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, E, W1, b1, W2, b2, backend):
+        need = any(ctx.needs_input_grad[:5])
+        out, pre = backend.hypernet_forward(E, W1, b1, W2, b2, need)
+        ctx.save_for_backward(E, W1, W2, pre if need else None)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        E, W1, W2, pre = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:5])
+        return (*_grads(ctx.backend.hypernet_backward(dout.contiguous(), E, W1, W2, pre, needs), needs), None)
+
+
+def adapter(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, u: Optional[Tensor],
+            v: Optional[Tensor], scale: float, dropout: float = 0.0, *, backend: Backend) -> Tensor:
+    """y = x·W0ᵀ + b + s·(v ⊙ (B·(u ⊙ (A·D(x))))): Tied-LoRA eq. (1) with PEFT's lora_dropout.
+
+    Shapes: x [..., K], weight [N, K] (Linear layout; a Conv1D passes its weight's
+    transpose view), bias [N] or None, A [r, K], B [N, r], u [r] or None (identity),
+    v [N] or None (identity); returns [..., N] in x's dtype. Every tensor must share x's
+    device and dtype (the backend raises TypeError/ValueError naming the operand that
+    does not). ``dropout`` is a probability in [0, 1); ``scale`` is s = α/r.
+    """
+    return AdapterFunction.apply(x, weight, bias, A, B, u, v, float(scale), float(dropout), backend)
+
+
+def shrink(x: Tensor, A: Tensor, u: Optional[Tensor], dropout: float = 0.0, *, backend: Backend) -> Tensor:
+    """hu = u ⊙ (A·D(x)): x [..., K], A [r, K], u [r] or None -> [..., r] (the joint-QKV down-projection)."""
+    return ShrinkFunction.apply(x, A, u, float(dropout), backend)
+
+
+def expand(x: Tensor, weight: Tensor, bias: Optional[Tensor], hu: Tensor, B: Tensor, v: Optional[Tensor],
+           scale: float, *, backend: Backend) -> Tensor:
+    """y = x·W0ᵀ + b + s·(v ⊙ (B·hu)): x [..., K], hu [..., r] from ``shrink``, B [N, r], v [N] or None -> [..., N]."""
+    return ExpandFunction.apply(x, weight, bias, hu, B, v, float(scale), backend)
+
+
+def hypernet(E: Tensor, W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor, *, backend: Backend) -> Tensor:
+    """LEFT's γ for all layers at once: E [L, h_in], W1 [h2, h_in], b1 [h2], W2 [P, h2], b2 [P] -> [L, P]
+    (exact erf GeLU, every operand in E's dtype)."""
+    return HypernetFunction.apply(E, W1, b1, W2, b2, backend)
+
+
+class BoundOps:
+    """The four ops with ``backend`` filled in: ``BoundOps(load("cpp")).adapter(x, W, b, A, B, u, v, s)``."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.name = backend.name
+
+    def adapter(self, x, weight, bias, A, B, u, v, scale, dropout=0.0):
+        return adapter(x, weight, bias, A, B, u, v, scale, dropout, backend=self.backend)
+
+    def shrink(self, x, A, u, dropout=0.0):
+        return shrink(x, A, u, dropout, backend=self.backend)
+
+    def expand(self, x, weight, bias, hu, B, v, scale):
+        return expand(x, weight, bias, hu, B, v, scale, backend=self.backend)
+
+    def hypernet(self, E, W1, b1, W2, b2):
+        return hypernet(E, W1, b1, W2, b2, backend=self.backend)
+
+
+__all__ = ["BoundOps", "adapter", "shrink", "expand", "hypernet", "new_seed", "check_dropout", "AdapterFunction",
+           "ShrinkFunction", "ExpandFunction", "HypernetFunction"]

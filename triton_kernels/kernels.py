@@ -1,0 +1,173 @@
+"""The Triton backend's kernels (peftkern/ops/backend.py's contract), composed from the launches.
+
+Dataflow (the torch kernels', on Triton):
+
+    forward   h = D(x)·Aᵀ [M, r];  y = x·W0ᵀ + b + h·(s·u⊙v⊙B)ᵀ     1 GEMM (+1 skinny shrink, prior_shrink)
+    backward  dy_pass:  dh = u⊙(dy·(s·v⊙B)),  Gt = dyᵀ·(h⊙u),  du     1 pass over dy
+              dx = dy·W0 + D'(dh·A)                                  1 GEMM, low-rank term in the epilogue
+              dA = dhᵀ·D(x)                                          1 skinny pass over x
+              dB = s·v⊙Gt,  dv = s·Σ_j B⊙Gt                          [N, r] torch ops
+
+Forward variant (``set_forward_variant``):
+  "prior_shrink" (default): a skinny shrink kernel writes h, the GEMM reads it in its
+      epilogue. Costs one extra read of x (M·K elements) and a launch.
+  "in_loop": h = D(x)·Aᵀ accumulates inside the GEMM's K-loop from the x tile already
+      loaded. No extra pass over x, but every N-block recomputes it: extra tensor-core
+      work of BLOCK_R/BLOCK_N of the base GEMM (r is padded to >= 16 for tl.dot).
+``benchmarks/bench_triton_layer.py`` times both.
+
+Ranks above ``_launch.MAX_RANK`` (128) run on the torch kernels instead: the whole rank
+lives in one tile here, and beyond that no config is worth having. Each such call is
+counted as ``torch_kernels (rank > 128)`` in ``launch_counts()`` and explain() names it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from peftkern.ops import torch_kernels
+from peftkern.ops.backend import Backend
+from peftkern.ops.library import empty_if_none, register
+
+from . import _launch
+from .adapter_backward import dy_pass, grad_a, grads_from_gt, up_factor
+from .adapter_forward import lowrank_gemm
+from .hypernet import hypernet_backward, hypernet_forward
+from .shrink import dropout_mask  # noqa: F401  (re-exported: tests compare with it)
+from .shrink import shrink_forward as _shrink
+
+Tensor = torch.Tensor
+
+FORWARD_VARIANTS = ("prior_shrink", "in_loop")
+_variant = {"forward": "prior_shrink"}
+LARGE_RANK = f"torch_kernels (rank > {_launch.MAX_RANK})"
+
+
+def set_forward_variant(name: str) -> None:
+    """Choose how the forward gets h = D(x)·Aᵀ (see the module docstring)."""
+    if name not in FORWARD_VARIANTS:
+        raise ValueError(f"unknown forward variant {name!r}; valid choices: {', '.join(FORWARD_VARIANTS)}")
+    _variant["forward"] = name
+
+
+def forward_variant() -> str:
+    return _variant["forward"]
+
+
+def _large(r: int) -> bool:
+    if r > _launch.MAX_RANK:
+        _launch.count_launch(LARGE_RANK)
+        return True
+    return False
+
+
+def adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h):
+    if _large(A.shape[0]):
+        return torch_kernels.adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h)
+    _launch.check_same_dtype("x", x, weight=weight, bias=bias, A=A, B=B, u=u, v=v)
+    f = up_factor(B, u, v, scale, _launch.acc_torch_dtype(x.dtype))
+    s = int(seed)
+    if _variant["forward"] == "in_loop":
+        y, h = lowrank_gemm(x, weight, bias, None, f, a=A, store_h=save_h, out_dtype=x.dtype, dropout=dropout,
+                            seed=s)
+    else:
+        h, _ = _shrink(x, A, None, dropout=dropout, seed=s)
+        y, _ = lowrank_gemm(x, weight, bias, h, f, out_dtype=x.dtype)
+    return y, (h if save_h and h is not None else x.new_empty(0)), x.new_empty(0)
+
+
+def adapter_backward(dy, x, weight, A, B, u, v, h, aux, scale, dropout, seed, needs):
+    if _large(A.shape[0]):
+        return torch_kernels.adapter_backward(dy, x, weight, A, B, u, v, h, aux, scale, dropout, seed, needs)
+    need_x, need_w, need_b, need_A, need_B, need_u, need_v = needs
+    s = int(seed)
+    dx = dw = db = dA = dB = du = dv = None
+    need_dh = need_x or need_A
+    if need_dh or need_B or need_u or need_v:
+        fv = up_factor(B, None, v, scale, _launch.acc_torch_dtype(dy.dtype))
+        dh, gt, du = dy_pass(dy, fv, h, u, compute_dh=need_dh, compute_gt=need_B or need_v, compute_du=need_u)
+        dB, dv = grads_from_gt(gt, B, v, scale, need_B, need_v)
+        if du is not None:
+            du = du.to(u.dtype)
+        if need_A:
+            dA = grad_a(dh, x, out_dtype=A.dtype, dropout=dropout, seed=s)
+        if need_x:
+            dx, _ = lowrank_gemm(dy, weight.t(), None, dh, A.t(), out_dtype=dy.dtype, dropout=dropout, seed=s,
+                                 mask_lowrank=True)
+    # An unfrozen base layer is off the fused path on purpose: plain ATen products.
+    if need_w:
+        dw = dy.t() @ x
+    if need_b:
+        db = dy.sum(0).to(weight.dtype)
+    return [empty_if_none(t, dy) for t in (dx, dw, db, dA, dB, du, dv)]
+
+
+def shrink_forward(x, A, u, dropout, seed, save_h):
+    if _large(A.shape[0]):
+        return torch_kernels.shrink_forward(x, A, u, dropout, seed, save_h)
+    _launch.check_same_dtype("x", x, A=A, u=u)
+    h, hu = _shrink(x, A, u, store_h=save_h, dropout=dropout, seed=int(seed))
+    if hu is None:
+        return h, x.new_empty(0)
+    return hu, (h if save_h else x.new_empty(0))
+
+
+def shrink_backward(dhu, x, A, u, h, dropout, seed, needs):
+    if _large(A.shape[0]):
+        return torch_kernels.shrink_backward(dhu, x, A, u, h, dropout, seed, needs)
+    need_x, need_A, need_u = needs
+    # The tail is M×r elementwise work: plain torch ops, no M×K or M×N temporary.
+    du = (dhu * h).sum(0).to(u.dtype) if need_u else None
+    dh = dhu if u is None else dhu * u
+    dA = grad_a(dh, x, out_dtype=A.dtype, dropout=dropout, seed=int(seed)) if need_A else None
+    dx = None
+    if need_x:
+        dx, _ = lowrank_gemm(None, None, None, dh, A.t(), out_dtype=dhu.dtype, dropout=dropout, seed=int(seed),
+                             mask_lowrank=True)
+    return [empty_if_none(t, dhu) for t in (dx, dA, du)]
+
+
+def expand_forward(x, weight, bias, hu, B, v, scale):
+    if _large(hu.shape[1]):
+        return torch_kernels.expand_forward(x, weight, bias, hu, B, v, scale)
+    _launch.check_same_dtype("x", x, weight=weight, bias=bias, hu=hu, B=B, v=v)
+    y, _ = lowrank_gemm(x, weight, bias, hu, up_factor(B, None, v, scale, _launch.acc_torch_dtype(x.dtype)),
+                        out_dtype=x.dtype)
+    return y
+
+
+def expand_backward(dy, x, weight, hu, B, v, scale, needs):
+    if _large(hu.shape[1]):
+        return torch_kernels.expand_backward(dy, x, weight, hu, B, v, scale, needs)
+    need_x, need_w, need_b, need_hu, need_B, need_v = needs
+    dx = dw = db = dhu = dB = dv = None
+    if need_hu or need_B or need_v:
+        fv = up_factor(B, None, v, scale, _launch.acc_torch_dtype(dy.dtype))
+        dhu, gt, _ = dy_pass(dy, fv, hu, None, compute_dh=need_hu, compute_gt=need_B or need_v, compute_du=False)
+        dB, dv = grads_from_gt(gt, B, v, scale, need_B, need_v)
+        if dhu is not None:
+            dhu = dhu.to(hu.dtype)
+    if need_x:  # the low-rank part of dx flows through hu into the shrink's backward
+        dx, _ = lowrank_gemm(dy, weight.t(), None, None, None, out_dtype=dy.dtype)
+    if need_w:
+        dw = dy.t() @ x
+    if need_b:
+        db = dy.sum(0).to(weight.dtype)
+    return [empty_if_none(t, dy) for t in (dx, dw, db, dhu, dB, dv)]
+
+
+def _path(N: int, K: int, r: int, dtype) -> str:
+    if r > _launch.MAX_RANK:
+        return LARGE_RANK
+    return f"triton ({_variant['forward']})"
+
+
+KERNELS = register("triton", {
+    "adapter_forward": adapter_forward, "adapter_backward": adapter_backward,
+    "shrink_forward": shrink_forward, "shrink_backward": shrink_backward,
+    "expand_forward": expand_forward, "expand_backward": expand_backward,
+    "hypernet_forward": hypernet_forward, "hypernet_backward": hypernet_backward,
+})
+
+BACKEND = Backend.of("triton", ("cuda", "cpu"), KERNELS, path=_path)
