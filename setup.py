@@ -10,6 +10,7 @@ CPU-only install always succeeds. ``PEFTKERN_NO_EXT=1`` skips the extension enti
 """
 import glob
 import os
+import re
 
 from setuptools import find_packages, setup
 
@@ -48,7 +49,7 @@ ext_modules, cmdclass = extension_build()
 
 setup(
     name="peftkern",
-    version="0.1.0",
+    version=re.search(r'__version__ = "([^"]+)"', open(os.path.join(HERE, "peftkern", "version.py")).read()).group(1),
     description="Kernel-optimised adapter engine: LoRA, Tied-LoRA, VeRA, LEFT's PG, AdaLoRA, HyperAdaLoRA",
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
@@ -73,7 +74,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.21", "hypothesis>=6"],
     },
-    entry_points={"console_scripts": ["peftkern=peftkern.cli:main"]},
+    entry_points={"console_scripts": ["peftkern=peftkern.app.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

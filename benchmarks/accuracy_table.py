@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 import torch
 
 import peftkern
-from peftkern import glue, train
+from peftkern.app import glue, train
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_GLUE = os.environ.get("PEFTKERN_GLUE_DIR", str(HERE.parent.parent / "shared" / "data" / "glue"))

@@ -269,8 +269,8 @@ def peft_provider(method: str) -> Callable:
 
 # LEFT's configurations: A_H B_L generates A, A_L B_H generates B, A_H B_H both.
 PG_CONFIGS = {"AH_BL": "A", "AL_BH": "B", "AH_BH": "AB"}
-# HyperAdaLoRA allocates every step too (prune_every = AdaLoRA's deltaT) for a like-for-like step.
-HYPER_SCHEDULE = dict(tinit=0, tfinal=0, prune_every=1, total_step=ADALORA_SCHEDULE["total_step"])
+# HyperAdaLoRA prunes every step too (deltaT = 1, as AdaLoRA) for a like-for-like step.
+HYPER_SCHEDULE = dict(tinit=0, tfinal=0, deltaT=1, total_step=ADALORA_SCHEDULE["total_step"])
 
 PROVIDERS: Dict[str, Provider] = {p.name: p for p in [
     Provider("floor", "floor", None, _floor),

@@ -91,7 +91,7 @@ def train_one(run: Run, args, tok, model_path, train_data, dev_data) -> Dict:
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
     steps = args.epochs * math.ceil(len(train_data[0]) / args.batch_size)
     schedule = dict(total_step=steps, tinit=int(0.1 * steps), tfinal=int(0.2 * steps))
-    schedule["deltaT" if run.method == "adalora" else "prune_every"] = args.delta_t
+    schedule["deltaT"] = args.delta_t
     peftkern.patch(model, run.method, rank=args.rank, backend=args.backend, **schedule, **run.options)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
@@ -226,7 +226,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-2, help="1e-3 and 5e-3 left every run at chance in 75-188 steps")
     p.add_argument("--rank", type=int, default=4, help="target_r; init_r is round(1.5·rank)")
-    p.add_argument("--delta-t", type=int, default=5, help="AdaLoRA's deltaT and HyperAdaLoRA's prune_every")
+    p.add_argument("--delta-t", type=int, default=5, help="deltaT (steps between allocations) of both methods")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="torch")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

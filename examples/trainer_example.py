@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import transformers as T  # noqa: E402
 
 import peftkern  # noqa: E402
-from peftkern import glue, train  # noqa: E402
+from peftkern.app import glue, train  # noqa: E402
 
 ALLOCATING = {"adalora", "hyper_adalora"}  # methods whose rank allocation follows the Trainer's steps
 

@@ -2,25 +2,29 @@
 
     import peftkern
     model = peftkern.patch(model, method="pg_pos")
-"""
-from .api import Counts, Explanation, count, explain, merge, methods, parameter_table, patch, unmerge, unpatch
-from .layer import AdaptedLinear
-from .allocator import orthogonal_regularization, rank_pattern
-from .io import export_peft, load, save
-from .health import NonFiniteError, check_finite
 
-__version__ = "0.1.0"
+The engine is this package's top level (api, patching, layer, factors, targets, methods,
+hypernets, ops, io, health); ``peftkern.app`` is the fine-tuning application built on it
+(the ``peftkern`` command line, GLUE training, checkpoints, distributed runs).
+"""
+from .api import (Counts, Explanation, count, explain, merge, methods, orthogonal_regularization, parameter_table,
+                  patch, rank_pattern, unmerge, unpatch)
+from .health import NonFiniteError, check_finite
+from .io import load, save
+from .peft_format import export_peft, load_peft
+from .layer import AdaptedLinear
+from .version import __version__
 
 __all__ = [
     "patch", "unpatch", "merge", "unmerge", "methods", "explain", "count", "parameter_table",
     "AdaptedLinear", "Counts", "Explanation", "__version__",
-    "save", "load", "export_peft",
+    "save", "load", "export_peft", "load_peft",
     "orthogonal_regularization", "rank_pattern", "AllocatorCallback", "check_finite", "NonFiniteError",
 ]
 
 
 def __getattr__(name):  # AllocatorCallback imports transformers' Trainer stack (~2 s): load it on first use
     if name == "AllocatorCallback":
-        from .callbacks import AllocatorCallback
+        from .app.callbacks import AllocatorCallback
         return AllocatorCallback
     raise AttributeError(f"module 'peftkern' has no attribute {name!r}")

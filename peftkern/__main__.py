@@ -1,6 +1,6 @@
-"""``python -m peftkern ...`` is the ``peftkern`` console script."""
+"""``python -m peftkern ...`` is the ``peftkern`` console script (peftkern/app/cli.py)."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

@@ -11,25 +11,42 @@ from torch import nn
 
 from . import methods as _methods
 from . import patching
+from .factors import is_patched, state_of
 from .ops import dispatch
 
 log = logging.getLogger("peftkern")
 
 
 def patch(model: nn.Module, method: str = "lora", rank: Optional[int] = None, targets=None, alpha: Optional[float] = None,
-          backend: str = "auto", **options: Any) -> nn.Module:
-    """Adapt ``model`` in place with ``method`` and return it.
+          backend: str = "auto", *, dropout: float = 0.0, use_rslora: bool = False,
+          rank_pattern: Optional[Dict[str, int]] = None, alpha_pattern: Optional[Dict[str, float]] = None,
+          modules_to_save: Optional[List[str]] = None, **options: Any) -> nn.Module:
+    """Adapt ``model`` in place with ``method`` and return it (y = W0·x + s·Λv·B·Λu·A·D(x) per target).
 
     Args:
         method: a registered method name, see ``peftkern.methods()``.
-        rank: r, default 8. For AdaLoRA-style methods, the target average rank.
-        targets: module names (suffix match, e.g. ``["q_proj", "v_proj"]``) or one regex
-            over module paths. Default: the architecture's attention query and value.
+        rank: r (int >= 1), default 8. For AdaLoRA-style methods, the target average rank.
+        targets: module names (suffix match, e.g. ``["q_proj", "v_proj"]``), one regex over
+            module paths, or ``"all-linear"`` (every Linear/Conv1D in the model's blocks, as
+            PEFT). Default: the architecture's attention query and value.
         alpha: s = alpha / r. Default: the method's paper setting.
-        backend: "auto" | "triton" | "cpp" | "torch".
+        backend: "auto" | "triton" | "cpp" | "torch" (``explain()`` says which ran).
+        dropout: PEFT's lora_dropout, the probability of zeroing an element of the adapter's
+            input in training (fused in every backend; no mask is stored).
+        use_rslora: s = alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023), for methods scaled by α/r.
+        rank_pattern, alpha_pattern: PEFT's per-module ranks and alphas, {name pattern: value}
+            (methods with per-module factors: ``lora``).
+        modules_to_save: modules trained in full next to the adapter (PEFT's name). Default:
+            the task head of a transformers classification / QA model, else none.
         **options: the method's options; an unknown one raises TypeError listing the valid ones.
+
+    Raises TypeError / ValueError naming the problem and the valid choices, before the model
+    is touched: an unknown method, option or backend, a rank or alpha of the wrong kind or
+    range, targets that match nothing, a model that is already patched.
     """
-    p = patching.plan(model, method, rank, targets, alpha, backend, **options)
+    p = patching.plan(model, method, rank, targets, alpha, backend, dropout=dropout, use_rslora=use_rslora,
+                      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, modules_to_save=modules_to_save,
+                      **options)
     state = patching.build(p)
     patching.commit(model, state, backend)
     log.info("peftkern: patched %d modules with %r (rank %d, backend %r)", len(p.slots), method, p.rank, backend)
@@ -44,9 +61,10 @@ def unpatch(model: nn.Module, merge: bool = False) -> nn.Module:
     the model is currently merged, in which case they are unmerged first (exact only to
     rounding, hence a warning).
     """
-    patching.state_of(model)
+    state_of(model)
     layers = patching.adapted_modules(model)
     if merge:
+        _refuse_shared(model, "unpatch(merge=True)")
         for _, m in layers:
             m.merge()
     elif any(m.merged for _, m in layers):
@@ -58,8 +76,12 @@ def unpatch(model: nn.Module, merge: bool = False) -> nn.Module:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold ΔW into every adapted base weight; forward then runs the base modules only."""
-    patching.state_of(model)
+    """Fold ΔW into every adapted base weight; forward then runs the base modules only.
+
+    Raises ValueError, before any weight changes, if an adapted weight is shared with another
+    module (an LM head tied to the input embeddings): merging would change that module too."""
+    state_of(model)
+    _refuse_shared(model, "merge")
     for _, m in patching.adapted_modules(model):
         m.merge()
     return model
@@ -67,10 +89,43 @@ def merge(model: nn.Module) -> nn.Module:
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Take ΔW back out of the base weights."""
-    patching.state_of(model)
+    state_of(model)
+    _refuse_shared(model, "unmerge")
     for _, m in patching.adapted_modules(model):
         m.unmerge()
     return model
+
+
+def _refuse_shared(model: nn.Module, what: str) -> None:
+    shared = patching.shared_weights(model)
+    if shared:
+        path, others = next(iter(shared.items()))
+        raise ValueError(
+            f"cannot {what}: the base weight of {path} is also {', '.join(others)} (tied weights), so merging ΔW "
+            f"into it would change that module too. Keep the adapter unmerged (its forward is exact), export it "
+            f"with peftkern.export_peft, or untie the weights first (e.g. "
+            f"model.{path}.base_layer.weight = torch.nn.Parameter(model.{path}.base_layer.weight.clone()), "
+            f"and set config.tie_word_embeddings = False)")
+
+
+def orthogonal_regularization(model: nn.Module) -> Optional[torch.Tensor]:
+    """The adapter's regulariser, weight included (AdaLoRA's orthogonality term), or None.
+
+    For custom loops that compute the loss themselves; a model whose output carries ``loss``
+    already gets it added by a forward hook. Returns a scalar tensor on the adapter's device."""
+    return state_of(model).regularization()
+
+
+def rank_pattern(model: nn.Module) -> Dict[str, List[bool]]:
+    """{module path: [kept?] * init_r} of a rank-allocating method (adalora, hyper_adalora).
+
+    Reads the device mask back (a host sync). Raises ValueError for a method without one."""
+    state = state_of(model)
+    pattern = state.rank_pattern()
+    if pattern is None:
+        raise ValueError(f"method {state.plan.method!r} has no rank pattern; only methods that allocate ranks "
+                         "(adalora, hyper_adalora) have one")
+    return pattern
 
 
 def methods() -> List[str]:
@@ -100,7 +155,7 @@ class Explanation:
 
 def explain(model: nn.Module) -> Explanation:
     """Which backend and which code path each adapted module runs, and where its factors come from."""
-    state = patching.state_of(model)
+    state = state_of(model)
     rows = []
     for path, m in patching.adapted_modules(model):
         device_type = m.base_layer.weight.device.type
@@ -136,7 +191,7 @@ class Counts:
 
 def count(model: nn.Module) -> Counts:
     """Parameter counts; works on meta-device models."""
-    state = patching.state_of(model)
+    state = state_of(model)
     a_train = sum(p.numel() for p in state.parameters() if p.requires_grad)
     a_total = sum(p.numel() for p in state.parameters())
     return Counts(a_train, a_total, sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -152,7 +207,7 @@ def parameter_table(model_or_config: Any, method: str = "lora", rank: Optional[i
     """
     model = _meta_model(model_or_config)
     patch(model, method, rank, targets, alpha, **options)
-    state = patching.state_of(model)
+    state = state_of(model)
     lines = [f"{method} (rank {state.plan.rank}, alpha {state.plan.alpha:g}) on {state.plan.model_type or type(model).__name__}",
              f"{'tensor':58s} {'shape':>16s} {'params':>12s}  trained"]
     for name, p in state.named_parameters():
@@ -170,7 +225,7 @@ def _meta_model(obj: Any) -> nn.Module:
             import copy
 
             clone = copy.deepcopy(obj)
-            if patching.is_patched(clone):
+            if is_patched(clone):
                 patching.uncommit(clone)
             return clone.to("meta")
         obj = obj.config

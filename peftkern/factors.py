@@ -58,6 +58,7 @@ class Plan:
     rank_pattern: Dict[str, int] = dataclasses.field(default_factory=dict)  # slot path -> rank (PEFT's rank_pattern)
     alpha_pattern: Dict[str, float] = dataclasses.field(default_factory=dict)  # slot path -> alpha
     use_rslora: bool = False  # s = alpha / sqrt(r) instead of alpha / r (rsLoRA, Kalajdzievski 2023)
+    modules_to_save: List[str] = dataclasses.field(default_factory=list)  # trained outside the adapter (heads)
 
     @property
     def scale(self) -> float:
@@ -97,7 +98,7 @@ class Plan:
         return {"method": self.method, "rank": self.rank, "alpha": self.alpha, "options": opts,
                 "targets": self.target_names, "model_type": self.model_type, "dropout": self.dropout,
                 "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
-                "use_rslora": self.use_rslora}
+                "use_rslora": self.use_rslora, "modules_to_save": list(self.modules_to_save)}
 
 
 @dataclass
@@ -172,6 +173,23 @@ class AdapterState(nn.Module):
         """Register hooks on the patched model; return their handles (removed by unpatch)."""
         return []
 
+    def generators(self) -> List[nn.Module]:
+        """Modules whose outputs are adapter factors (hypernetworks), watched for NaN/Inf by the
+        training monitor. Default: none (the factors are parameters)."""
+        return []
+
+    def rank_allocator(self) -> Optional[nn.Module]:
+        """The rank allocator (AdaLoRA-style methods), whose state a checkpoint must carry; None for
+        methods with fixed ranks."""
+        return None
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step over the adapter's parameters (rank allocation); default nothing."""
+
+    def rank_pattern(self) -> Optional[Dict[str, List[bool]]]:
+        """{module path: [kept?] * rank} for methods that prune ranks; None for the others."""
+        return None
+
     def regularization(self) -> Optional[Tensor]:
         """A term to add to the task loss (AdaLoRA's orthogonality), or None."""
         return None
@@ -187,7 +205,7 @@ class AdapterState(nn.Module):
         return reference.delta_weight(f.A, f.B, f.u, f.v, f.scale)
 
     def effective_rank(self, slot: int) -> int:
-        return self.plan.rank
+        return self.plan.slot_rank(self.plan.slots[slot])
 
     def extra_config(self) -> Dict[str, Any]:
         """Method-specific facts to store next to the options (e.g. AdaLoRA's rank pattern)."""

@@ -1,18 +1,13 @@
 """Finite checks and placement checks: NaN/Inf and misplaced tensors are named, never propagated silently.
 
-Three tools:
+Two tools (the training loop's on-device monitor, built on these, is ``app/monitor.py``):
 
 * ``check_finite(model)``: a diagnostic pass (public as ``peftkern.check_finite``). It asks
   the adapter for every slot's factors, generated ones included, and lists each slot and
   factor holding NaN or Inf, first bad slot first, then every adapter or head parameter
   that is not finite. It reads values back to the host: not for the hot path.
-* ``FiniteMonitor``: the training loop's on-device "all finite" record, with no host sync
-  per step. Forward hooks on the adapter's generator modules (``GENERATORS``: PG's
-  ``LayerGenerator``, HyperAdaLoRA's ``StateUpdateNet``) and ``observe(loss)`` record, on
-  the device, the first step at which each produced a non-finite value. The loop calls
-  ``check()`` where it reads the loss anyway (the progress bar, the end of an epoch, before
-  a checkpoint); a failed check raises ``NonFiniteError`` with the diagnostic pass's
-  findings and, given the batch, the first module whose output went non-finite.
+  ``first_nonfinite_module(model, batch)`` names the innermost module whose output went
+  non-finite on a batch.
 * Placement: ``check_placement`` (at load) names the module whose base weight is on
   another device or dtype than the rest, as when only part of a model was moved or cast
   (AdaptedLinear's forward raises ``layer.placement_error`` for the same fault at run time).
@@ -25,17 +20,11 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from . import patching
-from .distributed import Context, all_true, unwrap
-from .hypernets.generator import LayerGenerator
-from .hypernets.state_update import StateUpdateNet
+from .factors import STATE_ATTR, state_of
 
 Tensor = torch.Tensor
 
-# Modules whose outputs are adapter factors (or the tensors they are cut from): watched by FiniteMonitor.
-GENERATORS = (LayerGenerator, StateUpdateNet)
 FACTOR_NAMES = ("A", "B", "u", "v")
-NO_STEP = -1
 
 
 class NonFiniteError(FloatingPointError):
@@ -99,7 +88,7 @@ def check_finite(model: nn.Module) -> FiniteReport:
     """Which adapted modules' factors (generated ones included) and which trained parameters hold
     NaN or Inf, in slot order. Reads values back to the host: a diagnostic, not for every step."""
     inner = unwrap(model)
-    state = patching.state_of(inner)
+    state = state_of(inner)
     report = FiniteReport(slots_checked=len(state.plan.slots))
     tensors, where = [], []
     for slot in state.plan.slots:
@@ -114,7 +103,7 @@ def check_finite(model: nn.Module) -> FiniteReport:
             source = state.describe_slot(slot.index).get(name, "")
             report.findings.append(Finding(slot.path, name, n, t.numel(), source))
     own = {id(p) for p in state.parameters()}
-    params = [(f"{patching.STATE_ATTR}.{n}", p) for n, p in state.named_parameters()]
+    params = [(f"{STATE_ATTR}.{n}", p) for n, p in state.named_parameters()]
     params += [(n, p) for n, p in inner.named_parameters() if p.requires_grad and id(p) not in own]
     for (name, p), n in zip(params, _nonfinite_counts([p for _, p in params])):
         if n:
@@ -122,19 +111,19 @@ def check_finite(model: nn.Module) -> FiniteReport:
     return report
 
 
-def _tensors_in(obj: Any) -> Iterable[Tensor]:
+def tensors_in(obj: Any) -> Iterable[Tensor]:
     if isinstance(obj, Tensor):
         yield obj
     elif isinstance(obj, dict):
         for v in obj.values():
-            yield from _tensors_in(v)
+            yield from tensors_in(v)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            yield from _tensors_in(v)
+            yield from tensors_in(v)
 
 
 def _all_finite(obj: Any) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in _tensors_in(obj) if t.is_floating_point())
+    return all(bool(torch.isfinite(t).all()) for t in tensors_in(obj) if t.is_floating_point())
 
 
 @torch.no_grad()
@@ -168,95 +157,6 @@ def first_nonfinite_module(model: nn.Module, batch: Dict[str, Any]) -> Optional[
     return None
 
 
-# --- the training loop's monitor --------------------------------------------------------------------
-
-
-class _MarkOutput:
-    """Forward hook on a generator module: records the step of its first non-finite output."""
-
-    def __init__(self, monitor: "FiniteMonitor", index: int):
-        self.monitor, self.index = monitor, index
-
-    def __call__(self, module, args, output):
-        tensors = [t for t in _tensors_in(output) if t.is_floating_point() and not t.is_meta]
-        if tensors:
-            bad = torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any()
-            self.monitor._mark(self.index, bad)
-
-
-class FiniteMonitor:
-    """On-device record of the first non-finite loss and generated factors (module docstring).
-
-    ``observe(loss)`` once per step and the generator hooks only launch tiny device ops;
-    ``check()`` reads the record back (one host read) and raises ``NonFiniteError`` if any
-    value was not finite; ``observe`` calls it every ``every`` steps (None: never), on every
-    rank of ``ctx`` at once. ``start_step`` is the number of optimizer steps already done (a
-    resumed run), so that steps are reported as the run counts them.
-    """
-
-    def __init__(self, model: nn.Module, start_step: int = 0, every: Optional[int] = None,
-                 ctx: Optional[Context] = None):
-        self.model = unwrap(model)
-        state = patching.state_of(self.model)
-        self.sources = [(f"{patching.STATE_ATTR}.{n}", m) for n, m in state.named_modules() if isinstance(m, GENERATORS)]
-        self.start_step, self.every, self.ctx = start_step, every, ctx
-        self.observed = 0
-        self._first_bad: Optional[Tensor] = None  # [1 + sources] int64: index 0 is the loss
-        self._step: Optional[Tensor] = None
-        self._handles = [m.register_forward_hook(_MarkOutput(self, i + 1)) for i, (_, m) in enumerate(self.sources)]
-
-    def _record(self, device: torch.device) -> Tensor:
-        if self._first_bad is None:
-            self._first_bad = torch.full((1 + len(self.sources),), NO_STEP, dtype=torch.int64, device=device)
-            self._step = torch.full((), self.start_step, dtype=torch.int64, device=device)
-        return self._first_bad
-
-    def _mark(self, index: int, bad: Tensor) -> None:
-        record = self._record(bad.device)
-        current = record[index]
-        record[index] = torch.where(bad.to(record.device) & (current == NO_STEP), self._step, current)
-
-    def observe(self, loss: Tensor, batch: Optional[Dict[str, Any]] = None) -> None:
-        """Record the loss of the step being run (no host sync), and ``check`` every ``every`` steps."""
-        self._mark(0, ~torch.isfinite(loss.detach()).all())
-        self._step.add_(1)
-        self.observed += 1
-        if self.every and self.observed % self.every == 0:
-            self.check(self.ctx, batch)
-
-    def check(self, ctx: Optional[Context] = None, batch: Optional[Dict[str, Any]] = None) -> None:
-        """Raise NonFiniteError if anything recorded so far was not finite (on any rank, given ``ctx``)."""
-        if self._first_bad is None:
-            return
-        ok = (self._first_bad == NO_STEP).all()
-        if ctx is not None:
-            ok = all_true(ok, ctx)
-        if bool(ok):  # the one host read
-            return
-        raise NonFiniteError(self.describe(batch))
-
-    def describe(self, batch: Optional[Dict[str, Any]] = None) -> str:
-        steps = self._first_bad.tolist()
-        names = ["the loss"] + [f"{name} (generated factors)" for name, _ in self.sources]
-        seen = [f"{n} first at step {s + 1}" for n, s in zip(names, steps) if s != NO_STEP]
-        lines = ["non-finite values during training: " + ("; ".join(seen) or "on another rank")]
-        report = check_finite(self.model)
-        if not report.ok:
-            lines.append(f"first bad adapted module: {report.first_bad_slot or report.findings[0].where}")
-            lines.append(str(report))
-        elif batch is not None:
-            where = first_nonfinite_module(self.model, batch)
-            lines.append("every adapter factor and parameter is finite; "
-                         + (f"first non-finite output: {where}" if where else "this batch now runs finite"))
-        lines.append("lower the learning rate, check the data, or train in a wider dtype")
-        return "\n".join(lines)
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
 # --- placement: device and dtype ------------------------------------------------------------------------
 
 
@@ -277,5 +177,12 @@ def check_placement(model: nn.Module, device: torch.device, dtype: torch.dtype, 
                             "(model.to(dtype))")
 
 
-__all__ = ["NonFiniteError", "Finding", "FiniteReport", "check_finite", "first_nonfinite_module", "FiniteMonitor",
-           "check_placement", "GENERATORS"]
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / DataParallel wrappers (FSDP2 does not wrap: it returns the model)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+__all__ = ["NonFiniteError", "Finding", "FiniteReport", "check_finite", "first_nonfinite_module", "check_placement",
+           "unwrap"]

@@ -1,13 +1,19 @@
-"""Persistence: ``save``/``load`` of a peftkern adapter, and ``export_peft`` to a standard PEFT LoRA.
+"""Persistence: ``save``/``load`` of a peftkern adapter (the exact method, for further training).
 
-A saved adapter is a directory with two files:
+A saved adapter is a directory. ``save`` writes two native files:
 
-* ``adapter_model.safetensors``: the adapter state's tensors (``state.tensors_for_save()``,
+* ``peftkern_model.safetensors``: the adapter state's tensors (``state.tensors_for_save()``,
   stored under ``peftkern.<key>``, their names in the patched model) plus every parameter
-  trained outside the adapter (the sequence-classification head), under its model name.
-* ``adapter_config.json``: the method, public rank, alpha, options, targets, each slot's
+  trained outside the adapter (the task head), under its model name.
+* ``peftkern_config.json``: the method, public rank, alpha, options, targets, each slot's
   path and shape, ``state.extra_config()``, the names of the saved head parameters, the
   SHA-256 of the tensor file and the peftkern version.
+
+and, next to them, the same adapter as a standard PEFT LoRA adapter (``adapter_config.json``
++ ``adapter_model.safetensors``, ``peft_format.export_peft``), so one directory serves
+``peftkern.load``, ``peft.PeftModel.from_pretrained`` and transformers' ``load_adapter``.
+Directories written before the native files had their own names (``adapter_config.json``
+with ``"format": "peftkern"``) still load.
 
 ``load`` validates everything (files, JSON, tensor file, method, slot paths and shapes,
 the method's own ``load_saved`` check, head shapes) against a state built off to the
@@ -26,52 +32,58 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Tuple, Union
 
 import torch
 from torch import nn
 
 from . import health, patching
-from .factors import AdapterState, Plan
-from .targets import is_transposed
+from .factors import STATE_ATTR, Plan, state_of
+from .files import atomic_write, json_default, safetensors_bytes
+from .peft_format import export_peft, trained_outside_adapter
+from .version import __version__
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "peftkern_config.json"
+WEIGHTS_NAME = "peftkern_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"  # PEFT's names; the native files used them before
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "peftkern"
-STATE_PREFIX = patching.STATE_ATTR + "."  # the state's tensors keep their names in the patched model
-PEFT_PREFIX = "base_model.model."
+STATE_PREFIX = STATE_ATTR + "."  # the state's tensors keep their names in the patched model
 
 PathLike = Union[str, os.PathLike]
-
-# transformers head class suffix -> PEFT task_type (None: PEFT's plain PeftModel)
-_PEFT_TASK_TYPES = (
-    ("ForSequenceClassification", "SEQ_CLS"),
-    ("ForCausalLM", "CAUSAL_LM"),
-    ("ForTokenClassification", "TOKEN_CLS"),
-    ("ForQuestionAnswering", "QUESTION_ANS"),
-)  # anything else (ambiguous ones such as *ForConditionalGeneration included) loads as a plain PeftModel
 
 
 # --- save -------------------------------------------------------------------------------------
 
 
-def save(model: nn.Module, directory: PathLike) -> Path:
-    """Write the adapter of a patched ``model`` (and its trained head) to ``directory``."""
-    state = patching.state_of(model)
+def save(model: nn.Module, directory: PathLike, peft: bool = True) -> Path:
+    """Write the adapter of a patched ``model`` (and its trained head) to ``directory``: the native
+    files, and with ``peft`` (default) the same ΔW as a PEFT LoRA adapter next to them.
+
+    Raises ValueError if ``directory`` exists and is not a directory, or (PEFT files) if the
+    model is merged. Every file is written atomically; returns the directory."""
+    write_native(model, directory)
+    if peft:
+        export_peft(model, directory, skip_empty=True)
+    return Path(directory)
+
+
+def write_native(model: nn.Module, directory: PathLike) -> Path:
+    """The native files alone (``save`` without the PEFT adapter)."""
+    state = state_of(model)
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"cannot save to {str(directory)!r}: it exists and is not a directory")
     tensors = {STATE_PREFIX + k: t for k, t in state.tensors_for_save().items()}
     heads = trained_outside_adapter(model)
     tensors.update(heads)
-    payload = _safetensors_bytes(tensors)
+    payload = safetensors_bytes(tensors)
     config = {
         "format": FORMAT,
         "peftkern_version": _version(),
         **state.plan.describe(),
-        "rank": requested_rank(state.plan),
+        "rank": state.plan.requested_rank,  # patch()'s rank as given, so that load can plan exactly the same
         "size_rank": state.plan.rank,
         "slots": [{"path": s.path, "in_features": s.in_features, "out_features": s.out_features}
                   for s in state.plan.slots],
@@ -80,57 +92,11 @@ def save(model: nn.Module, directory: PathLike) -> Path:
         "heads": sorted(heads),
         "weights_sha256": hashlib.sha256(payload).hexdigest(),
     }
-    text = json.dumps(config, indent=2, sort_keys=True, default=_json_default) + "\n"
+    text = json.dumps(config, indent=2, sort_keys=True, default=json_default) + "\n"
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / WEIGHTS_NAME, payload)  # tensors first ...
     atomic_write(directory / CONFIG_NAME, text.encode())  # ... config last
     return directory
-
-
-def trained_outside_adapter(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Every trainable parameter that the adapter state does not own (the task head), by model name.
-
-    Found by identity against the state's parameters and by ``requires_grad``, never by name.
-    """
-    own = {id(p) for p in patching.state_of(model).parameters()}
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and id(p) not in own}
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a mix."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    try:  # makes the rename itself durable; not every platform can open a directory
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _safetensors_bytes(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
-    from safetensors.torch import save as st_save
-
-    # own contiguous CPU copies: safetensors refuses tensors that share memory (tied views)
-    return st_save({k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()},
-                   metadata={"format": "pt", **(metadata or {})})
 
 
 # --- load -------------------------------------------------------------------------------------
@@ -165,13 +131,29 @@ def load(model: nn.Module, directory: PathLike, backend: str = "auto") -> nn.Mod
     return model
 
 
-def read_config(directory: Path) -> Dict[str, Any]:
-    """Parse and check ``adapter_config.json``; a PEFT adapter is named as such."""
-    path = directory / CONFIG_NAME
+def native_files(directory: Path) -> Tuple[Path, Path]:
+    """(config, tensors) of the native adapter in ``directory``: the current names, or the names
+    of directories saved before the PEFT files shared them (adapter_config.json with format peftkern)."""
     if not directory.is_dir():
         raise FileNotFoundError(f"no adapter directory at {str(directory)!r}")
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} is missing: not a saved peftkern adapter")
+    if (directory / CONFIG_NAME).is_file():
+        return directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    old = directory / PEFT_CONFIG_NAME
+    if old.is_file():
+        try:
+            is_ours = json.loads(old.read_text(encoding="utf-8")).get("format") == FORMAT
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            is_ours = False
+        if is_ours:
+            return old, directory / PEFT_WEIGHTS_NAME
+        raise ValueError(f"{str(directory)!r} holds a PEFT adapter but no {CONFIG_NAME}: load it with "
+                         "peftkern.load_peft(model, directory) (or peft.PeftModel.from_pretrained)")
+    raise FileNotFoundError(f"{str(directory / CONFIG_NAME)!r} is missing: not a saved peftkern adapter")
+
+
+def read_config(directory: Path) -> Dict[str, Any]:
+    """Parse and check the native config; a PEFT-only directory is named as such."""
+    path, _ = native_files(directory)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -191,7 +173,7 @@ def read_config(directory: Path) -> Dict[str, Any]:
 def _read_tensors(directory: Path, config: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load as st_load
 
-    path = directory / WEIGHTS_NAME
+    path = native_files(directory)[1]
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} is missing: the adapter has a config but no tensors")
     payload = path.read_bytes()
@@ -210,7 +192,12 @@ def _plan_from_config(model: nn.Module, config: Dict[str, Any], backend: str) ->
         raise ValueError(f"{CONFIG_NAME}: 'options' must be an object, got {config['options']!r}")
     saved = config["slots"]
     paths = [s["path"] for s in saved]
-    p = patching.plan(model, config["method"], config["rank"], paths, config["alpha"], backend, **config["options"])
+    common = dict(dropout=config.get("dropout", 0.0), use_rslora=config.get("use_rslora", False),
+                  rank_pattern={re.escape(k): v for k, v in config.get("rank_pattern", {}).items()},
+                  alpha_pattern={re.escape(k): v for k, v in config.get("alpha_pattern", {}).items()},
+                  modules_to_save=config.get("modules_to_save"))
+    p = patching.plan(model, config["method"], config["rank"], paths, config["alpha"], backend, **common,
+                      **config["options"])
     if [s.path for s in p.slots] != paths:
         raise ValueError(f"the adapter's modules {paths[:3]}... are not the modules this model has under those names")
     for want, got in zip(saved, p.slots):
@@ -239,119 +226,22 @@ def _check_heads(model: nn.Module, heads: Dict[str, torch.Tensor]) -> Dict[str, 
     return out
 
 
-def requested_rank(plan: Plan) -> Optional[int]:
-    """The public ``rank`` that ``patch`` was given (None: the default), so that load can
-    call ``patching.plan`` exactly as the original patch did."""
-    return plan.requested_rank
-
-
 def _block_count(model: nn.Module) -> int:
     """Length of the model's repeated blocks (its largest ModuleList), the adapter's own lists excluded."""
-    state = getattr(model, patching.STATE_ATTR, None)
+    state = getattr(model, STATE_ATTR, None)
     own = {id(m) for m in state.modules()} if isinstance(state, nn.Module) else set()
     return max((len(m) for m in model.modules() if isinstance(m, nn.ModuleList) and id(m) not in own), default=0)
-
-
-# --- export to PEFT ---------------------------------------------------------------------------
-
-
-def export_peft(model: nn.Module, directory: PathLike) -> Path:
-    """Write the adapter as a standard PEFT LoRA adapter that gives exactly the same ΔW.
-
-    Per module, lora_A = u⊙A [r, K] and lora_B = s·(v⊙B) [N, r] with lora_alpha = r, so
-    PEFT's scaling is 1. Components whose u entry is zero in a method that reports a
-    smaller effective rank (AdaLoRA's pruned triplets) are dropped, with the module's
-    rank in ``rank_pattern``; a module with nothing left is not exported (its ΔW is 0).
-    Parameters trained outside the adapter (the classification head) go to
-    ``modules_to_save``. peft itself is not needed to write this.
-    """
-    state = patching.state_of(model)
-    merged = [p for p, m in patching.adapted_modules(model) if m.merged]
-    if merged:
-        raise ValueError(f"cannot export a merged model (merged: {merged[:3]}); call peftkern.unmerge(model) first, "
-                         "so that the exported adapter applies to the original base weights")
-    plan = state.plan
-    tensors: Dict[str, torch.Tensor] = {}
-    ranks: Dict[str, int] = {}
-    transposed = False
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for slot in plan.slots:
-            lora_a, lora_b = peft_factors(state, slot.index)
-            if lora_a.shape[0] == 0:
-                continue
-            tensors[f"{PEFT_PREFIX}{slot.path}.lora_A.weight"] = lora_a
-            tensors[f"{PEFT_PREFIX}{slot.path}.lora_B.weight"] = lora_b
-            ranks[slot.path] = lora_a.shape[0]
-            transposed = transposed or is_transposed(modules[slot.path].base_layer)
-    if not ranks:
-        raise ValueError("nothing to export: every adapted module has effective rank 0 (ΔW = 0)")
-    heads = trained_outside_adapter(model)
-    head_modules = sorted({name.rpartition(".")[0] for name in heads})
-    for module_path in head_modules:
-        for pname, t in modules[module_path].state_dict().items():
-            tensors[f"{PEFT_PREFIX}{module_path}.{pname}"] = t
-    pattern = {re.escape(path): r for path, r in ranks.items() if r != plan.rank}
-    config = _peft_config(model, plan, sorted(ranks), pattern, head_modules, transposed)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    # Provenance goes in the safetensors header, which PEFT ignores; in adapter_config.json
-    # an unknown key makes peft warn on every load.
-    provenance = {"peftkern": json.dumps({"method": plan.method, "version": _version(), "options": _options_dict(plan)})}
-    atomic_write(directory / WEIGHTS_NAME, _safetensors_bytes(tensors, provenance))
-    atomic_write(directory / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    return directory
-
-
-def peft_factors(state: AdapterState, slot: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(lora_A [r', K], lora_B [N, r']) with lora_B·lora_A = ΔW of ``slot`` (PEFT scaling 1)."""
-    f = state.factors(slot)
-    a = f.A if f.u is None else f.u.unsqueeze(1) * f.A
-    b = f.B if f.v is None else f.v.unsqueeze(1) * f.B
-    b = b * f.scale
-    if f.u is not None and state.effective_rank(slot) < f.A.shape[0]:
-        keep = torch.nonzero(f.u != 0).flatten()  # pruned components have u = 0: dropping them is exact
-        a, b = a.index_select(0, keep), b.index_select(1, keep)
-    return a.detach().contiguous(), b.detach().contiguous()
-
-
-def _peft_config(model: nn.Module, plan: Plan, targets: List[str], pattern: Dict[str, int],
-                 modules_to_save: List[str], fan_in_fan_out: bool) -> Dict[str, Any]:
-    cls = type(model).__name__
-    task_type = next((t for suffix, t in _PEFT_TASK_TYPES if cls.endswith(suffix)), None)
-    name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    return {
-        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": name,
-        "r": plan.rank, "lora_alpha": plan.rank,  # scaling = lora_alpha / r = 1: the scale is in lora_B
-        "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-        "target_modules": targets, "modules_to_save": modules_to_save or None,
-        "fan_in_fan_out": fan_in_fan_out, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
-        "use_dora": False, "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
-        "layers_pattern": None, "revision": None,
-    }
 
 
 def _options_dict(plan: Plan) -> Dict[str, Any]:
     opts = plan.options
     d = dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) else dict(opts)
-    return json.loads(json.dumps(d, default=_json_default))
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, (torch.dtype, torch.device)):
-        return str(obj)
-    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+    return json.loads(json.dumps(d, default=json_default))
 
 
 def _version() -> str:
-    from . import __version__
-
     return __version__
 
 
-__all__ = ["save", "load", "export_peft", "read_config", "trained_outside_adapter", "peft_factors", "atomic_write",
-           "fsync_dir", "requested_rank", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save", "write_native", "load", "read_config", "native_files", "CONFIG_NAME", "WEIGHTS_NAME",
+           "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME"]

@@ -7,36 +7,21 @@ against a model before patching it.
 """
 from __future__ import annotations
 
-import numbers
-from typing import Any, Dict, List, Optional, Tuple
+import re
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from . import methods, targets as targets_mod
-from .factors import STATE_ATTR, AdapterState, Plan, is_patched, state_of
+from . import checks, methods, targets as targets_mod
+from .factors import STATE_ATTR, AdapterState, Plan, Slot, is_patched, state_of
 from .layer import AdaptedLinear
 from .ops import dispatch
+from .ops.functions import check_dropout
 
 
 def adapted_modules(model: nn.Module) -> List[Tuple[str, AdaptedLinear]]:
     return [(p, m) for p, m in model.named_modules() if isinstance(m, AdaptedLinear)]
-
-
-def _check_rank(rank: Any) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
-        raise TypeError(f"rank must be a positive int, got {rank!r}")
-    if rank <= 0:
-        raise ValueError(f"rank must be a positive int, got {rank}")
-    return int(rank)
-
-
-def _check_alpha(alpha: Any) -> Optional[float]:
-    if alpha is None:
-        return None
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha == alpha:
-        raise TypeError(f"alpha must be a real number, got {alpha!r}")
-    return float(alpha)
 
 
 def _param_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
@@ -47,38 +32,74 @@ def _param_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
 
 
 def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None, alpha=None,
-         backend: str = "auto", **options) -> Plan:
+         backend: str = "auto", *, dropout: float = 0.0, use_rslora: bool = False,
+         rank_pattern: Optional[Mapping[str, int]] = None, alpha_pattern: Optional[Mapping[str, float]] = None,
+         modules_to_save: Optional[Sequence[str]] = None, **options) -> Plan:
     """Validate a patch request against a model; raises before anything is modified.
 
     ``rank=None`` means the default (8). Methods with a ``resolve_rank`` hook see the value
     as given, so that they can tell an explicit rank from the default (AdaLoRA's target_r).
     """
     spec = methods.get(method)
-    requested = None if rank is None else _check_rank(rank)
+    requested = checks.integer("rank", rank, 1, allow_none=True)
     rank = methods.DEFAULT_RANK if requested is None else requested
-    alpha = _check_alpha(alpha)
+    alpha = checks.real("alpha", alpha, allow_none=True)
     dispatch.check_name(backend)
+    dropout = check_dropout(dropout)
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be True or False, got {use_rslora!r}")
+    if use_rslora and not spec.rslora:
+        raise ValueError(f"use_rslora does not apply to {method!r}, whose scale is not α/r; methods it applies to: "
+                         f"{', '.join(n for n in methods.names() if methods.get(n).rslora)}")
     opts = methods.parse_options(spec, options)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if is_patched(model):
         raise ValueError(f"this model is already patched with {state_of(model).plan.method!r}; "
                          "call peftkern.unpatch(model) first")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     slots = targets_mod.find_targets(model, targets)
     size_rank = spec.resolve_rank(requested, opts) if spec.resolve_rank else rank
+    ranks = _pattern("rank_pattern", rank_pattern, slots, spec, lambda k, v: checks.integer(f"rank_pattern[{k!r}]", v))
+    alphas = _pattern("alpha_pattern", alpha_pattern, slots, spec,
+                      lambda k, v: checks.real(f"alpha_pattern[{k!r}]", v))
     for s in slots:
-        limit = min(s.in_features, s.out_features)
-        if size_rank > limit:
-            raise ValueError(f"rank {size_rank} is larger than {s.path} allows ({s.in_features}->{s.out_features}: "
+        limit, r = min(s.in_features, s.out_features), ranks.get(s.path, size_rank)
+        if r > limit:
+            raise ValueError(f"rank {r} is larger than {s.path} allows ({s.in_features}->{s.out_features}: "
                              f"at most {limit})")
     device, dtype = _param_device_dtype(model)
     p = Plan(method=method, rank=size_rank, alpha=spec.default_alpha(rank) if alpha is None else alpha,
              options=opts, slots=slots, device=device, dtype=dtype, model_type=targets_mod.model_type(model),
-             backend=backend, requested_rank=requested)
+             backend=backend, requested_rank=requested, dropout=dropout, rank_pattern=ranks, alpha_pattern=alphas,
+             use_rslora=use_rslora, modules_to_save=targets_mod.modules_to_save(model, modules_to_save))
     validate = getattr(opts, "validate", None)
     if validate is not None:
         validate(p)
     return p
+
+
+def _pattern(name: str, pattern: Optional[Mapping[str, Any]], slots: Sequence[Slot], spec: methods.Method,
+             check) -> Dict[str, Any]:
+    """PEFT's rank_pattern / alpha_pattern: {key: value}, a key matching a module path when the path
+    ends with it (``re.match(rf"(.*\\.)?({key})$", path)``, PEFT's rule). Returns {slot path: value}."""
+    if not pattern:
+        return {}
+    if not isinstance(pattern, Mapping):
+        raise TypeError(f"{name} must be a dict of module-name pattern -> value, got {type(pattern).__name__}")
+    if not spec.per_module_rank:
+        raise ValueError(f"{name} needs a method whose ranks may differ per module; {spec.name!r} shares or "
+                         f"generates its factors. Methods that take it: "
+                         f"{', '.join(n for n in methods.names() if methods.get(n).per_module_rank)}")
+    out: Dict[str, Any] = {}
+    for key, value in pattern.items():
+        value = check(key, value)
+        hits = [s.path for s in slots if re.match(rf"(.*\.)?({key})$", s.path)]
+        if not hits:
+            raise ValueError(f"{name} key {key!r} matches none of the adapted modules "
+                             f"({', '.join(s.path for s in slots[:6])}{', ...' if len(slots) > 6 else ''})")
+        for path in hits:
+            out.setdefault(path, value)  # the first matching key wins, as in PEFT
+    return out
 
 
 def build(p: Plan) -> AdapterState:
@@ -87,32 +108,25 @@ def build(p: Plan) -> AdapterState:
 
 
 def commit(model: nn.Module, state: AdapterState, backend: str = "auto") -> nn.Module:
-    """Mutate the model: swap targets, register the state, freeze the base, attach hooks."""
+    """Mutate the model: swap targets, register the state, freeze the base, attach hooks.
+
+    The new modules take the model's mode (a model patched in eval mode stays in eval mode),
+    and later ``model.train()`` / ``model.eval()`` reach them: they are submodules."""
     frozen_from: Dict[str, bool] = {n: prm.requires_grad for n, prm in model.named_parameters()}
     for prm in model.parameters():
         prm.requires_grad_(False)
     for slot in state.plan.slots:
         parent_path, _, child = slot.path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, AdaptedLinear(getattr(parent, child), state, slot.index, backend))
-    model.add_module(STATE_ATTR, state)
-    for name in _trainable_heads(model):
+        layer = AdaptedLinear(getattr(parent, child), state, slot.index, backend)
+        setattr(parent, child, layer.train(model.training))
+    model.add_module(STATE_ATTR, state.train(model.training))
+    for name in state.plan.modules_to_save:
         for prm in model.get_submodule(name).parameters():
             prm.requires_grad_(True)
     state._restore = {"requires_grad": frozen_from, "backend": backend}
     state._handles = list(state.attach(model))
     return model
-
-
-# Sequence-classification heads stay trainable, as PEFT does for task_type="SEQ_CLS":
-# they are freshly initialised and the task cannot be learnt without them.
-_HEADS = ("classifier", "score")
-
-
-def _trainable_heads(model: nn.Module) -> List[str]:
-    if not type(model).__name__.endswith("ForSequenceClassification"):
-        return []
-    return [h for h in _HEADS if isinstance(getattr(model, h, None), nn.Module)]
 
 
 def uncommit(model: nn.Module) -> nn.Module:
@@ -130,3 +144,26 @@ def uncommit(model: nn.Module) -> nn.Module:
         if name in flags:
             prm.requires_grad_(flags[name])
     return model
+
+
+def shared_weights(model: nn.Module) -> Dict[str, List[str]]:
+    """{adapted module path: [other parameters that are its base weight]}: weights tied to another
+    module (an LM head tied to the input embeddings). Merging ΔW into such a weight would change
+    the other module too, so merge refuses them (api.merge)."""
+    layers = adapted_modules(model)
+    if not layers:
+        return {}
+    by_storage: Dict[Tuple[int, int], List[str]] = {}
+    for name, prm in model.named_parameters(remove_duplicate=False):
+        if prm.device.type != "meta":
+            by_storage.setdefault((prm.untyped_storage().data_ptr(), prm.storage_offset()), []).append(name)
+    out: Dict[str, List[str]] = {}
+    for path, layer in layers:
+        w = layer.base_layer.weight
+        if w.device.type == "meta":
+            continue
+        own = f"{path}.base_layer.weight"
+        others = [n for n in by_storage.get((w.untyped_storage().data_ptr(), w.storage_offset()), []) if n != own]
+        if others:
+            out[path] = others
+    return out

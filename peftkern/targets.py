@@ -33,6 +33,18 @@ DEFAULT_TARGETS: Dict[str, Tuple[str, ...]] = {
 TargetSpec = Union[None, str, Sequence[str]]
 
 
+def _all_linear(model: nn.Module) -> List[str]:
+    """PEFT's "all-linear": every Linear/Conv1D in the model's repeated blocks (so never the output
+    head, the embeddings' projection or a classifier, which sit outside them)."""
+    inside = layer_index_map(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [path for path, m in model.named_modules() if path in inside and is_adaptable(m) and m is not head]
+
+
+# Named target sets (strings that are not regexes): name -> model -> the module paths to adapt.
+TARGET_SETS = {"all-linear": _all_linear}
+
+
 def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
 
@@ -69,7 +81,8 @@ def adaptable_names(model: nn.Module) -> List[str]:
 
 
 def _matcher(targets: TargetSpec):
-    if isinstance(targets, str):  # a single string is a regex over full module paths (PEFT's convention)
+    if isinstance(targets, str):  # a single string is a regex over full module paths (PEFT's convention),
+        # unless it names a target set (TARGET_SETS)
         pattern = re.compile(targets)
         return [targets], lambda path, t: pattern.fullmatch(path) is not None
     return list(targets), lambda path, t: path == t or path.endswith("." + t)
@@ -103,6 +116,11 @@ def find_targets(model: nn.Module, targets: TargetSpec) -> List[Slot]:
     """
     if targets is None:
         targets = default_targets(model)
+    if isinstance(targets, str) and targets in TARGET_SETS:
+        paths = TARGET_SETS[targets](model)
+        if not paths:
+            raise ValueError(f"targets={targets!r} found no Linear/Conv1D module in this model's repeated blocks")
+        return find_targets(model, paths)
     if not isinstance(targets, str):
         if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets) or not targets:
             raise TypeError(f"targets must be a non-empty list of module names or a regex string, got {targets!r}")
@@ -127,3 +145,60 @@ def find_targets(model: nn.Module, targets: TargetSpec) -> List[Slot]:
             f"Linear/Conv1D module names in this model: {', '.join(adaptable_names(model)) or '(none)'}"
         )
     return slots
+
+
+# transformers' auto mapping -> PEFT task_type (a model in none of them loads as a plain PeftModel)
+_PEFT_TASKS = (("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS"),
+               ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
+               ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS"),
+               ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS"))
+_HEAD_TABLES = ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+                "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES")
+
+
+def _classes(table: str) -> frozenset:
+    """Class names in one of transformers' auto mappings (empty without transformers)."""
+    try:
+        from transformers.models.auto import modeling_auto as auto
+    except Exception:  # transformers is optional for plain nn.Module use
+        return frozenset()
+    names = set()
+    for value in getattr(auto, table, {}).values():
+        names.update(value if isinstance(value, (list, tuple)) else [value])
+    return frozenset(names)
+
+
+def peft_task_type(model: nn.Module) -> Optional[str]:
+    """PEFT's task_type for ``model`` (SEQ_CLS, CAUSAL_LM, ...), from transformers' own auto mappings."""
+    name = type(model).__name__
+    return next((task for table, task in _PEFT_TASKS if name in _classes(table)), None)
+
+
+def _task_head_classes() -> frozenset:
+    """Class names of transformers' models whose task head is freshly initialised for fine-tuning
+    (sequence and token classification, question answering, multiple choice)."""
+    return frozenset().union(*(_classes(t) for t in _HEAD_TABLES))
+
+
+def modules_to_save(model: nn.Module, requested: Optional[Sequence[str]]) -> List[str]:
+    """The modules trained in full next to the adapter (PEFT's ``modules_to_save``), as module paths.
+
+    ``requested`` names modules (suffix match, as targets); None means the task head of a
+    transformers task model whose head the checkpoint does not provide (a classification
+    model: its top-level modules with parameters outside ``model.base_model``), and nothing
+    for any other model. Raises ValueError for a name that matches no module."""
+    if requested is None:
+        base = getattr(model, "base_model", None)
+        if type(model).__name__ not in _task_head_classes() or base is None or base is model:
+            return []
+        return [name for name, child in model.named_children()
+                if child is not base and any(True for _ in child.parameters())]
+    if isinstance(requested, str) or not all(isinstance(n, str) for n in requested):
+        raise TypeError(f"modules_to_save must be a list of module names, got {requested!r}")
+    out = []
+    for name in requested:
+        hits = [p for p, _ in model.named_modules() if p and (p == name or p.endswith("." + name))]
+        if not hits:
+            raise ValueError(f"modules_to_save entry {name!r} matches no module of this model")
+        out += [h for h in hits if h not in out]
+    return out

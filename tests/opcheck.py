@@ -62,16 +62,40 @@ def _clone(t):
     return {k: (None if v is None else v.detach().clone().requires_grad_(v.requires_grad)) for k, v in t.items()}
 
 
+DROPOUT_SEED = 1234
+
+
+def dropout_keep(mask: Callable, dropout: float, M: int, K: int, like):
+    """The mask an op drew for a call made right after ``torch.manual_seed(DROPOUT_SEED)``."""
+    from peftkern.ops.functions import new_seed
+
+    torch.manual_seed(DROPOUT_SEED)
+    return mask(new_seed(dropout), M, K, dropout, like)
+
+
 def compare_adapter(op: Callable, M, K, N, r, *, dtype=torch.float32, device="cpu", scale=0.7, bias=True,
-                    u=True, v=True, trained="xABuv", lead=(), tol=None, ref_dtype=None):
-    """Check op(...) against the reference: output and the gradient of every trained input."""
+                    u=True, v=True, trained="xABuv", lead=(), tol=None, ref_dtype=None, dropout=0.0,
+                    mask: Optional[Callable] = None):
+    """Check op(...) against the reference: output and the gradient of every trained input.
+
+    With ``dropout``, the op runs right after ``torch.manual_seed(DROPOUT_SEED)`` and the
+    reference applies the mask ``mask(seed, ...)`` (the backend's dropout_mask) says it drew."""
     ref_dtype = ref_dtype or (torch.float64 if dtype != torch.float64 else dtype)
     inp = make_inputs(M, K, N, r, dtype=dtype, device=device, bias=bias, u=u, v=v, trained=trained, lead=lead)
     ref_inp = {k: (None if t is None else t.detach().to(ref_dtype).requires_grad_(t.requires_grad))
                for k, t in inp.items()}
-    y = op(inp["x"], inp["weight"], inp["bias"], inp["A"], inp["B"], inp["u"], inp["v"], scale)
-    y_ref = reference.adapter(ref_inp["x"], ref_inp["weight"], ref_inp["bias"], ref_inp["A"], ref_inp["B"],
-                              ref_inp["u"], ref_inp["v"], scale)
+    args = [inp[n] for n in ("x", "weight", "bias", "A", "B", "u", "v")]
+    ref_args = [ref_inp[n] for n in ("x", "weight", "bias", "A", "B", "u", "v")]
+    if dropout:
+        torch.manual_seed(DROPOUT_SEED)
+        y = op(*args, scale, dropout)
+        rows = inp["x"].reshape(-1, K).shape[0]
+        keep = dropout_keep(mask, dropout, rows, K, inp["x"]).to(ref_dtype).view(inp["x"].shape)
+        assert 0 < float(keep.mean()) < 1 or rows * K < 20, "a dropout mask that keeps all or nothing"
+        y_ref = reference.adapter_with_dropout(*ref_args, scale, keep, dropout)
+    else:
+        y = op(*args, scale)
+        y_ref = reference.adapter(*ref_args, scale)
     assert y.shape == y_ref.shape and y.dtype == dtype
     assert_close(y, y_ref, dtype, tol, "forward")
     if not y_ref.requires_grad:  # nothing trained in this configuration

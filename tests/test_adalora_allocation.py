@@ -9,7 +9,7 @@ import torch
 import torch.optim.optimizer as optimizer_module
 
 import peftkern
-from peftkern.allocator import Schedule
+from peftkern.methods.allocator import Schedule
 from tests.models import tiny_model, tokens
 
 SCHEDULE = dict(tinit=2, tfinal=3, deltaT=2, total_step=14)

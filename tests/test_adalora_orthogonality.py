@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import peftkern
-from peftkern.methods.adalora import orthogonality
+from peftkern.methods.svd import orthogonality
 from tests.models import tiny_model, tokens
 
 SCHEDULE = dict(tinit=0, tfinal=0, deltaT=1, total_step=10)

@@ -58,7 +58,7 @@ def test_callback_follows_trainer_global_step_and_warns_on_a_mismatch():
 
 def test_callback_refuses_a_method_without_allocator():
     model = peftkern.patch(tiny_model("bert", "cls"), "lora", rank=2)
-    with pytest.raises(ValueError, match="adalora and hyper_adalora"):
+    with pytest.raises(ValueError, match="allocate ranks .adalora, hyper_adalora"):
         peftkern.AllocatorCallback().on_train_begin(None, types.SimpleNamespace(global_step=0, max_steps=3), None,
                                                     model=model)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import peftkern
-from peftkern import cli, glue, train
+from peftkern.app import cli, glue, train
 
 
 def test_embedded_sample_is_small_and_attributed():
@@ -31,8 +31,8 @@ def test_default_run_offline(tmp_path, monkeypatch, capsys):
     assert m["method"] == "pg_pos" and m["task"] == "sst2" and m["sizes"] == {"train": 64, "eval": 32}
     assert m["config"]["model"] == train.default_model() and m["config"]["lr"] == cli.DEMO["lr"]
     assert all(x == x for x in m["step_losses"]) and 0.0 <= m["value"] <= 1.0
-    for name in ("adapter_config.json", "adapter_model.safetensors", "curves.png"):
+    for name in ("peftkern_config.json", "peftkern_model.safetensors", "curves.png"):
         assert (out / name).is_file()
-    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg = json.loads((out / "peftkern_config.json").read_text())
     assert cfg["method"] == "pg_pos" and cfg["heads"] == ["classifier.bias", "classifier.weight"]
     assert "embedded SST-2 sample" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import torch
 import transformers as T
 
 import peftkern
-from peftkern import cli, glue, train
+from peftkern.app import cli, glue, train
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "brilliant", "moving", "funny"]
 NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "poor", "tedious", "silly"]
@@ -59,7 +59,7 @@ def test_finetune_writes_adapter_metrics_and_plot(tiny, tmp_path, capsys):
     assert cli.main(finetune_args(tiny, out, "--seed", "7")) == 0
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "±" in printed
-    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "curves.png"):
+    for name in ("peftkern_config.json", "peftkern_model.safetensors", "metrics.json", "curves.png"):
         assert (out / name).is_file(), name
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -98,7 +98,7 @@ def test_seeds_report_mean_and_std(tiny, tmp_path, capsys):
     assert summary["seeds"] == [1, 2] and summary["values"] == values
     assert summary["mean"] == pytest.approx(sum(values) / 2)
     assert summary["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))  # sample std, n - 1
-    assert (out / "curves.png").is_file() and (out / "seed-2" / "adapter_model.safetensors").is_file()
+    assert (out / "curves.png").is_file() and (out / "seed-2" / "peftkern_model.safetensors").is_file()
     assert f"{summary['mean']:.4f} ± {summary['std']:.4f}" in capsys.readouterr().out
 
 
@@ -180,7 +180,7 @@ def test_modules_missing_from_the_checkpoint_are_trained_and_saved(tmp_path):
     assert train.train_fresh_modules(model, fresh) == ["bert.pooler.dense"]
     assert model.bert.pooler.dense.weight.requires_grad and model.classifier.weight.requires_grad
     peftkern.save(model, tmp_path / "adapter")
-    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["heads"]
+    saved = json.loads((tmp_path / "adapter" / "peftkern_config.json").read_text())["heads"]
     assert saved == ["bert.pooler.dense.bias", "bert.pooler.dense.weight", "classifier.bias", "classifier.weight"]
 
 

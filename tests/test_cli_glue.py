@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from peftkern import glue
+from peftkern.app import glue
 
 BOM = "\ufeff"
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler
 
-from peftkern import distributed
+from peftkern import health
+from peftkern.app import distributed
 
 ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -24,7 +25,7 @@ def test_without_launcher_everything_is_a_single_process(env):
     assert distributed.mean_across(t, ctx) is t and distributed.gather_objects("x", ctx) == ["x"]
     assert distributed.all_true(torch.tensor(False), ctx).item() is False
     model = torch.nn.Linear(2, 2)
-    assert distributed.wrap_ddp(model, ctx) is model and distributed.unwrap(model) is model
+    assert distributed.wrap_ddp(model, ctx) is model and health.unwrap(model) is model
     distributed.barrier(ctx)
     distributed.shutdown(ctx)
 

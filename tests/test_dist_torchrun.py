@@ -15,7 +15,7 @@ import torch
 import transformers as T
 from safetensors.torch import load_file
 
-from peftkern import checkpoint, cli, train
+from peftkern.app import checkpoint, cli, train
 from tests.test_cli_finetune import write_sst2_like
 from tests.test_dist_training import free_port
 
@@ -78,7 +78,7 @@ def test_two_processes_train_what_one_process_trains(runs):
     for a, b in zip(ddp["epochs"], single["epochs"]):
         assert a["eval_metric"] == b["eval_metric"]  # every prediction gathered from both ranks
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4)
-    tensors = [load_file(root / d / "adapter_model.safetensors") for d in ("ddp", "single")]
+    tensors = [load_file(root / d / "peftkern_model.safetensors") for d in ("ddp", "single")]
     assert tensors[0].keys() == tensors[1].keys()
     for k in tensors[0]:
         torch.testing.assert_close(tensors[0][k], tensors[1][k], rtol=1e-4, atol=1e-5, msg=k)

@@ -23,7 +23,8 @@ import torch
 import torch.multiprocessing as mp
 
 import peftkern
-from peftkern import distributed, patching
+from peftkern import patching
+from peftkern.app import distributed
 from tests.models import tiny_model, tokens
 from tests.test_cli_finetune import save_tiny_bert, write_sst2_like
 
@@ -128,7 +129,7 @@ def _fsdp_case(method, mode, rank, world):
 def _finetune_resume(tiny, out_dir):
     """`peftkern finetune` under DDP: a whole run, and a run killed after step 7 then resumed from the
     checkpoint of step 6 (dropout on: each rank's RNG state must come back)."""
-    from peftkern import checkpoint, cli
+    from peftkern.app import checkpoint, cli
     from tests.test_resume_finetune import Crash, crash_after, finetune_args
 
     root = Path(out_dir)

@@ -4,6 +4,7 @@ import torch
 
 import peftkern
 from peftkern import health, patching
+from peftkern.app.monitor import FiniteMonitor
 from tests.models import tiny_model, tokens
 
 SLOTS = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj"]
@@ -39,7 +40,7 @@ def test_nan_in_one_layers_factor_names_that_layer():
 
 def test_nan_in_a_hypernetwork_names_every_generated_slot_and_the_parameter():
     model = patched("pg_pos")
-    generator = next(m for m in model.peftkern.modules() if isinstance(m, health.GENERATORS))
+    generator = next(m for m in model.peftkern.modules() if any(m is g for g in model.peftkern.generators()))
     with torch.no_grad():
         generator.linear2.bias[0] = float("inf")  # the first entry of A in every layer this generator serves
     report = peftkern.check_finite(model)
@@ -52,7 +53,7 @@ def test_nan_in_a_hypernetwork_names_every_generated_slot_and_the_parameter():
 
 def test_monitor_defers_the_check_and_reports_the_step_and_the_generator():
     model = patched("pg_pos")
-    monitor = health.FiniteMonitor(model, start_step=10)  # a resumed run: 10 steps already done
+    monitor = FiniteMonitor(model, start_step=10)  # a resumed run: 10 steps already done
     generator_name, generator = monitor.sources[0]
     for step in range(3):
         if step == 1:
@@ -73,7 +74,7 @@ def test_nonfinite_loss_with_finite_adapter_names_the_first_module():
     model = patched("lora")
     with torch.no_grad():
         model.model.embed_tokens.weight[batch()["input_ids"][0, 2]] = float("nan")  # a frozen base weight
-    monitor = health.FiniteMonitor(model, every=1)
+    monitor = FiniteMonitor(model, every=1)
     with pytest.raises(peftkern.NonFiniteError) as err:
         monitor.observe(model(**batch()).loss, batch())
     text = str(err.value)
@@ -83,7 +84,7 @@ def test_nonfinite_loss_with_finite_adapter_names_the_first_module():
 
 def test_finite_training_never_raises():
     model = patched("tied_lora")
-    monitor = health.FiniteMonitor(model, every=2)
+    monitor = FiniteMonitor(model, every=2)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(4):
         loss = model(**batch()).loss
@@ -98,7 +99,7 @@ def test_finite_training_never_raises():
 def test_observe_never_reads_back_to_the_host(monkeypatch):
     """The hot path (generator hooks and observe) only launches device ops: any read-back raises here."""
     model = patched("pg_pos")
-    monitor = health.FiniteMonitor(model)
+    monitor = FiniteMonitor(model)
     loss = model(**batch()).loss  # the first generation creates the record: on the device too
 
     def sync(*args, **kwargs):
@@ -116,6 +117,6 @@ def test_observe_never_reads_back_to_the_host(monkeypatch):
 def test_hyper_adalora_state_update_net_is_watched():
     model = tiny_model("llama", "cls", seed=0)
     peftkern.patch(model, "hyper_adalora", rank=2, backend="torch", total_step=10)
-    monitor = health.FiniteMonitor(model)
-    assert monitor.sources and all(isinstance(m, health.GENERATORS) for _, m in monitor.sources)
+    monitor = FiniteMonitor(model)
+    assert monitor.sources and all(any(m is g for g in model.peftkern.generators()) for _, m in monitor.sources)
     monitor.close()

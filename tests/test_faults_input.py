@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import peftkern
-from peftkern import checkpoint, cli, patching
+from peftkern import patching
+from peftkern.app import checkpoint, cli
 from tests.models import tiny_model, tokens
 from tests.test_cli_finetune import save_tiny_bert, write_sst2_like
 
@@ -137,7 +138,7 @@ def test_nan_mid_run_stops_with_the_layer_and_keeps_the_last_good_checkpoint(tin
     assert "the loss first at step 4" in err
     assert "first bad adapted module: bert.encoder.layer.0.attention.self.value" in err
     assert [p.name for p in checkpoint.complete(out / checkpoint.FOLDER)] == ["step-00000002"]
-    assert not (out / "adapter_model.safetensors").exists() and not (out / "metrics.json").exists()
+    assert not (out / "peftkern_model.safetensors").exists() and not (out / "metrics.json").exists()
 
 
 # --- device and dtype -------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import peftkern
 from tests.models import tiny_model, tokens
 from tests.test_adalora_allocation import _SyncCounter
 
-SCHEDULE = dict(total_step=16, tinit=2, tfinal=4, prune_every=3)
+SCHEDULE = dict(total_step=16, tinit=2, tfinal=4, deltaT=3)
 
 
 def _train(model, steps, lr=1e-2, monkeypatch=None):
@@ -120,7 +120,7 @@ def test_counts_on_a_meta_model(kind):
 
 
 def test_nan_components_are_pruned_first_and_the_count_holds():
-    from peftkern.allocator import MagnitudePruner, Schedule
+    from peftkern.methods.allocator import MagnitudePruner, Schedule
 
     pruner = MagnitudePruner(Schedule.checked(3, 1, 2, 0, 0, 1, 4), 2, 3, torch.device("cpu"))
     lam = torch.tensor([[0.5, float("nan"), 0.1], [0.2, 0.3, float("nan")]])

@@ -12,7 +12,7 @@ import torch
 peft = pytest.importorskip("peft")
 
 import peftkern  # noqa: E402
-from peftkern import io as pk_io  # noqa: E402
+from peftkern import peft_format  # noqa: E402
 from tests.models import tiny_model, tokens  # noqa: E402
 from tests.test_io_save_load import options_for, perturb  # noqa: E402
 
@@ -45,7 +45,10 @@ def test_peft_loads_the_export_with_equal_logits(tmp_path, method, family, head)
     torch.testing.assert_close(logits(theirs, ids), want, **TOL)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     plan = ours.peftkern.plan
-    assert cfg["peft_type"] == "LORA" and cfg["r"] == plan.rank and cfg["lora_alpha"] == plan.rank
+    raw = all(ours.peftkern.factors(s.index).u is None and ours.peftkern.factors(s.index).v is None
+              for s in plan.slots)  # no u/v: A and B as they are, with the real alpha; else folded, alpha = r
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == plan.rank
+    assert cfg["lora_alpha"] == (plan.alpha if raw else plan.rank)
     assert cfg["target_modules"] == sorted(s.path for s in plan.slots)
     assert cfg["fan_in_fan_out"] == (family == "gpt2")
     if head == "cls":
@@ -132,7 +135,7 @@ def test_peft_factors_give_delta_weight():
     perturb(model)
     state = model.peftkern
     for slot in state.plan.slots:
-        a, b = pk_io.peft_factors(state, slot.index)
+        a, b = peft_format.peft_factors(state, slot.index)
         torch.testing.assert_close(b @ a, state.delta_weight(slot.index), **TOL)
 
 
@@ -146,4 +149,4 @@ def test_provenance_is_in_the_safetensors_header_and_peft_loads_without_warnings
     assert "peftkern" not in json.loads((tmp_path / "adapter_config.json").read_text())
     with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
         meta = json.loads(f.metadata()["peftkern"])
-    assert meta["method"] == "pg_pos" and meta["options"]["embed_dim"] == 20 and meta["version"] == peftkern.__version__
+    assert meta["method"] == "pg_pos" and meta["form"] == "raw" and meta["version"] == peftkern.__version__

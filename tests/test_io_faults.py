@@ -71,7 +71,7 @@ def test_another_architecture(saved):
 
 
 def _edit_config(directory, **changes):
-    path = directory / "adapter_config.json"
+    path = directory / "peftkern_config.json"
     cfg = json.loads(path.read_text())
     cfg.update(changes)
     path.write_text(json.dumps(cfg))
@@ -97,20 +97,22 @@ def test_config_with_an_unknown_option(saved):
 
 def test_missing_tensor_file(saved):
     base, _, d = saved
-    (d / "adapter_model.safetensors").unlink()
-    refuses(copy.deepcopy(base), d, FileNotFoundError, r"adapter_model.safetensors.* missing")
+    (d / "peftkern_model.safetensors").unlink()
+    refuses(copy.deepcopy(base), d, FileNotFoundError, r"peftkern_model.safetensors.* missing")
 
 
 def test_missing_config_and_missing_directory(saved, tmp_path):
     base, _, d = saved
+    (d / "peftkern_config.json").unlink()  # the PEFT files are still there: the error says how to load those
+    refuses(copy.deepcopy(base), d, ValueError, r"PEFT adapter but no peftkern_config.json.*load_peft")
     (d / "adapter_config.json").unlink()
-    refuses(copy.deepcopy(base), d, FileNotFoundError, r"adapter_config.json.* missing")
+    refuses(copy.deepcopy(base), d, FileNotFoundError, r"peftkern_config.json.* missing")
     refuses(copy.deepcopy(base), tmp_path / "nowhere", FileNotFoundError, r"no adapter directory")
 
 
 def test_truncated_tensor_file(saved):
     base, _, d = saved
-    path = d / "adapter_model.safetensors"
+    path = d / "peftkern_model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     refuses(copy.deepcopy(base), d, ValueError, r"truncated or corrupt")
@@ -120,10 +122,10 @@ def test_truncated_tensor_file(saved):
 def test_corrupt_tensor_file_without_checksum(saved, damage):
     """Even with no checksum to compare (an edited config), safetensors' own parse error becomes a ValueError."""
     base, _, d = saved
-    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg = json.loads((d / "peftkern_config.json").read_text())
     del cfg["weights_sha256"]
-    (d / "adapter_config.json").write_text(json.dumps(cfg))
-    path = d / "adapter_model.safetensors"
+    (d / "peftkern_config.json").write_text(json.dumps(cfg))
+    path = d / "peftkern_model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 7] if damage == "truncate" else b"\x07" * 16 + data[16:])
     refuses(copy.deepcopy(base), d, ValueError, r"not a readable safetensors file")
@@ -131,7 +133,7 @@ def test_corrupt_tensor_file_without_checksum(saved, damage):
 
 def test_flipped_byte_is_caught_by_the_checksum(saved):
     base, _, d = saved
-    path = d / "adapter_model.safetensors"
+    path = d / "peftkern_model.safetensors"
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF  # a value byte: still parses, but the tensors are wrong
     path.write_bytes(bytes(data))
@@ -140,14 +142,14 @@ def test_flipped_byte_is_caught_by_the_checksum(saved):
 
 def test_corrupt_config(saved):
     base, _, d = saved
-    (d / "adapter_config.json").write_text('{"method": "lora", ')
+    (d / "peftkern_config.json").write_text('{"method": "lora", ')
     refuses(copy.deepcopy(base), d, ValueError, r"not valid JSON")
 
 
 def test_peft_adapter_is_named(saved, tmp_path):
     base, model, _ = saved
     peftkern.export_peft(model, tmp_path / "peft")
-    refuses(copy.deepcopy(base), tmp_path / "peft", ValueError, r"PEFT adapter: load it with peft")
+    refuses(copy.deepcopy(base), tmp_path / "peft", ValueError, r"PEFT adapter .*peftkern.load_peft")
 
 
 def test_already_patched_model(saved):

@@ -52,7 +52,7 @@ def test_save_load_round_trip(tmp_path, method, family, head):
     base, model = patched(family, head, method)
     ids = tokens()
     peftkern.save(model, tmp_path)
-    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "peftkern_config.json").is_file() and (tmp_path / "peftkern_model.safetensors").is_file()
     loaded = peftkern.load(copy.deepcopy(base), tmp_path).eval()
     assert patching.is_patched(loaded) and loaded.peftkern.plan.method == method
     want = logits(model, ids)
@@ -65,7 +65,7 @@ def test_save_load_round_trip(tmp_path, method, family, head):
 def test_config_records_what_load_needs(tmp_path):
     base, model = patched("bert", "cls", "tied_lora", tie="AB", train="ABuv")
     peftkern.save(model, tmp_path)
-    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg = json.loads((tmp_path / "peftkern_config.json").read_text())
     plan = model.peftkern.plan
     assert cfg["method"] == "tied_lora" and cfg["rank"] == 4 and cfg["alpha"] == plan.alpha
     assert cfg["options"] == {"tie": "AB", "train": "ABuv", "joint": False}
@@ -110,4 +110,5 @@ def test_save_overwrites_previous_adapter(tmp_path):
     peftkern.save(model, tmp_path)
     loaded = peftkern.load(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(logits(loaded, tokens()), logits(model, tokens()), rtol=0, atol=1e-6)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                          "peftkern_config.json", "peftkern_model.safetensors"]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftkern import checkpoint, cli
+from peftkern.app import checkpoint, cli
 from tests.test_cli_finetune import save_tiny_bert, write_sst2_like
 
 N_TRAIN, BATCH, EPOCHS, SAVE_EVERY = 44, 8, 2, 2  # 6 steps per epoch, the last batch of 4
@@ -76,9 +76,9 @@ def crash_after(monkeypatch, step):
 def outputs(out):
     """(metrics, adapter tensors, rank pattern as {"pattern.<path>": [kept?]}, empty unless AdaLoRA-style)."""
     metrics = json.loads((out / "metrics.json").read_text())
-    extra = json.loads((out / "adapter_config.json").read_text()).get("extra") or {}
+    extra = json.loads((out / "peftkern_config.json").read_text()).get("extra") or {}
     pattern = {f"pattern.{k}": v for k, v in (extra.get("rank_pattern") or {}).items()}
-    return metrics, load_file(out / "adapter_model.safetensors"), pattern
+    return metrics, load_file(out / "peftkern_model.safetensors"), pattern
 
 
 def assert_same_run(a, b, exact=True):
@@ -118,7 +118,7 @@ def test_resumed_run_equals_uninterrupted(tiny, whole, tmp_path, monkeypatch, me
     assert cli.main(finetune_args(tiny, tmp_path / "cut", method, *extra, "--resume")) == 0
     assert_same_run(outputs(tmp_path / "cut"), whole(method, *extra))
     if method == "adalora":  # the same allocation: the rank pattern is in the saved adapter's config
-        cut = json.loads((tmp_path / "cut" / "adapter_config.json").read_text())
+        cut = json.loads((tmp_path / "cut" / "peftkern_config.json").read_text())
         assert cut["extra"]["rank_pattern"] == {k[len("pattern."):]: v for k, v in whole(method, *extra)[2].items()}
         kept = [k for row in cut["extra"]["rank_pattern"].values() for k in row]
         assert 0 < sum(kept) < len(kept)  # pruning did happen: the allocator state mattered
@@ -126,7 +126,7 @@ def test_resumed_run_equals_uninterrupted(tiny, whole, tmp_path, monkeypatch, me
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    from peftkern import checkpoint, cli
+    from peftkern.app import checkpoint, cli
     write, seen = checkpoint._write, []
 
     def write_then_die(path, data):  # SIGKILL once the second checkpoint's first file is on disk
@@ -183,7 +183,7 @@ def test_resume_without_a_checkpoint_starts_at_step_zero(tiny, whole, tmp_path, 
 
 def test_a_misfit_checkpoint_changes_nothing(tiny, tmp_path):
     """restore() checks tensor names and shapes, and the optimizer's, before it writes anything."""
-    from peftkern import distributed, train
+    from peftkern.app import distributed, train
 
     out = tmp_path / "run"
     assert cli.main(finetune_args(tiny, out, "lora")) == 0

@@ -146,6 +146,11 @@ def _sig_of(value) -> str:
     raise TypeError(f"cannot type kernel argument {value!r}")
 
 
+def signature_of(kernel: "Kernel", named_args: Dict[str, object]) -> Dict[str, str]:
+    """The compiler signature of a launch: each non-constexpr argument's type, from its value."""
+    return {name: _sig_of(named_args[name]) for name in kernel.plain.arg_names if name not in kernel.constexpr_names}
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_shared(fn, signature: Tuple[Tuple[str, str], ...], constexprs: Tuple[Tuple[str, object], ...],
                      num_warps: int, num_stages: int, target) -> int:
@@ -156,15 +161,14 @@ def _compiled_shared(fn, signature: Tuple[Tuple[str, str], ...], constexprs: Tup
     return int(compiled.metadata.shared)
 
 
-def resources(kernel: "Kernel", config: triton.Config, named_args: Dict[str, object], target) -> int:
-    """Shared memory in bytes that ``config`` of ``kernel`` needs for these arguments (their dtypes
-    and constexpr flags) on ``target`` (a triton GPUTarget), as the compiler reports it."""
-    fn = kernel.plain
-    constexprs = {**{k: v for k, v in named_args.items() if k in kernel.constexpr_names}, **config.kwargs}
-    signature = tuple((name, "constexpr" if name in constexprs else _sig_of(named_args[name]))
-                      for name in fn.arg_names)
-    frozen = tuple(sorted((k, v) for k, v in constexprs.items()))
-    return _compiled_shared(fn, signature, frozen, config.num_warps, config.num_stages, target)
+def shared_bytes(kernel: "Kernel", config: triton.Config, signature: Dict[str, str], constexprs: Dict[str, object],
+                 target) -> int:
+    """Shared memory in bytes that ``config`` of ``kernel`` needs with these argument types and constexpr
+    flags on ``target`` (a triton GPUTarget), as the compiler reports it (cached)."""
+    values = {**constexprs, **config.kwargs}
+    full = {name: ("constexpr" if name in values else signature[name]) for name in kernel.plain.arg_names}
+    frozen = tuple(sorted(values.items(), key=lambda kv: kv[0]))
+    return _compiled_shared(kernel.plain, tuple(full.items()), frozen, config.num_warps, config.num_stages, target)
 
 
 def shared_limit(device: torch.device) -> int:
@@ -174,14 +178,14 @@ def shared_limit(device: torch.device) -> int:
     if not limit:
         from triton.runtime import driver
 
-        limit = driver.active.utils.get_device_properties(props.index if hasattr(props, "index") else 0)["max_shared_mem"]
+        limit = driver.active.utils.get_device_properties(torch.device(device).index or 0)["max_shared_mem"]
     return int(limit)
 
 
-def fitting(kernel: "Kernel", configs: Sequence[triton.Config], named_args: Dict[str, object], target,
-            limit: int) -> list:
+def fitting(kernel: "Kernel", configs: Sequence[triton.Config], signature: Dict[str, str],
+            constexprs: Dict[str, object], target, limit: int) -> list:
     """The configs whose compiled shared memory fits ``limit``; ValueError naming the smallest need if none does."""
-    needs = [(resources(kernel, c, named_args, target), c) for c in configs]
+    needs = [(shared_bytes(kernel, c, signature, constexprs, target), c) for c in configs]
     kept = [c for need, c in needs if need <= limit]
     if not kept:
         smallest = min(needs, key=lambda t: t[0])
@@ -216,7 +220,9 @@ class Kernel:
 
         args = {**named_args, **kwargs}
         device = next(v.device for v in args.values() if isinstance(v, torch.Tensor))
-        return fitting(self, configs, args, driver.active.get_current_target(), shared_limit(device))
+        constexprs = {k: v for k, v in args.items() if k in self.constexpr_names}
+        return fitting(self, configs, signature_of(self, args), constexprs, driver.active.get_current_target(),
+                       shared_limit(device))
 
     def check_aliases(self, args: Sequence[object]) -> None:
         """Raise if an argument the autotuner may zero overlaps any other tensor argument."""

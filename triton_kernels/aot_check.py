@@ -1,15 +1,19 @@
-"""Compile every kernel for a CUDA target on a machine without a GPU.
+"""Compile every kernel for a CUDA target on a machine without a GPU, and check that it fits.
 
 The interpreter checks the arithmetic but not what only the real compiler enforces
-(tl.dot's minimum block sizes and dtype rules, constexpr branches, PTX assembly). This
-runs the real compiler (to cubin, with the ptxas bundled in the triton wheel) for each
-kernel, flag combination and dtype, with the CUDA autotune configs:
+(tl.dot's minimum block sizes and dtype rules, constexpr branches, PTX assembly) nor what
+the hardware allows. This runs the real compiler (to cubin, with the ptxas bundled in the
+triton wheel) for each kernel, flag combination and dtype, with the CUDA autotune configs,
+and checks with ``_launch.fitting`` (the pruner the autotuner runs on a GPU) that for
+every one of them at least one config fits the shared memory of the target (H200/H100:
+232,448 bytes per block) up to the largest rank the kernels take (``MAX_RANK``):
 
     env -u TRITON_INTERPRET python -m peftkern.triton_kernels.aot_check [--quick] [--arch 90 80]
 
-``--quick`` compiles one config per kernel (the first, the largest) in bf16 for the first
-arch. Exit status 1 if anything fails to compile; shared memory per kernel is printed
-(the autotuner skips configs that do not fit the device).
+``--quick`` compiles bf16 for the first arch only, and per kernel only the flag set with
+the largest rank block (where shared memory is tightest). Exit status 1 if anything fails to
+compile or no config fits; each config's shared memory is printed, marked ``pruned`` when
+it exceeds the limit (the autotuner never launches it).
 """
 from __future__ import annotations
 
@@ -20,31 +24,48 @@ import sys
 from typing import Dict, List, Tuple
 
 ACC_POINTERS = {"f_ptr", "gt_ptr", "du_ptr", "dh_ptr", "da_ptr", "z_ptr"}  # fp32 scratch (fp64 for fp64)
+FLOAT_ARGS = {"p", "inv"}
+INT64_ARGS = {"seed"}
+SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in): H100/H200, A100
 
-# (module, kernel attribute, flag combinations)
+# (module, kernel attribute, flag combinations); BLOCK_R 128 is the largest rank the kernels take
 KERNELS: List[Tuple[str, str, List[Dict[str, object]]]] = [
     ("adapter_forward", "_GEMM", [
-        dict(HAS_BASE=True, HAS_BIAS=True, HAS_LOWRANK=True, FUSE_SHRINK=False, STORE_H=False, BLOCK_R=16),
-        dict(HAS_BASE=True, HAS_BIAS=True, HAS_LOWRANK=True, FUSE_SHRINK=True, STORE_H=True, BLOCK_R=32),
-        dict(HAS_BASE=False, HAS_BIAS=False, HAS_LOWRANK=True, FUSE_SHRINK=False, STORE_H=False, BLOCK_R=16),
-        dict(HAS_BASE=True, HAS_BIAS=False, HAS_LOWRANK=False, FUSE_SHRINK=False, STORE_H=False, BLOCK_R=16)]),
-    ("shrink", "_SHRINK", [dict(HAS_U=True, STORE_H=True, BLOCK_R=16)]),
+        dict(HAS_BASE=True, HAS_BIAS=True, HAS_LOWRANK=True, FUSE_SHRINK=False, STORE_H=False, MASK_INPUT=False,
+             MASK_LOWRANK=False, BLOCK_R=16),
+        dict(HAS_BASE=True, HAS_BIAS=True, HAS_LOWRANK=True, FUSE_SHRINK=True, STORE_H=True, MASK_INPUT=True,
+             MASK_LOWRANK=False, BLOCK_R=32),
+        dict(HAS_BASE=True, HAS_BIAS=False, HAS_LOWRANK=True, FUSE_SHRINK=False, STORE_H=False, MASK_INPUT=False,
+             MASK_LOWRANK=True, BLOCK_R=128),
+        dict(HAS_BASE=False, HAS_BIAS=False, HAS_LOWRANK=True, FUSE_SHRINK=False, STORE_H=False, MASK_INPUT=False,
+             MASK_LOWRANK=True, BLOCK_R=16),
+        dict(HAS_BASE=True, HAS_BIAS=False, HAS_LOWRANK=False, FUSE_SHRINK=False, STORE_H=False, MASK_INPUT=False,
+             MASK_LOWRANK=False, BLOCK_R=16)]),
+    ("shrink", "_SHRINK", [dict(HAS_U=True, STORE_H=True, DROPOUT=True, BLOCK_R=16),
+                           dict(HAS_U=False, STORE_H=True, DROPOUT=False, BLOCK_R=128)]),
     ("adapter_backward", "_DY_PASS", [dict(HAS_U=True, COMPUTE_DH=True, COMPUTE_GT=True, COMPUTE_DU=True, BLOCK_R=32),
                                       dict(HAS_U=False, COMPUTE_DH=True, COMPUTE_GT=False, COMPUTE_DU=False,
-                                           BLOCK_R=16)]),
-    ("adapter_backward", "_GRAD_A", [dict(BLOCK_R=16)]),
+                                           BLOCK_R=16),
+                                      dict(HAS_U=True, COMPUTE_DH=True, COMPUTE_GT=True, COMPUTE_DU=True,
+                                           BLOCK_R=128)]),
+    ("adapter_backward", "_GRAD_A", [dict(DROPOUT=True, BLOCK_R=16), dict(DROPOUT=False, BLOCK_R=128)]),
     ("hypernet", "_FWD", [dict(STORE_Z=True)]),
     ("hypernet", "_BWD", [dict(COMPUTE_DW2=True, COMPUTE_DB2=True, COMPUTE_DH=True)]),
 ]
 
 
-def _signature(fn, constexprs: Dict[str, object], io: str, acc: str) -> Dict[str, str]:
+def signature(kernel, io: str, acc: str) -> Dict[str, str]:
+    """Argument types by the kernels' naming convention (pointers, the dropout seed and rates, int sizes)."""
     sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
+    for name in kernel.plain.arg_names:
+        if name in kernel.constexpr_names:
+            continue
+        if name.endswith("_ptr"):
             sig[name] = "*" + (acc if name in ACC_POINTERS else io)
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name in INT64_ARGS:
+            sig[name] = "i64"
         else:
             sig[name] = "i32"
     return sig
@@ -59,10 +80,10 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("aot_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
         return 2
-    import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+
+    from . import _launch
 
     tl_types = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
     archs = args.arch[:1] if args.quick else args.arch
@@ -70,24 +91,29 @@ def main(argv=None) -> int:
     failures = 0
     for module, attr, flag_sets in KERNELS:
         kernel = getattr(importlib.import_module(f"peftkern.triton_kernels.{module}"), attr)
-        configs = kernel.tuned.configs[:1] if args.quick else kernel.tuned.configs
+        if args.quick:
+            flag_sets = [max(flag_sets, key=lambda f: f.get("BLOCK_R", 0))]
+        configs = kernel.tuned.configs
         for io in dtypes:
             acc = "fp64" if io == "fp64" else "fp32"
             dot = {"DOT_DT": tl_types[io], "ACC_DT": tl_types[acc], "PREC": "ieee"}
+            sig = signature(kernel, io, acc)
             for arch in archs:
+                target, limit = GPUTarget("cuda", arch, 32), SHARED_LIMIT.get(arch, 101376)
                 for flags in flag_sets:
-                    for cfg in configs:
-                        constexprs = {**flags, **cfg.kwargs, **dot}
-                        src = ASTSource(kernel.plain, _signature(kernel.plain, constexprs, io, acc), constexprs)
-                        what = f"{kernel.name} {io} sm{arch} {cfg.kwargs} {flags}"
-                        try:
-                            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                                      options={"num_warps": cfg.num_warps,
-                                                               "num_stages": cfg.num_stages})
-                            print(f"ok   {what} shared={compiled.metadata.shared}")
-                        except Exception as exc:  # report every failure, then fail at the end
-                            failures += 1
-                            print(f"FAIL {what}: {type(exc).__name__}: {exc}")
+                    constexprs = {**flags, **dot}
+                    what = f"{kernel.name} {io} sm{arch} {flags}"
+                    try:
+                        for cfg in configs:
+                            need = _launch.shared_bytes(kernel, cfg, sig, constexprs, target)
+                            mark = "ok    " if need <= limit else "pruned"
+                            print(f"{mark} {what} {cfg.kwargs} warps={cfg.num_warps} stages={cfg.num_stages} "
+                                  f"shared={need}")
+                        _launch.fitting(kernel, configs, sig, constexprs, target, limit)
+                        print(f"fits   {what}")
+                    except Exception as exc:  # report every failure, then fail at the end
+                        failures += 1
+                        print(f"FAIL   {what}: {type(exc).__name__}: {exc}")
     print(f"aot_check: {failures} failure(s)")
     return 1 if failures else 0
 

@@ -22,8 +22,6 @@ counted as ``torch_kernels (rank > 128)`` in ``launch_counts()`` and explain() n
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from peftkern.ops import torch_kernels
@@ -170,4 +168,4 @@ KERNELS = register("triton", {
     "hypernet_forward": hypernet_forward, "hypernet_backward": hypernet_backward,
 })
 
-BACKEND = Backend.of("triton", ("cuda", "cpu"), KERNELS, path=_path)
+BACKEND = Backend.of("triton", ("cuda", "cpu"), KERNELS, path=_path, dropout_mask=dropout_mask)

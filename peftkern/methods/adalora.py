@@ -11,14 +11,14 @@ lora_B = P, lora_E = Λ (as [r, 1]), lora_A = Q.
 * Λ of all slots is one [slots, init_r] Parameter (each slot reads its row), so masking is
   one ``masked_fill_``; P and Q stay per slot, with PEFT's shapes, so that the importance
   means reduce exactly as PEFT's do.
-* Allocation (``peftkern.allocator.ImportanceAllocator``) runs from a global optimizer-step
+* Allocation (``methods/allocator.ImportanceAllocator``) runs from a global optimizer-step
   post hook after every step of an optimizer that holds these parameters; under
   transformers.Trainer add ``peftkern.AllocatorCallback()`` to keep the step in sync.
 * The orthogonality regulariser is added to ``outputs.loss`` by a root forward hook when the
   output carries a loss (PEFT's ``AdaLoraModel.forward``); custom loops that compute the
   loss themselves add ``peftkern.orthogonal_regularization(model)``. ``orth_form="peft"``
-  (default) is PEFT's mean over the P and Q matrices of ‖G − I‖_F; ``"squared"`` is the
-  issue's γ(‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F) averaged over slots.
+  (default) is PEFT's mean over the P and Q matrices of ‖G − I‖_F; ``"squared"`` is
+  HyperAdaLoRA eq. (7)'s γ(‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F), averaged over slots.
 * Saving drops pruned components physically: each slot's saved P, Λ, Q keep only its kept
   components (variable rank per slot), and ``extra_config`` carries the rank pattern;
   ``merge`` folds only the kept components. As in PEFT, masking zeroes Λ in place on
@@ -29,125 +29,44 @@ lora_B = P, lora_E = Λ (as [r, 1]), lora_A = Q.
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .. import allocator as alloc
-from ..factors import AdapterState, Factors, Plan
+from .. import checks
+from ..factors import Factors, Plan
 from ..ops import importance
-from .registry import DEFAULT_RANK, Method, register
+from . import allocator as alloc
+from .registry import Method, register
+from .svd import SVDOptions, SVDState, normal, orthogonality_from_distances, resolve_rank
 
 Tensor = torch.Tensor
 
 PEFT_RANKNUM_EPS = 1e-5  # PEFT divides by (ranknum + 1e-5); see the module docstring
-INIT_STD = 0.02
-
-
-# --- validation shared with hyper_adalora ----------------------------------------------------------
-
-
-def resolve_ranks(rank: Optional[int], target_r: Optional[int], init_r: Optional[int]) -> Tuple[int, int]:
-    """The public ``rank`` is the target average rank. target_r defaults to it (8 when neither
-    is given) and init_r to round(1.5·target_r) (12 for 8, PEFT's defaults). ``rank`` is None
-    when the caller did not pass one, so an explicit rank that disagrees with target_r is an error."""
-    if target_r is not None:
-        target_r = alloc.check_int("target_r", target_r, 1)
-        if rank is not None and target_r != rank:
-            raise ValueError(f"rank={rank} and target_r={target_r} disagree: for AdaLoRA-style methods rank is the "
-                             f"target average rank, so pass rank={target_r} (and init_r to size the factors)")
-    target = target_r if target_r is not None else (DEFAULT_RANK if rank is None else rank)
-    init = max(round(1.5 * target), target) if init_r is None else alloc.check_int("init_r", init_r, 1)
-    if target > init:
-        raise ValueError(f"target_r ({target}) must not exceed init_r ({init}): ranks are only ever pruned")
-    return target, init
-
-
-def check_beta(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
-        raise ValueError(f"{name} must be a real number strictly between 0 and 1, got {value!r}")
-    return float(value)
-
-
-# --- the orthogonality regulariser (shared with hyper_adalora) ---------------------------------------
-
-ORTH_FORMS = ("peft", "squared")
-
-
-def orthogonality(grams: Sequence[Tensor], n_slots: int, form: str) -> Tensor:
-    """Distance of P and Q from orthogonality, from their r×r Gram matrices (PᵀP and QQᵀ,
-    any batch shape [..., r, r]).
-
-    ``"peft"``: PEFT's AdaLoRA term, the mean over all P and Q matrices of ‖G − I‖_F (not squared).
-    ``"squared"``: HyperAdaLoRA eq. (7), ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F, averaged over slots.
-    """
-    r = grams[0].shape[-1]
-    eye = torch.eye(r, device=grams[0].device, dtype=grams[0].dtype)
-    diff = torch.cat([(g - eye).reshape(-1, r * r) for g in grams])  # one row per matrix
-    if form == "peft":  # vector_norm, as PEFT's torch.norm: a zero gradient (not NaN) at exact orthogonality
-        return torch.linalg.vector_norm(diff, dim=1).mean()
-    return (diff * diff).sum() / n_slots
-
-
-def orthogonality_from_distances(distances: Tensor, n_slots: int, form: str) -> Tensor:
-    """``orthogonality`` from the per-matrix distances ‖G − I‖_F (ops.importance.gram_distances)."""
-    if form == "peft":
-        return distances.mean()
-    return (distances * distances).sum() / n_slots
-
-
-def check_orth(weight: Any, form: Any) -> None:
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not weight >= 0:
-        raise ValueError(f"orth_reg_weight must be a real number >= 0, got {weight!r}")
-    if form not in ORTH_FORMS:
-        raise ValueError(f"orth_form={form!r} is not valid; valid choices: {', '.join(ORTH_FORMS)}")
 
 
 @dataclass
-class AdaLoraOptions:
-    """PEFT's AdaLoraConfig fields and defaults. ``rank`` (patch's argument) is target_r.
+class AdaLoraOptions(SVDOptions):
+    """PEFT's AdaLoraConfig fields and defaults (svd.SVDOptions) plus the importance EMAs."""
 
-    Mutable on purpose: ``resolve_rank`` fills target_r and init_r from ``rank`` so the
-    saved config records the values actually used."""
-
-    target_r: Optional[int] = None  # default: rank
-    init_r: Optional[int] = None  # default: round(1.5 * target_r), 12 for 8 as in PEFT
-    tinit: int = 0
-    tfinal: int = 0
-    deltaT: int = 1
     beta1: float = 0.85
     beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    orth_form: str = "peft"  # "peft" (‖G−I‖_F, PEFT) or "squared" (‖G−I‖²_F, HyperAdaLoRA eq. 7)
-    total_step: Union[int, str, None] = None  # required: an int, or "auto" under the Trainer callback
 
     def validate(self, plan: Plan) -> None:
-        self.schedule(len(plan.slots))
-        self.beta1 = check_beta("beta1", self.beta1)
-        self.beta2 = check_beta("beta2", self.beta2)
-        check_orth(self.orth_reg_weight, self.orth_form)
-
-    def schedule(self, n_slots: int) -> alloc.Schedule:
-        return alloc.Schedule.checked(self.init_r, self.target_r, n_slots, self.tinit, self.tfinal, self.deltaT,
-                                      self.total_step)
+        super().validate(plan)
+        self.beta1 = checks.real("beta1", self.beta1, 0.0, 1.0, low_open=True, high_open=True)
+        self.beta2 = checks.real("beta2", self.beta2, 0.0, 1.0, low_open=True, high_open=True)
 
 
-def resolve_rank(rank: Optional[int], opts: Any) -> int:
-    """The registry's hook: fills target_r and init_r, and sizes the factors at init_r."""
-    opts.target_r, opts.init_r = resolve_ranks(rank, opts.target_r, opts.init_r)
-    return opts.init_r
-
-
-class AdaLoraState(AdapterState):
+class AdaLoraState(SVDState):
     def __init__(self, plan: Plan):
         super().__init__(plan)
         opts: AdaLoraOptions = plan.options
         r = plan.rank  # init_r (resolve_rank sized the plan with it)
-        self.P = nn.ParameterList(nn.Parameter(_normal(plan, s.out_features, r)) for s in plan.slots)
-        self.Q = nn.ParameterList(nn.Parameter(_normal(plan, r, s.in_features)) for s in plan.slots)
+        self.P = nn.ParameterList(nn.Parameter(normal(plan, s.out_features, r)) for s in plan.slots)
+        self.Q = nn.ParameterList(nn.Parameter(normal(plan, r, s.in_features)) for s in plan.slots)
         self.lam = nn.Parameter(nn.init.zeros_(plan.new_tensor(len(plan.slots), r)))
         alpha = plan.alpha if plan.alpha > 0 else float(r)  # PEFT: scaling = lora_alpha if > 0 else r
         self.scale = alpha / (r + PEFT_RANKNUM_EPS)
@@ -165,9 +84,6 @@ class AdaLoraState(AdapterState):
         return list(self.P), self.lam, list(self.Q)
 
     # --- integration ----------------------------------------------------------------------------
-    def attach(self, model: nn.Module) -> List[Any]:
-        return [alloc.attach_step_hook(self), alloc.attach_loss_hook(model, self)]
-
     def after_optimizer_step(self) -> None:
         self.allocator.on_optimizer_step()
 
@@ -186,14 +102,6 @@ class AdaLoraState(AdapterState):
                 "u": f"Λ: per module, trained, masked ({kept}/{self.plan.rank} kept)", "v": "1 (identity)",
                 "importance": self.allocator.importance_path, "orthogonality": self.orthogonality_path}
 
-    def effective_rank(self, slot: int) -> int:
-        """Components kept by the current rank pattern (syncs; not on the hot path)."""
-        return self.allocator.kept(slot)
-
-    def rank_pattern(self) -> Dict[str, List[bool]]:
-        """{module path: [kept?] * init_r} (syncs)."""
-        return {s.path: row for s, row in zip(self.plan.slots, self.allocator.rank_pattern())}
-
     @torch.no_grad()
     def delta_weight(self, slot: int) -> Tensor:
         """ΔW = s·P·diag(Λ)·Q: exactly what the forward adds (a pruned component has Λ = 0 and
@@ -202,9 +110,7 @@ class AdaLoraState(AdapterState):
         return self.scale * ((self.P[slot] * self.lam[slot]) @ self.Q[slot])
 
     def extra_config(self) -> Dict[str, Any]:
-        return {"rank_pattern": self.rank_pattern(), "saved_components": self._saved_components(),
-                "init_r": self.plan.rank, "target_r": self.plan.options.target_r,
-                "allocator_step": self.allocator.global_step}
+        return {**super().extra_config(), "saved_components": self._saved_components()}
 
     # --- persistence: pruned components are dropped -------------------------------------------------
     def _live(self) -> Tensor:
@@ -265,14 +171,11 @@ class AdaLoraState(AdapterState):
         return saved_rows, keep_rows
 
 
-def _normal(plan: Plan, *shape: int) -> Tensor:
-    return nn.init.normal_(plan.new_tensor(*shape), mean=0.0, std=INIT_STD)
-
-
 def _builder(plan: Plan) -> AdaLoraState:
     return AdaLoraState(plan)
 
 
 register(Method("adalora", "AdaLoRA: SVD triple P·Λ·Q per module, importance-based rank allocation (PEFT 0.21)",
                 AdaLoraOptions, _builder, default_alpha=lambda r: 8.0,
-                paper="Zhang et al. 2023 (AdaLoRA); PEFT's AdaLoraConfig defaults", resolve_rank=resolve_rank))
+                paper="Zhang et al. 2023 (AdaLoRA); PEFT's AdaLoraConfig defaults",
+                resolve_rank=resolve_rank, training_length="total_step", rslora=False))

@@ -21,7 +21,7 @@ rank components (see that module).
                        to NaN (benchmarks/results/hyperadalora_convergence.md), which is why it
                        is not the default.
 
-Pruning: every ``prune_every`` (ΔT) optimizer steps of the budgeting phase, and once more
+Pruning: every ``deltaT`` (ΔT; formerly ``prune_every``) optimizer steps of the budgeting phase, and once more
 at total_step - tfinal, the smallest |Λ| among unpruned components (globally across slots)
 are pruned so that the number kept meets AdaLoRA's cubic budget schedule (init_r, target_r,
 tinit, tfinal, total_step). A persistent mask buffer is applied to the generated Λ.
@@ -38,56 +38,46 @@ the factors are cached until a parameter, state or mask changes (``_version`` co
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .. import allocator as alloc
-from ..factors import AdapterState, Factors, Plan
+from .. import checks
+from ..factors import Factors, Plan
 from ..hypernets.state_update import CORES, StateUpdateNet
-from .adalora import check_orth, orthogonality, resolve_rank
+from . import allocator as alloc
 from .registry import Method, register
+from .svd import SVDOptions, SVDState, normal, orthogonality, renamed, resolve_rank
 
 Tensor = torch.Tensor
-INIT_STD = 0.02
 STATE_UPDATES = ("advance", "fixed")
 
 
 @dataclass
-class HyperAdaLoraOptions:
-    target_r: Optional[int] = None  # default: rank
-    init_r: Optional[int] = None  # default: round(1.5 * target_r)
-    tinit: int = 0
-    tfinal: int = 0
-    prune_every: int = 1  # ΔT
-    total_step: Union[int, str, None] = None  # required: an int, or "auto" under the Trainer callback
+class HyperAdaLoraOptions(SVDOptions):
+    """The schedule of svd.SVDOptions (``deltaT``: prune every ΔT steps) plus the hypernetworks."""
+
     hypernet: str = "attention"  # "attention" (BERT layer) | "mlp" | "cnn"
     hidden_dim: int = 32  # token width h inside the hypernetworks
     heads: int = 4  # attention heads of the "attention" core
     state_update: str = "fixed"  # "fixed" (S stays at init) | "advance" (S ← G after each step, eq. 4 literally)
     orth_reg_weight: float = 0.1  # γ of eq. (7)
     orth_form: str = "squared"  # eq. (7); "peft" is adalora's unsquared form
+    prune_every: Optional[int] = None  # deprecated name of deltaT
+
+    def __post_init__(self):
+        renamed(self, "prune_every", "deltaT")
 
     def validate(self, plan: Plan) -> None:
-        if self.hypernet not in CORES:
-            raise ValueError(f"unknown hypernet {self.hypernet!r}; valid choices: {', '.join(CORES)}")
-        if self.state_update not in STATE_UPDATES:
-            raise ValueError(f"unknown state_update {self.state_update!r}; valid choices: {', '.join(STATE_UPDATES)}")
-        for name in ("hidden_dim", "heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        checks.choice("hypernet", self.hypernet, tuple(CORES))
+        checks.choice("state_update", self.state_update, STATE_UPDATES)
+        checks.integer("hidden_dim", self.hidden_dim)
+        checks.integer("heads", self.heads)
         if self.hypernet == "attention" and self.hidden_dim % self.heads:
             raise ValueError(f"hidden_dim={self.hidden_dim} must be divisible by heads={self.heads}")
-        self.schedule(len(plan.slots))
-        check_orth(self.orth_reg_weight, self.orth_form)
-
-    def schedule(self, n_slots: int) -> alloc.Schedule:
-        return alloc.Schedule.checked(self.init_r, self.target_r, n_slots, self.tinit, self.tfinal, self.prune_every,
-                                      self.total_step, deltaT_name="prune_every")
+        super().validate(plan)
 
 
 class _Stack(nn.Module):
@@ -123,22 +113,18 @@ def _groups(lengths: List[int]) -> Tuple[List[int], List[List[int]]]:
     return list(members), list(members.values())
 
 
-class HyperAdaLoraState(AdapterState):
+class HyperAdaLoraState(SVDState):
     def __init__(self, plan: Plan):
         super().__init__(plan)
         opts: HyperAdaLoraOptions = plan.options
         r, n = plan.rank, len(plan.slots)
-        self.opts = opts
         self.scale = plan.alpha / r
         p_len, self._p_members = _groups([s.out_features for s in plan.slots])
         q_len, self._q_members = _groups([s.in_features for s in plan.slots])
 
-        def normal(*shape):
-            return nn.init.normal_(plan.new_tensor(*shape), 0.0, INIT_STD)
-
-        self.state_P = _Stack([normal(len(m), r, L) for L, m in zip(p_len, self._p_members)])
-        self.state_lam = _Stack([normal(n, r, 1)])
-        self.state_Q = _Stack([normal(len(m), r, L) for L, m in zip(q_len, self._q_members)])
+        self.state_P = _Stack([normal(plan, len(m), r, L) for L, m in zip(p_len, self._p_members)])
+        self.state_lam = _Stack([normal(plan, n, r, 1)])
+        self.state_Q = _Stack([normal(plan, len(m), r, L) for L, m in zip(q_len, self._q_members)])
         net = dict(core=opts.hypernet, hidden_dim=opts.hidden_dim, heads=opts.heads, backend=plan.backend,
                    device=plan.device, dtype=plan.dtype)
         self.H_P = StateUpdateNet(p_len, **net)
@@ -194,8 +180,10 @@ class HyperAdaLoraState(AdapterState):
 
     # --- integration ----------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> List[Any]:
-        pre = model.register_forward_pre_hook(_MarkStale(self))
-        return [alloc.attach_step_hook(self), pre, alloc.attach_loss_hook(model, self)]
+        return [*super().attach(model), model.register_forward_pre_hook(_MarkStale(self))]
+
+    def generators(self) -> List[nn.Module]:
+        return [self.H_P, self.H_lam, self.H_Q]
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -225,16 +213,6 @@ class HyperAdaLoraState(AdapterState):
         return {"A": f"Q: {how}", "B": f"P: {how}", "v": "1 (identity)", "state": self.opts.state_update,
                 "u": f"Λ: {how}, masked ({self.effective_rank(slot)}/{self.plan.rank} kept)"}
 
-    def effective_rank(self, slot: int) -> int:
-        return self.allocator.kept(slot)
-
-    def rank_pattern(self) -> Dict[str, List[bool]]:
-        return {s.path: row for s, row in zip(self.plan.slots, self.allocator.rank_pattern())}
-
-    def extra_config(self) -> Dict[str, Any]:
-        return {"rank_pattern": self.rank_pattern(), "init_r": self.plan.rank, "target_r": self.opts.target_r,
-                "allocator_step": self.allocator.global_step}
-
     def load_saved(self, tensors: Dict[str, Tensor], extra: Dict[str, Any]) -> None:
         super().load_saved(tensors, extra)  # Φ, the states and the mask: the state_dict
         self.allocator.reload()
@@ -258,4 +236,5 @@ def _builder(plan: Plan) -> HyperAdaLoraState:
 
 register(Method("hyper_adalora", "HyperAdaLoRA: P, Λ, Q generated from per-slot states by shared hypernetworks "
                 "(attention/mlp/cnn); |Λ| pruning to AdaLoRA's budget", HyperAdaLoraOptions, _builder,
-                default_alpha=lambda r: 8.0, paper="HyperAdaLoRA (seed 001), eqs. 4-7", resolve_rank=resolve_rank))
+                default_alpha=lambda r: 8.0, paper="HyperAdaLoRA (seed 001), eqs. 4-7",
+                resolve_rank=resolve_rank, training_length="total_step", rslora=False))

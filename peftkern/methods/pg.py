@@ -238,6 +238,9 @@ class PGState(AdapterState):
     def attach(self, model: nn.Module) -> List[Any]:
         return self._pass.attach(model)
 
+    def generators(self) -> List[nn.Module]:
+        return [gen for gens in self.hypernets for gen in gens.values()]
+
     def describe_slot(self, slot: int) -> Dict[str, str]:
         def what(f: str) -> str:
             src = self.sources[slot].get(f)

@@ -3,6 +3,17 @@
 A method is data plus one small builder. Adding one means writing an options dataclass
 (its fields are the method's options, with their defaults) with a ``validate(plan)``
 method, and a builder ``Plan -> AdapterState``; patching and the ops do not change.
+
+What a method declares, and where the rest of the engine asks for it (nothing outside
+this registry and the state asks a method about itself by name or by attribute):
+
+    Method.options / build / default_alpha / paper     the method as data (here)
+    Method.resolve_rank      rank -> the rank that sizes factors (AdaLoRA: target_r -> init_r)
+    Method.training_length   the option that takes the run's optimizer-step count (total_step)
+    Method.per_module_rank   whether rank_pattern / alpha_pattern may vary ranks per module
+    Method.rslora            whether the scale is α/r (so use_rslora's α/√r applies)
+    AdapterState.rank_allocator(), after_optimizer_step(), rank_pattern(), generators(),
+    regularization(), extra_config(), tensors_for_save() / load_saved()   (factors.py)
 """
 from __future__ import annotations
 
@@ -24,6 +35,13 @@ class Method:
     # hook to turn the public ``rank`` argument into the method's own ranks (AdaLoRA's
     # target_r/init_r); returns the rank that sizes the factors
     resolve_rank: Optional[Callable[[int, Any], int]] = None
+    # name of the option that must equal the run's number of optimizer steps (AdaLoRA's
+    # schedule length); a training loop fills it when it is not given or is "auto"
+    training_length: Optional[str] = None
+    # whether ranks and alphas may differ per module (PEFT's rank_pattern / alpha_pattern)
+    per_module_rank: bool = False
+    # whether the scale is α/r, so that rsLoRA's α/√r (use_rslora) applies
+    rslora: bool = True
 
 
 DEFAULT_RANK = 8  # patch(rank=None) means this, for every method
@@ -54,6 +72,16 @@ def names() -> List[str]:
 
 def summaries() -> Dict[str, str]:
     return {n: _METHODS[n].summary for n in names()}
+
+
+def with_training_length(name: str, options: Mapping[str, Any], total_steps: int) -> Dict[str, Any]:
+    """``options`` with the method's training-length option set to ``total_steps`` when the method
+    has one and it is not given or is "auto" (a loop knows its length; users should not have to)."""
+    option = get(name).training_length
+    out = dict(options)
+    if option is not None and out.get(option) in (None, "auto"):
+        out[option] = total_steps
+    return out
 
 
 def parse_options(method: Method, options: Mapping[str, Any]) -> Any:

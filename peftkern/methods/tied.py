@@ -69,6 +69,11 @@ class LoraOptions:
     train: str = "AB"  # "B" gives LEFT's A_F B_L: A frozen random, B trained
     joint: bool = False
 
+    def validate(self, plan: Plan) -> None:
+        if self.joint and (plan.rank_pattern or plan.alpha_pattern):
+            raise ValueError("rank_pattern / alpha_pattern need one A per module, but joint=True shares one A "
+                             "per layer; use one or the other")
+
     def config(self) -> Config:
         train = _letters(self.train, "AB", "train")
         if "B" not in train:
@@ -124,14 +129,15 @@ class TiedState(AdapterState):
         if tied_b:
             self.B = nn.Parameter(init.B(plan, max(group_n), r), requires_grad="B" in config.train)
         self.groups = nn.ModuleList()
-        for k, n in zip(group_k, group_n):
+        for k, n, member in zip(group_k, group_n, members):
+            rg = plan.slot_rank(plan.slots[member[0]])  # per-module ranks exist only without tying or joint groups
             g = _Group()
-            register_optional(g, "A", None if tied_a else init.A(plan, r, k), "A" in config.train)
-            register_optional(g, "B", None if tied_b else init.B(plan, n, r), "B" in config.train)
-            register_optional(g, "u", init.u(plan, r) if "u" in config.train else None, True)
+            register_optional(g, "A", None if tied_a else init.A(plan, rg, k), "A" in config.train)
+            register_optional(g, "B", None if tied_b else init.B(plan, n, rg), "B" in config.train)
+            register_optional(g, "u", init.u(plan, rg) if "u" in config.train else None, True)
             register_optional(g, "v", init.v(plan, n) if "v" in config.train else None, True)
             self.groups.append(g)
-        self._members = [len(m) for m in members]
+        self._scales = [plan.slot_scale(s) for s in plan.slots]
 
     def factors(self, slot: int) -> Factors:
         gi = self._group_of[slot]
@@ -143,7 +149,7 @@ class TiedState(AdapterState):
         if B.shape[0] != hi - lo:
             B = B[lo:hi]
         v = None if g.v is None else (g.v if g.v.shape[0] == hi - lo else g.v[lo:hi])
-        return Factors(A, B, g.u, v, self.plan.scale, None if self._joint is None else self._joint[gi])
+        return Factors(A, B, g.u, v, self._scales[slot], None if self._joint is None else self._joint[gi])
 
     def describe_slot(self, slot: int) -> Dict[str, str]:
         c = self.config
@@ -249,7 +255,7 @@ def _builder(plan: Plan) -> TiedState:
 
 
 register(Method("lora", "LoRA: per-module A (Kaiming) and B (zero), both trained", LoraOptions, _builder,
-                default_alpha=lambda r: 8.0, paper="Hu et al. 2021; PEFT defaults"))
+                default_alpha=lambda r: 8.0, paper="Hu et al. 2021; PEFT defaults", per_module_rank=True))
 register(Method("tied_lora", "Tied-LoRA: A/B tied across layers, any of A, B, u, v trained (Table 1)",
                 TiedLoraOptions, _builder, default_alpha=lambda r: float(r), paper="Tied-LoRA eq. (1), Table 1"))
 register(Method("vera", "VeRA: frozen shared random A, B from a seed; u, v trained", VeraOptions, _builder,

@@ -53,15 +53,18 @@ class Backend:
     hypernet_backward: Callable
     # (N, K, r, dtype) -> the code path a module of that shape runs, for explain()
     path: Optional[Callable[[int, int, int, object], str]] = None
+    # (seed, M, K, p, like) -> keep [M, K] in {0, 1}: the dropout mask the kernels apply for a
+    # call with that seed (for tests and diagnostics; the kernels never store it)
+    dropout_mask: Optional[Callable] = None
 
     def path_for(self, N: int, K: int, r: int, dtype) -> str:
         return self.path(N, K, r, dtype) if self.path is not None else self.name
 
     @classmethod
     def of(cls, name: str, devices: Tuple[str, ...], kernels: Dict[str, Callable],
-           path: Optional[Callable] = None) -> "Backend":
+           path: Optional[Callable] = None, dropout_mask: Optional[Callable] = None) -> "Backend":
         """A backend from ``library.register``'s kernels (a dict by kernel name)."""
-        return cls(name, tuple(devices), path=path, **kernels)
+        return cls(name, tuple(devices), path=path, dropout_mask=dropout_mask, **kernels)
 
 
 __all__ = ["Backend", "BackendUnavailable"]

@@ -141,7 +141,8 @@ def _path(N: int, K: int, r: int, dtype) -> str:
     return "cpp cost model (fused | merged | addmm, per call)"
 
 
-BACKEND = Backend.of("cpp", ("cpu",) + (("cuda",) if _C.WITH_CUDA else ()), KERNELS, path=_path)
+BACKEND = Backend.of("cpp", ("cpu",) + (("cuda",) if _C.WITH_CUDA else ()), KERNELS, path=_path,
+                     dropout_mask=dropout_mask)
 
 
 # --- AdaLoRA's step ops (not part of the adapter's Backend) ------------------------------------------

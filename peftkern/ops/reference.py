@@ -37,6 +37,17 @@ def adapter(
     return expand(x, weight, bias, shrink(x, A, u), B, v, scale)
 
 
+def dropped(x: Tensor, keep: Tensor, p: float) -> Tensor:
+    """D(x) = x ⊙ keep / (1 - p): inverted dropout with a given mask (keep in {0, 1}, x's shape)."""
+    return x * keep / (1.0 - p)
+
+
+def adapter_with_dropout(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, u: Optional[Tensor],
+                         v: Optional[Tensor], scale: float, keep: Tensor, p: float) -> Tensor:
+    """y = W0·x (+ bias) + s·(v ⊙ (B·(u ⊙ (A·D(x))))): dropout on the adapter's input only (PEFT's lora_dropout)."""
+    return expand(x, weight, bias, shrink(dropped(x, keep, p), A, u), B, v, scale)
+
+
 def shrink(x: Tensor, A: Tensor, u: Optional[Tensor]) -> Tensor:
     """hu = u ⊙ (A·x): the rank-r hidden state. In the joint-QKV form one hu serves q, k and v."""
     h = F.linear(x, A)

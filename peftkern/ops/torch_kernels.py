@@ -198,4 +198,9 @@ KERNELS = register("torch", {
     "hypernet_forward": hypernet_forward, "hypernet_backward": hypernet_backward,
 })
 
-BACKEND = Backend.of("torch", ("cpu", "cuda", "mps", "xpu", "meta"), KERNELS)
+def dropout_mask(seed: Tensor, M: int, K: int, p: float, like: Tensor) -> Tensor:
+    """The mask the kernels above apply for a call with ``seed``: keep [M, K] in {0, 1}, like ``like``."""
+    return keep_mask(seed, (M, K), p, like.device, like.dtype)
+
+
+BACKEND = Backend.of("torch", ("cpu", "cuda", "mps", "xpu", "meta"), KERNELS, dropout_mask=dropout_mask)

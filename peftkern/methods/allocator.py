@@ -23,7 +23,6 @@ Step convention (PEFT's): allocation for step t runs after the t-th ``optimizer.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -32,7 +31,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .ops import importance
+from .. import checks
+from ..ops import importance
 
 Tensor = torch.Tensor
 
@@ -40,14 +40,6 @@ AUTO = "auto"  # total_step="auto": filled in later from transformers.Trainer's 
 
 
 # --- the schedule ----------------------------------------------------------------------------------
-
-
-def check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -66,8 +58,8 @@ class Schedule:
     @staticmethod
     def checked(init_r: int, target_r: int, n_slots: int, tinit: Any, tfinal: Any, deltaT: Any, total_step: Any,
                 deltaT_name: str = "deltaT") -> "Schedule":
-        tinit, tfinal = check_int("tinit", tinit, 0), check_int("tfinal", tfinal, 0)
-        deltaT = check_int(deltaT_name, deltaT, 1)
+        tinit, tfinal = checks.integer("tinit", tinit, 0), checks.integer("tfinal", tfinal, 0)
+        deltaT = checks.integer(deltaT_name, deltaT, 1)
         if total_step is None:
             raise ValueError("total_step is required (the number of optimizer steps, as PEFT's AdaLoraConfig needs "
                              "it): pass total_step=N, or total_step='auto' under transformers.Trainer with "
@@ -76,7 +68,7 @@ class Schedule:
         return s if total_step == AUTO else s.with_total_step(total_step)
 
     def with_total_step(self, total_step: Any) -> "Schedule":
-        total = check_int("total_step", total_step, 1)
+        total = checks.integer("total_step", total_step, 1)
         if self.tinit >= total - self.tfinal:  # PEFT's own check: there must be a budgeting phase
             raise ValueError(f"total_step={total} leaves no budgeting phase after tinit={self.tinit} and before "
                              f"tfinal={self.tfinal}: total_step must be greater than tinit + tfinal "
@@ -261,7 +253,7 @@ class ImportanceAllocator(ScheduledAllocator):
 
 
 class MagnitudePruner(ScheduledAllocator):
-    """Every ``prune_every`` steps of the budgeting phase, and once more at total_step - tfinal,
+    """Every ``deltaT`` steps of the budgeting phase, and once more at total_step - tfinal,
     prune the k smallest |Λ| among unpruned components (globally) so that exactly ``budget``
     remain. The mask is persistent: a pruned component never returns."""
 
@@ -379,26 +371,5 @@ def attach_loss_hook(model: nn.Module, state: nn.Module) -> Any:
     return model.register_forward_hook(_LossHook(state))
 
 
-# --- public helpers --------------------------------------------------------------------------------
-
-
-def orthogonal_regularization(model: nn.Module) -> Optional[Tensor]:
-    """The adapter's regulariser (weight included), for custom loops that compute the loss
-    themselves. Models whose output carries ``loss`` already get it added by a forward hook."""
-    from .patching import state_of  # patching imports the methods, which import this module
-
-    return state_of(model).regularization()
-
-
-def rank_pattern(model: nn.Module) -> dict:
-    """{module path: [kept?] * init_r} of an adalora or hyper_adalora model (reads the device mask)."""
-    from .patching import state_of
-
-    state = state_of(model)
-    if not hasattr(state, "rank_pattern"):
-        raise ValueError(f"method {state.plan.method!r} has no rank pattern; only adalora and hyper_adalora do")
-    return state.rank_pattern()
-
-
-__all__ = ["AUTO", "Schedule", "ScheduledAllocator", "ImportanceAllocator", "MagnitudePruner", "check_int",
-           "attach_step_hook", "attach_loss_hook", "orthogonal_regularization", "rank_pattern"]
+__all__ = ["AUTO", "Schedule", "ScheduledAllocator", "ImportanceAllocator", "MagnitudePruner",
+           "attach_step_hook", "attach_loss_hook"]

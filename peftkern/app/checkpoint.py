@@ -45,13 +45,18 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import distributed, patching
-from .allocator import ScheduledAllocator
-from .io import fsync_dir, trained_outside_adapter
+from ..factors import state_of
+from ..files import fsync_dir
+from ..peft_format import trained_outside_adapter
+from ..methods.allocator import ScheduledAllocator
+from . import distributed
 
 log = logging.getLogger("peftkern")
 
 FOLDER = "checkpoints"
+# Tensor-name prefixes in a checkpoint's safetensors file: the adapter state, the parameters
+# trained outside it (the head), and the rank allocator's buffers.
+STATE, HEAD, ALLOCATOR = "state.", "head.", "allocator."
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TMP_PREFIX = ".tmp-"
 TENSORS, TRAINER, MANIFEST = "state.safetensors", "trainer_state.pt", "manifest.json"
@@ -120,17 +125,21 @@ def _as_tuple(obj: Any) -> Any:
 
 
 def _allocator(model: nn.Module) -> Optional[ScheduledAllocator]:
-    allocator = getattr(patching.state_of(model), "allocator", None)
-    return allocator if isinstance(allocator, ScheduledAllocator) else None
+    return state_of(model).rank_allocator()
 
 
 def _tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
-    out = {f"state.{k}": v for k, v in patching.state_of(model).state_dict().items()}
-    out.update({f"head.{k}": v for k, v in trained_outside_adapter(model).items()})
+    out = {STATE + k: v for k, v in state_of(model).state_dict().items()}
+    out.update({HEAD + k: v for k, v in trained_outside_adapter(model).items()})
     allocator = _allocator(model)
     if allocator is not None:
-        out.update({f"allocator.{k}": v for k, v in allocator.checkpoint()["buffers"].items()})
+        out.update({ALLOCATOR + k: v for k, v in allocator.checkpoint()["buffers"].items()})
     return out
+
+
+def _strip(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    """The tensors stored under ``prefix``, by their names without it."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _config_dict(config: Any) -> Dict[str, Any]:
@@ -315,18 +324,17 @@ def restore(loaded: Loaded, config: Any, model: nn.Module, optimizer, scheduler,
     _check_optimizer(loaded.trainer["optimizer"], optimizer, where)
     rngs = loaded.trainer["rng"]
     # --- checked: now change things ---
-    state = patching.state_of(model)
-    state.load_state_dict({k[6:]: v for k, v in loaded.tensors.items() if k.startswith("state.")}, strict=True)
+    state = state_of(model)
+    state.load_state_dict(_strip(loaded.tensors, STATE), strict=True)
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for k, v in loaded.tensors.items():
-            if k.startswith("head."):
-                params[k[5:]].copy_(v)
+        for k, v in _strip(loaded.tensors, HEAD).items():
+            params[k].copy_(v)
     allocator = _allocator(model)
     if allocator is not None:
         counters = m["allocator"]
         allocator.restore({"global_step": counters["global_step"], "total_step": counters["total_step"],
-                           "buffers": {k[10:]: v for k, v in loaded.tensors.items() if k.startswith("allocator.")}})
+                           "buffers": _strip(loaded.tensors, ALLOCATOR)})
     optimizer.load_state_dict(loaded.trainer["optimizer"])
     scheduler.load_state_dict(loaded.trainer["scheduler"])
     sampler.resume_epoch(loaded.trainer["data_order"], m["step_in_epoch"])

@@ -10,7 +10,6 @@ order, so the same seed gives the same metric on the same machine.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -23,8 +22,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from . import api, checkpoint, distributed, glue, health, io as pk_io, report
-from .methods import registry
+from .. import api, io as pk_io
+from ..methods import registry
+from . import checkpoint, distributed, glue, report
+from .monitor import FiniteMonitor
+from .report import RunResult
 
 log = logging.getLogger("peftkern")
 
@@ -41,7 +43,7 @@ def default_model() -> str:
 
 def embedded_data_dir() -> str:
     """The small SST-2 sample shipped with peftkern (see peftkern/data/README.md)."""
-    return str(Path(__file__).resolve().parent / "data")
+    return str(Path(__file__).resolve().parents[1] / "data")
 
 
 @dataclass
@@ -92,26 +94,6 @@ class RunConfig:
         if out.batch_size <= 0 or out.epochs <= 0:
             raise ValueError(f"batch size and epochs must be positive, got {out.batch_size} and {out.epochs}")
         return out
-
-
-@dataclass
-class RunResult:
-    task: str
-    method: str
-    metric: str  # name: accuracy | matthews | pearson
-    value: float  # the reported metric (final epoch; with --split-dev, the epoch chosen on dev)
-    seed: int
-    epochs: List[Dict[str, float]]  # per epoch: train_loss, eval_metric, eval_loss (and dev_metric)
-    step_losses: List[float]
-    seconds: float
-    sizes: Dict[str, int]
-    trainable: Dict[str, int]
-    backend: str
-    output_dir: Optional[str] = None
-    config: Dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> Dict[str, Any]:
-        return asdict(self)
 
 
 def seed_everything(seed: int) -> None:
@@ -167,16 +149,6 @@ def train_fresh_modules(model: nn.Module, fresh: Sequence[str]) -> List[str]:
                 p.requires_grad_(True)
             made.append(name)
     return made
-
-
-def with_training_length(method: str, options: Dict[str, Any], total_steps: int) -> Dict[str, Any]:
-    """Fill a method's ``total_step`` option (AdaLoRA's schedule length) with the loop's optimizer-step
-    count when it is not given or is "auto": the loop knows its length, the user should not have to."""
-    fields = {f.name for f in dataclasses.fields(registry.get(method).options)}
-    if "total_step" in fields and options.get("total_step") in (None, "auto"):
-        log.info("peftkern: %s total_step = %d (the run's optimizer steps)", method, total_steps)
-        return {**options, "total_step": total_steps}
-    return dict(options)
 
 
 def _encode(tokenizer, ds, max_length: int) -> List[Dict[str, Any]]:
@@ -299,7 +271,7 @@ def finetune(config: RunConfig) -> RunResult:
     its share of every global batch (``batch_size`` stays the global batch), metrics are
     reduced over ranks and rank 0 alone writes. ``save_every`` checkpoints and ``resume``
     continues from the last checkpoint (peftkern.checkpoint); a non-finite loss or factor
-    stops the run with ``health.NonFiniteError`` naming where it appeared.
+    stops the run with ``peftkern.NonFiniteError`` naming where it appeared.
     """
     cfg = config.resolved()
     task = glue.get_task(cfg.task)
@@ -316,7 +288,10 @@ def finetune(config: RunConfig) -> RunResult:
     evals = {name: _eval_loader(tokenizer, _encode(tokenizer, ds, cfg.max_length), cfg.eval_batch_size, ctx)
              for name, ds in (("eval", splits.eval), ("dev", splits.dev)) if ds is not None}
     total = cfg.epochs * len(train)
-    options = with_training_length(cfg.method, cfg.options, total)
+    options = registry.with_training_length(cfg.method, cfg.options, total)
+    if options != cfg.options:
+        log.info("peftkern: %s options filled from the run's %d optimizer steps: %s", cfg.method, total,
+                 {k: v for k, v in options.items() if cfg.options.get(k) != v})
     api.patch(model, cfg.method, rank=cfg.rank, targets=cfg.targets, alpha=cfg.alpha, backend=cfg.backend, **options)
     unfrozen = train_fresh_modules(model, [f for f in fresh if f])
     if unfrozen:
@@ -329,7 +304,7 @@ def finetune(config: RunConfig) -> RunResult:
     if cfg.resume:
         run, rng = checkpoint.resume_latest(out_dir, cfg, model, optimizer, scheduler, sampler, ctx)
     # On the CPU reading the loss costs nothing, so a single process checks it every step, before the update.
-    monitor = health.FiniteMonitor(model, start_step=run.step, every=LOG_EVERY if ctx.enabled else 1, ctx=ctx)
+    monitor = FiniteMonitor(model, start_step=run.step, every=LOG_EVERY if ctx.enabled else 1, ctx=ctx)
     saver = checkpoint.Checkpointer(out_dir, cfg, model, optimizer, scheduler, sampler, ctx, cfg.save_every,
                                     before_save=lambda: monitor.check(ctx)) if cfg.save_every else None
     trained = distributed.wrap_ddp(model, ctx)
@@ -380,7 +355,7 @@ def finetune(config: RunConfig) -> RunResult:
 
 
 def train_epoch(model: nn.Module, loader, optimizer, scheduler, bar, show_loss: bool,
-                run: Optional[checkpoint.RunState] = None, monitor: Optional[health.FiniteMonitor] = None,
+                run: Optional[checkpoint.RunState] = None, monitor: Optional[FiniteMonitor] = None,
                 saver: Optional[checkpoint.Checkpointer] = None, weight=lambda: 1.0) -> List[torch.Tensor]:
     """One pass over ``loader``; appends the per-step losses to ``run.epoch_losses`` as device tensors
     (no host sync per step: the progress bar reads the loss back once every LOG_EVERY steps) and

@@ -6,17 +6,35 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List
+from dataclasses import asdict, field
+from typing import Any, Dict, List, Optional
 
-from .io import atomic_write
+from ..files import atomic_write
 
-if TYPE_CHECKING:  # train imports this module
-    from .train import RunResult
+
+@dataclass
+class RunResult:
+    task: str
+    method: str
+    metric: str  # name: accuracy | matthews | pearson
+    value: float  # the reported metric (final epoch; with --split-dev, the epoch chosen on dev)
+    seed: int
+    epochs: List[Dict[str, float]]  # per epoch: train_loss, eval_metric, eval_loss (and dev_metric)
+    step_losses: List[float]
+    seconds: float
+    sizes: Dict[str, int]
+    trainable: Dict[str, int]
+    backend: str
+    output_dir: Optional[str] = None
+    config: Dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
 class Summary:
-    results: List["RunResult"]
+    results: List[RunResult]
 
     @property
     def values(self) -> List[float]:
@@ -42,7 +60,7 @@ class Summary:
                 "seconds": [r.seconds for r in self.results]}
 
 
-def write_outputs(out_dir: Path, results: List["RunResult"]) -> None:
+def write_outputs(out_dir: Path, results: List[RunResult]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = results[0].to_json() if len(results) == 1 else [r.to_json() for r in results]
     atomic_write(out_dir / "metrics.json", (json.dumps(payload, indent=2) + "\n").encode())
@@ -56,7 +74,7 @@ def write_summary(out_dir: Path, summary: Summary) -> None:
     plot_curves(out_dir / "curves.png", summary.results)
 
 
-def plot_curves(path: Path, results: List["RunResult"]) -> None:
+def plot_curves(path: Path, results: List[RunResult]) -> None:
     """Training loss per step (left) and the evaluation metric per epoch (right), one line per seed."""
     import matplotlib
 

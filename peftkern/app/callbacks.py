@@ -22,18 +22,17 @@ from typing import Any, Optional
 import torch
 from transformers.trainer_callback import TrainerCallback
 
-from . import patching
-from .allocator import ScheduledAllocator
+from ..factors import state_of
 
 log = logging.getLogger("peftkern")
 
 
 def _state_of(model: Any):
     inner = getattr(model, "module", model)  # DDP / DataParallel wrappers
-    state = patching.state_of(inner)
-    if not isinstance(getattr(state, "allocator", None), ScheduledAllocator):
-        raise ValueError(f"AllocatorCallback is for adalora and hyper_adalora; this model uses "
-                         f"{state.plan.method!r}, which has no rank allocator")
+    state = state_of(inner)
+    if state.rank_allocator() is None:
+        raise ValueError(f"AllocatorCallback is for methods that allocate ranks (adalora, hyper_adalora); this "
+                         f"model uses {state.plan.method!r}, which has no rank allocator")
     return state
 
 
@@ -50,7 +49,7 @@ class AllocatorCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._state = st = _state_of(model)
-        allocator = st.allocator
+        allocator = st.rank_allocator()
         if allocator.schedule.total_step is None:
             allocator.set_total_step(state.max_steps)
             log.info("peftkern: total_step filled from Trainer max_steps = %d", state.max_steps)
@@ -64,12 +63,12 @@ class AllocatorCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._state is not None:
-            self._state.allocator.global_step = state.global_step
+            self._state.rank_allocator().global_step = state.global_step
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         st: Optional[Any] = self._state
         # The hook has already run for hookable optimizers; allocating here too would double it.
-        if st is not None and self._manual and st.allocator.global_step == state.global_step:
+        if st is not None and self._manual and st.rank_allocator().global_step == state.global_step:
             st.after_optimizer_step()
 
 

@@ -227,13 +227,6 @@ class ShardedBatches(torch.utils.data.Sampler):
 # --- models ---------------------------------------------------------------------------------------
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / DataParallel wrappers (FSDP2 does not wrap: it returns the model)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
-
-
 def wrap_ddp(model: nn.Module, ctx: Context, **ddp_kwargs: Any) -> nn.Module:
     """``model`` under DistributedDataParallel, or unchanged in a single process.
 
@@ -253,4 +246,4 @@ def wrap_ddp(model: nn.Module, ctx: Context, **ddp_kwargs: Any) -> nn.Module:
 
 
 __all__ = ["Context", "context", "init_from_env", "shutdown", "quiet_unless_main", "mean_across", "all_true",
-           "gather_objects", "barrier", "shard", "ShardedBatches", "unwrap", "wrap_ddp", "BACKENDS"]
+           "gather_objects", "barrier", "shard", "ShardedBatches", "wrap_ddp", "BACKENDS"]

@@ -227,7 +227,7 @@ def format_table(summary) -> str:
 
 
 def cmd_params(args) -> int:
-    from . import api
+    from .. import api
     from .train import default_model
 
     rank = PAPER["rank"] if args.rank is None else args.rank
@@ -238,7 +238,7 @@ def cmd_params(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .methods import registry
+    from ..methods import registry
 
     summaries = registry.summaries()
     width = max(len(n) for n in summaries)

@@ -1,0 +1,63 @@
+"""Writing files safely: atomic replacement, fsync, safetensors bytes, JSON of config values.
+
+Shared by the native adapter files (io.py), the PEFT export (peft_format.py) and the
+application's checkpoints.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a mix."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    try:  # makes the rename itself durable; not every platform can open a directory
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def safetensors_bytes(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    from safetensors.torch import save as st_save
+
+    # own contiguous CPU copies: safetensors refuses tensors that share memory (tied views)
+    return st_save({k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()},
+                   metadata={"format": "pt", **(metadata or {})})
+
+
+def json_default(obj: Any) -> Any:
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, (torch.dtype, torch.device)):
+        return str(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+__all__ = ["atomic_write", "fsync_dir", "safetensors_bytes", "json_default"]

@@ -1,0 +1,310 @@
+"""The standard PEFT LoRA format, both ways: ``export_peft`` writes any method's adapter as a PEFT
+LoRA adapter, ``load_peft`` reads one into a model as peftkern's ``lora`` method.
+
+A PEFT LoRA adapter is ``adapter_config.json`` (a LoraConfig) and ``adapter_model.safetensors``
+with ``base_model.model.<module>.lora_A.weight`` [r, K] and ``.lora_B.weight`` [N, r] per
+module, and the full weights of ``modules_to_save``. PEFT adds s·B·A to the module, with
+s = lora_alpha / r (lora_alpha / √r with use_rslora), per-module r and alpha from
+``rank_pattern`` and ``alpha_pattern``.
+
+Export chooses the exact form per adapter: when no module has a u or v factor (lora, PG,
+tied factors without u/v), A and B are written as they are with the real alpha, rsLoRA
+flag, dropout and rank/alpha patterns, so that ``load_peft`` then ``export_peft`` gives the
+same adapter back. Otherwise (VeRA, Tied-LoRA with u/v, AdaLoRA) each module is folded:
+lora_A = u⊙A, lora_B = s·(v⊙B), alpha = r (PEFT's scale 1), dropping AdaLoRA's pruned
+components (per-module ranks in ``rank_pattern``). Either way PEFT computes the same ΔW.
+
+``load_peft`` refuses, naming them, config fields it does not know and features it does
+not implement (DoRA, bias training, LoftQ initialisation, layer subsets, ...): a setting
+is never silently ignored (cf. huggingface/peft#3582).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import patching, targets as targets_mod
+from .factors import AdapterState, Plan, state_of
+from .files import atomic_write, json_default, safetensors_bytes
+from .version import __version__
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+PathLike = Union[str, os.PathLike]
+
+# LoraConfig fields load_peft honours, and those that carry no meaning for the weights.
+SUPPORTED = {"r", "lora_alpha", "target_modules", "lora_dropout", "fan_in_fan_out", "use_rslora", "modules_to_save",
+             "rank_pattern", "alpha_pattern"}
+METADATA = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+            "inference_mode", "init_lora_weights",  # how PEFT initialises: irrelevant once weights are loaded
+            "megatron_core", "qalora_group_size",  # read only together with megatron_config / use_qalora
+            "runtime_config", "ensure_weight_tying"}
+# Fields of features peftkern does not implement: accepted only at their neutral value (PEFT 0.21's default).
+NEUTRAL: Dict[str, Any] = {
+    "bias": "none", "use_dora": False, "lora_bias": False, "exclude_modules": None, "layers_to_transform": None,
+    "layers_pattern": None, "megatron_config": None, "trainable_token_indices": None, "loftq_config": {},
+    "eva_config": None, "corda_config": None, "lora_ga_config": None, "velora_config": None,
+    "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None, "layer_replication": None,
+    "target_parameters": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
+}
+
+
+def trained_outside_adapter(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Every trainable parameter that the adapter state does not own (the task head), by model name.
+
+    Found by identity against the state's parameters and by ``requires_grad``, never by name.
+    """
+    own = {id(p) for p in state_of(model).parameters()}
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and id(p) not in own}
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+def export_peft(model: nn.Module, directory: PathLike, skip_empty: bool = False) -> Optional[Path]:
+    """Write the adapter of a patched ``model`` as a standard PEFT LoRA adapter with the same ΔW.
+
+    Tensors are written in the adapter's dtype (module docstring for the two forms).
+    Parameters trained outside the adapter (a classification head) go to ``modules_to_save``.
+    Raises ValueError for a merged model (unmerge first), and when every module has effective
+    rank 0 (nothing to export; with ``skip_empty`` it then writes nothing and returns None).
+    peft itself is not needed to write this.
+    """
+    state = state_of(model)
+    merged = [p for p, m in patching.adapted_modules(model) if m.merged]
+    if merged:
+        raise ValueError(f"cannot export a merged model (merged: {merged[:3]}); call peftkern.unmerge(model) first, "
+                         "so that the exported adapter applies to the original base weights")
+    plan = state.plan
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        factors = {s.path: state.factors(s.index) for s in plan.slots}
+        raw = all(f.u is None and f.v is None for f in factors.values())
+        pairs = {s.path: (_raw_factors(factors[s.path]) if raw else peft_factors(state, s.index)) for s in plan.slots}
+    pairs = {path: ab for path, ab in pairs.items() if ab[0].shape[0] > 0}  # rank 0: ΔW = 0, nothing to add
+    if not pairs:
+        if skip_empty:
+            return None
+        raise ValueError("nothing to export: every adapted module has effective rank 0 (ΔW = 0)")
+    tensors: Dict[str, torch.Tensor] = {}
+    for path, (lora_a, lora_b) in pairs.items():
+        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = lora_a
+        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = lora_b
+    heads = sorted({name.rpartition(".")[0] for name in trained_outside_adapter(model)})
+    for module_path in heads:
+        for pname, t in modules[module_path].state_dict().items():
+            tensors[f"{PEFT_PREFIX}{module_path}.{pname}"] = t
+    ranks = {path: ab[0].shape[0] for path, ab in pairs.items()}
+    if raw:
+        alphas = {s.path: plan.slot_alpha(s) for s in plan.slots if s.path in ranks}
+        alpha, rslora = plan.alpha, plan.use_rslora
+    else:  # folded: the scale is in lora_B, PEFT's own scale must be 1
+        alphas, alpha, rslora = {p: float(r) for p, r in ranks.items()}, float(plan.rank), False
+    transposed = any(targets_mod.is_transposed(modules[p].base_layer) for p in ranks)
+    config = _config(model, plan, ranks, alphas, alpha, rslora, heads, transposed)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # Provenance goes in the safetensors header, which PEFT ignores; in adapter_config.json
+    # an unknown key makes peft warn on every load.
+    provenance = {"peftkern": json.dumps({"method": plan.method, "version": __version__,
+                                          "form": "raw" if raw else "folded"}, default=json_default)}
+    atomic_write(directory / PEFT_WEIGHTS_NAME, safetensors_bytes(tensors, provenance))
+    atomic_write(directory / PEFT_CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    return directory
+
+
+def _raw_factors(f) -> Tuple[torch.Tensor, torch.Tensor]:
+    return f.A.detach().contiguous(), f.B.detach().contiguous()
+
+
+def peft_factors(state: AdapterState, slot: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(lora_A [r', K], lora_B [N, r']) with lora_B·lora_A = ΔW of ``slot`` (PEFT scaling 1)."""
+    f = state.factors(slot)
+    a = f.A if f.u is None else f.u.unsqueeze(1) * f.A
+    b = f.B if f.v is None else f.v.unsqueeze(1) * f.B
+    b = b * f.scale
+    if f.u is not None and state.effective_rank(slot) < f.A.shape[0]:
+        keep = torch.nonzero(f.u != 0).flatten()  # pruned components have u = 0: dropping them is exact
+        a, b = a.index_select(0, keep), b.index_select(1, keep)
+    return a.detach().contiguous(), b.detach().contiguous()
+
+
+def _config(model: nn.Module, plan: Plan, ranks: Dict[str, int], alphas: Dict[str, float], alpha: float,
+            rslora: bool, modules_to_save: List[str], fan_in_fan_out: bool) -> Dict[str, Any]:
+    r = plan.rank
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return {
+        "peft_type": "LORA", "task_type": targets_mod.peft_task_type(model), "base_model_name_or_path": name,
+        "r": r, "lora_alpha": alpha, "use_rslora": rslora,
+        "rank_pattern": {re.escape(p): v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {re.escape(p): v for p, v in alphas.items() if v != alpha},
+        "target_modules": sorted(ranks), "modules_to_save": modules_to_save or None,
+        "fan_in_fan_out": fan_in_fan_out, "lora_dropout": plan.dropout, "bias": "none",
+        "use_dora": False, "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
+        "layers_pattern": None, "revision": None,
+    }
+
+
+# --- import ---------------------------------------------------------------------------------------
+
+
+def read_peft_config(directory: Path) -> Dict[str, Any]:
+    """Parse a PEFT LoRA ``adapter_config.json``; ValueError names every field that is unknown or set
+    to a feature peftkern does not implement."""
+    path = directory / PEFT_CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is missing: not a PEFT adapter directory")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({exc}); the file is corrupt") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object")
+    if config.get("format") == "peftkern":
+        raise ValueError(f"{str(path)!r} is a peftkern adapter: load it with peftkern.load(model, directory)")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{str(path)!r} is a {config.get('peft_type')!r} adapter; load_peft reads LoRA adapters "
+                         "(peft_type 'LORA')")
+    unknown = sorted(set(config) - SUPPORTED - METADATA - set(NEUTRAL))
+    if unknown:
+        raise ValueError(f"{str(path)!r} has field(s) this version does not know: {', '.join(unknown)}; "
+                         "refusing to guess what they change")
+    unsupported = [f"{k}={config[k]!r}" for k, neutral in NEUTRAL.items()
+                   if k in config and not _neutral(config[k], neutral)]
+    if unsupported:
+        raise ValueError(f"{str(path)!r} uses LoRA features peftkern does not implement: {', '.join(unsupported)} "
+                         "(it loads plain LoRA: A, B, alpha, rsLoRA, dropout, rank/alpha patterns, modules_to_save)")
+    return config
+
+
+def _neutral(value: Any, neutral: Any) -> bool:
+    empty = (None, {}, [], "")
+    return value == neutral or (neutral in empty and value in empty)
+
+
+def _alpha_for(path: str, pattern: Dict[str, Any], default: Any) -> Any:
+    """PEFT's lookup: the first key such that the module path ends with it (as a regex)."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def load_peft(model: nn.Module, directory: PathLike, backend: str = "auto") -> nn.Module:
+    """Patch ``model`` with the PEFT LoRA adapter in ``directory`` (as peftkern's ``lora``) and return it.
+
+    The adapter's A and B are trainable, so it can be trained further, run on peftkern's
+    kernels, merged, saved or exported again (``export_peft`` writes back an equal adapter).
+    Per-module ranks and alphas (``rank_pattern``, ``alpha_pattern``), rsLoRA, dropout and
+    ``modules_to_save`` are honoured; ``fan_in_fan_out`` is checked against the modules
+    (GPT-2's Conv1D is fan-in-fan-out by construction). Raises (FileNotFoundError,
+    ValueError) before the model is modified for a missing or corrupt file, an unknown or
+    unsupported config field, a module the model does not have, or a shape that differs.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = read_peft_config(directory)
+    weights = directory / PEFT_WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{str(weights)!r} is missing: the adapter has a config but no tensors")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as exc:  # safetensors has its own error types for each kind of damage
+        raise ValueError(f"{str(weights)!r} is not a readable safetensors file: {exc}") from exc
+    pairs, heads = _split(tensors)
+    modules = dict(model.named_modules())
+    missing = [p for p in pairs if p not in modules]
+    if missing:
+        raise ValueError(f"the adapter adapts module(s) this model does not have: {missing[:4]}")
+    _check_fan_in_fan_out(config, [modules[p] for p in pairs])
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    ranks = {p: ab["A"].shape[0] for p, ab in pairs.items()}
+    alphas = {p: _alpha_for(p, config.get("alpha_pattern") or {}, alpha) for p in pairs}
+    p = patching.plan(model, "lora", r, sorted(pairs, key=list(modules).index), alpha, backend,
+                      dropout=config.get("lora_dropout", 0.0), use_rslora=bool(config.get("use_rslora", False)),
+                      rank_pattern={re.escape(k): v for k, v in ranks.items() if v != r},
+                      alpha_pattern={re.escape(k): v for k, v in alphas.items() if v != alpha},
+                      modules_to_save=list(heads) or None)
+    state = patching.build(p)
+    head_values = _check_heads(model, heads)
+    with torch.no_grad():
+        for slot in p.slots:
+            f = state.factors(slot.index)
+            for name, dst in (("A", f.A), ("B", f.B)):
+                src = pairs[slot.path][name]
+                if tuple(src.shape) != tuple(dst.shape):
+                    raise ValueError(f"lora_{name} of {slot.path} has shape {tuple(src.shape)}; this model's module "
+                                     f"needs {tuple(dst.shape)}")
+        for slot in p.slots:  # checked: now copy
+            f = state.factors(slot.index)
+            f.A.copy_(pairs[slot.path]["A"].to(f.A))
+            f.B.copy_(pairs[slot.path]["B"].to(f.B))
+    patching.commit(model, state, backend)
+    with torch.no_grad():
+        for param, value in head_values:
+            param.copy_(value.to(param))
+    return model
+
+
+def _split(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict[str, Dict]]:
+    """{module path: {"A", "B"}} and {head module path: {param name: tensor}} from PEFT's keys."""
+    pairs: Dict[str, Dict[str, torch.Tensor]] = {}
+    heads: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise ValueError(f"tensor {key!r} is not under {PEFT_PREFIX!r}: not a PEFT adapter file")
+        name = key[len(PEFT_PREFIX):]
+        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name)
+        if m:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = t
+            continue
+        if ".lora_" in name:
+            raise ValueError(f"tensor {key!r} is a LoRA tensor peftkern does not read (lora_A/lora_B weights only)")
+        module, _, param = name.replace(".modules_to_save", "").rpartition(".")
+        heads.setdefault(module, {})[param] = t
+    incomplete = [p for p, ab in pairs.items() if set(ab) != {"A", "B"}]
+    if incomplete:
+        raise ValueError(f"module(s) {incomplete[:4]} have lora_A or lora_B but not both")
+    if not pairs:
+        raise ValueError("the adapter file holds no lora_A / lora_B weights")
+    return pairs, heads
+
+
+def _check_fan_in_fan_out(config: Dict[str, Any], modules: List[nn.Module]) -> None:
+    stated = bool(config.get("fan_in_fan_out", False))
+    actual = {targets_mod.is_transposed(m) for m in modules}
+    if actual != {stated}:
+        warnings.warn(f"adapter_config.json says fan_in_fan_out={stated}, but the adapted modules store their "
+                      f"weights {'as [in, out] (Conv1D)' if True in actual else 'as [out, in] (Linear)'}; the "
+                      "factors are read in PEFT's layout either way (as PEFT itself corrects this)", UserWarning,
+                      stacklevel=3)
+
+
+def _check_heads(model: nn.Module, heads: Dict[str, Dict[str, torch.Tensor]]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for module_path, params in heads.items():
+        try:
+            module = model.get_submodule(module_path)
+        except AttributeError:
+            raise ValueError(f"the adapter saves module {module_path!r} (modules_to_save), which this model does "
+                             "not have") from None
+        own = dict(module.named_parameters())
+        for name, t in params.items():
+            if name not in own or tuple(own[name].shape) != tuple(t.shape):
+                have = tuple(own[name].shape) if name in own else "no such parameter"
+                raise ValueError(f"{module_path}.{name} is {tuple(t.shape)} in the adapter, {have} in this model")
+            out.append((own[name], t))
+    return out
+
+
+__all__ = ["export_peft", "load_peft", "peft_factors", "read_peft_config", "trained_outside_adapter",
+           "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME"]

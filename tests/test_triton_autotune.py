@@ -1,0 +1,110 @@
+"""Every Triton kernel through its real autotuner, on the CPU.
+
+Under the interpreter the kernels normally run one fixed config and never autotune, so
+what ``triton.autotune`` does to the arguments on a GPU (reset_to_zero before each config
+it benchmarks and before the chosen one) was never exercised: that is how the first GPU
+run got wrong gradients (a live factor passed as a stand-in for an unused accumulator
+was zeroed). Here the autotuned path is forced, with a benchmarker that runs each config
+once (../shared/tools/autotune_on_cpu.py's method), and every op is compared with the
+reference on a fresh autotune cache, for every trained subset. Pruning by shared memory
+needs a GPU target's compiler and is tested in test_triton_aot.py.
+"""
+import gc
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+import peftkern.triton_kernels as tk  # noqa: E402
+from peftkern.ops.functions import BoundOps  # noqa: E402
+from peftkern.triton_kernels import _launch  # noqa: E402
+from tests import opcheck  # noqa: E402
+
+ops = BoundOps(tk.BACKEND)
+KERNELS = [obj for obj in gc.get_objects() if isinstance(obj, _launch.Kernel)]
+
+
+BENCHED = []
+
+
+def _bench_once(kernel_call, quantiles):
+    BENCHED.append(1)
+    kernel_call()
+    return [1.0, 1.0, 1.0]
+
+
+@pytest.fixture
+def autotuned(monkeypatch):
+    """Route every launch through ``triton.autotune`` with all configs, on an empty cache."""
+    if not _launch.interpreting():
+        pytest.skip("forces the autotuner under the interpreter; on a GPU it runs for real")
+
+    def tuned_call(self, grid, *args, **kwargs):
+        _launch.count_launch(self.name)
+        self.check_aliases(args)
+        self.tuned[grid](*args, **kwargs)
+
+    monkeypatch.setattr(_launch.Kernel, "__call__", tuned_call)
+    for kernel in KERNELS:
+        monkeypatch.setitem(kernel.tuned.__dict__, "do_bench", _bench_once)
+        monkeypatch.setattr(kernel.tuned, "early_config_prune", None)
+        monkeypatch.setattr(kernel.tuned, "cache", {})
+    BENCHED.clear()
+    yield
+    assert len(BENCHED) > 1  # configs were really benchmarked, the reset hooks really ran
+    assert {k.name for k in KERNELS} >= {"lowrank_gemm", "shrink", "dy_pass", "grad_a", "hypernet_fwd",
+                                         "hypernet_bwd"}
+
+
+def test_every_kernel_has_several_configs():
+    assert all(len(k.tuned.configs) > 1 for k in KERNELS)
+
+
+@pytest.mark.parametrize("trained", ["xABuv", "xAB", "AB", "xB", "x", "uv", "xuv", "Auv"])
+def test_adapter_through_the_autotuner(autotuned, trained):
+    opcheck.compare_adapter(ops.adapter, 19, 33, 17, 4, trained=trained)
+
+
+@pytest.mark.parametrize("trained", ["xAB", "x", "AB", "xB"])
+def test_adapter_without_u_v_bias_through_the_autotuner(autotuned, trained):
+    """The failing GPU cases: B frozen or no u, so Gt or du is not asked for."""
+    opcheck.compare_adapter(ops.adapter, 19, 33, 17, 4, trained=trained, bias=False, u=False, v=False)
+
+
+def test_adapter_with_dropout_through_the_autotuner(autotuned):
+    opcheck.compare_adapter(ops.adapter, 19, 33, 17, 4, dropout=0.3, mask=tk.BACKEND.dropout_mask)
+
+
+def test_joint_through_the_autotuner(autotuned):
+    opcheck.compare_joint(ops.shrink, ops.expand, 19, 21, [21, 9], 4)
+
+
+@pytest.mark.parametrize("trained", ["E", "W2b2", "EW1b1W2b2"])
+def test_hypernet_through_the_autotuner(autotuned, trained):
+    """With only W2/b2 trained, dH is not needed: its accumulator must be a scratch tensor."""
+    g = torch.Generator().manual_seed(4)
+    names = ("E", "W1", "b1", "W2", "b2")
+    shapes = {"E": (9, 6), "W1": (20, 6), "b1": (20,), "W2": (33, 20), "b2": (33,)}
+    ts = {n: torch.randn(*shapes[n], generator=g).requires_grad_(n in trained) for n in names}
+    refs = {n: t.detach().double().requires_grad_(t.requires_grad) for n, t in ts.items()}
+    from peftkern.ops import reference
+
+    out, ref = ops.hypernet(*(ts[n] for n in names)), reference.hypernet(*(refs[n] for n in names))
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
+    gy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    out.backward(gy.float())
+    ref.backward(gy)
+    for n in names:
+        if n in trained:
+            torch.testing.assert_close(ts[n].grad.double(), refs[n].grad, rtol=2e-5, atol=2e-5)
+
+
+def test_an_aliased_reset_argument_is_refused():
+    """The guard itself: an accumulator that overlaps another argument never reaches the autotuner."""
+    from peftkern.triton_kernels.adapter_backward import _DY_PASS
+
+    g = torch.randn(8, 5)
+    fv = torch.randn(5, 16)
+    args = [g, fv, torch.randn(8, 16), fv, torch.empty(8, 16), torch.zeros(5, 16), fv]  # du aliases fv
+    with pytest.raises(RuntimeError, match="du_ptr.*overlaps"):
+        _DY_PASS.check_aliases(args)
