@@ -7,11 +7,10 @@ The engine is this package's top level (api, patching, layer, factors, targets, 
 hypernets, ops, io, health); ``peftkern.app`` is the fine-tuning application built on it
 (the ``peftkern`` command line, GLUE training, checkpoints, distributed runs).
 """
-from .api import (Counts, Explanation, count, explain, merge, methods, orthogonal_regularization, parameter_table,
-                  patch, rank_pattern, unmerge, unpatch)
+from .api import (Counts, Explanation, count, explain, load, load_peft, merge, methods, orthogonal_regularization,
+                  parameter_table, patch, rank_pattern, save, unmerge, unpatch)
 from .health import NonFiniteError, check_finite
-from .io import load, save
-from .peft_format import export_peft, load_peft
+from .peft_format import export_peft
 from .layer import AdaptedLinear
 from .version import __version__
 

@@ -9,8 +9,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from . import hf, io, patching, peft_format
 from . import methods as _methods
-from . import patching
 from .factors import is_patched, state_of
 from .ops import dispatch
 
@@ -49,6 +49,7 @@ def patch(model: nn.Module, method: str = "lora", rank: Optional[int] = None, ta
                       **options)
     state = patching.build(p)
     patching.commit(model, state, backend)
+    hf.bind(model)
     log.info("peftkern: patched %d modules with %r (rank %d, backend %r)", len(p.slots), method, p.rank, backend)
     return model
 
@@ -72,6 +73,7 @@ def unpatch(model: nn.Module, merge: bool = False) -> nn.Module:
                       "not bit for bit", RuntimeWarning, stacklevel=2)
         for _, m in layers:
             m.unmerge()
+    hf.unbind(model)
     return patching.uncommit(model)
 
 
@@ -126,6 +128,30 @@ def rank_pattern(model: nn.Module) -> Dict[str, List[bool]]:
         raise ValueError(f"method {state.plan.method!r} has no rank pattern; only methods that allocate ranks "
                          "(adalora, hyper_adalora) have one")
     return pattern
+
+
+def save(model: nn.Module, directory, peft: bool = True):
+    """Write the adapter (and a trained head) to ``directory``: peftkern's native files (exact method,
+    for ``load``) and, with ``peft``, the same ΔW as a standard PEFT LoRA adapter. See ``io.save``."""
+    return io.save(model, directory, peft=peft)
+
+
+def load(model: nn.Module, directory, backend: str = "auto") -> nn.Module:
+    """Patch an unpatched ``model`` with the adapter ``save`` (or ``save_pretrained``) wrote. Raises
+    FileNotFoundError / ValueError, before the model is modified, for missing, corrupt or misfitting
+    files. See ``io.load``."""
+    io.load(model, directory, backend)
+    hf.bind(model)
+    return model
+
+
+def load_peft(model: nn.Module, directory, backend: str = "auto") -> nn.Module:
+    """Patch ``model`` with a standard PEFT LoRA adapter (as ``lora``, trainable). Raises ValueError,
+    before the model is modified, naming unknown or unsupported config fields and misfits. See
+    ``peft_format.load_peft``."""
+    peft_format.load_peft(model, directory, backend)
+    hf.bind(model)
+    return model
 
 
 def methods() -> List[str]:

@@ -50,6 +50,7 @@ PEFT_CONFIG_NAME = "adapter_config.json"  # PEFT's names; the native files used 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "peftkern"
 STATE_PREFIX = STATE_ATTR + "."  # the state's tensors keep their names in the patched model
+ALLOCATOR_PREFIX = "allocator."  # a rank allocator's buffers (EMA scores), for an exact resume
 
 PathLike = Union[str, os.PathLike]
 
@@ -78,6 +79,12 @@ def write_native(model: nn.Module, directory: PathLike) -> Path:
     tensors = {STATE_PREFIX + k: t for k, t in state.tensors_for_save().items()}
     heads = trained_outside_adapter(model)
     tensors.update(heads)
+    allocator = state.rank_allocator()
+    counters = None
+    if allocator is not None:  # the EMA scores are optimizer-side state: PEFT drops them, a resume needs them
+        ckpt = allocator.checkpoint()
+        tensors.update({ALLOCATOR_PREFIX + k: v for k, v in ckpt["buffers"].items()})
+        counters = {"global_step": ckpt["global_step"], "total_step": ckpt["total_step"]}
     payload = safetensors_bytes(tensors)
     config = {
         "format": FORMAT,
@@ -90,6 +97,7 @@ def write_native(model: nn.Module, directory: PathLike) -> Path:
         "blocks": _block_count(model),
         "extra": state.extra_config(),
         "heads": sorted(heads),
+        "allocator": counters,
         "weights_sha256": hashlib.sha256(payload).hexdigest(),
     }
     text = json.dumps(config, indent=2, sort_keys=True, default=json_default) + "\n"
@@ -116,19 +124,66 @@ def load(model: nn.Module, directory: PathLike, backend: str = "auto") -> nn.Mod
     plan = _plan_from_config(model, config, backend)
     health.check_placement(model, plan.device, plan.dtype, [s.path for s in plan.slots])
     state = patching.build(plan)
+    apply = _load_into(model, state, config, tensors)  # raises, naming the first misfit, before any change
+    patching.commit(model, state, backend)
+    apply()
+    return model
+
+
+def restore(model: nn.Module, directory: PathLike) -> nn.Module:
+    """Put the adapter saved in ``directory`` into ``model``, which is already patched with the same
+    method, options and modules (a freshly patched model resuming a run, as the transformers
+    Trainer does from a checkpoint). Restores the factors, the head and a rank allocator's state.
+
+    Raises ValueError, before anything changes, naming the first setting or tensor that differs."""
+    state = state_of(model)
+    directory = Path(directory)
+    config = read_config(directory)
+    tensors = _read_tensors(directory, config)
+    saved = {k: config.get(k) for k in ("method", "size_rank", "alpha", "options", "dropout", "use_rslora",
+                                         "rank_pattern", "alpha_pattern")}
+    here = json.loads(json.dumps({**state.plan.describe(), "size_rank": state.plan.rank}, default=json_default))
+    differ = [k for k, v in saved.items() if v is not None and here.get(k) != v]
+    paths = [s["path"] for s in config["slots"]]
+    if paths != [s.path for s in state.plan.slots]:
+        differ.append("slots")
+    if differ:
+        k = differ[0]
+        raise ValueError(f"{str(directory)!r} was saved with {k}={saved.get(k, paths)!r}, but this model is patched "
+                         f"with {k}={here.get(k, [s.path for s in state.plan.slots])!r}; patch it the same way, or "
+                         "use peftkern.load on an unpatched model")
+    _load_into(model, state, config, tensors)()
+    return model
+
+
+def _load_into(model: nn.Module, state, config: Dict[str, Any], tensors: Dict[str, torch.Tensor]):
+    """Check the saved tensors against ``state`` and the model's head (raising before any change),
+    load the adapter's into the state, and return the function that copies the rest (the head
+    and the allocator's state), to be called once the state is committed."""
     adapter = {k[len(STATE_PREFIX):]: t for k, t in tensors.items() if k.startswith(STATE_PREFIX)}
-    heads = {k: t for k, t in tensors.items() if not k.startswith(STATE_PREFIX)}
+    scores = {k[len(ALLOCATOR_PREFIX):]: t for k, t in tensors.items() if k.startswith(ALLOCATOR_PREFIX)}
+    heads = {k: t for k, t in tensors.items() if not k.startswith((STATE_PREFIX, ALLOCATOR_PREFIX))}
     if sorted(heads) != sorted(config.get("heads", [])):
         raise ValueError(f"{WEIGHTS_NAME} holds head tensors {sorted(heads)} but {CONFIG_NAME} lists "
                          f"{sorted(config.get('heads', []))}")
     head_params = _check_heads(model, heads)
-    state.load_saved(adapter, config.get("extra", {}))  # raises, naming the first misfit, before any change
-    patching.commit(model, state, backend)
-    with torch.no_grad():
-        for name, t in heads.items():
-            head_params[name].copy_(t)
-            head_params[name].requires_grad_(True)
-    return model
+    allocator, counters = state.rank_allocator(), config.get("allocator")
+    if allocator is not None and counters:
+        own = dict(allocator.named_buffers())
+        bad = sorted(set(scores) ^ set(own)) or [k for k in scores if tuple(scores[k].shape) != tuple(own[k].shape)]
+        if bad:
+            raise ValueError(f"the adapter's allocator state does not fit this model (first misfit: {bad[0]!r})")
+    state.load_saved(adapter, config.get("extra", {}))
+
+    def rest() -> None:
+        with torch.no_grad():
+            for name, t in heads.items():
+                head_params[name].copy_(t)
+                head_params[name].requires_grad_(True)
+        if allocator is not None and counters:
+            allocator.restore({**counters, "buffers": scores})
+
+    return rest
 
 
 def native_files(directory: Path) -> Tuple[Path, Path]:

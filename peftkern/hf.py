@@ -1,0 +1,121 @@
+"""Saving the transformers way: ``save_pretrained``, ``Trainer.save_model`` and Trainer checkpoints.
+
+A patched transformers model is still a ``PreTrainedModel``, and its users save it as one.
+Left alone, ``save_pretrained`` would write the whole model with the base weights under
+renamed keys (``q_proj.base_layer.weight``), which ``from_pretrained`` then reports missing
+and initialises at random. So patching a ``PreTrainedModel`` binds, on that instance:
+
+* ``model.save_pretrained(dir)`` -> ``peftkern.save``: the adapter alone (a few MB), as a
+  PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``, which
+  ``peft.PeftModel.from_pretrained`` and transformers' ``model.load_adapter`` read into the
+  plain base model) and peftkern's native files (``peftkern.load`` restores the exact
+  method, the rank allocator's state included). ``Trainer.save_model`` and every
+  ``save_steps`` checkpoint go through it. A merged, still-patched model refuses (unpatch
+  it to save the merged full model under the original key names).
+* ``Trainer(...).train(resume_from_checkpoint=dir)``: transformers' Trainer does not know
+  adapter-only checkpoints of a model that is not a ``PeftModel``, so ``install_trainer_hook``
+  wraps ``Trainer._load_from_checkpoint`` and ``_load_best_model`` (once per process, with
+  a log line): for a peftkern-patched model and a directory with peftkern's files they call
+  ``io.restore``; for anything else they call transformers' own. The optimizer, scheduler,
+  RNG and step counter are the Trainer's own checkpoint files, restored by the Trainer.
+
+``unpatch`` removes the binding, so an unpatched model saves exactly as transformers does.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from . import io, patching
+from .factors import is_patched
+from .health import unwrap
+
+log = logging.getLogger("peftkern")
+
+ATTR = "save_pretrained"
+
+
+class SavePretrained:
+    """``model.save_pretrained`` of a patched model (an object, not a closure: a deep copy of the
+    model gets one bound to the copy)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory: Any, is_main_process: bool = True, state_dict: Any = None,
+                 **kwargs: Any) -> None:
+        """Write the adapter to ``save_directory`` (transformers' arguments are accepted; ``state_dict``
+        and sharding options do not apply to an adapter of a few MB and are ignored)."""
+        if any(m.merged for _, m in patching.adapted_modules(self.model)):
+            raise ValueError("save_pretrained on a merged, still-patched model: to save the merged full model, "
+                             "call peftkern.unpatch(model, merge=True) and then model.save_pretrained(dir); to save "
+                             "the adapter, call peftkern.unmerge(model) first")
+        if not is_main_process:
+            return
+        os.makedirs(save_directory, exist_ok=True)
+        io.save(self.model, Path(save_directory))
+        log.info("peftkern: saved the adapter (PEFT LoRA + native files) to %s", save_directory)
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    return any(cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers.")
+               for cls in type(model).__mro__)
+
+
+def bind(model: nn.Module) -> None:
+    """After patching: route ``save_pretrained`` and the Trainer's checkpoint loading through peftkern."""
+    if not is_transformers_model(model):
+        return
+    setattr(model, ATTR, SavePretrained(model))
+    install_trainer_hook()
+
+
+def unbind(model: nn.Module) -> None:
+    if isinstance(model.__dict__.get(ATTR), SavePretrained):
+        delattr(model, ATTR)
+
+
+def _restorable(model: Any, directory: Any) -> bool:
+    inner = unwrap(getattr(model, "module", model))
+    if directory is None or not is_patched(inner):
+        return False
+    try:
+        io.native_files(Path(directory))
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
+
+
+def install_trainer_hook() -> None:
+    """Wrap transformers' Trainer checkpoint loading, once per process (module docstring)."""
+    from transformers import trainer as hf_trainer
+
+    cls = hf_trainer.Trainer
+    if getattr(cls._load_from_checkpoint, "_peftkern", False):
+        return
+    load_from_checkpoint, load_best = cls._load_from_checkpoint, cls._load_best_model
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = self.model if model is None else model
+        if not _restorable(target, resume_from_checkpoint):
+            return load_from_checkpoint(self, resume_from_checkpoint, model)
+        io.restore(unwrap(getattr(target, "module", target)), Path(resume_from_checkpoint))
+        log.info("peftkern: restored the adapter from %s", resume_from_checkpoint)
+
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        if not _restorable(self.model, best):
+            return load_best(self)
+        io.restore(unwrap(self.model), Path(best))
+        log.info("peftkern: loaded the best adapter from %s", best)
+
+    _load_from_checkpoint._peftkern = _load_best_model._peftkern = True
+    cls._load_from_checkpoint, cls._load_best_model = _load_from_checkpoint, _load_best_model
+    log.info("peftkern: transformers.Trainer resumes peftkern adapter checkpoints (peftkern.hf)")
+
+
+__all__ = ["SavePretrained", "bind", "unbind", "install_trainer_hook", "is_transformers_model"]
