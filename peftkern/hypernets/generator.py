@@ -170,7 +170,8 @@ class PassCache:
     of generating, so its tensors must be saved normally, not by the checkpoint.
 
     Calling an inner module instead of the patched root skips the pre-hook; results
-    are then regenerated only when watched tensors change. Never copied: a deep copy
+    are then regenerated only when watched tensors change. Under torch.compile the
+    simpler rule of ``_get_compiling`` applies. Never copied: a deep copy
     or an unpickled cache starts empty (its tensors belong to an autograd graph).
     """
 
@@ -193,6 +194,8 @@ class PassCache:
         self.new_pass = True  # so that a get() inside a running pass regenerates too
 
     def get(self, training: bool, generate: Callable[[], Any], watched: Callable[[], Iterable[Tensor]]) -> Any:
+        if torch.compiler.is_compiling():
+            return self._get_compiling(generate)
         grad = torch.is_grad_enabled()
         gradless = self.no_grad and grad
         if self.in_pass and not self.new_pass and not gradless:
@@ -207,6 +210,17 @@ class PassCache:
             self.value = _generate_plainly(generate, watched)
             self.key, self.no_grad = key, not grad
             self.gradless_pass |= self.in_pass and not grad
+        self.new_pass = False
+        return self.value
+
+    def _get_compiling(self, generate: Callable[[], Any]) -> Any:
+        """Under torch.compile: generate at the pass's first request, reuse within the pass. The
+        version counters and saved-tensor hooks of the eager rules are not traceable, and are not
+        needed: a compiled pass is one graph, recomputed as a whole; the value is dropped at the
+        end of the pass (``_PassEnd``) so that no step keeps the previous step's graph alive."""
+        if not (self.in_pass and not self.new_pass and self.value is not None):
+            self.value = generate()
+            self.key, self.no_grad = None, not torch.is_grad_enabled()
         self.new_pass = False
         return self.value
 
@@ -238,6 +252,8 @@ class _PassEnd:
 
     def __call__(self, module, args, output):
         self.cache.in_pass = False
+        if torch.compiler.is_compiling():
+            self.cache.value = None
 
 
 def _keep(t: Tensor) -> Tensor:

@@ -19,7 +19,6 @@ Whatever auto picks is logged once per device type (logger "peftkern"), and
 """
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -69,10 +68,10 @@ def _load_triton() -> Backend:
         except ImportError:  # pragma: no cover - torch is a dependency
             pass
     try:
-        mod = importlib.import_module("peftkern.triton_kernels")
+        from .. import triton_kernels
     except ImportError as exc:  # triton itself, or our kernels package, is missing
         raise BackendUnavailable(f"cannot import peftkern.triton_kernels: {exc}") from exc
-    return mod.BACKEND
+    return triton_kernels.BACKEND
 
 
 _LOADERS: Dict[str, Callable[[], Backend]] = {"torch": _load_torch, "cpp": _load_cpp, "triton": _load_triton}

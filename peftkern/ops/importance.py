@@ -67,6 +67,8 @@ def gram_distances(columns: List[Tensor], rows: List[Tensor], backend: str = "au
     tensors when ``backend`` is "auto" or "cpp" and the extension has it; otherwise the
     reference (a few small torch ops per matrix) runs. The name is what explain() reports.
     """
+    if torch.compiler.is_compiling():  # the reference is traced into the graph (the C++ call would break it)
+        return gram_distances_reference(columns, rows), "torch (compiled graph)"
     mats = list(columns) + list(rows)
     compiled = backend in ("auto", "cpp") and all(
         t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in mats)

@@ -144,13 +144,20 @@ def register(backend: str, impls: Dict[str, Callable]) -> Dict[str, Kernel]:
 
 
 class _Forward:
-    """The custom op's implementation: forwards to a replaceable target (see ``register``)."""
+    """The custom op's implementation: forwards to a replaceable target (see ``register``).
+
+    Outputs are made contiguous here, because the fakes promise contiguous strides (a compiled
+    graph asserts them; a kernel may return a transposed view, e.g. dB = Gtᵀ·s). A contiguous
+    output is returned as is, so this copies only the small rank-sized views."""
 
     def __init__(self, target: Callable):
         self.target = target
 
     def __call__(self, *args):
-        return self.target(*args)
+        out = self.target(*args)
+        if isinstance(out, torch.Tensor):
+            return out.contiguous()
+        return type(out)(t.contiguous() for t in out)
 
 
 def empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
