@@ -23,6 +23,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
 
 
+def pytest_runtest_logreport(report):
+    """Print each failure with its error the moment it happens. Under pytest-xdist the failure
+    summary comes only at the end, so a GPU run cut off at its time limit would name none."""
+    if report.failed and os.environ.get("PEFTKERN_INSTAFAIL") == "1":
+        print(f"\nFAIL ({report.when}) {report.nodeid}\n{str(report.longrepr)[-1500:]}", flush=True)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

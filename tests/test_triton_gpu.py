@@ -1,5 +1,6 @@
-"""The Triton backend on a real GPU: the full matrix in bf16 and fp16 (and fp32), both
-forward variants, the autotuned kernels. Auto-skipped without CUDA (tests/conftest.py)."""
+"""The Triton backend on a real GPU: the op matrix in bf16 and fp16 (and fp32), both forward
+variants, the autotuned kernels. Auto-skipped without CUDA (tests/conftest.py); run by
+benchmarks/gpu_check.sh, sized to finish there in about five minutes with 8 workers."""
 import pytest
 import torch
 
@@ -13,8 +14,9 @@ ops = BoundOps(tk.BACKEND)  # the bundle dispatch hands to AdaptedLinear, with i
 pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.bfloat16, torch.float16]
-SHAPES = opcheck.ODD_SHAPES + [(300, 257, 129, 32), (1024, 512, 768, 8), (513, 1024, 1024, 16)]
-SUBSETS = ["xABuv", "xAB", "AB", "xB", "xA", "uv", "xuv", "Bu", "Auv", "x"]
+SHAPES = opcheck.ODD_SHAPES[:3] + [(300, 257, 129, 32), (513, 1024, 1024, 16)]
+# the subsets that failed on the first GPU run (Gt or du not asked for) and the full one
+SUBSETS = ["xABuv", "xAB", "AB", "xB", "x", "xuv", "Auv"]
 
 
 @pytest.fixture(params=tk.FORWARD_VARIANTS)

@@ -221,8 +221,19 @@ class Kernel:
         args = {**named_args, **kwargs}
         device = next(v.device for v in args.values() if isinstance(v, torch.Tensor))
         constexprs = {k: v for k, v in args.items() if k in self.constexpr_names}
-        return fitting(self, configs, signature_of(self, args), constexprs, driver.active.get_current_target(),
-                       shared_limit(device))
+        try:
+            sig = signature_of(self, args)
+            target, limit = driver.active.get_current_target(), shared_limit(device)
+            needs = [(shared_bytes(self, c, sig, constexprs, target), c) for c in configs]
+        except Exception as exc:  # the measurement itself failed: say so, and let the autotuner skip misfits
+            _warn_once(self.name, f"peftkern: could not compute the shared memory of {self.name}'s configs "
+                                  f"({type(exc).__name__}: {exc}); autotuning all of them")
+            return configs
+        kept = [c for need, c in needs if need <= limit]
+        if not kept:
+            raise ValueError(f"{self.name}: no config fits {limit} bytes of shared memory (needs: "
+                             f"{sorted(n for n, _ in needs)[:3]}...)")
+        return kept
 
     def check_aliases(self, args: Sequence[object]) -> None:
         """Raise if an argument the autotuner may zero overlaps any other tensor argument."""
@@ -244,6 +255,17 @@ class Kernel:
             self.plain[grid(self.fallback)](*args, **kwargs, **self.fallback)
         else:
             self.tuned[grid](*args, **kwargs)
+
+
+_WARNED: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        import warnings
+
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _constexpr_names(fn) -> set:

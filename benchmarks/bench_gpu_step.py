@@ -1,0 +1,270 @@
+"""The GPU training step: peftkern against PEFT and the frozen floor, in one process, bf16.
+
+The configuration of the speed targets (../shared/tools/gpu_step.py is the yardstick they are
+measured with; this is the project's own copy of the method, so the check script needs
+nothing outside the repository): a Llama of TinyLlama-1.1B's shape (22 layers, hidden 2048,
+intermediate 5632, 32 heads, 4 KV heads, vocab 32000), random weights, bf16, batch 8 x 512
+tokens; one step is forward, backward and AdamW (AdaLoRA's allocation where it applies).
+The floor is the frozen model's forward and backward with activation gradients only.
+Every provider gets a fresh model with the same seed; a provider's time is the median of
+CUDA-event-timed steps after warm-up, its memory ``torch.cuda.max_memory_allocated`` over
+the timed steps. Each provider's line goes to ``<out>/gpu_step.jsonl`` as soon as it is
+measured, so a run cut short keeps what it measured; ``--report`` turns the lines into a
+Markdown table with ratios to the floor and to PEFT.
+
+    python benchmarks/bench_gpu_step.py [--out DIR] [--quick] [--providers a,b,...]
+    python benchmarks/bench_gpu_step.py --report DIR/gpu_step.jsonl
+
+``--quick`` runs a tiny model on the CPU, to check the script (the numbers mean nothing).
+peftkern's AdaLoRA regulariser is added to ``outputs.loss`` by the adapter itself (as PEFT
+does in its forward), so no provider adds it a second time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+TARGETS = {"qv": ["q_proj", "v_proj"],
+           "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+class Setup:
+    def __init__(self, quick: bool):
+        self.quick = quick
+        self.device = "cuda" if torch.cuda.is_available() and not quick else "cpu"
+        self.dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.batch, self.seq = (2, 16) if quick else (8, 512)
+        self.steps, self.warmup = (2, 1) if quick else (8, 3)
+
+    def config(self):
+        from transformers import LlamaConfig
+
+        if self.quick:
+            return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=256, attn_implementation="sdpa")
+        return LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
+                           attn_implementation="sdpa")
+
+    def base(self):
+        from transformers import LlamaForCausalLM
+
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            model = LlamaForCausalLM(self.config()).to(self.dtype)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.train()
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + self.warmup + 2
+
+
+# A provider builds (model, allocate(step) or None) from the setup.
+Provider = Callable[[Setup], tuple]
+
+
+def ours(method: str, targets: str, compile: bool = False, **options) -> Provider:
+    def build(s: Setup):
+        import peftkern
+
+        opts = dict(options)
+        if "total_step" in opts:
+            opts["total_step"] = s.total_steps
+        if s.quick and "rank" in opts:
+            opts["rank"] = min(opts["rank"], 16)  # the --quick model is 64 wide
+        model = peftkern.patch(s.base(), method, targets=TARGETS[targets], **opts)
+        return (torch.compile(model) if compile else model), None
+    return build
+
+
+def theirs(kind: str, targets: str, **options) -> Provider:
+    def build(s: Setup):
+        import peft
+
+        config = {"lora": peft.LoraConfig, "vera": peft.VeraConfig, "adalora": peft.AdaLoraConfig}[kind]
+        opts = dict(options)
+        if s.quick and "r" in opts:
+            opts["r"] = min(opts["r"], 16)  # the --quick model is 64 wide
+        opts["vera_dropout" if kind == "vera" else "lora_dropout"] = 0.0
+        if kind == "adalora":
+            opts["total_step"] = s.total_steps
+        model = peft.get_peft_model(s.base(), config(target_modules=TARGETS[targets], **opts))
+        allocate = (lambda step: model.base_model.update_and_allocate(step)) if kind == "adalora" else None
+        return model, allocate
+    return build
+
+
+PROVIDERS: Dict[str, Optional[Provider]] = {
+    "floor": None,
+    "pk_lora_qv": ours("lora", "qv", rank=16),
+    "peft_lora_qv": theirs("lora", "qv", r=16, lora_alpha=16),
+    "pk_lora_all": ours("lora", "all", rank=16),
+    "peft_lora_all": theirs("lora", "all", r=16, lora_alpha=16),
+    "pk_pg_pos_qv": ours("pg_pos", "qv"),
+    "pk_tied_lora_qv": ours("tied_lora", "qv"),
+    "pk_vera_qv": ours("vera", "qv", rank=256),
+    "peft_vera_qv": theirs("vera", "qv", r=256),
+    "pk_adalora_qv": ours("adalora", "qv", rank=8, total_step=0),
+    "peft_adalora_qv": theirs("adalora", "qv", init_r=12, target_r=8),
+    "pk_hyper_adalora_qv": ours("hyper_adalora", "qv", rank=8, total_step=0),
+    "pk_lora_qv_dropout": ours("lora", "qv", rank=16, dropout=0.05),
+    "pk_lora_qv_triton": ours("lora", "qv", rank=16, backend="triton"),
+    "pk_lora_qv_compiled": ours("lora", "qv", rank=16, compile=True),
+}
+DEFAULT = [name for name in PROVIDERS if name != "pk_lora_qv_compiled"]
+
+
+def measure(name: str, build: Optional[Provider], s: Setup) -> Dict[str, object]:
+    if s.device == "cuda":
+        torch.cuda.empty_cache()
+    ids = torch.randint(0, s.config().vocab_size, (s.batch, s.seq), device=s.device)
+    if build is None:  # the floor: frozen forward + backward, gradients for activations only
+        model = s.base()
+
+        def step(i):
+            embeds = model.model.embed_tokens(ids).detach().requires_grad_(True)
+            model(inputs_embeds=embeds, labels=ids).loss.backward()
+    else:
+        model, allocate = build(s)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(i):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            if allocate is not None:
+                allocate(i)
+            optimizer.zero_grad(set_to_none=True)
+    started = time.perf_counter()
+    for i in range(s.warmup):
+        step(i)
+    warm_s = time.perf_counter() - started
+    times = []
+    if s.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(s.steps):
+        if s.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(s.warmup + i)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            step(s.warmup + i)
+            times.append(1e3 * (time.perf_counter() - t))
+    row = {"provider": name, "ms_median": statistics.median(times), "ms_min": min(times), "ms_all": times,
+           "peak_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if s.device == "cuda" else None,
+           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "warmup_s": round(warm_s, 1)}
+    if name.startswith("pk_"):
+        import peftkern
+
+        inner = getattr(model, "_orig_mod", model)
+        row["paths"] = sorted({f"{r['backend']}: {r['path']}" for r in peftkern.explain(inner).rows})
+    return row
+
+
+def header(s: Setup) -> Dict[str, object]:
+    info = {"device": torch.cuda.get_device_name() if s.device == "cuda" else "cpu (--quick: not a measurement)",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit(),
+            "torch": torch.__version__, "dtype": str(s.dtype), "batch": [s.batch, s.seq], "steps": s.steps,
+            "warmup": s.warmup}
+    for name in ("transformers", "peft", "triton"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception:  # a provider needing it will report its own error
+            pass
+    return info
+
+
+def commit() -> str:
+    if os.environ.get("PEFTKERN_COMMIT"):
+        return os.environ["PEFTKERN_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE,
+                              timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def report(path: Path) -> str:
+    """The Markdown table of a gpu_step.jsonl: ms/step, × floor, × PEFT's same method, peak GB."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    head = next(line for line in lines if "device" in line)
+    rows = {r["provider"]: r for r in lines if "provider" in r}
+    floor = rows.get("floor", {}).get("ms_median")
+    out = [f"# GPU training step ({head['device']})", "",
+           f"date {head['date']}, commit {head['commit']}, torch {head.get('torch')}, transformers "
+           f"{head.get('transformers')}, peft {head.get('peft')}, triton {head.get('triton')}; {head['dtype']}, "
+           f"batch {head['batch'][0]}x{head['batch'][1]}, median of {head['steps']} steps after {head['warmup']} "
+           "warm-up (benchmarks/bench_gpu_step.py)", "",
+           "| provider | ms/step | x floor | x PEFT | peak GB | paths |", "|---|---:|---:|---:|---:|---|"]
+    for name, r in rows.items():
+        if "error" in r:
+            out.append(f"| {name} | error: {r['error'][:80]} | | | | |")
+            continue
+        peer = rows.get(name.replace("pk_", "peft_", 1).replace("_triton", "").replace("_compiled", "")
+                        .replace("_dropout", ""))
+        ratio = f"{r['ms_median'] / peer['ms_median']:.2f}" if peer and "ms_median" in peer and peer is not r else ""
+        x_floor = f"{r['ms_median'] / floor:.2f}" if floor else ""
+        peak = f"{r['peak_gb']:.1f}" if r.get("peak_gb") is not None else ""
+        paths = "; ".join(r.get("paths", [])).replace("|", "\\|")
+        out.append(f"| {name} | {r['ms_median']:.1f} | {x_floor} | {ratio} | {peak} | {paths} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT", str(HERE / "results")))
+    p.add_argument("--quick", action="store_true", help="a tiny model on the CPU, to check the script")
+    p.add_argument("--providers", default=",".join(DEFAULT), help=f"comma-separated, from {', '.join(PROVIDERS)}")
+    p.add_argument("--report", help="print the Markdown table of a gpu_step.jsonl and exit")
+    args = p.parse_args(argv)
+    if args.report:
+        print(report(Path(args.report)))
+        return 0
+    names = [n for n in args.providers.split(",") if n]
+    unknown = [n for n in names if n not in PROVIDERS]
+    if unknown:
+        p.error(f"unknown provider(s) {unknown}; valid: {', '.join(PROVIDERS)}")
+    s = Setup(args.quick)
+    if s.device != "cuda" and not args.quick:
+        print("bench_gpu_step: no CUDA device; use --quick to check the script on the CPU", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "gpu_step.jsonl"
+    with open(path, "a") as f:
+        print(json.dumps(header(s)), file=f, flush=True)
+        for name in names:
+            t0 = time.time()
+            try:
+                row = measure(name, PROVIDERS[name], s)
+            except Exception as exc:  # one provider's failure must not lose the others' results
+                row = {"provider": name, "error": f"{type(exc).__name__}: {exc}",
+                       "traceback": traceback.format_exc()[-1500:]}
+            row["wall_s"] = round(time.time() - t0, 1)
+            print(json.dumps(row), file=f, flush=True)
+            print(name, {k: v for k, v in row.items() if k not in ("ms_all", "traceback")}, flush=True)
+    (out / "gpu_step.md").write_text(report(path))
+    print(report(path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU check, in one command for a fresh GPU machine (about 8 minutes on an H200, Triton
+# compilation included):
+#
+#   1. install peftkern without the C++ extension (not used on CUDA) and without network;
+#   2. run the GPU tests in parallel, printing each failure with its error the moment it
+#      happens (PEFTKERN_INSTAFAIL, tests/conftest.py), so a run cut off still names them;
+#   3. run the project's GPU step benchmark (benchmarks/bench_gpu_step.py);
+#   4. write everything, with the device, date and commit, under $OUT (default
+#      benchmarks/results/gpu/<date>-<commit>/): versions.txt, gpu_tests.log, gpu_step.jsonl,
+#      gpu_step.md, summary.md.
+#
+#   benchmarks/gpu_check.sh              on a GPU machine (the commit from PEFTKERN_COMMIT or git)
+#   benchmarks/gpu_check.sh --dry-run    anywhere: checks the script itself (tests collected, the
+#                                        benchmark's --quick mode on the CPU); measures nothing
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+PY=${PYTHON:-python3}
+COMMIT=${PEFTKERN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export PEFTKERN_COMMIT=$COMMIT PYTHONUNBUFFERED=1
+OUTDIR=${OUT:-benchmarks/results/gpu/$(date -u +%Y-%m-%d)-$COMMIT}
+mkdir -p "$OUTDIR"
+TESTS="tests/test_triton_gpu.py tests/test_gpu_training.py"
+TEST_LIMIT=${GPU_TEST_LIMIT:-330}
+BENCH_LIMIT=${GPU_BENCH_LIMIT:-150}
+started=$(date +%s)
+
+{
+  echo "commit: $COMMIT"
+  echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  $PY -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
+  $PY -c 'import triton, transformers, peft; print("triton", triton.__version__, "transformers", transformers.__version__, "peft", peft.__version__)' 2>&1
+} | tee "$OUTDIR/versions.txt"
+
+if [ $DRY = 0 ]; then
+  echo "== install (no C++ extension, no network)"
+  PEFTKERN_NO_EXT=1 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
+  echo "== GPU tests (each failure printed when it happens; limit ${TEST_LIMIT}s)"
+  WORKERS="-n 8"
+  $PY -c 'import xdist' 2>/dev/null || WORKERS=""
+  PEFTKERN_INSTAFAIL=1 timeout "$TEST_LIMIT" $PY -m pytest $WORKERS -p no:cacheprovider -q -rfE $TESTS 2>&1 \
+    | tee "$OUTDIR/gpu_tests.log"
+  tests_rc=${PIPESTATUS[0]}
+  echo "== GPU step benchmark (limit ${BENCH_LIMIT}s)"
+  timeout "$BENCH_LIMIT" $PY benchmarks/bench_gpu_step.py --out "$OUTDIR" 2>&1 | tail -40
+  bench_rc=${PIPESTATUS[0]}
+else
+  echo "== dry run: the GPU tests are collected (they skip without CUDA), the benchmark runs --quick on the CPU"
+  $PY -m pytest --collect-only -q -p no:cacheprovider $TESTS 2>&1 | tail -3 | tee "$OUTDIR/gpu_tests.log"
+  tests_rc=${PIPESTATUS[0]}
+  $PY benchmarks/bench_gpu_step.py --quick --out "$OUTDIR" --providers floor,pk_lora_qv,peft_lora_qv 2>&1 | tail -8
+  bench_rc=${PIPESTATUS[0]}
+fi
+
+passed=$(grep -Eo '[0-9]+ passed' "$OUTDIR/gpu_tests.log" | tail -1)
+failed=$(grep -Eo '[0-9]+ failed' "$OUTDIR/gpu_tests.log" | tail -1)
+{
+  echo "# GPU check"
+  echo
+  echo "$(head -3 "$OUTDIR/versions.txt" | tr '\n' ';')"
+  echo
+  echo "- mode: $([ $DRY = 1 ] && echo 'dry run (no measurement)' || echo 'GPU')"
+  echo "- GPU tests: exit $tests_rc; ${passed:-0 passed}, ${failed:-0 failed} (gpu_tests.log)"
+  echo "- step benchmark: exit $bench_rc (gpu_step.md)"
+  echo "- wall time: $(( $(date +%s) - started )) s"
+} > "$OUTDIR/summary.md"
+cat "$OUTDIR/summary.md"
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
