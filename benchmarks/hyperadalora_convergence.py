@@ -9,7 +9,8 @@ the full official dev set. Every run has the same seed, data subset and order, o
 (AdamW, linear decay), rank budget (target_r / init_r, tinit, tfinal, ΔT) and targets
 (query, value). Runs: ``adalora``, and ``hyper_adalora`` with each hypernetwork (attention,
 mlp, cnn) in its default ``state_update="fixed"``; with ``--with-advance``, also the same three
-with ``state_update="advance"`` (eq. 4 read literally).
+with ``state_update="advance"`` (eq. 4, with the state's scale bounded). Each run trains at
+each rate of ``--lrs`` and keeps the one with its lowest final smoothed training loss.
 
 What is compared is the task loss (cross-entropy of the logits), not the optimised loss:
 the two methods add different orthogonality terms (PEFT's 0.5·‖·‖_F against eq. 7's
@@ -84,7 +85,7 @@ def batches(tok, sentences, labels, order, batch_size, max_length):
         yield enc, torch.tensor([labels[j] for j in idx])
 
 
-def train_one(run: Run, args, tok, model_path, train_data, dev_data) -> Dict:
+def train_one(run: Run, args, tok, model_path, train_data, dev_data, lr: float) -> Dict:
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(args.seed)  # same head init and adapter init stream for every run
@@ -94,7 +95,7 @@ def train_one(run: Run, args, tok, model_path, train_data, dev_data) -> Dict:
     schedule["deltaT"] = args.delta_t
     peftkern.patch(model, run.method, rank=args.rank, backend=args.backend, **schedule, **run.options)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
     order_gen = torch.Generator().manual_seed(args.seed)  # the same batch order for every run
     records, step, t0 = [], 0, time.perf_counter()
@@ -123,7 +124,7 @@ def train_one(run: Run, args, tok, model_path, train_data, dev_data) -> Dict:
             correct += int((model(**enc).logits.argmax(-1) == y).sum())
     kept = sum(map(sum, peftkern.rank_pattern(model).values()))
     return {"run": run.label, "records": records, "dev_acc": correct / len(dev_data[0]), "seconds": seconds,
-            "steps": step, "trainable": peftkern.count(model).adapter_trainable, "kept": kept}
+            "steps": step, "trainable": peftkern.count(model).adapter_trainable, "kept": kept, "lr": lr}
 
 
 def smooth(values: List[float], beta: float) -> List[float]:
@@ -149,7 +150,7 @@ def summarise(results: List[Dict], beta: float) -> List[Dict]:
                      "mean_task_loss_all": sum(x["task_loss"] for x in r["records"]) / len(c),
                      "steps_to_adalora_final": reach, "dev_acc": r["dev_acc"], "steps": r["steps"],
                      "sec_per_step": r["seconds"] / r["steps"], "trainable": r["trainable"],
-                     "kept_components": r["kept"]})
+                     "kept_components": r["kept"], "lr": r["lr"], "tried": r.get("tried", {})})
     return rows
 
 
@@ -183,16 +184,18 @@ def write(results, rows, args, out: Path) -> None:
              f"- machine: {machine()}",
              f"- data: {args.train_samples} SST-2 training sentences (fixed random subset, seed {args.seed}), "
              f"full dev set ({args.dev_count} sentences), max length {args.max_length}",
-             f"- budget: {args.epochs} epoch(s), batch {args.batch_size}, AdamW lr {args.lr} (linear decay, wd 0.01), "
+             f"- budget: {args.epochs} epoch(s), batch {args.batch_size}, AdamW (linear decay, wd 0.01) at each run's own "
+             f"learning rate, the one of {args.lrs} with the lowest final smoothed task loss (a training quantity: "
+             f"the dev set plays no part), "
              f"rank (target_r) {args.rank}, init_r {round(1.5 * args.rank)}, tinit 10%, tfinal 20% of the steps, "
              f"ΔT {args.delta_t}, targets query/value, backend {args.backend}, seed {args.seed}",
              f"- loss compared: task cross-entropy; smoothed with an EMA (β = {args.smooth})", "",
-             "| run | final smoothed task loss | mean task loss, last 10% | mean task loss, all steps | "
+             "| run | lr | final smoothed task loss | mean task loss, last 10% | mean task loss, all steps | "
              "steps to AdaLoRA's final loss | dev accuracy | s/step | adapter params | kept components |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         reach = "never" if r["steps_to_adalora_final"] is None else str(r["steps_to_adalora_final"])
-        lines.append(f"| {r['run']} | {r['final_smoothed_task_loss']:.4f} | {r['mean_task_loss_last_10pct']:.4f} | "
+        lines.append(f"| {r['run']} | {r['lr']:g} | {r['final_smoothed_task_loss']:.4f} | {r['mean_task_loss_last_10pct']:.4f} | "
                      f"{r['mean_task_loss_all']:.4f} | {reach} / {r['steps']} | {100 * r['dev_acc']:.2f}% | "
                      f"{r['sec_per_step']:.3f} | {r['trainable']:,} | {r['kept_components']} |")
     (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
@@ -224,7 +227,8 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-2, help="1e-3 and 5e-3 left every run at chance in 75-188 steps")
+    p.add_argument("--lrs", default="5e-3,2e-2", help="each run's rate is chosen from these by its own final "
+                   "smoothed training loss")
     p.add_argument("--rank", type=int, default=4, help="target_r; init_r is round(1.5·rank)")
     p.add_argument("--delta-t", type=int, default=5, help="deltaT (steps between allocations) of both methods")
     p.add_argument("--seed", type=int, default=0)
@@ -258,9 +262,15 @@ def main(argv=None) -> None:
     for run in runs(args.with_advance):
         if args.only and run.label not in args.only:
             continue
-        r = train_one(run, args, tok, model_path, train_data, dev_data)
-        print(f"{run.label:36s} dev acc {100 * r['dev_acc']:.2f}%  {r['seconds'] / r['steps']:.3f} s/step", flush=True)
-        results.append(r)
+        tried = {}
+        for lr in (float(x) for x in args.lrs.split(",")):
+            r = train_one(run, args, tok, model_path, train_data, dev_data, lr)
+            final = smooth([x["task_loss"] for x in r["records"]], args.smooth)[-1]
+            tried[lr] = (final if final == final else math.inf, r)  # NaN: diverged, never chosen
+            print(f"{run.label:36s} lr {lr:g}: final smoothed task loss {final:.4f}, dev acc "
+                  f"{100 * r['dev_acc']:.2f}%  {r['seconds'] / r['steps']:.3f} s/step", flush=True)
+        best = min(tried, key=lambda lr: tried[lr][0])
+        results.append({**tried[best][1], "tried": {f"{lr:g}": v for lr, (v, _) in tried.items()}})
     rows = summarise(results, args.smooth)
     # a smoke run never overwrites the committed results
     out = Path(tempfile.gettempdir()) / f"{NAME}_quick" if args.quick and args.out == OUT else args.out

@@ -1,4 +1,5 @@
-"""benchmarks/accuracy_table.py end to end on a tiny model and tiny data: tables written, missing methods skipped."""
+"""benchmarks/accuracy_table.py end to end on a tiny model and tiny data: the rate chosen on the
+held-out split, the other seeds at it, tables written."""
 import csv
 import importlib.util
 import sys
@@ -21,29 +22,29 @@ def table():
     sys.modules.pop(spec.name, None)
 
 
-def test_sweep_writes_markdown_and_csv(table, tmp_path, capsys):
+def test_row_chooses_its_rate_on_held_out_data_and_writes_tables(table, tmp_path, capsys):
     model = save_tiny_bert(tmp_path / "model")
-    data = write_sst2_like(tmp_path / "glue", n_train=16, n_dev=8)
-    rows = (table.Row("Not yet", "no_such_method"), table.Row("LoRA, A frozen (A_F B_L)", "lora", {"train": "B"}))
-    budget = table.Budget(16, 8, 1, 8, 1e-3, 16)
-    records = table.run(["sst2"], [1, 2], budget, str(data), str(model), tmp_path / "runs", rows=rows,
-                        progress=False)
-    assert "skipping Not yet: method 'no_such_method' is not registered" in capsys.readouterr().out
-    assert [r["row"] for r in records] == ["LoRA, A frozen (A_F B_L)"]
-    assert records[0]["n_seeds"] == 2 and len(records[0]["values"]) == 2
-    assert records[0]["train_samples"] == 16 and records[0]["eval_samples"] == 8
-    table.write_tables(records, tmp_path / "results", "tiny", budget, [1, 2], "tiny-bert")
+    data = write_sst2_like(tmp_path / "glue", n_train=40, n_dev=8)
+    row = table.Row("LoRA, A frozen (A_F B_L)", "lora", {"train": "B"}, alpha=16.0)
+    budget = table.Budget({"sst2": None}, {"sst2": 1}, 8, 16)
+    record = table.run_row(row, "sst2", [1, 2], budget, str(data), str(model), tmp_path / "runs", grid=(1e-3, 1e-2))
+    out = capsys.readouterr().out
+    assert "lr 0.001: held-out" in out and "lr 0.01: held-out" in out
+    assert record["lr"] in (1e-3, 1e-2) and set(record["grid"]) == {"0.001", "0.01"}
+    assert record["n_seeds"] == 2 and record["train_samples"] == 36 and record["eval_samples"] == 8  # 9:1 split
+    table.write_tables([record], tmp_path / "results", "accuracy_table_tiny", budget, [1, 2], "tiny-bert",
+                       {"sst2": 0.5})
     md = (tmp_path / "results" / "accuracy_table_tiny.md").read_text()
-    assert "| LoRA, A frozen (A_F B_L) |" in md and "sst2 (accuracy)" in md and "±" in md
+    assert "| LoRA, A frozen (A_F B_L) |" in md and "±" in md and "Majority class: sst2 0.5000" in md
     with open(tmp_path / "results" / "accuracy_table_tiny.csv") as f:
         got = list(csv.DictReader(f))
-    assert [r["row"] for r in got] == [r["row"] for r in records]
-    assert float(got[0]["mean"]) == pytest.approx(records[0]["mean"], abs=1e-4)
+    assert float(got[0]["mean"]) == pytest.approx(record["mean"], abs=1e-4)
 
 
-def test_rows_cover_the_readme_table(table):
-    methods = [(r.method, r.options) for r in table.ROWS]
-    assert methods == [("lora", {}), ("lora", {"train": "B"}), ("pg_pos", {}), ("tied_lora", {}), ("vera", {}),
-                       ("adalora", {})]
+def test_rows_cover_every_method_and_a_f_b_l(table):
+    import peftkern
+
+    assert {r.method for r in table.ROWS} == set(peftkern.methods())
+    assert any(r.options == {"train": "B"} for r in table.ROWS)
     full = table.BUDGETS["full"]
-    assert full.epochs >= 1 and full.max_train_samples and full.max_length == 128
+    assert full.train_samples["mrpc"] is None and full.epochs["mrpc"] >= 3  # all of MRPC's training set

@@ -29,10 +29,14 @@ def test_default_run_offline(tmp_path, monkeypatch, capsys):
     assert cli.main(argv) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["method"] == "pg_pos" and m["task"] == "sst2" and m["sizes"] == {"train": 64, "eval": 32}
-    assert m["config"]["model"] == train.default_model() and m["config"]["lr"] == cli.DEMO["lr"]
+    from peftkern.methods import registry
+
+    assert m["config"]["model"] == train.default_model()
+    assert m["config"]["lr"] == registry.get("pg_pos").lr.demo and "held-out" in m["config"]["lr_source"]
     assert all(x == x for x in m["step_losses"]) and 0.0 <= m["value"] <= 1.0
     for name in ("peftkern_config.json", "peftkern_model.safetensors", "curves.png"):
         assert (out / name).is_file()
     cfg = json.loads((out / "peftkern_config.json").read_text())
     assert cfg["method"] == "pg_pos" and cfg["heads"] == ["classifier.bias", "classifier.weight"]
-    assert "embedded SST-2 sample" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "embedded SST-2 sample" in printed and f"learning rate {registry.get('pg_pos').lr.demo:g} (chosen on" in printed

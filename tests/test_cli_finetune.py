@@ -9,7 +9,7 @@ import torch
 import transformers as T
 
 import peftkern
-from peftkern.app import cli, glue, train
+from peftkern.app import cli, data, glue, train
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "brilliant", "moving", "funny"]
 NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "poor", "tedious", "silly"]
@@ -74,7 +74,7 @@ def test_finetune_writes_adapter_metrics_and_plot(tiny, tmp_path, capsys):
         model.classifier.weight.normal_()
     peftkern.load(model, out)
     splits = glue.load_splits(task, tiny["data"])
-    loader = train._eval_loader(tokenizer, train._encode(tokenizer, splits.eval, 16), 64)
+    loader = data.eval_loader(tokenizer, data.encode(tokenizer, splits.eval, 16), 64)
     assert train.evaluate(model, loader, task)["metric"] == pytest.approx(metrics["value"], abs=1e-9)
 
 
@@ -114,14 +114,19 @@ def test_split_dev_selects_on_held_out_train(tiny, tmp_path):
 def test_paper_defaults_and_demo_defaults():
     paper = cli.run_config(cli.build_parser().parse_args(["finetune", "--task", "mnli", "--data-dir", "x"]))
     paper = paper.resolved()
-    assert (paper.lr, paper.weight_decay, tuple(paper.betas), paper.rank, paper.alpha, paper.max_length) == \
-        (5e-5, 0.01, (0.9, 0.999), 8, 16.0, 128)
+    assert (paper.lr, paper.weight_decay, tuple(paper.betas), paper.rank, paper.max_length) == \
+        (5e-5, 0.01, (0.9, 0.999), 8, 128)
+    assert paper.alpha is None and paper.lr_source == "LEFT Table 6"  # pg_pos's own: LEFT's rate, alpha 16
     assert (paper.batch_size, paper.epochs, paper.seed, paper.method) == (32, 5, 100, "pg_pos")
+    tied = cli.run_config(cli.build_parser().parse_args(["finetune", "--task", "mrpc", "--data-dir", "x",
+                                                         "--method", "tied_lora"]))
+    assert tied.lr == 1e-4 and "Tied-LoRA" in tied.lr_source  # each method's paper rate
     rte = cli.run_config(cli.build_parser().parse_args(["finetune", "--task", "rte", "--data-dir", "x"])).resolved()
     assert (rte.batch_size, rte.epochs) == (8, 10)
     demo = cli.run_config(cli.build_parser().parse_args(["finetune", "--lr", "1e-4"]))
     assert demo.data_dir == train.embedded_data_dir() and demo.task == "sst2"
     assert demo.model == train.default_model() and demo.lr == 1e-4  # a flag beats the demo's default
+    assert demo.lr_source == "--lr"
     assert (demo.epochs, demo.batch_size, demo.max_length) == (cli.DEMO["epochs"], cli.DEMO["batch_size"],
                                                                cli.DEMO["max_length"])
     assert demo.group_by_length and not paper.group_by_length
@@ -199,7 +204,7 @@ def test_hub_unreachable_says_what_to_do(monkeypatch, capsys, tmp_path):
 
 def test_length_grouped_batches_cover_every_example_once_per_epoch():
     lengths = [1 + (i * 7) % 23 for i in range(203)]
-    sampler = train.LengthGroupedBatches(lengths, batch_size=8, seed=0)
+    sampler = data.LengthGroupedBatches(lengths, batch_size=8, seed=0)
     epochs = [list(sampler), list(sampler)]
     for batches in epochs:
         assert len(batches) == len(sampler) == 26
@@ -207,5 +212,5 @@ def test_length_grouped_batches_cover_every_example_once_per_epoch():
     assert epochs[0] != epochs[1], "each epoch draws a new order"
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epochs[0]) / 26
     assert spread < 5  # similar lengths in a batch (random batches of 8 spread over about 18 here)
-    again = train.LengthGroupedBatches(lengths, batch_size=8, seed=0)
+    again = data.LengthGroupedBatches(lengths, batch_size=8, seed=0)
     assert list(again) == epochs[0]  # seeded

@@ -11,7 +11,6 @@ order, so the same seed gives the same metric on the same machine.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import time
@@ -22,9 +21,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .. import api, io as pk_io
+from .. import api
 from ..methods import registry
-from . import checkpoint, distributed, glue, report
+from . import checkpoint, data, distributed, glue, report
 from .monitor import FiniteMonitor
 from .report import RunResult
 
@@ -54,10 +53,11 @@ class RunConfig:
     method: str = "pg_pos"
     options: Dict[str, Any] = field(default_factory=dict)
     rank: int = 8
-    alpha: Optional[float] = 16.0
+    alpha: Optional[float] = None  # None: the method's default (LEFT's 16 for PG, PEFT's 8 for lora, ...)
     targets: Optional[List[str]] = None
     backend: str = "auto"
-    lr: float = 5e-5
+    lr: Optional[float] = None  # None: the method's paper rate (Method.lr), or the demo's when the CLI runs it
+    lr_source: str = ""  # where lr comes from, for the report ("--lr", "LEFT Table 6", ...)
     weight_decay: float = 0.01
     betas: Sequence[float] = (0.9, 0.999)
     batch_size: Optional[int] = None  # None: the task's Table 6 batch size
@@ -79,16 +79,20 @@ class RunConfig:
         task = glue.get_task(self.task)
         spec = registry.get(self.method)
         registry.parse_options(spec, self.options)
+        out = RunConfig(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        if out.lr is None:
+            out.lr, out.lr_source = registry.default_lr(self.method, demo=False)
+        elif not out.lr_source:
+            out.lr_source = "given"
         for name in ("lr", "max_length", "eval_batch_size"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            if not getattr(out, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(out, name)}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.save_every is not None and not (isinstance(self.save_every, int) and self.save_every > 0):
             raise ValueError(f"save_every must be a positive number of steps, got {self.save_every!r}")
         if (self.resume or self.save_every) and not self.output_dir:
             raise ValueError("resume and save_every need an output directory, where checkpoints are kept")
-        out = RunConfig(**{k: getattr(self, k) for k in self.__dataclass_fields__})
         out.batch_size = task.batch_size if self.batch_size is None else self.batch_size
         out.epochs = task.epochs if self.epochs is None else self.epochs
         if out.batch_size <= 0 or out.epochs <= 0:
@@ -108,10 +112,8 @@ def seed_everything(seed: int) -> None:
 
 
 def load_model(name: str, task: glue.Task):
-    """(tokenizer, model) for ``task`` from a local directory or a hub name; offline-safe for local paths.
-
-    Returns the names of the modules the checkpoint did not provide (freshly initialised).
-    """
+    """(tokenizer, model, fresh) for ``task`` from a local directory or a hub name; offline-safe for
+    local paths. ``fresh`` names the modules the checkpoint did not provide (randomly initialised)."""
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -149,73 +151,6 @@ def train_fresh_modules(model: nn.Module, fresh: Sequence[str]) -> List[str]:
                 p.requires_grad_(True)
             made.append(name)
     return made
-
-
-def _encode(tokenizer, ds, max_length: int) -> List[Dict[str, Any]]:
-    text_a = list(ds["text_a"])
-    text_b = list(ds["text_b"]) if "text_b" in ds.column_names else None
-    enc = tokenizer(text_a, text_b, truncation=True, max_length=max_length)
-    labels = list(ds["label"])
-    keys = list(enc.keys())
-    return [{**{k: enc[k][i] for k in keys}, "labels": labels[i]} for i in range(len(labels))]
-
-
-class LengthGroupedBatches(torch.utils.data.Sampler):
-    """Random batches of similar-length examples (the Hugging Face Trainer's ``group_by_length``).
-
-    Each epoch: a seeded random permutation, cut into mega-batches of ``MEGA`` batches, each
-    sorted by length and cut into batches, served in random order. Padding to the longest
-    example of a batch then costs little: on the demo's SST-2 sample a random batch of 32 is
-    padded to 40 tokens on average for 13 real ones.
-    """
-
-    MEGA = 50
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int):
-        self.lengths, self.batch_size = list(lengths), batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __iter__(self):
-        perm = torch.randperm(len(self.lengths), generator=self.generator).tolist()
-        step = self.batch_size * self.MEGA
-        batches = []
-        for start in range(0, len(perm), step):
-            mega = sorted(perm[start:start + step], key=lambda i: -self.lengths[i])
-            batches += [mega[k:k + self.batch_size] for k in range(0, len(mega), self.batch_size)]
-        for i in torch.randperm(len(batches), generator=self.generator).tolist():
-            yield batches[i]
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
-
-
-def _train_loader(tokenizer, examples, batch_size: int, seed: int, group_by_length: bool,
-                  ctx: distributed.Context = distributed.Context()):
-    """(DataLoader, sampler): this rank's share of every global batch, resumable mid-epoch
-    (``distributed.ShardedBatches``). A single process gets the order it always got."""
-    from transformers import DataCollatorWithPadding
-
-    collate = DataCollatorWithPadding(tokenizer)
-    if group_by_length:
-        batches = LengthGroupedBatches([len(e["input_ids"]) for e in examples], batch_size, seed)
-        sampler = distributed.ShardedBatches(batches, batches.generator, ctx.rank, ctx.world_size)
-        return torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=collate), sampler
-    generator = torch.Generator().manual_seed(seed)
-    batches = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(examples, generator=generator),
-                                            batch_size, drop_last=False)
-    sampler = distributed.ShardedBatches(batches, generator, ctx.rank, ctx.world_size)
-    # generator=: the loader draws its seed from it, as DataLoader(shuffle=True, generator=...) does
-    loader = torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=collate, generator=generator)
-    return loader, sampler
-
-
-def _eval_loader(tokenizer, examples, batch_size: int, ctx: distributed.Context = distributed.Context()):
-    """Longest first: the metrics do not depend on the order, and batches of equal length pad least.
-    Under DDP each rank evaluates every world-th example; ``evaluate`` gathers the predictions."""
-    from transformers import DataCollatorWithPadding
-
-    ordered = distributed.shard(sorted(examples, key=lambda e: -len(e["input_ids"])), ctx.rank, ctx.world_size)
-    return torch.utils.data.DataLoader(ordered, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer))
 
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
@@ -264,15 +199,46 @@ def evaluate(model: nn.Module, loader, task: glue.Task,
     return {"metric": glue.score(task, preds, labels), "loss": float(loss_sum) / max(count, 1)}
 
 
+@dataclass
+class Run:
+    """Everything one fine-tuning run works with, built by ``setup`` (the data, the patched model,
+    the optimizer and schedule, checkpointing and the finite-value monitor)."""
+
+    cfg: RunConfig
+    task: glue.Task
+    ctx: distributed.Context
+    splits: Any
+    model: nn.Module
+    train: Any  # the training DataLoader
+    sampler: Any
+    evals: Dict[str, Any]
+    options: Dict[str, Any]
+    unfrozen: List[str]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    total: int
+    out_dir: Optional[Path]
+    state: checkpoint.RunState
+    rng: Optional[Dict[str, Any]]
+    started: float
+
+
 def finetune(config: RunConfig) -> RunResult:
     """One fine-tuning run; writes the adapter, metrics.json and curves.png when output_dir is set.
 
     Under torchrun or accelerate launch (WORLD_SIZE > 1) it trains under DDP: each rank takes
     its share of every global batch (``batch_size`` stays the global batch), metrics are
     reduced over ranks and rank 0 alone writes. ``save_every`` checkpoints and ``resume``
-    continues from the last checkpoint (peftkern.checkpoint); a non-finite loss or factor
+    continues from the last checkpoint (peftkern.app.checkpoint); a non-finite loss or factor
     stops the run with ``peftkern.NonFiniteError`` naming where it appeared.
     """
+    run = setup(config)
+    loop(run)
+    return result(run)
+
+
+def setup(config: RunConfig) -> Run:
+    """Validate, seed, load the data and the model, patch it, build the optimizer; resume if asked."""
     cfg = config.resolved()
     task = glue.get_task(cfg.task)
     ctx = distributed.init_from_env("cpu")  # this loop trains on the CPU
@@ -283,9 +249,9 @@ def finetune(config: RunConfig) -> RunResult:
     seed_everything(cfg.seed)
     splits = glue.load_splits(task, cfg.data_dir, cfg.split_dev, cfg.max_train_samples, cfg.max_eval_samples)
     tokenizer, model, fresh = load_model(cfg.model, task)
-    train, sampler = _train_loader(tokenizer, _encode(tokenizer, splits.train, cfg.max_length), cfg.batch_size,
+    train, sampler = data.train_loader(tokenizer, data.encode(tokenizer, splits.train, cfg.max_length), cfg.batch_size,
                                    cfg.seed, cfg.group_by_length, ctx)
-    evals = {name: _eval_loader(tokenizer, _encode(tokenizer, ds, cfg.max_length), cfg.eval_batch_size, ctx)
+    evals = {name: data.eval_loader(tokenizer, data.encode(tokenizer, ds, cfg.max_length), cfg.eval_batch_size, ctx)
              for name, ds in (("eval", splits.eval), ("dev", splits.dev)) if ds is not None}
     total = cfg.epochs * len(train)
     options = registry.with_training_length(cfg.method, cfg.options, total)
@@ -300,58 +266,70 @@ def finetune(config: RunConfig) -> RunResult:
     optimizer = optimizer_for(model, cfg.lr, cfg.weight_decay, cfg.betas)
     scheduler = linear_schedule(optimizer, total)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
-    run, rng = checkpoint.RunState(), None
+    state, rng = checkpoint.RunState(), None
     if cfg.resume:
-        run, rng = checkpoint.resume_latest(out_dir, cfg, model, optimizer, scheduler, sampler, ctx)
+        state, rng = checkpoint.resume_latest(out_dir, cfg, model, optimizer, scheduler, sampler, ctx)
+    return Run(cfg, task, ctx, splits, model, train, sampler, evals, options, unfrozen, optimizer, scheduler, total,
+               out_dir, state, rng, started)
+
+
+def loop(run: Run) -> None:
+    """Train every epoch left, evaluate after each, keep the adapter of the epoch chosen on dev."""
+    cfg, ctx, state = run.cfg, run.ctx, run.state
     # On the CPU reading the loss costs nothing, so a single process checks it every step, before the update.
-    monitor = FiniteMonitor(model, start_step=run.step, every=LOG_EVERY if ctx.enabled else 1, ctx=ctx)
-    saver = checkpoint.Checkpointer(out_dir, cfg, model, optimizer, scheduler, sampler, ctx, cfg.save_every,
-                                    before_save=lambda: monitor.check(ctx)) if cfg.save_every else None
-    trained = distributed.wrap_ddp(model, ctx)
-    bar = _progress(total, cfg, task, ctx)
-    bar.update(run.step)
+    monitor = FiniteMonitor(run.model, start_step=state.step, every=LOG_EVERY if ctx.enabled else 1, ctx=ctx)
+    saver = checkpoint.Checkpointer(run.out_dir, cfg, run.model, run.optimizer, run.scheduler, run.sampler, ctx,
+                                    cfg.save_every, before_save=lambda: monitor.check(ctx)) if cfg.save_every else None
+    trained = distributed.wrap_ddp(run.model, ctx)
+    bar = _progress(run.total, cfg, run.task, ctx)
+    bar.update(state.step)
+    rng = run.rng
     try:
-        for epoch in range(run.epoch, cfg.epochs + 1):
-            batches = iter(train)
-            if rng is not None:  # after the iterator drew its seed, as the interrupted run had (peftkern.checkpoint)
+        for epoch in range(state.epoch, cfg.epochs + 1):
+            batches = iter(run.train)
+            if rng is not None:  # after the iterator drew its seed, as the interrupted run had (app/checkpoint.py)
                 checkpoint.set_rng_state(rng)
                 rng = None
-            train_epoch(trained, batches, optimizer, scheduler, bar, cfg.progress, run, monitor, saver,
-                        sampler.share_weight)
+            train_epoch(trained, batches, run.optimizer, run.scheduler, bar, cfg.progress, state, monitor, saver,
+                        run.sampler.share_weight)
             monitor.check(ctx)
-            epoch_losses = list(distributed.mean_across(torch.stack(run.epoch_losses), ctx).unbind(0))
-            run.step_losses.extend(epoch_losses)
+            epoch_losses = list(distributed.mean_across(torch.stack(state.epoch_losses), ctx).unbind(0))
+            state.step_losses.extend(epoch_losses)
             row = {"epoch": epoch, "train_loss": float(torch.stack(epoch_losses).mean())}
-            for name, loader in evals.items():
-                r = evaluate(model, loader, task, ctx)
+            for name, loader in run.evals.items():
+                r = evaluate(run.model, loader, run.task, ctx)
                 row[f"{name}_metric"], row[f"{name}_loss"] = r["metric"], r["loss"]
-            run.history.append(row)
-            bar.set_postfix(loss=f"{row['train_loss']:.4f}", **{task.metric: f"{row['eval_metric']:.4f}"})
-            if splits.dev is not None and row["dev_metric"] > run.best_dev:
-                run.best_dev = row["dev_metric"]
-                if out_dir is not None and ctx.is_main:
-                    pk_io.save(model, out_dir)  # the adapter of the epoch chosen on dev (atomic overwrite)
-            run.next_epoch()
+            state.history.append(row)
+            bar.set_postfix(loss=f"{row['train_loss']:.4f}", **{run.task.metric: f"{row['eval_metric']:.4f}"})
+            if run.splits.dev is not None and row["dev_metric"] > state.best_dev:
+                state.best_dev = row["dev_metric"]
+                if run.out_dir is not None and ctx.is_main:
+                    api.save(run.model, run.out_dir)  # the adapter of the epoch chosen on dev (atomic overwrite)
+            state.next_epoch()
     finally:
         monitor.close()
     bar.close()
-    history = run.history
-    chosen = max(history, key=lambda r: r["dev_metric"]) if splits.dev is not None else history[-1]
-    counts = api.count(model)
-    result = RunResult(
-        task=task.name, method=cfg.method, metric=task.metric, value=chosen["eval_metric"], seed=cfg.seed,
-        epochs=history, step_losses=torch.stack(run.step_losses).tolist(),
-        seconds=time.perf_counter() - started, sizes=splits.sizes,
+
+
+def result(run: Run) -> RunResult:
+    """The run's record, written (with the adapter when no epoch was chosen on dev) to the output directory."""
+    cfg, history = run.cfg, run.state.history
+    chosen = max(history, key=lambda r: r["dev_metric"]) if run.splits.dev is not None else history[-1]
+    counts = api.count(run.model)
+    out = RunResult(
+        task=run.task.name, method=cfg.method, metric=run.task.metric, value=chosen["eval_metric"], seed=cfg.seed,
+        epochs=history, step_losses=torch.stack(run.state.step_losses).tolist(),
+        seconds=time.perf_counter() - run.started, sizes=run.splits.sizes,
         trainable={"adapter": counts.adapter_trainable, "all": counts.trainable, "total": counts.total},
-        backend=_backend_name(model), output_dir=str(out_dir) if out_dir else None,
-        config={**{k: v for k, v in asdict(cfg).items() if k != "progress"}, "options": options,
-                "data_source": splits.source, "processes": ctx.world_size,
-                "chosen_epoch": chosen["epoch"], "trained_fresh_modules": unfrozen})
-    if out_dir is not None and ctx.is_main:
-        if splits.dev is None:
-            pk_io.save(model, out_dir)
-        report.write_outputs(out_dir, [result])
-    return result
+        backend=_backend_name(run.model), output_dir=str(run.out_dir) if run.out_dir else None,
+        config={**{k: v for k, v in asdict(cfg).items() if k != "progress"}, "options": run.options,
+                "data_source": run.splits.source, "processes": run.ctx.world_size,
+                "chosen_epoch": chosen["epoch"], "trained_fresh_modules": run.unfrozen})
+    if run.out_dir is not None and run.ctx.is_main:
+        if run.splits.dev is None:
+            api.save(run.model, run.out_dir)
+        report.write_outputs(run.out_dir, [out])
+    return out
 
 
 def train_epoch(model: nn.Module, loader, optimizer, scheduler, bar, show_loss: bool,

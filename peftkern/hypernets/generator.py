@@ -28,6 +28,7 @@ import math
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops import dispatch, functions
@@ -85,13 +86,28 @@ class LayerGenerator(nn.Module):
     ``linear1`` (h_in·h2 + h2) and ``linear2`` (h2·P + P). The positional half of the
     input is a non-persistent buffer: fixed, recomputable, and neither counted nor saved.
 
-    Initialisation: both Linears keep nn.Linear's default, Kaiming-uniform weights
+    The generated rows are ``out_scale · γ(E)``, with ``out_scale`` a fixed scalar (a
+    persistent buffer, not a parameter) set at init so that one Adam step on γ's final
+    Linear moves a generated entry about as far as one Adam step moves the LoRA factor
+    entry it replaces, i.e. by about the learning rate. Why: Adam moves every weight of
+    the final Linear by ~lr, with signs that follow its input h = GeLU(W1·e + b1), so an
+    output entry moves by ~lr·(‖h‖₁ + 1): about 7× lr for h2 = 20. Generated factors then
+    move several times faster than LoRA's and PG diverges at the learning rates where
+    LoRA trains (the README's accuracy tables before this rule). out_scale = 1/(‖h‖₁ + 1),
+    averaged over the group's layers at init. HyperAdaLoRA's state-update networks use the
+    same kind of output scale (1/h, state_update.py).
+
+    Initialisation: both Linears start from nn.Linear's default, Kaiming-uniform weights
     (a = √5) and uniform biases, as LEFT Appendix D says; ``zero_output`` zeroes the final
-    Linear (weight and bias) so that the generated factor starts at exactly 0.
+    Linear (weight and bias) so that the generated factor starts at exactly 0, and
+    ``init_std`` rescales its rows so that each generated factor, out_scale included,
+    starts at the standard deviation of the LoRA factor it replaces (Kaiming's 1/√(3K)
+    for an A; nn.Linear's scale would be ~6× that).
     """
 
     def __init__(self, layers: Sequence[int], out_features: int, embed_dim: int, hidden_dim: int, *,
                  train_embeddings: bool, positional: bool, zero_output: bool,
+                 init_std: Optional[Sequence[Tuple[int, float]]] = None,
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.layers = list(layers)
@@ -102,9 +118,40 @@ class LayerGenerator(nn.Module):
         h_in = 2 * embed_dim if positional else embed_dim
         self.linear1 = nn.Linear(h_in, hidden_dim, **kw)
         self.linear2 = nn.Linear(hidden_dim, out_features, **kw)
+        self.register_buffer("out_scale", torch.ones((), **kw))
+        with torch.no_grad():
+            if not self.out_scale.is_meta:
+                hidden = F.gelu(F.linear(self.inputs(), self.linear1.weight, self.linear1.bias))
+                self.out_scale.fill_(1.0 / float(hidden.abs().sum(1).mean() + 1.0))
         if zero_output:
             nn.init.zeros_(self.linear2.weight)
             nn.init.zeros_(self.linear2.bias)
+        elif init_std is not None:
+            self._match_std(init_std)
+
+    @torch.no_grad()
+    def _match_std(self, segments: Sequence[Tuple[int, float]]) -> None:
+        """Scale the final Linear's rows (weight and bias) so that each segment of the generated row,
+        ``(length, std)`` back to back, starts with that standard deviation over the group's layers."""
+        if self.linear2.weight.is_meta:
+            return
+        out = self.out_scale * F.linear(F.gelu(F.linear(self.inputs(), self.linear1.weight, self.linear1.bias)),
+                                        self.linear2.weight, self.linear2.bias)
+        start = 0
+        for length, std in segments:
+            scale = std / float(out[:, start:start + length].std().clamp_min(1e-12))
+            self.linear2.weight[start:start + length].mul_(scale)
+            self.linear2.bias[start:start + length].mul_(scale)
+            start += length
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Adapters saved before out_scale existed were trained without it: load them with 1.
+        key = prefix + "out_scale"
+        if key not in state_dict:
+            state_dict[key] = torch.ones((), dtype=self.out_scale.dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def inputs(self) -> Tensor:
         """E = e (or [e, p]) for every layer of the group: [L_g, h_in]."""
@@ -120,7 +167,8 @@ class LayerGenerator(nn.Module):
         return (self.embed, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias)
 
     def forward(self, op: HypernetOp) -> Tensor:
-        return op(self.inputs(), self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias)
+        rows = op(self.inputs(), self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias)
+        return rows * self.out_scale.to(rows.dtype)
 
     def extra_repr(self) -> str:
         return f"layers={self.layers}, positional={self.positions is not None}"

@@ -39,7 +39,7 @@ from .. import checks
 from ..factors import Factors, Plan
 from ..ops import importance
 from . import allocator as alloc
-from .registry import Method, register
+from .registry import DEMO_LR, LearningRates, Method, register
 from .svd import SVDOptions, SVDState, normal, orthogonality_from_distances, resolve_rank
 
 Tensor = torch.Tensor
@@ -178,4 +178,6 @@ def _builder(plan: Plan) -> AdaLoraState:
 register(Method("adalora", "AdaLoRA: SVD triple P·Λ·Q per module, importance-based rank allocation (PEFT 0.21)",
                 AdaLoraOptions, _builder, default_alpha=lambda r: 8.0,
                 paper="Zhang et al. 2023 (AdaLoRA); PEFT's AdaLoraConfig defaults",
-                resolve_rank=resolve_rank, training_length="total_step", rslora=False))
+                resolve_rank=resolve_rank, training_length="total_step", rslora=False,
+                lr=LearningRates(1e-5, "HyperAdaLoRA Implementation Details (its AdaLoRA baseline)",
+                                 DEMO_LR["adalora"])))

@@ -13,13 +13,16 @@ rank components (see that module).
   "fixed" (default)    S stays at its initial value and H is a pure reparameterisation of
                        P, Λ, Q: the forward uses H(S_0; Φ_i), and Φ moves with the gradient.
                        Stable at the learning rates where adalora learns.
-  "advance"            eq. (4) read literally: after every optimizer step the generated
-                       factors become the next state, S ← G.detach() (Λ after masking), so
-                       H learns an update rule applied once per step. Measured: the state
-                       accumulates every f(S) = G − S, which acts as momentum without decay;
-                       at learning rates where adalora learns the loss oscillates or diverges
-                       to NaN (benchmarks/results/hyperadalora_convergence.md), which is why it
-                       is not the default.
+  "advance"            eq. (4): after every optimizer step the generated factors become the
+                       next state, S ← G.detach() (Λ after masking), so H learns an update
+                       rule applied once per step. Read literally this diverged (NaN for the
+                       MLP and CNN cores): the state accumulates every f(S) = G − S, like
+                       momentum without decay, and nothing bounds it. So the state's scale
+                       is bounded: each component's P column and Q row is renormalised to
+                       unit norm (the scale the orthogonality term asks for), the scale
+                       moves into Λ (P·diag(Λ)·Q is unchanged), and |Λ| is clamped to
+                       ``state_bound``. benchmarks/results/hyperadalora_convergence.md
+                       compares both forms with AdaLoRA.
 
 Pruning: every ``deltaT`` (ΔT; formerly ``prune_every``) optimizer steps of the budgeting phase, and once more
 at total_step - tfinal, the smallest |Λ| among unpruned components (globally across slots)
@@ -48,7 +51,7 @@ from .. import checks
 from ..factors import Factors, Plan
 from ..hypernets.state_update import CORES, StateUpdateNet
 from . import allocator as alloc
-from .registry import Method, register
+from .registry import DEMO_LR, LearningRates, Method, register
 from .svd import SVDOptions, SVDState, normal, orthogonality, renamed, resolve_rank
 
 Tensor = torch.Tensor
@@ -62,7 +65,8 @@ class HyperAdaLoraOptions(SVDOptions):
     hypernet: str = "attention"  # "attention" (BERT layer) | "mlp" | "cnn"
     hidden_dim: int = 32  # token width h inside the hypernetworks
     heads: int = 4  # attention heads of the "attention" core
-    state_update: str = "fixed"  # "fixed" (S stays at init) | "advance" (S ← G after each step, eq. 4 literally)
+    state_update: str = "fixed"  # "fixed" (S stays at init) | "advance" (S ← G after each step, eq. 4, bounded)
+    state_bound: float = 1.0  # "advance": the largest |Λ| the state may hold (s·state_bound bounds ΔW's singular values)
     orth_reg_weight: float = 0.1  # γ of eq. (7)
     orth_form: str = "squared"  # eq. (7); "peft" is adalora's unsquared form
     prune_every: Optional[int] = None  # deprecated name of deltaT
@@ -73,6 +77,7 @@ class HyperAdaLoraOptions(SVDOptions):
     def validate(self, plan: Plan) -> None:
         checks.choice("hypernet", self.hypernet, tuple(CORES))
         checks.choice("state_update", self.state_update, STATE_UPDATES)
+        checks.real("state_bound", self.state_bound, 0.0, low_open=True)
         checks.integer("hidden_dim", self.hidden_dim)
         checks.integer("heads", self.heads)
         if self.hypernet == "attention" and self.hidden_dim % self.heads:
@@ -193,13 +198,26 @@ class HyperAdaLoraState(SVDState):
             gen = self._generate()
         self.allocator.on_optimizer_step(gen.lam)
         if self.opts.state_update == "advance":
-            for buf, G in zip(self.state_P.tensors(), gen.P):
-                buf.copy_(G)
-            self.state_lam.tensors()[0].copy_(gen.lam.masked_fill(~self.allocator.keep, 0.0).unsqueeze(-1))
-            for buf, G in zip(self.state_Q.tensors(), gen.Q):
-                buf.copy_(G)
+            self._advance(gen)
         self._gen = None  # drop the graph; the next factors() call generates from the new state
         self._stale = True
+
+    def _advance(self, gen: _Generated) -> None:
+        """Eq. (4) with the state's scale bounded: S ← G, each rank component's P column and Q row
+        scaled to unit norm (the scale PᵀP = I asks for), the removed scale moved into Λ, and Λ
+        clamped to ±state_bound. P·diag(Λ)·Q is unchanged by the renormalisation, so the state
+        still carries what the step learnt; only its growth is bounded (module docstring)."""
+        slots, r = len(self.plan.slots), self.plan.rank
+        scale = torch.ones(slots, r, device=gen.lam.device, dtype=gen.lam.dtype)
+        for bufs, groups, members in ((self.state_P.tensors(), gen.P, self._p_members),
+                                      (self.state_Q.tensors(), gen.Q, self._q_members)):
+            for buf, G, who in zip(bufs, groups, members):
+                norms = G.norm(dim=-1).clamp_min(1e-12)  # [n, r]: one per rank component
+                buf.copy_(G / norms.unsqueeze(-1))
+                scale[who] *= norms
+        lam = (gen.lam * scale).masked_fill(~self.allocator.keep, 0.0)
+        bound = self.opts.state_bound
+        self.state_lam.tensors()[0].copy_(lam.clamp(-bound, bound).unsqueeze(-1))
 
     def regularization(self) -> Optional[Tensor]:
         if self.opts.orth_reg_weight == 0:
@@ -237,4 +255,5 @@ def _builder(plan: Plan) -> HyperAdaLoraState:
 register(Method("hyper_adalora", "HyperAdaLoRA: P, Λ, Q generated from per-slot states by shared hypernetworks "
                 "(attention/mlp/cnn); |Λ| pruning to AdaLoRA's budget", HyperAdaLoraOptions, _builder,
                 default_alpha=lambda r: 8.0, paper="HyperAdaLoRA (seed 001), eqs. 4-7",
-                resolve_rank=resolve_rank, training_length="total_step", rslora=False))
+                resolve_rank=resolve_rank, training_length="total_step", rslora=False,
+                lr=LearningRates(1e-5, "HyperAdaLoRA Implementation Details", DEMO_LR["hyper_adalora"])))

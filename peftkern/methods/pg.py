@@ -25,9 +25,13 @@ G·(hypernet + L·h1) + per-layer factors, i.e. each of the G hypernetworks carr
 L×h1 embedding table; here each group has only its own layers' embeddings, which is
 (G−1)·L·h1 fewer.
 
-Initialisation (Appendix D, and the choices it leaves open): every γ Linear keeps
-nn.Linear's Kaiming-uniform default; per-layer trained factors are LoRA's (A Kaiming,
-B zero); frozen factors are Kaiming-uniform random. Exactly one side starts at zero, so
+Initialisation (Appendix D, and the choices it leaves open): every γ Linear starts from
+nn.Linear's Kaiming-uniform default, and the final Linear of a γ that generates a
+non-zero factor is rescaled so that the factor starts at the standard deviation of the
+LoRA factor it replaces, 1/√(3·fan_in) (LayerGenerator._match_std: at nn.Linear's scale a
+generated A is ~6× LoRA's and PG diverges at LoRA's learning rates); per-layer trained
+factors are LoRA's (A Kaiming, B zero); frozen factors are Kaiming-uniform random. The
+parameter counts are LEFT's exactly: only initial values change. Exactly one side starts at zero, so
 the model starts at its base output as with LoRA: B (a per-layer zero B, or a zeroed
 final Linear of the B-hypernetwork, in A_H B_H too: with both hypernetworks at Kaiming,
 ΔW starts as random noise of std ≈ 0.24 at r = 8, h1 = h2 = 20, K = N = 2048), except
@@ -50,7 +54,7 @@ from torch import nn
 
 from ..factors import AdapterState, Factors, Plan
 from ..hypernets.generator import LayerGenerator, PassCache, group_layers, hypernet_op, row_size, unpack_rows
-from .registry import Method, register
+from .registry import DEMO_LR, LearningRates, Method, register
 
 Tensor = torch.Tensor
 
@@ -171,7 +175,7 @@ class PGState(AdapterState):
         self.hypernets = nn.ModuleList(
             nn.ModuleDict({f: LayerGenerator(group, row_size(self._shapes[f]), opts.embed_dim, opts.hidden_dim,
                                              train_embeddings=emb.trained, positional=emb.positional,
-                                             zero_output=(f == zero), **kw)
+                                             zero_output=(f == zero), init_std=_lora_std(self._shapes[f]), **kw)
                            for f in self.generated})
             for group in self.groups)
 
@@ -254,6 +258,12 @@ class PGState(AdapterState):
         return {"pg": {"hypernet_layers": self.groups, "targets": [t[0] for t in self.layout.targets]}}
 
 
+def _lora_std(shapes: List[Tuple[int, int]]) -> List[Tuple[int, float]]:
+    """(numel, std) per target of a generated row: the std of PEFT's Kaiming-uniform init
+    (a = √5, bound 1/√fan_in, std = bound/√3) of the factor of that shape, fan_in = its columns."""
+    return [(r * c, 1.0 / math.sqrt(3.0 * c)) for r, c in shapes]
+
+
 def _init_factor(plan: Plan, k: int, n: int, factor: str, zero: bool) -> Tensor:
     """A per-layer factor: zero, or Kaiming-uniform as PEFT's LoRA A (bound 1/√fan_in)."""
     t = plan.new_tensor(plan.rank, k) if factor == "A" else plan.new_tensor(n, plan.rank)
@@ -266,4 +276,5 @@ for _name, _summary in (
         ("pg_trainable", "LEFT PG-Trainable: a hypernetwork generates A and/or B from trained layer embeddings"),
         ("pg_pos", "LEFT PG-Pos: trained layer embeddings + fixed sinusoidal layer positions feed the hypernetwork")):
     # alpha 16 at every rank, as LEFT Table 6
-    register(Method(_name, _summary, PGOptions, PGState, default_alpha=lambda r: 16.0, paper=_PAPER))
+    register(Method(_name, _summary, PGOptions, PGState, default_alpha=lambda r: 16.0, paper=_PAPER,
+                    lr=LearningRates(5e-5, "LEFT Table 6", DEMO_LR[_name])))

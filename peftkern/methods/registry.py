@@ -12,6 +12,7 @@ this registry and the state asks a method about itself by name or by attribute):
     Method.training_length   the option that takes the run's optimizer-step count (total_step)
     Method.per_module_rank   whether rank_pattern / alpha_pattern may vary ranks per module
     Method.rslora            whether the scale is α/r (so use_rslora's α/√r applies)
+    Method.lr                default learning rates (the paper's, the demo's) with their sources
     AdapterState.rank_allocator(), after_optimizer_step(), rank_pattern(), generators(),
     regularization(), extra_config(), tensors_for_save() / load_saved()   (factors.py)
 """
@@ -22,6 +23,21 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from ..factors import AdapterState, Plan
+
+
+@dataclass(frozen=True)
+class LearningRates:
+    """A method's default learning rates, each with where it comes from.
+
+    ``paper``: the method's paper's rate for the paper's budget (long runs on full datasets).
+    ``demo``: the rate for the embedded demo's short budget (189 steps on the shipped SST-2
+    sample), chosen per method on held-out training data (benchmarks/demo_defaults.py)."""
+
+    paper: float
+    paper_source: str
+    demo: float
+    demo_source: str = "chosen on a held-out tenth of the demo sample's training data " \
+                       "(benchmarks/results/demo_defaults.md)"
 
 
 @dataclass(frozen=True)
@@ -42,9 +58,16 @@ class Method:
     per_module_rank: bool = False
     # whether the scale is α/r, so that rsLoRA's α/√r (use_rslora) applies
     rslora: bool = True
+    # default learning rates of a training loop (peftkern finetune), with their sources
+    lr: Optional[LearningRates] = None
 
 
 DEFAULT_RANK = 8  # patch(rank=None) means this, for every method
+
+# The embedded demo's learning rate per method: the best held-out accuracy of a grid, on a
+# tenth of the demo sample's training data (benchmarks/results/demo_defaults.md).
+DEMO_LR = {"lora": 2e-3, "tied_lora": 2e-3, "vera": 2e-3, "pg_fixed": 2e-3, "pg_trainable": 2e-3, "pg_pos": 2e-3,
+           "adalora": 2e-3, "hyper_adalora": 2e-3}
 
 _METHODS: Dict[str, Method] = {}
 
@@ -72,6 +95,14 @@ def names() -> List[str]:
 
 def summaries() -> Dict[str, str]:
     return {n: _METHODS[n].summary for n in names()}
+
+
+def default_lr(name: str, demo: bool) -> tuple:
+    """(learning rate, where it comes from) for a run of method ``name``: the demo's or the paper's."""
+    rates = get(name).lr
+    if rates is None:
+        raise ValueError(f"method {name!r} declares no default learning rate; pass one (--lr)")
+    return (rates.demo, rates.demo_source) if demo else (rates.paper, rates.paper_source)
 
 
 def with_training_length(name: str, options: Mapping[str, Any], total_steps: int) -> Dict[str, Any]:
