@@ -140,7 +140,7 @@ def hypernet_forward(E: Tensor, W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor, 
          E, W1, _launch.vec(b1), W2, _launch.vec(b2), z if save else _launch.unused(E), out, L, H_IN, H2, P,
          *_launch.strides(E), *_launch.strides(W1), *_launch.strides(W2), *_launch.strides(z), *_launch.strides(out),
          STORE_Z=save, **_launch.dot_meta(E.dtype))
-    return out, (z if save else E.new_empty(0))
+    return out, (z if save else None)
 
 
 def hypernet_backward(g: Tensor, E: Tensor, W1: Tensor, W2: Tensor, z: Tensor, needs):
@@ -167,4 +167,4 @@ def hypernet_backward(g: Tensor, E: Tensor, W1: Tensor, W2: Tensor, z: Tensor, n
             dW1 = (dz.t() @ E.to(acc)).to(W1.dtype)
         if need_b1:
             db1 = dz.sum(0).to(W1.dtype)
-    return [t if t is not None else g.new_empty(0) for t in (dE, dW1, db1, dW2, db2)]
+    return [t if t is not None else None for t in (dE, dW1, db1, dW2, db2)]

@@ -26,7 +26,7 @@ import torch
 
 from peftkern.ops import torch_kernels
 from peftkern.ops.backend import Backend
-from peftkern.ops.library import empty_if_none, register
+from peftkern.ops.library import register
 
 from . import _launch
 from .adapter_backward import dy_pass, grad_a, grads_from_gt, up_factor
@@ -72,7 +72,7 @@ def adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h):
     else:
         h, _ = _shrink(x, A, None, dropout=dropout, seed=s)
         y, _ = lowrank_gemm(x, weight, bias, h, f, out_dtype=x.dtype)
-    return y, (h if save_h and h is not None else x.new_empty(0)), x.new_empty(0)
+    return y, (h if save_h and h is not None else None), None
 
 
 def adapter_backward(dy, x, weight, A, B, u, v, h, aux, scale, dropout, seed, needs):
@@ -98,7 +98,7 @@ def adapter_backward(dy, x, weight, A, B, u, v, h, aux, scale, dropout, seed, ne
         dw = dy.t() @ x
     if need_b:
         db = dy.sum(0).to(weight.dtype)
-    return [empty_if_none(t, dy) for t in (dx, dw, db, dA, dB, du, dv)]
+    return [dx, dw, db, dA, dB, du, dv]
 
 
 def shrink_forward(x, A, u, dropout, seed, save_h):
@@ -107,8 +107,8 @@ def shrink_forward(x, A, u, dropout, seed, save_h):
     _launch.check_same_dtype("x", x, A=A, u=u)
     h, hu = _shrink(x, A, u, store_h=save_h, dropout=dropout, seed=int(seed))
     if hu is None:
-        return h, x.new_empty(0)
-    return hu, (h if save_h else x.new_empty(0))
+        return h, None
+    return hu, (h if save_h else None)
 
 
 def shrink_backward(dhu, x, A, u, h, dropout, seed, needs):
@@ -123,7 +123,7 @@ def shrink_backward(dhu, x, A, u, h, dropout, seed, needs):
     if need_x:
         dx, _ = lowrank_gemm(None, None, None, dh, A.t(), out_dtype=dhu.dtype, dropout=dropout, seed=int(seed),
                              mask_lowrank=True)
-    return [empty_if_none(t, dhu) for t in (dx, dA, du)]
+    return [dx, dA, du]
 
 
 def expand_forward(x, weight, bias, hu, B, v, scale):
@@ -152,7 +152,7 @@ def expand_backward(dy, x, weight, hu, B, v, scale, needs):
         dw = dy.t() @ x
     if need_b:
         db = dy.sum(0).to(weight.dtype)
-    return [empty_if_none(t, dy) for t in (dx, dw, db, dhu, dB, dv)]
+    return [dx, dw, db, dhu, dB, dv]
 
 
 def _path(N: int, K: int, r: int, dtype) -> str:

@@ -12,8 +12,9 @@ probability p of zeroing an element of the adapter's input (0 = off), ``seed`` a
 one-element int64 CPU tensor from which the backend derives its dropout mask (the same
 seed gives the same mask in forward and backward, so no mask is ever stored).
 Backward kernels take ``needs`` (ctx.needs_input_grad of the differentiable inputs) and
-return one tensor per differentiable input, in the dtype of that input; an entry whose
-``needs`` flag is False is an empty placeholder (custom ops cannot return None).
+return one entry per differentiable input, a tensor in the dtype of that input, or None
+where the ``needs`` flag is False (under torch.compile the custom op turns None into an
+empty placeholder, library.py).
 
     adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h) -> (y, h, aux)
     adapter_backward(dy, x, weight, A, B, u, v, h, aux, scale, dropout, seed, needs[7]) -> 7 grads
@@ -25,8 +26,8 @@ return one tensor per differentiable input, in the dtype of that input; an entry
     hypernet_backward(dout, E, W1, W2, pre, needs[5]) -> (dE, dW1, db1, dW2, db2)
 
 h is x·Aᵀ (before u; with dropout, of the kept and rescaled input), returned only when
-``save_h`` asks for it; ``aux`` is any other tensor the backend wants back in its
-backward (the C++ backend's merged weight), or empty. x may be None in a backward when
+``save_h`` asks for it (else None); ``aux`` is any other tensor the backend wants back in
+its backward (the C++ backend's merged weight), or None. x may be None in a backward when
 the wrapper did not keep it (no gradient needs it).
 """
 from __future__ import annotations

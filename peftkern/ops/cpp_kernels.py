@@ -25,7 +25,7 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import torch
 
 from .backend import Backend
-from .library import empty_if_none, register
+from .library import register
 
 Tensor = torch.Tensor
 
@@ -92,24 +92,24 @@ def dropout_mask(seed: Tensor, M: int, K: int, p: float, like: Tensor) -> Tensor
 def adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h):
     y, h, w_eff, _ = _C.adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, int(seed), _forced["path"])
     # h is needed by a backward that trains B, u or v; with a kept W_eff the backward forms it from x itself
-    return y, (h if (save_h and h is not None) else x.new_empty(0)), empty_if_none(w_eff, x)
+    return y, (h if (save_h and h is not None) else None), w_eff
 
 
 def adapter_backward(dy, x, weight, A, B, u, v, h, aux, scale, dropout, seed, needs):
     grads, _ = _C.adapter_backward(dy, x, weight, A, B, u, v, h, aux, scale, dropout, int(seed), list(needs),
                                    _forced["path"])
-    return [empty_if_none(t, dy) for t in grads]  # every operand shares dy's dtype (the extension checks it)
+    return list(grads)  # every operand shares dy's dtype (the extension checks it)
 
 
 def shrink_forward(x, A, u, dropout, seed, save_h):
     hu, h = _C.shrink_forward(x, A, u, dropout, int(seed))
     if u is None:  # the extension returns h for both
-        return hu, x.new_empty(0)
-    return hu, (h if save_h else x.new_empty(0))
+        return hu, None
+    return hu, (h if save_h else None)
 
 
 def shrink_backward(dhu, x, A, u, h, dropout, seed, needs):
-    return [empty_if_none(t, dhu) for t in _C.shrink_backward(dhu, x, A, u, h, dropout, int(seed), list(needs))]
+    return list(_C.shrink_backward(dhu, x, A, u, h, dropout, int(seed), list(needs)))
 
 
 def expand_forward(x, weight, bias, hu, B, v, scale):
@@ -117,16 +117,16 @@ def expand_forward(x, weight, bias, hu, B, v, scale):
 
 
 def expand_backward(dy, x, weight, hu, B, v, scale, needs):
-    return [empty_if_none(t, dy) for t in _C.expand_backward(dy, x, weight, hu, B, v, scale, list(needs))]
+    return list(_C.expand_backward(dy, x, weight, hu, B, v, scale, list(needs)))
 
 
 def hypernet_forward(E, W1, b1, W2, b2, save):
     out, pre = _C.hypernet_forward(E, W1, b1, W2, b2)
-    return out, (pre if save else E.new_empty(0))
+    return out, (pre if save else None)
 
 
 def hypernet_backward(dout, E, W1, W2, pre, needs):
-    return [empty_if_none(t, dout) for t in _C.hypernet_backward(dout, E, W1, W2, pre, list(needs))]
+    return list(_C.hypernet_backward(dout, E, W1, W2, pre, list(needs)))
 
 
 KERNELS = register("cpp", {

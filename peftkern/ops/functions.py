@@ -45,7 +45,12 @@ def _seed(saved: Optional[Tensor]) -> Tensor:
     return _NO_SEED if saved is None else saved  # only calls with dropout save their seed
 
 
-def _grads(values: List[Tensor], needs) -> List[Optional[Tensor]]:
+def _given(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A kernel's optional output: None in eager mode, an empty placeholder from a custom op."""
+    return None if t is None or t.numel() == 0 else t
+
+
+def _grads(values: List[Optional[Tensor]], needs) -> List[Optional[Tensor]]:
     return [t if n else None for t, n in zip(values, needs)]
 
 
@@ -64,10 +69,9 @@ class AdapterFunction(torch.autograd.Function):
         want_h = need_B or need_u or need_v  # Gt and du read h; dx and dA do not
         seed = new_seed(dropout)
         y, h, aux = backend.adapter_forward(x2, weight, bias, A, B, u, v, scale, dropout, seed, want_h)
-        have_h = h.numel() > 0 or x2.shape[0] == 0
-        keep_x = need_A or need_w or (want_h and not have_h)  # a backend that saved no h recomputes it from x
-        ctx.save_for_backward(x2 if keep_x else None, weight, A, B, u, v, h if have_h else None,
-                              aux if aux.numel() else None, seed if dropout else None)
+        h, aux = _given(h), _given(aux)
+        keep_x = need_A or need_w or (want_h and h is None)  # a backend that saved no h recomputes it from x
+        ctx.save_for_backward(x2 if keep_x else None, weight, A, B, u, v, h, aux, seed if dropout else None)
         ctx.scale, ctx.dropout, ctx.backend, ctx.x_shape = scale, dropout, backend, x.shape
         return y.view(*x.shape[:-1], N)
 
@@ -90,7 +94,7 @@ class ShrinkFunction(torch.autograd.Function):
         _, need_A, need_u = ctx.needs_input_grad[:3]
         seed = new_seed(dropout)
         hu, h = backend.shrink_forward(x2, A, u, dropout, seed, need_u)
-        ctx.save_for_backward(x2 if need_A else None, A, u, h if need_u else None, seed if dropout else None)
+        ctx.save_for_backward(x2 if need_A else None, A, u, _given(h) if need_u else None, seed if dropout else None)
         ctx.dropout, ctx.backend, ctx.x_shape = dropout, backend, x.shape
         return hu.view(*x.shape[:-1], A.shape[0])
 
@@ -135,7 +139,7 @@ class HypernetFunction(torch.autograd.Function):
     def forward(ctx, E, W1, b1, W2, b2, backend):
         need = any(ctx.needs_input_grad[:5])
         out, pre = backend.hypernet_forward(E, W1, b1, W2, b2, need)
-        ctx.save_for_backward(E, W1, W2, pre if need else None)
+        ctx.save_for_backward(E, W1, W2, _given(pre) if need else None)
         ctx.backend = backend
         return out
 

@@ -15,7 +15,7 @@ dtype is wrong, and tests/test_ops_library.py runs ``torch.library.opcheck`` on 
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 
@@ -148,7 +148,9 @@ class _Forward:
 
     Outputs are made contiguous here, because the fakes promise contiguous strides (a compiled
     graph asserts them; a kernel may return a transposed view, e.g. dB = Gtᵀ·s). A contiguous
-    output is returned as is, so this copies only the small rank-sized views."""
+    output is returned as is, so this copies only the small rank-sized views. A kernel returns
+    None for an output nobody asked for (no allocation in eager mode); a custom op cannot
+    return None, so here it becomes an empty placeholder."""
 
     def __init__(self, target: Callable):
         self.target = target
@@ -157,11 +159,8 @@ class _Forward:
         out = self.target(*args)
         if isinstance(out, torch.Tensor):
             return out.contiguous()
-        return type(out)(t.contiguous() for t in out)
+        like = next(a for a in args if isinstance(a, torch.Tensor))
+        return type(out)(_none(like) if t is None else t.contiguous() for t in out)
 
 
-def empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
-    return _none(like) if t is None else t
-
-
-__all__ = ["SCHEMAS", "FAKES", "Kernel", "register", "acc_dtype", "empty_if_none"]
+__all__ = ["SCHEMAS", "FAKES", "Kernel", "register", "acc_dtype"]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import Backend
-from .library import acc_dtype, empty_if_none, register
+from .library import acc_dtype, register
 
 Tensor = torch.Tensor
 
@@ -64,7 +64,7 @@ def adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h):
         h.mul_(1.0 / (1.0 - dropout))
     y = _base(x, weight, bias)
     y.addmm_(h, _fold(B, u, v).t(), alpha=scale)
-    return y, (h if save_h else x.new_empty(0)), x.new_empty(0)
+    return y, (h if save_h else None), None
 
 
 def _lowrank_backward(dy, x, A, B, u, v, h, scale, dropout, seed, need_x, need_A, need_u, need_B, need_v, dx):
@@ -103,7 +103,7 @@ def adapter_backward(dy, x, weight, A, B, u, v, h, aux, scale, dropout, seed, ne
                                        need_B, need_v, dx)
     dw = (dy.t() @ x) if need_w else None
     db = dy.sum(0).to(weight.dtype) if need_b else None
-    return [empty_if_none(t, dy) for t in (dx, dw, db, dA, dB, du, dv)]
+    return [dx, dw, db, dA, dB, du, dv]
 
 
 def shrink_forward(x, A, u, dropout, seed, save_h):
@@ -111,8 +111,8 @@ def shrink_forward(x, A, u, dropout, seed, save_h):
     if dropout:
         h.mul_(1.0 / (1.0 - dropout))
     if u is None:
-        return h, x.new_empty(0)
-    return h * u, (h if save_h else x.new_empty(0))
+        return h, None
+    return h * u, (h if save_h else None)
 
 
 def shrink_backward(dhu, x, A, u, h, dropout, seed, needs):
@@ -131,7 +131,7 @@ def shrink_backward(dhu, x, A, u, h, dropout, seed, needs):
             dx = dh @ A.to(dh.dtype)
             if keep is not None:
                 dx.mul_(keep)
-    return [empty_if_none(t, dhu) for t in (dx, dA, du)]
+    return [dx, dA, du]
 
 
 def expand_forward(x, weight, bias, hu, B, v, scale):
@@ -153,7 +153,7 @@ def expand_backward(dy, x, weight, hu, B, v, scale, needs):
             dv = (gt * B).sum(1).mul_(scale).to(v.dtype)
     dw = (dy.t() @ x) if need_w else None
     db = dy.sum(0).to(weight.dtype) if need_b else None
-    return [empty_if_none(t, dy) for t in (dx, dw, db, dhu, dB, dv)]
+    return [dx, dw, db, dhu, dB, dv]
 
 
 _SQRT1_2 = 0.7071067811865476
@@ -168,7 +168,7 @@ def gelu_grad(z: Tensor) -> Tensor:
 def hypernet_forward(E, W1, b1, W2, b2, save):
     pre = F.linear(E, W1, b1)
     out = F.linear(F.gelu(pre), W2, b2)
-    return out, (pre.to(acc_dtype(E.dtype)) if save else E.new_empty(0))
+    return out, (pre.to(acc_dtype(E.dtype)) if save else None)
 
 
 def hypernet_backward(dout, E, W1, W2, pre, needs):
@@ -188,7 +188,7 @@ def hypernet_backward(dout, E, W1, W2, pre, needs):
             out[1] = (dz.t() @ E.to(acc)).to(W1.dtype)
         if need_b1:
             out[2] = dz.sum(0).to(W1.dtype)
-    return [empty_if_none(t, dout) for t in out]
+    return list(out)
 
 
 KERNELS = register("torch", {
