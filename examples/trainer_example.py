@@ -13,7 +13,8 @@ What it shows, in order:
 1. ``peftkern.patch`` on a ``*ForSequenceClassification`` model: the base is frozen, the
    adapter and the classification head are trainable (as PEFT's task_type="SEQ_CLS").
 2. ``Trainer`` trains it unchanged: the patched model is still the transformers model.
-3. ``peftkern.save`` / ``peftkern.load``: the adapter (and the head) in two small files.
+3. ``peftkern.save`` / ``peftkern.load``: the adapter (and the head) in a few small files
+   (``model.save_pretrained`` and the Trainer's checkpoints write the same).
 4. ``peftkern.export_peft``: the same ΔW as a standard PEFT LoRA adapter, which
    ``peft.PeftModel.from_pretrained`` (or any LoRA server) loads.
 """
@@ -70,7 +71,7 @@ def main() -> None:
         output_dir=str(out / "trainer"), num_train_epochs=args.epochs, learning_rate=args.lr,
         per_device_train_batch_size=32, per_device_eval_batch_size=64, weight_decay=0.01,
         lr_scheduler_type="linear", warmup_steps=0, eval_strategy="epoch", logging_steps=10,
-        save_strategy="no",  # peftkern.save below keeps just the adapter, not the whole model
+        save_strategy="no",  # checkpoints would hold just the adapter too (peftkern/hf.py)
         report_to=[], seed=100, use_cpu=True)
     callbacks = [peftkern.AllocatorCallback()] if args.method in ALLOCATING else []
 

@@ -45,13 +45,13 @@ gradient checkpointing (reentrant too), merge outside a forward.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from .. import checks
 from ..factors import AdapterState, Factors, Plan
 from ..hypernets.generator import LayerGenerator, PassCache, group_layers, hypernet_op, row_size, unpack_rows
 from .registry import DEMO_LR, LearningRates, Method, register
@@ -75,22 +75,6 @@ GENERATE: Dict[str, Tuple[str, ...]] = {"A": ("A",), "B": ("B",), "AB": ("A", "B
 OTHER = ("trained", "frozen")
 
 
-def _choice(name: str, value: Any, valid: Sequence[str]) -> None:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string, one of {', '.join(map(repr, valid))}; got {value!r}")
-    if value not in valid:
-        raise ValueError(f"{name}={value!r} is not valid; valid choices: {', '.join(map(repr, valid))}")
-
-
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value}")
-
-
 @dataclass(frozen=True)
 class PGOptions:
     generate: str = "A"  # "A": A_H B_L, "B": A_L B_H, "AB": A_H B_H
@@ -100,14 +84,14 @@ class PGOptions:
     layers_per_hypernet: Optional[int] = None  # None: one hypernetwork for all layers
 
     def __post_init__(self):
-        _choice("generate", self.generate, tuple(GENERATE))
-        _choice("other", self.other, OTHER)
+        checks.choice("generate", self.generate, tuple(GENERATE))
+        checks.choice("other", self.other, OTHER)
         if self.generate == "AB" and self.other == "frozen":
             raise ValueError("other='frozen' needs a factor that is not generated, but generate='AB' generates "
                              "both A and B; use generate='A' or 'B' with other='frozen', or other='trained'")
-        _positive_int("embed_dim", self.embed_dim)
-        _positive_int("hidden_dim", self.hidden_dim)
-        _positive_int("layers_per_hypernet", self.layers_per_hypernet, allow_none=True)
+        checks.integer("embed_dim", self.embed_dim)
+        checks.integer("hidden_dim", self.hidden_dim)
+        checks.integer("layers_per_hypernet", self.layers_per_hypernet, allow_none=True)
 
     def validate(self, plan: Plan) -> None:
         if EMBEDDINGS[plan.method].positional and self.embed_dim % 2:
