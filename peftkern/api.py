@@ -192,10 +192,10 @@ def explain(model: nn.Module) -> Explanation:
         except dispatch.BackendUnavailable as exc:
             backend, kernels = f"unavailable: {exc}", "-"
         f_group = state.factors(m.slot).group if device_type != "meta" else None
-        form = "joint shrink+expand" if f_group else "adapter"
+        form = "joint shrink+expand" if f_group else "fused adapter"
         row = {"module": path, "shape": f"{m.in_features}->{m.out_features}", "rank": state.effective_rank(m.slot),
                "backend": backend, "requested": m.backend,
-               "path": "merged (base only)" if m.merged else f"{form}: {kernels}",
+               "path": "merged (base only)" if m.merged else f"{form} ({kernels})",
                "merged": m.merged}
         row.update(state.describe_slot(m.slot))
         rows.append(row)

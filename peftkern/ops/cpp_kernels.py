@@ -138,7 +138,7 @@ KERNELS = register("cpp", {
 
 
 def _path(N: int, K: int, r: int, dtype) -> str:
-    return "cpp: fused, merged or addmm per call (cost model)"
+    return "fused/merged/addmm, chosen per call"
 
 
 BACKEND = Backend.of("cpp", ("cpu",) + (("cuda",) if _C.WITH_CUDA else ()), KERNELS, path=_path,
