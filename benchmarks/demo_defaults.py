@@ -39,7 +39,7 @@ def run_one(method: str, lr: float, seed: int, out: Path) -> dict:
     result = train.finetune(config)
     best = max(result.epochs, key=lambda e: e["dev_metric"])
     return {"method": method, "lr": lr, "heldout": best["dev_metric"], "epoch": best["epoch"],
-            "seconds": result.seconds}
+            "seconds": result.seconds, "seed": seed}
 
 
 def main(argv=None) -> int:
@@ -51,18 +51,34 @@ def main(argv=None) -> int:
     ap.add_argument("--runs-dir", default=str(HERE.parent / "runs" / "demo_defaults"))
     args = ap.parse_args(argv)
     grid = [float(x) for x in args.grid.split(",")]
-    rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rows = previous(out, args.seed)  # a later call extends the grid of some methods (e.g. --methods vera)
+    grid = sorted(set(grid) | {r["lr"] for r in rows})
     for method in args.methods.split(","):
-        for lr in grid:
+        for lr in (float(x) for x in args.grid.split(",")):
+            rows = [r for r in rows if (r["method"], r["lr"]) != (method, lr)]
             rows.append(run_one(method, lr, args.seed, Path(args.runs_dir)))
             print(rows[-1], flush=True)
             write(rows, out, grid, args.seed)
     return 0
 
 
+def previous(out: Path, seed: int) -> list:
+    """The rows of an earlier run with the same seed (demo_defaults.csv), so that runs add up."""
+    path = out / "demo_defaults.csv"
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if rows and int(rows[0].get("seed", seed)) != seed:
+        return []
+    return [{"method": r["method"], "lr": float(r["lr"]), "heldout": float(r["heldout"]), "epoch": int(r["epoch"]),
+             "seconds": float(r["seconds"]), "seed": seed} for r in rows]
+
+
 def write(rows, out: Path, grid, seed: int) -> None:
+    rows = sorted(rows, key=lambda r: (r["method"], r["lr"]))
     with open(out / "demo_defaults.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

@@ -5,6 +5,7 @@ application's checkpoints.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -50,6 +51,17 @@ def safetensors_bytes(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[
                    metadata={"format": "pt", **(metadata or {})})
 
 
+def read_json_object(path: Path) -> Dict[str, Any]:
+    """A JSON file holding an object; ValueError saying the file is corrupt otherwise."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({exc}); the file is corrupt") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object")
+    return value
+
+
 def json_default(obj: Any) -> Any:
     if isinstance(obj, (set, frozenset)):
         return sorted(obj)
@@ -60,4 +72,4 @@ def json_default(obj: Any) -> Any:
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
 
 
-__all__ = ["atomic_write", "fsync_dir", "safetensors_bytes", "json_default"]
+__all__ = ["atomic_write", "fsync_dir", "safetensors_bytes", "read_json_object", "json_default"]

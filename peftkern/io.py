@@ -40,7 +40,7 @@ from torch import nn
 
 from . import health, patching
 from .factors import STATE_ATTR, Plan, state_of
-from .files import atomic_write, json_default, safetensors_bytes
+from .files import atomic_write, json_default, read_json_object, safetensors_bytes
 from .peft_format import export_peft, trained_outside_adapter
 from .version import __version__
 
@@ -209,12 +209,7 @@ def native_files(directory: Path) -> Tuple[Path, Path]:
 def read_config(directory: Path) -> Dict[str, Any]:
     """Parse and check the native config; a PEFT-only directory is named as such."""
     path, _ = native_files(directory)
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({exc}); the file is corrupt") from exc
-    if not isinstance(config, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object")
+    config = read_json_object(path)
     if config.get("format") != FORMAT:
         hint = ("it is a PEFT adapter: load it with peft.PeftModel.from_pretrained"
                 if "peft_type" in config else "its 'format' field is missing or wrong")

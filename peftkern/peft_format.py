@@ -32,7 +32,7 @@ from torch import nn
 
 from . import patching, targets as targets_mod
 from .factors import AdapterState, Plan, state_of
-from .files import atomic_write, json_default, safetensors_bytes
+from .files import atomic_write, json_default, read_json_object, safetensors_bytes
 from .version import __version__
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -162,12 +162,7 @@ def read_peft_config(directory: Path) -> Dict[str, Any]:
     path = directory / PEFT_CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} is missing: not a PEFT adapter directory")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({exc}); the file is corrupt") from exc
-    if not isinstance(config, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object")
+    config = read_json_object(path)
     if config.get("format") == "peftkern":
         raise ValueError(f"{str(path)!r} is a peftkern adapter: load it with peftkern.load(model, directory)")
     if config.get("peft_type") != "LORA":

@@ -190,3 +190,35 @@ def saved_numels(op: Callable, M=37, K=23, N=29, r=4, **kw) -> list:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         op(inp["x"], inp["weight"], inp["bias"], inp["A"], inp["B"], inp["u"], inp["v"], 0.5)
     return sizes
+
+
+def compare_hypernet_trained(op: Callable, trained: str):
+    """The hypernet op with only the inputs named in ``trained`` (E, W1, b1, W2, b2) requiring grad:
+    output and those gradients equal the reference, and no other gradient is produced."""
+    g = torch.Generator().manual_seed(4)
+    names = ("E", "W1", "b1", "W2", "b2")
+    shapes = {"E": (9, 6), "W1": (20, 6), "b1": (20,), "W2": (33, 20), "b2": (33,)}
+    ts = {n: torch.randn(*shapes[n], generator=g).requires_grad_(n in trained) for n in names}
+    refs = {n: t.detach().double().requires_grad_(t.requires_grad) for n, t in ts.items()}
+    out, ref = op(*(ts[n] for n in names)), reference.hypernet(*(refs[n] for n in names))
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
+    gy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    out.backward(gy.float())
+    ref.backward(gy)
+    for n in names:
+        if n in trained:
+            torch.testing.assert_close(ts[n].grad.double(), refs[n].grad, rtol=2e-5, atol=2e-5)
+        else:
+            assert ts[n].grad is None
+
+
+def available_backend(name: str):
+    """The backend ``name`` if it runs CPU tensors here (triton only under the interpreter), else None."""
+    from peftkern.ops import dispatch
+
+    if name == "triton" and not dispatch.triton_runs_on("cpu"):
+        return None
+    try:
+        return dispatch.load(name)
+    except dispatch.BackendUnavailable:
+        return None

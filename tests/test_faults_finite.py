@@ -3,7 +3,6 @@ import pytest
 import torch
 
 import peftkern
-from peftkern import health, patching
 from peftkern.app.monitor import FiniteMonitor
 from tests.models import tiny_model, tokens
 

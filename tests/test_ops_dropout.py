@@ -8,19 +8,12 @@ dropped copy of x) is saved for the backward.
 import pytest
 import torch
 
-from peftkern.ops import dispatch, reference
+from peftkern.ops import reference
 from peftkern.ops.functions import BoundOps, new_seed
 from tests import opcheck
 
 
-def _backend(name):
-    if name == "triton" and not dispatch.triton_runs_on("cpu"):
-        return None
-    try:
-        return dispatch.load(name)
-    except dispatch.BackendUnavailable:
-        return None
-
+_backend = opcheck.available_backend
 
 BACKENDS = [pytest.param(n, marks=pytest.mark.skipif(_backend(n) is None, reason=f"{n} unavailable"))
             for n in ("torch", "cpp", "triton")]

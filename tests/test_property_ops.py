@@ -15,14 +15,7 @@ from peftkern.ops.functions import BoundOps
 from tests import opcheck
 
 
-def available(name):
-    if name == "triton" and not dispatch.triton_runs_on("cpu"):
-        return None
-    try:
-        return dispatch.load(name)
-    except dispatch.BackendUnavailable:
-        return None
-
+available = opcheck.available_backend
 
 BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(available(name) is None, reason=f"{name} backend unavailable"))
             for name in ("torch", "cpp", "triton")]

@@ -82,21 +82,7 @@ def test_joint_through_the_autotuner(autotuned):
 @pytest.mark.parametrize("trained", ["E", "W2b2", "EW1b1W2b2"])
 def test_hypernet_through_the_autotuner(autotuned, trained):
     """With only W2/b2 trained, dH is not needed: its accumulator must be a scratch tensor."""
-    g = torch.Generator().manual_seed(4)
-    names = ("E", "W1", "b1", "W2", "b2")
-    shapes = {"E": (9, 6), "W1": (20, 6), "b1": (20,), "W2": (33, 20), "b2": (33,)}
-    ts = {n: torch.randn(*shapes[n], generator=g).requires_grad_(n in trained) for n in names}
-    refs = {n: t.detach().double().requires_grad_(t.requires_grad) for n, t in ts.items()}
-    from peftkern.ops import reference
-
-    out, ref = ops.hypernet(*(ts[n] for n in names)), reference.hypernet(*(refs[n] for n in names))
-    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
-    gy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    out.backward(gy.float())
-    ref.backward(gy)
-    for n in names:
-        if n in trained:
-            torch.testing.assert_close(ts[n].grad.double(), refs[n].grad, rtol=2e-5, atol=2e-5)
+    opcheck.compare_hypernet_trained(ops.hypernet, trained)
 
 
 def test_an_aliased_reset_argument_is_refused():
