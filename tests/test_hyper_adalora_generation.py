@@ -109,23 +109,49 @@ def test_eval_forwards_reuse_the_generation_until_parameters_change():
     assert calls["P"] == 3
 
 
-def test_state_advances_to_the_generated_factors_after_each_step():
-    model = _patched("mlp", state_update="advance")
+def _per_slot(groups, members, slots):
+    out = [None] * slots
+    for G, who in zip(groups, members):
+        for i, t in zip(who, G.unbind(0)):
+            out[i] = t
+    return out
+
+
+@pytest.mark.parametrize("bound", [1e6, 1e-3])
+def test_state_advances_to_the_generated_factors_after_each_step(bound):
+    """Eq. (4) with the bounded state: after each step S holds G's components at unit norm, with the
+    norms moved into Λ, so P·diag(Λ)·Q is G's product wherever |Λ| stays under state_bound."""
+    model = _patched("mlp", state_update="advance", state_bound=bound)
     state = model.peftkern
+    slots = len(state.plan.slots)
     opt = torch.optim.AdamW(state.parameters(), lr=1e-2)
     ids = tokens()
+    clamped = []
     for step in range(3):
         model(input_ids=ids, labels=ids).loss.backward()
         gen = state._gen
-        expect_P = [g.detach().clone() for g in gen.P]
-        expect_lam = gen.lam.detach().masked_fill(~state.allocator.keep, 0).clone()
+        P = _per_slot([g.detach().clone() for g in gen.P], state._p_members, slots)  # [r, out] per slot
+        Q = _per_slot([g.detach().clone() for g in gen.Q], state._q_members, slots)  # [r, in] per slot
+        lam = gen.lam.detach().masked_fill(~state.allocator.keep, 0).clone()
         opt.step()  # the hook prunes (on schedule) and advances
         opt.zero_grad()
-        for buf, g in zip(state.state_P.tensors(), expect_P):
-            assert torch.equal(buf, g)
-        lam_now = state.state_lam.tensors()[0][..., 0]
-        assert torch.equal(lam_now[state.allocator.keep], expect_lam[state.allocator.keep])
+        keep = state.allocator.keep
+        lam = lam.masked_fill(~keep, 0)  # this step's pruning applies to the advanced state too
+        sP = _per_slot(state.state_P.tensors(), state._p_members, slots)
+        sQ = _per_slot(state.state_Q.tensors(), state._q_members, slots)
+        s_lam = state.state_lam.tensors()[0][..., 0]
+        assert s_lam.abs().max() <= bound
+        for i in range(slots):
+            for S, G in ((sP[i], P[i]), (sQ[i], Q[i])):
+                torch.testing.assert_close(S.norm(dim=-1), torch.ones(S.shape[0]))
+                torch.testing.assert_close(S * G.norm(dim=-1, keepdim=True), G)  # same direction
+            under = (lam[i] * P[i].norm(dim=-1) * Q[i].norm(dim=-1)).abs() < bound
+            want = P[i].T @ torch.diag(lam[i] * under) @ Q[i]
+            got = sP[i].T @ torch.diag(s_lam[i] * under) @ sQ[i]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        clamped.append(bool((s_lam.abs() == bound).any()))
     assert state.allocator.global_step == 3
+    assert any(clamped) == (bound < 1)  # the small bound really clamps; the large one never does
 
 
 def test_fixed_state_never_moves():

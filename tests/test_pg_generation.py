@@ -70,7 +70,7 @@ def test_unpack_rows_gives_views_of_each_layers_row():
 
 
 def naive_factors(state, slot):
-    """Each layer calls γ on its own embedding, written out by hand (exact erf GeLU)."""
+    """Each layer calls γ on its own embedding, written out by hand (exact erf GeLU), times out_scale."""
     got = {}
     for f in "AB":
         src = state.sources[slot].get(f)
@@ -82,7 +82,7 @@ def naive_factors(state, slot):
         if gen.positions is not None:
             e = torch.cat((e, gen.positions[src.row]))
         z = gen.linear1.weight @ e + gen.linear1.bias
-        row = gen.linear2.weight @ (0.5 * z * (1 + torch.erf(z / math.sqrt(2)))) + gen.linear2.bias
+        row = gen.out_scale * (gen.linear2.weight @ (0.5 * z * (1 + torch.erf(z / math.sqrt(2)))) + gen.linear2.bias)
         got[f] = row[src.offset:src.offset + math.prod(src.shape)].view(src.shape)
     return Factors(got["A"], got["B"], None, None, state.plan.scale)
 

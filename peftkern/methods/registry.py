@@ -66,8 +66,8 @@ DEFAULT_RANK = 8  # patch(rank=None) means this, for every method
 
 # The embedded demo's learning rate per method: the best held-out accuracy of a grid, on a
 # tenth of the demo sample's training data (benchmarks/results/demo_defaults.md).
-DEMO_LR = {"lora": 2e-3, "tied_lora": 2e-3, "vera": 2e-3, "pg_fixed": 2e-3, "pg_trainable": 2e-3, "pg_pos": 2e-3,
-           "adalora": 2e-3, "hyper_adalora": 2e-3}
+DEMO_LR = {"lora": 1e-2, "tied_lora": 1e-2, "vera": 2e-2, "pg_fixed": 1e-2, "pg_trainable": 1e-2, "pg_pos": 5e-3,
+           "adalora": 2e-2, "hyper_adalora": 2e-2}
 
 _METHODS: Dict[str, Method] = {}
 
