@@ -3,7 +3,7 @@
 The demo trains the pretrained MiniLM on the SST-2 sample shipped in the package for a short
 budget (3 epochs of batch 32, 189 steps). The papers' learning rates suit their budgets
 (LEFT: 5e-5 for 10 epochs on full GLUE) and learn nothing here, and no single rate suits
-every method (benchmarks/results/accuracy_table*.md), so each method gets its own, chosen
+every method (benchmarks/results/demo_defaults.md), so each method gets its own, chosen
 here on a held-out tenth of the sample's *training* data (``--split-dev``): the sample's dev
 set, which the demo reports, plays no part in the choice.
 
