@@ -46,6 +46,7 @@ import torch
 
 import peftkern
 from peftkern.app import glue, train
+from peftkern.files import read_json_object
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_GLUE = os.environ.get("PEFTKERN_GLUE_DIR", str(HERE.parent.parent / "shared" / "data" / "glue"))
@@ -107,9 +108,9 @@ def finetune_or_reuse(cfg: train.RunConfig) -> train.RunResult:
     """Read a finished run back from ``cfg.output_dir/metrics.json`` when its configuration matches."""
     path = Path(cfg.output_dir) / "metrics.json"
     if path.is_file():
-        saved = json.loads(path.read_text())
-        want = json.loads(json.dumps({k: getattr(cfg, k) for k in _SAME_RUN}))
-        if isinstance(saved, dict) and all(saved.get("config", {}).get(k) == want[k] for k in _SAME_RUN):
+        saved = read_json_object(path)  # a corrupt file is an error, not a silent rerun
+        want = json.loads(json.dumps({k: getattr(cfg, k) for k in _SAME_RUN}))  # as metrics.json spells them
+        if all(saved.get("config", {}).get(k) == want[k] for k in _SAME_RUN):
             return train.RunResult(**saved)
     return train.finetune(cfg)
 
