@@ -115,13 +115,19 @@ def with_training_length(name: str, options: Mapping[str, Any], total_steps: int
     return out
 
 
+# PEFT's LoraConfig names for what patch() takes as its own arguments: a user who types PEFT's
+# name gets told the peftkern one instead of a bare "unknown option".
+PEFT_NAMES = {"target_modules": "targets", "r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
+
+
 def parse_options(method: Method, options: Mapping[str, Any]) -> Any:
     """Options dict -> the method's validated options dataclass (TypeError for unknown names)."""
     valid = [f.name for f in dataclasses.fields(method.options)]
     unknown = sorted(set(options) - set(valid))
     if unknown:
+        renamed = [f"PEFT's {n}= is patch's {PEFT_NAMES[n]}=" for n in unknown if n in PEFT_NAMES]
         raise TypeError(
             f"method {method.name!r} does not take option(s) {', '.join(map(repr, unknown))}; "
-            f"valid options: {', '.join(valid) or '(none)'}"
+            f"valid options: {', '.join(valid) or '(none)'}" + (f" ({'; '.join(renamed)})" if renamed else "")
         )
     return method.options(**options)
