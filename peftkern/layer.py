@@ -79,7 +79,8 @@ class AdaptedLinear(nn.Module):
         if x.device != weight.device or f.A.device != weight.device or f.B.device != weight.device:
             raise placement_error(self, x, f)  # a model moved only in part (torch would compute on meta silently)
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
+        # meta (shape inference, host-overhead benchmarks) has no autocast, and asking raises
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             with torch.autocast(device_type, enabled=False):
                 return self._run(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),

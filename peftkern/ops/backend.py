@@ -25,7 +25,8 @@ empty placeholder, library.py).
     hypernet_forward(E, W1, b1, W2, b2, save) -> (out, pre)
     hypernet_backward(dout, E, W1, W2, pre, needs[5]) -> (dE, dW1, db1, dW2, db2)
 
-h is x·Aᵀ (before u; with dropout, of the kept and rescaled input), returned only when
+h is x·Aᵀ (before u; with dropout, of the kept and rescaled input), or that times a constant
+the backend's own backward expects (torch: s·x·Aᵀ), [M, r] in x's dtype, returned only when
 ``save_h`` asks for it (else None); ``aux`` is any other tensor the backend wants back in
 its backward (the C++ backend's merged weight), or None. x may be None in a backward when
 the wrapper did not keep it (no gradient needs it).

@@ -2,21 +2,26 @@
 
 It is the default on CUDA until the Triton kernels pass the GPU suite (dispatch.py), so
 it is written for few launches and no M×N temporaries. Every diagonal scaling is folded
-into the rank-r factors, never applied to an M×N or M×K tensor:
+into the rank-r factors or into a GEMM's alpha, never applied in a pass of its own over an
+[M, ·] tensor; s (and dropout's 1/(1-p), c = s/(1-p)) rides on the GEMMs' alpha:
 
-    forward   h  = D(x)·Aᵀ                         [M, r]   (saved when a gradient reads it)
-              y  = x·W0ᵀ + b;  y += s·h·((v⊙B)⊙u)ᵀ          (one in-place addmm)
-    backward  Gt  = dyᵀ·(h⊙u)              [N, r]  → dB = s·v⊙Gt,  dv = s·Σ_j B⊙Gt
-              dhu = dy·(s·v⊙B)             [M, r]  → du = Σ_m h⊙dhu,  dh = u⊙dhu
-              dA  = dhᵀ·D(x);  dx = dy·W0 + D'(dh·A)        (one in-place addmm without dropout)
+    forward   hs = c·D'(x)·Aᵀ                      [M, r]   (= s·h; saved when a gradient reads it)
+              y  = x·W0ᵀ + b;  y += (hs⊙u)·(v⊙B)ᵀ            (one in-place addmm)
+    backward  Gt  = dyᵀ·(hs⊙u)             [N, r]  → dB = v⊙Gt,  dv = Σ_j B⊙Gt
+              dg  = dy·(v⊙B)               [M, r]  → du = Σ_m hs⊙dg
+              dh  = c·dg⊙u                          (c on a GEMM's alpha, never a pass of its own)
+              dA  = dhᵀ·D'(x);  dx = dy·W0 + D'(dh·A)       (one in-place addmm without dropout)
 
+D' is the dropout mask without its 1/(1-p). The saved ``h`` of this backend is s·h (the
+contract lets a backend's h be whatever its own backward reads; shapes and dtype match).
 dv is an M×N reduction in the reference (Σ_m dy ⊙ (B·hu)); the identity
 Σ_m dy[m,n]·Σ_j hu[m,j]·B[n,j] = Σ_j B[n,j]·Gt[n,j] makes it free once dB's GEMM is done.
-For LoRA (u, v identity, no bias, no dropout) that is 3 launches forward and 7 backward.
+For LoRA (u, v identity, no bias, no dropout) that is 3 launches forward and 5 backward
+(benchmarks/bench_launches.py counts them against PEFT's).
 
 Dropout D: ``keep_mask(seed, ...)`` is a Bernoulli(1-p) draw from a private generator
 seeded with the call's seed (torch.Generator on x's device), so the backward redraws the
-same mask instead of storing it; 1/(1-p) is folded into h and dh.
+same mask instead of storing it.
 """
 from __future__ import annotations
 
@@ -39,10 +44,18 @@ def keep_mask(seed: Tensor, shape, p: float, device, dtype) -> Tensor:
 
 
 def _dropped(x: Tensor, dropout: float, seed: Tensor) -> Tensor:
-    """D(x) without the 1/(1-p) factor (folded into h by the callers)."""
+    """D'(x): the kept elements of x, without the 1/(1-p) factor (folded into a GEMM's alpha)."""
     if not dropout:
         return x
     return x * keep_mask(seed, x.shape, dropout, x.device, x.dtype)
+
+
+def _mm(a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """alpha·a·b as one GEMM: alpha rides on BLAS's alpha. With beta=0 the input is never read
+    (nor copied into the output), so an empty 0-d tensor stands in for it without a launch."""
+    if alpha == 1.0:
+        return a @ b
+    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=alpha)
 
 
 def _fold(B: Tensor, u: Optional[Tensor], v: Optional[Tensor]) -> Tensor:
@@ -59,40 +72,42 @@ def _base(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 
 def adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h):
-    h = _dropped(x, dropout, seed) @ A.t()
-    if dropout:
-        h.mul_(1.0 / (1.0 - dropout))
+    hs = _mm(_dropped(x, dropout, seed), A.t(), scale / (1.0 - dropout))
     y = _base(x, weight, bias)
-    y.addmm_(h, _fold(B, u, v).t(), alpha=scale)
-    return y, (h if save_h else None), None
+    y.addmm_(hs, _fold(B, u, v).t())
+    return y, (hs if save_h else None), None
 
 
-def _lowrank_backward(dy, x, A, B, u, v, h, scale, dropout, seed, need_x, need_A, need_u, need_B, need_v, dx):
-    """The rank-r part of the adapter's backward. Adds the low-rank term into ``dx`` in place."""
+def _lowrank_backward(dy, x, A, B, u, v, hs, scale, dropout, seed, need_x, need_A, need_u, need_B, need_v, dx):
+    """The rank-r part of the adapter's backward (module docstring; ``hs`` = s·h, the forward's).
+    Adds the low-rank term into ``dx`` in place."""
     dA = dB = du = dv = None
+    c = scale / (1.0 - dropout)
     if need_B or need_v:
-        gt = dy.t() @ (h if u is None else h * u)  # [N, r]: shared by dB and dv
+        gt = dy.t() @ (hs if u is None else hs * u)  # [N, r], already times s: shared by dB and dv
         if need_B:
-            dB = (gt * scale if v is None else gt * (scale * v)[:, None]).to(B.dtype)
+            dB = (gt if v is None else gt * v[:, None]).to(B.dtype)
         if need_v:
-            dv = (gt * B).sum(1).mul_(scale).to(v.dtype)
+            dv = (gt * B).sum(1).to(v.dtype)
     if need_x or need_A or need_u:
-        dhu = dy @ (B * scale if v is None else B * (scale * v)[:, None])
+        vB = B if v is None else B * v[:, None]
         if need_u:
-            du = (dhu * h).sum(0).to(u.dtype)
-        dh = dhu if u is None else dhu * u
+            dg = dy @ vB
+            du = (dg * hs).sum(0).to(u.dtype)
+            dh, alpha = dg * u, c  # dh/c: c goes on dA's and dx's GEMMs
+        else:
+            dh, alpha = _mm(dy, vB if u is None else vB * u, c), 1.0
         if dropout:
-            dh = dh * (1.0 / (1.0 - dropout))
             keep = keep_mask(seed, (dy.shape[0], A.shape[1]), dropout, dy.device, dy.dtype)
             if need_A:
-                dA = (dh.t() @ (x * keep)).to(A.dtype)
+                dA = _mm(dh.t(), x * keep, alpha).to(A.dtype)
             if need_x:
-                dx.addcmul_(dh @ A, keep)
+                dx.addcmul_(_mm(dh, A, alpha), keep)
         else:
             if need_A:
-                dA = (dh.t() @ x).to(A.dtype)
+                dA = _mm(dh.t(), x, alpha).to(A.dtype)
             if need_x:
-                dx.addmm_(dh, A)
+                dx.addmm_(dh, A, alpha=alpha)
     return dA, dB, du, dv
 
 
@@ -107,9 +122,7 @@ def adapter_backward(dy, x, weight, A, B, u, v, h, aux, scale, dropout, seed, ne
 
 
 def shrink_forward(x, A, u, dropout, seed, save_h):
-    h = _dropped(x, dropout, seed) @ A.t()
-    if dropout:
-        h.mul_(1.0 / (1.0 - dropout))
+    h = _mm(_dropped(x, dropout, seed), A.t(), 1.0 / (1.0 - dropout))
     if u is None:
         return h, None
     return h * u, (h if save_h else None)
@@ -121,14 +134,12 @@ def shrink_backward(dhu, x, A, u, h, dropout, seed, needs):
     dx = dA = None
     if need_x or need_A:
         dh = dhu if u is None else dhu * u
-        keep = None
-        if dropout:
-            dh = dh * (1.0 / (1.0 - dropout))
-            keep = keep_mask(seed, (dhu.shape[0], A.shape[1]), dropout, dhu.device, dhu.dtype)
+        c = 1.0 / (1.0 - dropout)  # on the GEMMs' alpha
+        keep = keep_mask(seed, (dhu.shape[0], A.shape[1]), dropout, dhu.device, dhu.dtype) if dropout else None
         if need_A:
-            dA = (dh.t() @ (x if keep is None else x * keep)).to(A.dtype)
+            dA = _mm(dh.t(), x if keep is None else x * keep, c).to(A.dtype)
         if need_x:
-            dx = dh @ A.to(dh.dtype)
+            dx = _mm(dh, A.to(dh.dtype), c)
             if keep is not None:
                 dx.mul_(keep)
     return [dx, dA, du]
@@ -144,13 +155,13 @@ def expand_backward(dy, x, weight, hu, B, v, scale, needs):
     dx = dy @ weight if need_x else None
     dhu = dB = dv = None
     if need_hu:
-        dhu = (dy @ (B * scale if v is None else B * (scale * v)[:, None])).to(hu.dtype)
+        dhu = _mm(dy, B if v is None else B * v[:, None], scale).to(hu.dtype)
     if need_B or need_v:
-        gt = dy.t() @ hu
+        gt = _mm(dy.t(), hu, scale)  # s·Gt: shared by dB and dv
         if need_B:
-            dB = (gt * scale if v is None else gt * (scale * v)[:, None]).to(B.dtype)
+            dB = (gt if v is None else gt * v[:, None]).to(B.dtype)
         if need_v:
-            dv = (gt * B).sum(1).mul_(scale).to(v.dtype)
+            dv = (gt * B).sum(1).to(v.dtype)
     dw = (dy.t() @ x) if need_w else None
     db = dy.sum(0).to(weight.dtype) if need_b else None
     return [dx, dw, db, dhu, dB, dv]
