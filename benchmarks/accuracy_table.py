@@ -47,6 +47,7 @@ import torch
 import peftkern
 from peftkern.app import glue, train
 from peftkern.files import read_json_object
+from peftkern.methods import registry
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_GLUE = os.environ.get("PEFTKERN_GLUE_DIR", str(HERE.parent.parent / "shared" / "data" / "glue"))
@@ -110,7 +111,14 @@ def finetune_or_reuse(cfg: train.RunConfig) -> train.RunResult:
     if path.is_file():
         saved = read_json_object(path)  # a corrupt file is an error, not a silent rerun
         want = json.loads(json.dumps({k: getattr(cfg, k) for k in _SAME_RUN}))  # as metrics.json spells them
-        if all(saved.get("config", {}).get(k) == want[k] for k in _SAME_RUN):
+        have = dict(saved.get("config", {}))
+        # the run records the options it patched with: a training-length option the loop filled
+        # in (AdaLoRA's total_step) is the same run as the config that left it to the loop
+        length = registry.get(cfg.method).training_length
+        if length is not None and want["options"].get(length) in (None, "auto"):
+            have["options"] = {k: v for k, v in (have.get("options") or {}).items() if k != length}
+            want["options"] = {k: v for k, v in want["options"].items() if k != length}
+        if all(have.get(k) == want[k] for k in _SAME_RUN):
             return train.RunResult(**saved)
     return train.finetune(cfg)
 

@@ -66,3 +66,17 @@ def test_finished_runs_are_read_back_and_a_changed_config_reruns(table, tmp_path
     longer = table.Budget({"sst2": None}, {"sst2": 2}, 8, 16)  # same folders, another epoch count
     table.run_row(row, "sst2", [1], longer, str(data), str(model), tmp_path / "runs", 1e-3)
     assert ran == [1]
+
+
+def test_a_run_whose_loop_filled_in_its_training_length_is_read_back(table, tmp_path, monkeypatch):
+    # AdaLoRA's total_step is filled in by the loop and recorded in metrics.json; the table's
+    # config leaves it to the loop, and that is the same run
+    model = save_tiny_bert(tmp_path / "model")
+    data = write_sst2_like(tmp_path / "glue", n_train=40, n_dev=8)
+    row = table.Row("AdaLoRA", "adalora", alpha=None)
+    budget = table.Budget({"sst2": None}, {"sst2": 1}, 8, 16)
+    first = table.run_row(row, "sst2", [1], budget, str(data), str(model), tmp_path / "runs", 1e-3)
+    ran = []
+    monkeypatch.setattr(table.train, "finetune", lambda cfg: ran.append(cfg.seed))
+    again = table.run_row(row, "sst2", [1], budget, str(data), str(model), tmp_path / "runs", 1e-3)
+    assert ran == [] and again["values"] == first["values"]

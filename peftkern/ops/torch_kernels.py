@@ -38,6 +38,8 @@ Tensor = torch.Tensor
 
 def keep_mask(seed: Tensor, shape, p: float, device, dtype) -> Tensor:
     """This backend's dropout mask: 1 where an element is kept, 0 where dropped (Bernoulli(1-p))."""
+    if torch.device(device).type == "meta":  # shapes only: meta has no generator and no values
+        return torch.empty(shape, device=device, dtype=dtype)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
     return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=gen)
