@@ -127,26 +127,33 @@ PROVIDERS: Dict[str, Optional[Provider]] = {
 DEFAULT = [name for name in PROVIDERS if name != "pk_lora_qv_compiled"]
 
 
-def measure(name: str, build: Optional[Provider], s: Setup) -> Dict[str, object]:
-    if s.device == "cuda":
-        torch.cuda.empty_cache()
+def stepper(build: Optional[Provider], s: Setup, **adamw) -> tuple:
+    """(step(i), model): one training step of the provider ``build`` (None: the floor, frozen
+    forward + backward with gradients for activations only). ``adamw``: AdamW's options."""
     ids = torch.randint(0, s.config().vocab_size, (s.batch, s.seq), device=s.device)
-    if build is None:  # the floor: frozen forward + backward, gradients for activations only
+    if build is None:
         model = s.base()
 
         def step(i):
             embeds = model.model.embed_tokens(ids).detach().requires_grad_(True)
             model(inputs_embeds=embeds, labels=ids).loss.backward()
-    else:
-        model, allocate = build(s)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        return step, model
+    model, allocate = build(s)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, **adamw)
 
-        def step(i):
-            model(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
-            if allocate is not None:
-                allocate(i)
-            optimizer.zero_grad(set_to_none=True)
+    def step(i):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        if allocate is not None:
+            allocate(i)
+        optimizer.zero_grad(set_to_none=True)
+    return step, model
+
+
+def measure(name: str, build: Optional[Provider], s: Setup) -> Dict[str, object]:
+    if s.device == "cuda":
+        torch.cuda.empty_cache()
+    step, model = stepper(build, s)
     started = time.perf_counter()
     for i in range(s.warmup):
         step(i)

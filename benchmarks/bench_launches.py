@@ -107,25 +107,7 @@ class Shape(gpu.Setup):
 
 def stepper(name: str, s: Shape):
     """(step(i), model) for provider ``name``: bench_gpu_step's step with AdamW(foreach=True)."""
-    ids = torch.randint(0, s.config().vocab_size, (s.batch, s.seq), device=s.device)
-    build = gpu.PROVIDERS[name]
-    if build is None:
-        model = s.base()
-
-        def step(i):
-            embeds = model.model.embed_tokens(ids).detach().requires_grad_(True)
-            model(inputs_embeds=embeds, labels=ids).loss.backward()
-        return step, model
-    model, allocate = build(s)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
-
-    def step(i):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        if allocate is not None:
-            allocate(i)
-        optimizer.zero_grad(set_to_none=True)
-    return step, model
+    return gpu.stepper(gpu.PROVIDERS[name], s, foreach=True)
 
 
 def count(name: str, layers: int) -> Dict[str, object]:
