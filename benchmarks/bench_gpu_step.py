@@ -46,6 +46,7 @@ class Setup:
         self.dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         self.batch, self.seq = (2, 16) if quick else (8, 512)
         self.steps, self.warmup = (2, 1) if quick else (8, 3)
+        self.backend = "auto"  # peftkern's backend for every pk_ provider without its own
 
     def config(self):
         from transformers import LlamaConfig
@@ -81,6 +82,7 @@ def ours(method: str, targets: str, compile: bool = False, **options) -> Provide
         import peftkern
 
         opts = dict(options)
+        opts.setdefault("backend", s.backend)
         if "total_step" in opts:
             opts["total_step"] = s.total_steps
         if s.quick and "rank" in opts:

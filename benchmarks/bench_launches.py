@@ -15,10 +15,11 @@ foreach, CUDA's default; AdaLoRA's allocation where the provider has one):
               they launch nothing). A step that completes on meta reads no device value on the
               host (``.item()`` raises there), so it has no host-device synchronisation on CUDA
               either; a provider that does read one is reported with that error.
-``host_ms``   CPU wall time of the same step on a model with the same 22 layers and targets but
-              width 64 and 1 x 8 tokens, so arithmetic is negligible and what is left is Python,
-              autograd and dispatch: the host time a GPU step cannot go below when the GPU waits
-              on the host. Providers are timed interleaved, one torch thread, medians.
+``host_ms``   CPU wall time of the same step, with peftkern's torch backend (auto's choice on
+              CUDA), on a model with the same 22 layers and targets but width 64 and 1 x 8
+              tokens, so arithmetic is negligible and what is left is Python, autograd and
+              dispatch: the host time a GPU step cannot go below when the GPU waits on the
+              host. Providers are timed interleaved, one torch thread, medians.
 
 Neither is a GPU figure. A step is at least max(device time, host time); these bound the
 second and count the launches behind the first.
@@ -81,6 +82,7 @@ class Shape(gpu.Setup):
     def __init__(self, device: str, layers: int, tiny: bool):
         super().__init__(quick=False)
         self.device, self.layers, self.tiny = device, layers, tiny
+        self.backend = "torch"  # what auto runs on CUDA (on the CPU it would be the C++ backend)
         self.dtype = torch.bfloat16 if device == "meta" else torch.float32
         if tiny:
             self.batch, self.seq = 1, 8
