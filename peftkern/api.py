@@ -1,10 +1,11 @@
 """The public API. Each function validates first and mutates last."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from torch import nn
 from . import hf, io, patching, peft_format
 from . import methods as _methods
 from .factors import is_patched, state_of
+from .layer import AdaptedLinear
 from .ops import dispatch
 
 log = logging.getLogger("peftkern")
@@ -29,8 +31,10 @@ def patch(model: nn.Module, method: str = "lora", rank: Optional[int] = None, ta
         targets: module names (suffix match, e.g. ``["q_proj", "v_proj"]``), one regex over
             module paths, or ``"all-linear"`` (every Linear/Conv1D in the model's blocks, as
             PEFT). Default: the architecture's attention query and value.
-        alpha: s = alpha / r. Default: the method's paper setting.
-        backend: "auto" | "triton" | "cpp" | "torch" (``explain()`` says which ran).
+        alpha: s = alpha / r, a finite number > 0. Default: the method's paper setting.
+        backend: "auto" | "triton" | "cpp" | "torch" (``explain()`` says which ran). A named
+            backend is resolved at the first forward on each device type, not here (a model
+            patched on the CPU may train on CUDA): one that cannot run there raises then.
         dropout: PEFT's lora_dropout, the probability of zeroing an element of the adapter's
             input in training (fused in every backend; no mask is stored).
         use_rslora: s = alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023), for methods scaled by α/r.
@@ -108,6 +112,26 @@ def _refuse_shared(model: nn.Module, what: str) -> None:
             f"with peftkern.export_peft, or untie the weights first (e.g. "
             f"model.{path}.base_layer.weight = torch.nn.Parameter(model.{path}.base_layer.weight.clone()), "
             f"and set config.tie_word_embeddings = False)")
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """``with peftkern.disable_adapter(model):`` the model computes as its base model (PEFT's
+    ``model.disable_adapter()``, e.g. for a DPO reference pass): every adapted module runs its
+    base layer alone, no factor is generated and no regulariser is added to ``outputs.loss``.
+    The previous state comes back on exit, also after an exception; blocks nest. Raises
+    ValueError if ``model`` is not patched, or is merged (its base weights then hold ΔW:
+    ``peftkern.unmerge(model)`` first)."""
+    state = state_of(model)
+    if any(isinstance(m, AdaptedLinear) and m.merged for m in model.modules()):
+        raise ValueError("disable_adapter: the model is merged, so its base weights include the adapter; "
+                         "call peftkern.unmerge(model) first")
+    before = state.disabled
+    state.disabled = True
+    try:
+        yield model
+    finally:
+        state.disabled = before
 
 
 def orthogonal_regularization(model: nn.Module) -> Optional[torch.Tensor]:
@@ -232,7 +256,8 @@ def parameter_table(model_or_config: Any, method: str = "lora", rank: Optional[i
     (never modified: the table is computed on a fresh meta-device copy).
     """
     model = _meta_model(model_or_config)
-    patch(model, method, rank, targets, alpha, **options)
+    # a count does not depend on the training length (AdaLoRA's total_step): any valid one will do
+    patch(model, method, rank, targets, alpha, **_methods.registry.with_training_length(method, options, 10 ** 6))
     state = state_of(model)
     lines = [f"{method} (rank {state.plan.rank}, alpha {state.plan.alpha:g}) on {state.plan.model_type or type(model).__name__}",
              f"{'tensor':58s} {'shape':>16s} {'params':>12s}  trained"]
@@ -240,7 +265,7 @@ def parameter_table(model_or_config: Any, method: str = "lora", rank: Optional[i
         lines.append(f"{name:58s} {str(tuple(p.shape)):>16s} {p.numel():>12,d}  {'yes' if p.requires_grad else 'no'}")
     c = count(model)
     lines.append(f"adapter parameters trained: {c.adapter_trainable:,} (frozen: {c.adapter_total - c.adapter_trainable:,}); "
-                 f"base model: {c.total - c.adapter_total:,}")
+                 f"base model ({type(model).__name__}): {c.total - c.adapter_total:,}")
     return "\n".join(lines)
 
 
@@ -254,9 +279,17 @@ def _meta_model(obj: Any) -> nn.Module:
             if is_patched(clone):
                 patching.uncommit(clone)
             return clone.to("meta")
+        from transformers import PreTrainedModel
+
+        if isinstance(obj, PreTrainedModel):
+            with torch.device("meta"):  # its own class: a causal LM's head counts in the base
+                return type(obj)(obj.config)
         obj = obj.config
+    import transformers
     from transformers import AutoConfig, AutoModel, PretrainedConfig
 
     config = obj if isinstance(obj, PretrainedConfig) else AutoConfig.from_pretrained(obj)
+    # the class the checkpoint was saved as (with its head), else the bare backbone
+    cls = next((getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)), None)
     with torch.device("meta"):
-        return AutoModel.from_config(config)
+        return cls(config) if cls is not None else AutoModel.from_config(config)

@@ -69,15 +69,18 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x [..., K] -> [..., N] in x's dtype (under autocast: the autocast dtype).
 
-        Raises ValueError when x, the base weight and the factors are on different devices,
-        and TypeError when x and the base weight have different dtypes outside autocast
-        (a model moved or cast only in part)."""
+        Raises ValueError when x, the base weight and the factors are on different devices
+        (a model moved only in part) or x's last dimension is not K, and TypeError when x and
+        the base weight have different dtypes outside autocast."""
         if self.merged or self._state.disabled:
             return self.base_layer(x)
         f = self._state.factors(self.slot)
         weight, bias = self.base_weight(), self.base_layer.bias
         if x.device != weight.device or f.A.device != weight.device or f.B.device != weight.device:
             raise placement_error(self, x, f)  # a model moved only in part (torch would compute on meta silently)
+        if x.shape[-1] != self.in_features:  # else a reshape error that names no module
+            raise ValueError(f"{self._state.plan.slots[self.slot].path}: the input has {x.shape[-1]} features "
+                             f"(shape {tuple(x.shape)}), this module takes {self.in_features}")
         device_type = x.device.type
         # meta (shape inference, host-overhead benchmarks) has no autocast, and asking raises
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
@@ -146,7 +149,10 @@ def placement_error(module: AdaptedLinear, x: Tensor, factors: Factors) -> Excep
             "(the adapter is registered on its root as model.peftkern)")
     if len({t.device for t in parts.values() if t is not None}) > 1:
         return ValueError(f"{path}: tensors on different devices ({listing}); {hint}")
-    return TypeError(f"{path}: input and base weight have different dtypes ({listing}); {hint}")
+    w = parts["base weight"].dtype
+    fix = (f"the input must be floating point (cast it to {w})" if not x.is_floating_point() else
+           f"cast the input to {w} or run under torch.autocast; or, if {hint}")
+    return TypeError(f"{path}: input and base weight have different dtypes ({listing}); {fix}")
 
 
 __all__ = ["AdaptedLinear", "placement_error", "FACTOR_NAMES"]

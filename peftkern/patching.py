@@ -43,7 +43,8 @@ def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None
     spec = methods.get(method)
     requested = checks.integer("rank", rank, 1, allow_none=True)
     rank = methods.DEFAULT_RANK if requested is None else requested
-    alpha = checks.real("alpha", alpha, allow_none=True)
+    # s = alpha/r: 0 trains nothing, inf gives NaN, a negative one only flips B's sign (refused as a typo)
+    alpha = checks.real("alpha", alpha, 0.0, float("inf"), low_open=True, high_open=True, allow_none=True)
     dispatch.check_name(backend)
     dropout = check_dropout(dropout)
     if not isinstance(use_rslora, bool):
@@ -61,7 +62,8 @@ def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None
     size_rank = spec.resolve_rank(requested, opts) if spec.resolve_rank else rank
     ranks = _pattern("rank_pattern", rank_pattern, slots, spec, lambda k, v: checks.integer(f"rank_pattern[{k!r}]", v))
     alphas = _pattern("alpha_pattern", alpha_pattern, slots, spec,
-                      lambda k, v: checks.real(f"alpha_pattern[{k!r}]", v))
+                      lambda k, v: checks.real(f"alpha_pattern[{k!r}]", v, 0.0, float("inf"), low_open=True,
+                                               high_open=True))
     for s in slots:
         limit, r = min(s.in_features, s.out_features), ranks.get(s.path, size_rank)
         if r > limit:

@@ -140,9 +140,17 @@ def find_targets(model: nn.Module, targets: TargetSpec) -> List[Slot]:
                 break
     missing = [t for t, n in hits.items() if n == 0]
     if missing:
+        names = adaptable_names(model)
+        hint = ""
+        if isinstance(targets, str):  # a string is one regex over the full path (PEFT's rule), not a name
+            listed = [t.strip() for t in targets.split(",")]
+            example = listed[0] if listed[0].isidentifier() else (names[0] if names else "q_proj")
+            hint = (f"; a string is one regex matched against each module's full path (re.fullmatch, as PEFT's "
+                    f"target_modules), e.g. r'.*\\.{example}'; to name modules pass a list: targets={listed!r}; "
+                    f"named sets: {', '.join(map(repr, sorted(TARGET_SETS)))}")
         raise ValueError(
             f"target(s) {missing} matched no nn.Linear or Conv1D module. "
-            f"Linear/Conv1D module names in this model: {', '.join(adaptable_names(model)) or '(none)'}"
+            f"Linear/Conv1D module names in this model: {', '.join(names) or '(none)'}{hint}"
         )
     return slots
 

@@ -171,6 +171,18 @@ def test_forward_with_the_adapter_moved_alone_names_the_module():
         model(input_ids=tokens())
 
 
+def test_an_input_of_the_wrong_width_or_dtype_names_the_module_and_the_fix():
+    layer = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    peftkern.patch(layer, "lora", rank=2, targets=["0"], backend="torch")
+    with pytest.raises(ValueError, match=r"^0: the input has 17 features \(shape \(2, 17\)\), this module takes 16$"):
+        layer(torch.randn(2, 17))
+    with pytest.raises(TypeError, match=r"^0: input and base weight have different dtypes .*cast the input to "
+                                        r"torch\.float32 or run under torch\.autocast"):
+        layer(torch.randn(2, 16, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"the input must be floating point \(cast it to torch\.float32\)"):
+        layer(torch.ones(2, 16, dtype=torch.int64))
+
+
 def test_adapter_cast_alone_still_runs_in_the_input_dtype():
     """The factors follow the input's dtype (a documented cast, not an error): only base-vs-input must agree."""
     model = tiny_model("llama", "cls")

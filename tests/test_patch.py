@@ -166,6 +166,14 @@ def test_patch_on_meta_device_counts_without_weights():
     assert "lora" in peftkern.parameter_table(model, "lora", rank=8)
 
 
+def test_parameter_table_counts_the_head_and_needs_no_training_length():
+    model = tiny_model("llama")  # a causal LM: its head is part of the base model's count
+    table = peftkern.parameter_table(model, "adalora", rank=2)  # no total_step: a count does not need one
+    total = sum(p.numel() for p in model.parameters())
+    assert f"base model ({type(model).__name__}): {total:,}" in table
+    assert not peftkern.factors.is_patched(model)  # the caller's model is untouched
+
+
 def test_patched_model_deepcopies_and_keeps_working():
     model = peftkern.patch(tiny_model("llama"), "tied_lora", rank=4, backend="torch")
     clone = copy.deepcopy(model)
@@ -201,9 +209,15 @@ def _assert_untouched(model, snap):
     (dict(method="lora", rank=17), ValueError, ["larger than", "at most 16"]),
     (dict(method="lora", targets=["nope"]), ValueError, ["matched no", "q_proj", "down_proj"]),
     (dict(method="lora", targets=["q_proj", "nope"]), ValueError, ["'nope'"]),
+    (dict(method="lora", targets="q_proj"), ValueError, ["one regex", "full path", "targets=['q_proj']"]),
+    (dict(method="lora", targets="q_proj,v_proj"), ValueError, ["targets=['q_proj', 'v_proj']", "'all-linear'"]),
     (dict(method="lora", lora_dropout=0.1), TypeError, ["does not take", "lora_dropout", "valid options",
                                                         "PEFT's lora_dropout= is patch's dropout="]),
     (dict(method="lora", target_modules=["q_proj"]), TypeError, ["PEFT's target_modules= is patch's targets="]),
+    (dict(method="lora", alpha=0), ValueError, ["alpha must be a real number in (0, inf)", "got 0"]),
+    (dict(method="lora", alpha=-8.0), ValueError, ["alpha", "(0, inf)"]),
+    (dict(method="lora", alpha=float("inf")), ValueError, ["alpha", "(0, inf)"]),
+    (dict(method="lora", alpha_pattern={"q_proj": 0.0}), ValueError, ["alpha_pattern['q_proj']", "(0, inf)"]),
     (dict(method="lora", dropout=1.0), ValueError, ["dropout", "[0, 1)"]),
     (dict(method="adalora", use_rslora=True), ValueError, ["use_rslora", "lora"]),
     (dict(method="vera", rank_pattern={"q_proj": 2}), ValueError, ["rank_pattern", "lora"]),
