@@ -143,6 +143,7 @@ def test_option_values_are_typed(text, value):
     (["finetune", "--method", "nope"], "unknown method 'nope'; valid methods"),
     (["finetune", "--task", "squad", "--data-dir", "x"], "unknown task 'squad'; valid tasks: cola"),
     (["finetune", "--method", "lora", "--option", "bogus=1"], "does not take option"),
+    (["finetune", "--method", "lora", "--option", "r=4"], "PEFT's r= is --rank"),
     (["finetune", "--option", "novalue"], "KEY=VALUE"),
     (["finetune", "--task", "mrpc", "--data-dir", "/nonexistent", "--method", "lora"], "MRPC/train.tsv"),
     (["finetune", "--seeds", "1,1"], "distinct"),

@@ -264,11 +264,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except BAD_INPUT as exc:  # peftkern validates early and names the problem: one line, not a traceback
-        print(f"peftkern {args.command}: error: {exc}", file=sys.stderr)
+        print(f"peftkern {args.command}: error: {as_flags(str(exc))}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # peftkern.health.NonFiniteError: NaN/Inf, with where it appeared
         print(f"peftkern {args.command}: training stopped: {exc}", file=sys.stderr)
         return 3
+
+
+# patch()'s argument names in the engine's messages -> this command line's flags
+_FLAGS = (("patch's targets=", "--targets"), ("patch's rank=", "--rank"), ("patch's alpha=", "--alpha"),
+          ("pass total_step=N", "pass --option total_step=N"))
+
+
+def as_flags(message: str) -> str:
+    """An engine error message in the CLI's terms: where it names patch()'s argument, the flag."""
+    for python, flag in _FLAGS:
+        message = message.replace(python, flag)
+    return message
 
 
 # What peftkern's own validation raises for bad input (unknown method, option, task, target, file).
