@@ -225,6 +225,7 @@ def _assert_untouched(model, snap):
     (dict(method="lora", modules_to_save=["nope"]), ValueError, ["modules_to_save", "'nope'"]),
     (dict(method="vera", tie="A"), TypeError, ["does not take", "d_initial"]),
     (dict(method="tied_lora", tie="C"), ValueError, ["tie", "A, B"]),
+    (dict(method="lora", joint=True, targets="all-linear"), ValueError, ["share their input size", "down_proj"]),
     (dict(method="tied_lora", train="ABx"), ValueError, ["train"]),
     (dict(method="tied_lora", train=""), ValueError, ["train"]),
     (dict(method="lora", backend="cuda"), ValueError, ["backend", "auto", "triton", "cpp", "torch"]),

@@ -186,7 +186,10 @@ def _layout(plan: Plan, joint: bool):
     for gi, (layer, idx) in enumerate(sorted(by_layer.items())):
         ks = {plan.slots[i].in_features for i in idx}
         if len(ks) != 1:
-            raise ValueError(f"joint=True needs the targets of layer {layer} to share their input size; got {sorted(ks)}")
+            sizes = ", ".join(f"{plan.slots[i].name} {plan.slots[i].in_features}" for i in idx)
+            raise ValueError(f"joint=True needs the targets of layer {layer} to share their input size (one "
+                             f"down-projection per layer, Tied-LoRA's joint QKV); got {sizes}: choose targets with "
+                             f"one input size, e.g. q_proj, k_proj, v_proj")
         off = 0
         for i in idx:
             n = plan.slots[i].out_features
