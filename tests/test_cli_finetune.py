@@ -3,6 +3,7 @@ import json
 import math
 import runpy
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,6 +153,18 @@ def test_bad_input_is_one_clear_line(argv, message, capsys, tmp_path):
     assert cli.main(argv + ["--output-dir", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_model_directory_without_a_tokenizer_is_named(tiny, tmp_path, capsys):
+    model = tmp_path / "no_tokenizer"
+    model.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (model / f).write_bytes((Path(tiny["model"]) / f).read_bytes())
+    argv = finetune_args(tiny, tmp_path / "run")
+    argv[argv.index("--model") + 1] = str(model)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the directory has no tokenizer" in err and "tokenizer.save_pretrained" in err
 
 
 def test_methods_and_params_commands(capsys):

@@ -111,6 +111,11 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+# what AutoTokenizer reads from a saved directory (any one of them is a tokenizer)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_model(name: str, task: glue.Task):
     """(tokenizer, model, fresh) for ``task`` from a local directory or a hub name; offline-safe for
     local paths. ``fresh`` names the modules the checkpoint did not provide (randomly initialised)."""
@@ -118,6 +123,10 @@ def load_model(name: str, task: glue.Task):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     kwargs = {"local_files_only": True} if os.path.isdir(name) else {}
+    if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, f)) for f in _TOKENIZER_FILES):
+        # else transformers suggests installing sentencepiece, which is not the problem
+        raise FileNotFoundError(f"--model {name}: the directory has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+                                "save one there with tokenizer.save_pretrained(directory)")
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     problem = "regression" if task.is_regression else "single_label_classification"
     verbosity = transformers.logging.get_verbosity()
