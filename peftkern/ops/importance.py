@@ -83,7 +83,9 @@ def update_(params: List[Tensor], grads: List[Tensor], exp_avg_ipt: List[Tensor]
             return "cpp"
         if backend == "cpp":
             raise RuntimeError("backend='cpp' asked for, but the compiled importance op is unavailable")
-    if len({t.device for t in (*params, *grads, *exp_avg_ipt, *exp_avg_unc)}) <= 1:
+    # one pass over the parameters only (this runs every optimizer step): a gradient and a score
+    # buffer live on their parameter's device
+    if len({p.device for p in params}) <= 1:
         update_foreach_(params, grads, exp_avg_ipt, exp_avg_unc, beta1, beta2)
         return "torch (foreach)"
     update_reference_(params, grads, exp_avg_ipt, exp_avg_unc, beta1, beta2)
