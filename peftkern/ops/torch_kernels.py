@@ -6,16 +6,18 @@ into the rank-r factors or into a GEMM's alpha, never applied in a pass of its o
 [M, ·] tensor; s (and dropout's 1/(1-p), c = s/(1-p)) rides on the GEMMs' alpha:
 
     forward   hs = c·D'(x)·Aᵀ                      [M, r]   (= s·h; saved when a gradient reads it)
-              y  = x·W0ᵀ + b;  y += (hs⊙u)·(v⊙B)ᵀ            (one in-place addmm)
-    backward  Gt  = dyᵀ·(hs⊙u)             [N, r]  → dB = v⊙Gt,  dv = Σ_j B⊙Gt
-              dg  = dy·(v⊙B)               [M, r]  → du = Σ_m hs⊙dg
-              dh  = c·dg⊙u                          (c on a GEMM's alpha, never a pass of its own)
+              y  = x·W0ᵀ + b;  y += hs·((v⊗u)⊙B)ᵀ            (one in-place addmm)
+    backward  Gt  = dyᵀ·hs                 [N, r]  → dB = Gt⊙(v⊗u)
+              P   = Gt⊙B                   [N, r]  → dv = P·u,  du = Pᵀ·v
+              dh  = c·dy·((v⊗u)⊙B)         [M, r]  (c on the GEMM's alpha)
               dA  = dhᵀ·D'(x);  dx = dy·W0 + D'(dh·A)       (one in-place addmm without dropout)
 
 D' is the dropout mask without its 1/(1-p). The saved ``h`` of this backend is s·h (the
 contract lets a backend's h be whatever its own backward reads; shapes and dtype match).
-dv is an M×N reduction in the reference (Σ_m dy ⊙ (B·hu)); the identity
-Σ_m dy[m,n]·Σ_j hu[m,j]·B[n,j] = Σ_j B[n,j]·Gt[n,j] makes it free once dB's GEMM is done.
+Every gradient of u and v comes from the one [N, r] GEMM Gt, never from a pass over an
+[M, ·] tensor: dv is an M×N reduction in the reference (Σ_m dy ⊙ (B·hu)), and
+Σ_m dy[m,n]·Σ_j hs[m,j]·u[j]·B[n,j] = Σ_j P[n,j]·u[j]; likewise du[j] = Σ_m hs[m,j]·(dy·(v⊙B))[m,j]
+= Σ_n v[n]·P[n,j]. So u and v add only [N, r] work to LoRA's backward (Tied-LoRA, VeRA).
 For LoRA (u, v identity, no bias, no dropout) that is 3 launches forward and 5 backward
 (benchmarks/bench_launches.py counts them against PEFT's).
 
@@ -60,13 +62,17 @@ def _mm(a: Tensor, b: Tensor, alpha: float) -> Tensor:
     return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=alpha)
 
 
-def _fold(B: Tensor, u: Optional[Tensor], v: Optional[Tensor]) -> Tensor:
-    """(v⊙B)⊙u [N, r]: B itself when both are the identity."""
-    if v is not None:
-        B = B * v[:, None]
-    if u is not None:
-        B = B * u
-    return B
+def _outer(u: Optional[Tensor], v: Optional[Tensor]) -> Optional[Tensor]:
+    """v⊗u as a factor of [N, r] tensors (Λv·X·Λu = X⊙(v⊗u)): None when both are the identity,
+    a broadcasting row or column when one is, so that applying it is at most one launch."""
+    if v is None:
+        return u
+    return v[:, None] if u is None else torch.outer(v, u)
+
+
+def _fold(X: Tensor, vu: Optional[Tensor]) -> Tensor:
+    """Λv·X·Λu for an [N, r] X, with ``vu`` from ``_outer``: X itself when both are the identity."""
+    return X if vu is None else X * vu
 
 
 def _base(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -76,7 +82,7 @@ def _base(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 def adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h):
     hs = _mm(_dropped(x, dropout, seed), A.t(), scale / (1.0 - dropout))
     y = _base(x, weight, bias)
-    y.addmm_(hs, _fold(B, u, v).t())
+    y.addmm_(hs, _fold(B, _outer(u, v)).t())
     return y, (hs if save_h else None), None
 
 
@@ -85,31 +91,30 @@ def _lowrank_backward(dy, x, A, B, u, v, hs, scale, dropout, seed, need_x, need_
     Adds the low-rank term into ``dx`` in place."""
     dA = dB = du = dv = None
     c = scale / (1.0 - dropout)
-    if need_B or need_v:
-        gt = dy.t() @ (hs if u is None else hs * u)  # [N, r], already times s: shared by dB and dv
+    vu = _outer(u, v)
+    if need_B or need_u or need_v:
+        gt = dy.t() @ hs  # [N, r], already times s: dB, du and dv all read it
         if need_B:
-            dB = (gt if v is None else gt * v[:, None]).to(B.dtype)
-        if need_v:
-            dv = (gt * B).sum(1).to(v.dtype)
-    if need_x or need_A or need_u:
-        vB = B if v is None else B * v[:, None]
-        if need_u:
-            dg = dy @ vB
-            du = (dg * hs).sum(0).to(u.dtype)
-            dh, alpha = dg * u, c  # dh/c: c goes on dA's and dx's GEMMs
-        else:
-            dh, alpha = _mm(dy, vB if u is None else vB * u, c), 1.0
+            dB = _fold(gt, vu).to(B.dtype)
+        if need_u or need_v:
+            p = gt * B
+            if need_v:
+                dv = (p.sum(1) if u is None else p @ u).to(v.dtype)
+            if need_u:
+                du = (p.sum(0) if v is None else p.t() @ v).to(u.dtype)
+    if need_x or need_A:
+        dh = _mm(dy, _fold(B, vu), c)
         if dropout:
             keep = keep_mask(seed, (dy.shape[0], A.shape[1]), dropout, dy.device, dy.dtype)
             if need_A:
-                dA = _mm(dh.t(), x * keep, alpha).to(A.dtype)
+                dA = (dh.t() @ (x * keep)).to(A.dtype)
             if need_x:
-                dx.addcmul_(_mm(dh, A, alpha), keep)
+                dx.addcmul_(dh @ A, keep)
         else:
             if need_A:
-                dA = _mm(dh.t(), x, alpha).to(A.dtype)
+                dA = (dh.t() @ x).to(A.dtype)
             if need_x:
-                dx.addmm_(dh, A, alpha=alpha)
+                dx.addmm_(dh, A)
     return dA, dB, du, dv
 
 
@@ -149,7 +154,7 @@ def shrink_backward(dhu, x, A, u, h, dropout, seed, needs):
 
 def expand_forward(x, weight, bias, hu, B, v, scale):
     y = _base(x, weight, bias)
-    return y.addmm_(hu, _fold(B, None, v).t(), alpha=scale)
+    return y.addmm_(hu, _fold(B, _outer(None, v)).t(), alpha=scale)
 
 
 def expand_backward(dy, x, weight, hu, B, v, scale, needs):
