@@ -27,7 +27,8 @@ def extension_build():
         print("peftkern: torch is not importable at build time; building without the C++ extension")
         return [], {}
 
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "autograd", "*.cpp")))
     define_macros = []
     cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one cpp_extension picks for the installed torch
     with_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None \

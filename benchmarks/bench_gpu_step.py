@@ -124,6 +124,12 @@ PROVIDERS: Dict[str, Optional[Provider]] = {
     "pk_hyper_adalora_qv": ours("hyper_adalora", "qv", rank=8, total_step=0),
     "pk_lora_qv_dropout": ours("lora", "qv", rank=16, dropout=0.05),
     "pk_lora_qv_triton": ours("lora", "qv", rank=16, backend="triton"),
+    # the C++ backend: its adapter is one C++ autograd node (no Python in forward or backward);
+    # on CUDA only where the extension was built with CUDA (benchmarks/gpu_check.sh tries)
+    "pk_lora_qv_cpp": ours("lora", "qv", rank=16, backend="cpp"),
+    "pk_lora_all_cpp": ours("lora", "all", rank=16, backend="cpp"),
+    "pk_tied_lora_qv_cpp": ours("tied_lora", "qv", backend="cpp"),
+    "pk_vera_qv_cpp": ours("vera", "qv", rank=256, backend="cpp"),
     "pk_lora_qv_compiled": ours("lora", "qv", rank=16, compile=True),
 }
 DEFAULT = [name for name in PROVIDERS if name != "pk_lora_qv_compiled"]

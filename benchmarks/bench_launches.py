@@ -21,6 +21,10 @@ foreach, CUDA's default; AdaLoRA's allocation where the provider has one):
               dispatch: the host time a GPU step cannot go below when the GPU waits on the
               host. Providers are timed interleaved, one torch thread, medians.
 
+The ``_cpp`` providers run the C++ backend instead, whose adapter op is one C++ autograd
+node (csrc/autograd/adapter_node.cpp): on meta it takes its addmm path (the GEMM sequence a
+CUDA build would run), in the host timing its CPU float32 paths (fused or merged, per call).
+
 Neither is a GPU figure. A step is at least max(device time, host time); these bound the
 second and count the launches behind the first.
 
@@ -58,7 +62,7 @@ NOT_LAUNCHES = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_
 # differ on a GPU: Triton, compiled)
 DEFAULT = ["floor", "peft_lora_qv", "pk_lora_qv", "pk_lora_qv_dropout", "peft_lora_all", "pk_lora_all",
            "pk_pg_pos_qv", "pk_tied_lora_qv", "peft_vera_qv", "pk_vera_qv", "peft_adalora_qv", "pk_adalora_qv",
-           "pk_hyper_adalora_qv"]
+           "pk_hyper_adalora_qv", "pk_lora_qv_cpp", "pk_lora_all_cpp", "pk_tied_lora_qv_cpp", "pk_vera_qv_cpp"]
 
 
 class CountLaunches(TorchDispatchMode):
@@ -158,7 +162,7 @@ def host_times(names: List[str], layers: int, reps: int, steps: int) -> Dict[str
 
 def peer(name: str) -> Optional[str]:
     """PEFT's provider for the same method and targets, if any."""
-    base = name.replace("_dropout", "")
+    base = name.replace("_dropout", "").replace("_cpp", "")
     return base.replace("pk_", "peft_", 1) if name.startswith("pk_") else None
 
 

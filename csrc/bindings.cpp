@@ -37,6 +37,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adapter_backward", &adapter_backward, py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("A"),
         py::arg("B"), py::arg("u"), py::arg("v"), py::arg("h"), py::arg("w_eff"), py::arg("scale"), py::arg("dropout"),
         py::arg("seed"), py::arg("needs"), py::arg("path") = int64_t(kAuto));
+  m.def("adapter_apply", &adapter_apply, "the adapter as one autograd node (forward and backward in C++)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("A"), py::arg("B"), py::arg("u"), py::arg("v"),
+        py::arg("scale"), py::arg("dropout"), py::arg("seed"), py::arg("path") = int64_t(kAuto));
   m.def("shrink_forward", &shrink_forward, py::arg("x"), py::arg("A"), py::arg("u"), py::arg("dropout"),
         py::arg("seed"));
   m.def("shrink_backward", &shrink_backward, py::arg("dhu"), py::arg("x"), py::arg("A"), py::arg("u"), py::arg("h"),

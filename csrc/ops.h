@@ -62,6 +62,12 @@ std::tuple<std::vector<OptTensor>, int64_t> adapter_backward(const Tensor& dy, c
                                                              const OptTensor& w_eff, double scale, double dropout,
                                                              int64_t seed, std::vector<bool> needs, int64_t path);
 
+// --- the adapter as one C++ autograd node (csrc/autograd/adapter_node.cpp) -----------------
+// y = adapter_forward(...)'s y for x [..., K], differentiable: its backward calls adapter_backward
+// with the needs_input_grad of x, weight, bias, A, B, u, v. The eager path of the cpp backend.
+Tensor adapter_apply(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& A, const Tensor& B,
+                     const OptTensor& u, const OptTensor& v, double scale, double dropout, int64_t seed, int64_t path);
+
 // --- joint-QKV form (shrink.cpp, expand.cpp) -------------------------------------------
 // shrink: hu = u⊙(D(x)·Aᵀ). Returns (hu, h).
 std::tuple<Tensor, Tensor> shrink_forward(const Tensor& x, const Tensor& A, const OptTensor& u, double dropout,

@@ -210,6 +210,7 @@ def explain(model: nn.Module) -> Explanation:
     for path, m in patching.adapted_modules(model):
         device_type = m.base_layer.weight.device.type
         rank = state.plan.slot_rank(state.plan.slots[m.slot])
+        ops = None
         try:
             ops = m.ops(device_type)
             backend, kernels = ops.name, ops.path_for(m.out_features, m.in_features, rank, m.base_layer.weight.dtype)
@@ -217,6 +218,8 @@ def explain(model: nn.Module) -> Explanation:
             backend, kernels = f"unavailable: {exc}", "-"
         f_group = state.factors(m.slot).group if device_type != "meta" else None
         form = "joint shrink+expand" if f_group else "fused adapter"
+        if not f_group and ops is not None and ops.adapter_node is not None:
+            form += ", one C++ autograd node"  # functions.adapter's eager path for this backend
         row = {"module": path, "shape": f"{m.in_features}->{m.out_features}", "rank": state.effective_rank(m.slot),
                "backend": backend, "requested": m.backend,
                "path": "merged (base only)" if m.merged else f"{form} ({kernels})",

@@ -39,6 +39,7 @@ def test_auto_resolves_to_cpp_on_cpu_without_warning():
 def test_backend_devices_follow_the_build():
     assert cb.BACKEND.devices[0] == "cpu"
     assert ("cuda" in cb.BACKEND.devices) == bool(cb._C.WITH_CUDA)
+    assert "meta" in cb.BACKEND.devices  # shapes only: the launch counts of benchmarks/bench_launches.py
 
 
 def _grads(model, ids):

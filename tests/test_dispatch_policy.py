@@ -40,6 +40,15 @@ def test_a_verified_policy_picks_triton_only_for_its_shapes(tmp_path, monkeypatc
     assert dispatch.auto_choice("cuda", (2048, 2048, 16)) == ("torch",)  # an unverified run decides nothing
 
 
+def test_a_verified_policy_may_pick_the_cpp_node_and_nothing_unknown(tmp_path, monkeypatch):
+    policy = tmp_path / "cuda_policy.json"
+    policy.write_text(json.dumps({"verified": True, "shapes": [{"shape": [2048, 2048, 16], "backend": "cpp"},
+                                                              {"shape": [256, 2048, 16], "backend": "numba"}]}))
+    monkeypatch.setattr(dispatch, "CUDA_POLICY", policy)
+    assert dispatch.auto_choice("cuda", (2048, 2048, 16)) == ("cpp", "torch")
+    assert dispatch.auto_choice("cuda", (256, 2048, 16)) == ("torch",)
+
+
 def test_the_repository_ships_no_unmeasured_policy():
     """A policy file may only come from a GPU run (benchmarks/gpu_check.sh); none has passed yet."""
     assert not dispatch.CUDA_POLICY.exists() or json.loads(dispatch.CUDA_POLICY.read_text()).get("measured_on")

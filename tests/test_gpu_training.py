@@ -84,10 +84,23 @@ def _assert_like_the_cpu(method, options, backend, **kw):
     return model
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton"])
+def _cpp_runs_cuda() -> bool:
+    from peftkern.ops import dispatch
+
+    try:
+        return "cuda" in dispatch.load("cpp").devices
+    except dispatch.BackendUnavailable:
+        return False
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "cpp"])
 @pytest.mark.parametrize("method,options", METHODS, ids=lambda v: str(v))
 def test_training_step_matches_the_cpu(method, options, backend):
-    """The default CUDA path (auto: the torch kernels on cuBLAS) and the Triton kernels, in bf16."""
+    """The default CUDA path (auto: the torch kernels on cuBLAS), the Triton kernels, and the C++
+    backend (its adapter one C++ autograd node; only with a CUDA build of the extension), in bf16."""
+    if backend == "cpp" and not _cpp_runs_cuda():
+        pytest.skip("the C++ extension is not built with CUDA here (benchmarks/gpu_check.sh builds it when nvcc "
+                    "and ninja are present)")
     model = _assert_like_the_cpu(method, options, backend)
     if backend == "auto":  # the default on CUDA is the cuBLAS path, and explain() says so
         assert {r["backend"] for r in peftkern.explain(model).rows} == {"torch"}

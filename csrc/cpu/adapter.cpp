@@ -1,15 +1,16 @@
 // The fused adapter, forward and backward: y = x·W0ᵀ + b + s·(v⊙(B·(u⊙(A·x)))).
 //
-// Mirrors the dataflow of peftkern/ops/torch_backend.py (u and v are folded into the
-// rank-r factors, no M×N temporary is saved), with one change of order: the rank-r term
-// is written into y (and dh·A into dx) *first*, and the base GEMM then accumulates on
-// top with beta = 1. The GEMM reads its C tile while it is compute-bound anyway, so the
-// output is written by the rank-r pass once instead of read and rewritten after the GEMM.
+// Mirrors the dataflow of peftkern/ops/torch_kernels.py (u and v are folded into the
+// rank-r factors, no M×N temporary is saved). The fused path changes one order: the
+// rank-r term is written into y (and dh·A into dx) *first*, and the base GEMM then
+// accumulates on top with beta = 1. The GEMM reads its C tile while it is compute-bound
+// anyway, so the output is written by the rank-r pass once instead of read and rewritten
+// after the GEMM. The addmm path is torch_kernels.py's GEMM sequence (forward_addmm).
 //
 // Paths (chosen per call in paths.cpp, or forced by the caller):
 //   fused   rank-r work in one row-streaming pass (lowrank_pass.cpp)       CPU float/double
 //   merged  W_eff = W0 + s·(v⊙B)·(u⊙A); y = x·W_effᵀ; dx = dy·W_eff        float/double, large M
-//   addmm   the same order with ATen GEMMs                                 any dtype/device
+//   addmm   ATen GEMMs, scalings on their alpha (forward_addmm)            any dtype/device
 // For GEMM-sized ranks the merged forward keeps W_eff, and its backward takes the factor
 // gradients from G = dyᵀ·h alone (backward_with_merged_weight below).
 #include "common.h"
@@ -49,11 +50,22 @@ Tensor merged_weight(const Tensor& weight, const Tensor& A, const Tensor& B, con
   return at::addmm(weight, detail::folded_vB(B, v), detail::folded_uA(A, u), 1.0, scale);
 }
 
-// D(x) = x⊙keep/(1-p) as a tensor (the ATen path's dropped input; freed after its GEMM).
-Tensor dropped(const Tensor& x, double dropout, int64_t seed) {
-  if (dropout <= 0) return x;
-  return x * dropout_mask(seed, x.size(0), x.size(1), dropout, x).mul_(1.0 / (1.0 - dropout));
+// alpha·a·b as one GEMM (alpha on BLAS's alpha; beta = 0 never reads the 0-d input).
+Tensor scaled_mm(const Tensor& a, const Tensor& b, double alpha) {
+  if (alpha == 1.0) return at::mm(a, b);
+  return at::addmm(at::empty({}, a.options()), a, b, 0.0, alpha);
 }
+
+// v⊗u as a factor of [N, r] tensors (Λv·X·Λu = X⊙(v⊗u)): undefined when both are the
+// identity, a column or a row when one is, so applying it is at most one launch.
+Tensor outer_vu(const OptTensor& u, const OptTensor& v) {
+  if (!has(v)) return has(u) ? *u : Tensor();
+  return has(u) ? at::outer(*v, *u) : v->unsqueeze(1);
+}
+Tensor fold(const Tensor& X, const Tensor& vu) { return vu.defined() ? X * vu : X; }
+
+// D'(x): the kept elements of x, without dropout's 1/(1-p) (that rides on a GEMM's alpha).
+Tensor kept(const Tensor& x, const Tensor& keep) { return keep.defined() ? x * keep : x; }
 
 Tensor forward_fused(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& A, const Tensor& B,
                      const OptTensor& u, const OptTensor& v, double scale, double dropout, int64_t seed, Tensor& h) {
@@ -74,13 +86,48 @@ Tensor forward_fused(const Tensor& x, const Tensor& weight, const OptTensor& bia
   return y.addmm_(xc, weight.t());
 }
 
+// The addmm path is the torch backend's dataflow (peftkern/ops/torch_kernels.py) with this
+// extension's h = D(x)·Aᵀ (unscaled: the fused backward reads the same h). Every diagonal
+// scaling rides on a GEMM's alpha or on an [N, r] factor, never on an [M, ·] pass:
+//   forward   h = (1/(1-p))·D'(x)·Aᵀ;  y = x·W0ᵀ + b;  y += s·h·((v⊗u)⊙B)ᵀ
+// LoRA (u, v identity, no dropout) is 3 GEMMs forward and 5 backward.
 Tensor forward_addmm(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& A, const Tensor& B,
                      const OptTensor& u, const OptTensor& v, double scale, double dropout, int64_t seed, Tensor& h) {
-  h = at::mm(dropped(x, dropout, seed), A.t());
-  Tensor hu = has(u) ? h * *u : h;
-  Tensor vBs_t = (detail::folded_vB(B, v) * scale).t();
-  Tensor y = has(bias) ? at::addmm(*bias, hu, vBs_t) : at::mm(hu, vBs_t);
-  return y.addmm_(x, weight.t());
+  const Tensor keep = dropout > 0 ? dropout_mask(seed, x.size(0), x.size(1), dropout, x) : Tensor();
+  h = scaled_mm(kept(x, keep), A.t(), 1.0 / (1.0 - dropout));
+  Tensor y = has(bias) ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  return y.addmm_(h, fold(B, outer_vu(u, v)).t(), 1.0, scale);
+}
+
+//   backward  Gt = s·dyᵀ·h [N, r] -> dB = Gt⊙(v⊗u);  P = Gt⊙B -> dv = P·u, du = Pᵀ·v
+//             dh = (s/(1-p))·dy·((v⊗u)⊙B) -> dA = dhᵀ·D'(x);  dx = dy·W0 + D'(dh·A)
+// (du and dv from Gt: Σ_m dy[m,n]·Σ_j h[m,j]·u[j]·B[n,j] = Σ_j P[n,j]·u[j], and likewise du.)
+std::vector<OptTensor> backward_addmm(const Tensor& dy, const OptTensor& x, const Tensor& weight, const Tensor& A,
+                                      const Tensor& B, const OptTensor& u, const OptTensor& v, const OptTensor& h,
+                                      double scale, double dropout, int64_t seed, bool need_x, bool need_A,
+                                      bool need_B, bool need_u, bool need_v) {
+  std::vector<OptTensor> grads(7);
+  const Tensor vu = outer_vu(u, v);
+  const Tensor keep = dropout > 0 ? dropout_mask(seed, dy.size(0), A.size(1), dropout, dy) : Tensor();
+  if (need_B || need_u || need_v) {
+    const Tensor hh = has(h) ? *h : scaled_mm(kept(*x, keep), A.t(), 1.0 / (1.0 - dropout));
+    const Tensor gt = scaled_mm(dy.t(), hh, scale);
+    if (need_B) grads[4] = fold(gt, vu);
+    if (need_u || need_v) {
+      const Tensor p = gt * B;
+      if (need_v) grads[6] = has(u) ? at::mv(p, *u) : p.sum(1);
+      if (need_u) grads[5] = has(v) ? at::mv(p.t(), *v) : p.sum(0);
+    }
+  }
+  if (need_x || need_A) {
+    const Tensor dh = scaled_mm(dy, fold(B, vu), scale / (1.0 - dropout));
+    if (need_A) grads[3] = at::mm(dh.t(), kept(*x, keep));
+    if (need_x) {
+      Tensor dx = at::mm(dy, weight);
+      grads[0] = keep.defined() ? dx.addcmul_(at::mm(dh, A), keep) : dx.addmm_(dh, A);
+    }
+  }
+  return grads;
 }
 
 // Backward of a merged forward that kept W_eff (GEMM-sized ranks, where every rank-r
@@ -177,21 +224,10 @@ std::tuple<std::vector<OptTensor>, int64_t> adapter_backward(const Tensor& dy, c
     backward_with_merged_weight(dy, x.value_or(Tensor()), A, B, u, v, *w_eff, scale, need_x, need_A, need_u,
                                 need_B || need_v, dx, dA, du, GtT);
   } else if (path == kAddmm) {
-    const Tensor xd = has(x) ? dropped(*x, dropout, seed) : Tensor();
-    Tensor hh;  // h = D(x)·Aᵀ, read by Gt and du only
-    if (need_B || need_v || need_u) hh = has(h) ? *h : at::mm(xd, A.t());
-    if (need_B || need_v) GtT = at::mm(dy.t(), has(u) ? hh * *u : hh).t();
-    if (need_dhu) {
-      Tensor dhu = at::mm(dy, detail::folded_vB(B, v) * scale);
-      if (need_u) du = (dhu * hh).sum(0);
-      Tensor dh = has(u) ? dhu * *u : dhu;
-      if (need_A) dA = at::mm(dh.t(), xd);
-      if (need_x) {
-        dx = at::mm(dh, A);
-        if (dropout > 0) dx.mul_(dropout_mask(seed, M, K, dropout, dx)).mul_(1.0 / (1.0 - dropout));
-        dx.addmm_(dy, weight);
-      }
-    }
+    std::vector<OptTensor> low = backward_addmm(dy, x, weight, A, B, u, v, h, scale, dropout, seed, need_x, need_A,
+                                                need_B, need_u, need_v);
+    for (int i : {0, 3, 4, 5, 6}) grads[i] = low[i];
+    return {grads, path};
   } else {
     auto opts = dy.options();
     if (need_B || need_v) GtT = at::empty({r, N}, opts);

@@ -58,15 +58,20 @@ class Backend:
     # (seed, M, K, p, like) -> keep [M, K] in {0, 1}: the dropout mask the kernels apply for a
     # call with that seed (for tests and diagnostics; the kernels never store it)
     dropout_mask: Optional[Callable] = None
+    # (x, weight, bias, A, B, u, v, scale, dropout) -> y: the adapter op with this backend's kernels
+    # as one compiled autograd node, which functions.adapter calls in eager mode instead of its
+    # Python autograd.Function (same kernels, same saved tensors, less host time per call)
+    adapter_node: Optional[Callable] = None
 
     def path_for(self, N: int, K: int, r: int, dtype) -> str:
         return self.path(N, K, r, dtype) if self.path is not None else self.name
 
     @classmethod
     def of(cls, name: str, devices: Tuple[str, ...], kernels: Dict[str, Callable],
-           path: Optional[Callable] = None, dropout_mask: Optional[Callable] = None) -> "Backend":
+           path: Optional[Callable] = None, dropout_mask: Optional[Callable] = None,
+           adapter_node: Optional[Callable] = None) -> "Backend":
         """A backend from ``library.register``'s kernels (a dict by kernel name)."""
-        return cls(name, tuple(devices), path=path, dropout_mask=dropout_mask, **kernels)
+        return cls(name, tuple(devices), path=path, dropout_mask=dropout_mask, adapter_node=adapter_node, **kernels)
 
 
 __all__ = ["Backend", "BackendUnavailable"]

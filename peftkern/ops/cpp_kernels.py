@@ -1,6 +1,8 @@
 """The "cpp" backend: the kernels of ``backend.py`` over the compiled ops of ``peftkern._C`` (csrc/).
 
-Each kernel is one call into C++, so no Python runs between the GEMMs of a direction.
+Each kernel is one call into C++, so no Python runs between the GEMMs of a direction. In
+eager mode the adapter op goes further: ``adapter_node`` runs it as one C++ autograd node
+(csrc/autograd/adapter_node.cpp), so no Python runs in its forward or backward at all.
 The dataflow is torch_kernels.py's, with the rank-r work of a direction done in one
 row-streaming pass and the base GEMM accumulating on top (csrc/cpu/adapter.cpp). Per
 call, a cost model picks one of three paths:
@@ -25,13 +27,14 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import torch
 
 from .backend import Backend
+from .functions import new_seed
 from .library import register
 
 Tensor = torch.Tensor
 
 _REQUIRED = ("adapter_forward", "adapter_backward", "shrink_forward", "shrink_backward", "expand_forward",
              "expand_backward", "hypernet_forward", "hypernet_backward", "update_importance_", "mask_below_",
-             "gram_distances", "gram_distances_backward", "path_counts", "dropout_mask")
+             "gram_distances", "gram_distances_backward", "path_counts", "dropout_mask", "adapter_apply")
 _REBUILD = "build it with `pip install --no-build-isolation -e .` (torch must be installed first)"
 
 
@@ -129,6 +132,13 @@ def hypernet_backward(dout, E, W1, W2, pre, needs):
     return list(_C.hypernet_backward(dout, E, W1, W2, pre, list(needs)))
 
 
+def adapter_node(x, weight, bias, A, B, u, v, scale, dropout):
+    """The adapter op as one C++ autograd node (csrc/autograd/adapter_node.cpp): the eager path.
+    Its dropout seed is AdapterFunction's (``new_seed``), so both draw the same mask."""
+    seed = int(new_seed(dropout)) if dropout else 0
+    return _C.adapter_apply(x, weight, bias, A, B, u, v, scale, dropout, seed, _forced["path"])
+
+
 KERNELS = register("cpp", {
     "adapter_forward": adapter_forward, "adapter_backward": adapter_backward,
     "shrink_forward": shrink_forward, "shrink_backward": shrink_backward,
@@ -141,8 +151,9 @@ def _path(N: int, K: int, r: int, dtype) -> str:
     return "fused/merged/addmm, chosen per call"
 
 
-BACKEND = Backend.of("cpp", ("cpu",) + (("cuda",) if _C.WITH_CUDA else ()), KERNELS, path=_path,
-                     dropout_mask=dropout_mask)
+# meta: shapes only, on the addmm path (benchmarks/bench_launches.py counts its launches there)
+BACKEND = Backend.of("cpp", ("cpu",) + (("cuda",) if _C.WITH_CUDA else ()) + ("meta",), KERNELS, path=_path,
+                     dropout_mask=dropout_mask, adapter_node=adapter_node)
 
 
 # --- AdaLoRA's step ops (not part of the adapter's Backend) ------------------------------------------

@@ -11,7 +11,7 @@ does, and a failure is remembered together with its cause.
            pass the GPU suite on the hardware (benchmarks/gpu_check.sh); the first GPU run
            found wrong gradients and a crash (fixed since, but not re-verified on a GPU).
            When a verified run exists, ``CUDA_POLICY`` lists the module shapes where the
-           measured Triton step beat the torch one, and only those take Triton.
+           measured Triton (or C++ node) step beat the torch one, and only those take it.
     other  torch
 
 Whatever auto picks is logged once per device type (logger "peftkern"), and
@@ -40,9 +40,11 @@ WHY = {
     ("cpu", "cpp"): "the C++ extension's fused row-streaming kernels",
 }
 
-# Shapes (N, K, r) where a verified GPU run measured Triton faster than torch: written by
-# benchmarks/gpu_check.sh, committed only from a GPU. Absent means torch everywhere.
+# Shapes (N, K, r) where a verified GPU run measured another backend faster than torch: Triton,
+# or the C++ backend (a CUDA build; its adapter is one C++ autograd node, so less host time per
+# call). Committed only from a GPU run that passed the suite. Absent means torch everywhere.
 CUDA_POLICY = Path(__file__).with_name("cuda_policy.json")
+POLICY_CHOICES = ("triton", "cpp")
 
 
 def _load_torch() -> Backend:
@@ -135,8 +137,10 @@ def resolve(requested: str, device_type: str, shape: Optional[Tuple[int, int, in
 
 def auto_choice(device_type: str, shape: Optional[Tuple[int, int, int]] = None) -> Tuple[str, ...]:
     """auto's candidates for ``device_type`` (and a module shape), first choice first."""
-    if device_type == "cuda" and shape is not None and cuda_policy().get(tuple(shape)) == "triton":
-        return ("triton", "torch")
+    if device_type == "cuda" and shape is not None:
+        chosen = cuda_policy().get(tuple(shape))
+        if chosen in POLICY_CHOICES:
+            return (chosen, "torch")
     return AUTO.get(device_type, ("torch",))
 
 

@@ -159,7 +159,14 @@ def adapter(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Ten
     v [N] or None (identity); returns [..., N] in x's dtype. Every tensor must share x's
     device and dtype (the backend raises TypeError/ValueError naming the operand that
     does not). ``dropout`` is a probability in [0, 1); ``scale`` is s = α/r.
+
+    In eager mode a backend with an ``adapter_node`` (the cpp backend) runs the whole op as one
+    C++ autograd node (csrc/autograd/adapter_node.cpp) instead of ``AdapterFunction``: the same
+    kernels and saved tensors, without Python in the forward or the backward.
     """
+    node = backend.adapter_node
+    if node is not None and not torch.compiler.is_compiling():  # compiled: the custom ops (library.py)
+        return node(x, weight, bias, A, B, u, v, float(scale), float(dropout))
     return AdapterFunction.apply(x, weight, bias, A, B, u, v, float(scale), float(dropout), backend)
 
 

@@ -1,0 +1,85 @@
+"""The cpp backend's eager adapter is one C++ autograd node (csrc/autograd/adapter_node.cpp).
+
+test_cpp_ops.py checks the op against the reference on every path (it runs the node, as
+every eager call does); here: that the node is what runs, that it equals the Python
+autograd.Function that torch.compile traces bit for bit (same kernels, same saved tensors),
+and that it refuses bad input with a message.
+"""
+import os
+
+import pytest
+import torch
+
+from tests import opcheck
+
+if os.environ.get("PEFTKERN_NO_EXT") == "1":
+    pytest.skip("installed with PEFTKERN_NO_EXT=1: no C++ extension", allow_module_level=True)
+
+from peftkern.ops import cpp_kernels as cb  # noqa: E402
+from peftkern.ops import functions  # noqa: E402
+
+NAMES = ("x", "weight", "bias", "A", "B", "u", "v")
+
+
+def _node(*args):
+    return functions.adapter(*args, backend=cb.BACKEND)
+
+
+def _python(x, weight, bias, A, B, u, v, scale, dropout=0.0):
+    return functions.AdapterFunction.apply(x, weight, bias, A, B, u, v, scale, dropout, cb.BACKEND)
+
+
+def test_eager_adapter_runs_the_cpp_node():
+    t = opcheck.make_inputs(5, 7, 6, 2)
+    y = _node(*(t[n] for n in NAMES), 0.5)
+    assert type(y.grad_fn).__name__ == "CppFunction"  # not AdapterFunctionBackward (Python)
+    assert type(_python(*(t[n] for n in NAMES), 0.5).grad_fn).__name__ == "AdapterFunctionBackward"
+
+
+@pytest.mark.parametrize("path", ["fused", "merged", "addmm"])
+@pytest.mark.parametrize("trained", ["xABuv", "xAB", "uv", "AB", "x"])
+@pytest.mark.parametrize("bias,u,v,dropout", [(True, True, True, 0.0), (False, False, False, 0.0),
+                                              (True, False, True, 0.3)])
+def test_node_equals_the_python_function_bit_for_bit(path, trained, bias, u, v, dropout):
+    if dropout and path == "merged":
+        pytest.skip("the merged path refuses dropout")
+    results = []
+    for op in (_node, _python):
+        t = opcheck.make_inputs(19, 33, 21, 4, bias=bias, u=u, v=v, trained=trained, lead=(2,))
+        with cb.forced_path(path):
+            torch.manual_seed(11)
+            y = op(*(t[n] for n in NAMES), 0.7, dropout)
+            if y.requires_grad:
+                y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+        results.append([y] + [t[n].grad for n in NAMES if t[n] is not None])
+    for got, want in zip(*results):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert torch.equal(got, want)
+
+
+def test_node_saves_what_the_python_function_saves():
+    for trained in ("xABuv", "xA", "uv"):
+        kw = dict(trained=trained)
+        assert sorted(opcheck.saved_numels(_node, **kw)) == sorted(opcheck.saved_numels(_python, **kw)), trained
+
+
+def test_node_gradcheck_fp64_with_leading_dims():
+    t = opcheck.make_inputs(3, 5, 4, 2, dtype=torch.float64, lead=(2,))
+    args = [t[n] for n in NAMES]
+    for path in ("fused", "merged", "addmm"):
+        with cb.forced_path(path):
+            assert torch.autograd.gradcheck(lambda *a: _node(*a, 0.7), args, eps=1e-6, atol=1e-7)
+
+
+def test_node_without_grad_builds_no_graph():
+    t = opcheck.make_inputs(5, 7, 6, 2)
+    with torch.no_grad():
+        y = _node(*(t[n] for n in NAMES), 0.5)
+    assert y.grad_fn is None and not y.requires_grad
+
+
+def test_node_rejects_an_input_of_the_wrong_width():
+    t = opcheck.make_inputs(4, 8, 6, 2)
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., 8\]"):
+        _node(t["x"][:, :6], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], 0.5)
