@@ -83,3 +83,31 @@ def test_node_rejects_an_input_of_the_wrong_width():
     t = opcheck.make_inputs(4, 8, 6, 2)
     with pytest.raises(ValueError, match=r"x must be \[\.\.\., 8\]"):
         _node(t["x"][:, :6], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], 0.5)
+
+
+@pytest.mark.parametrize("op", [_node, _python], ids=["node", "python"])
+@pytest.mark.parametrize("lead", [(), (2,)])
+def test_output_may_be_modified_in_place_like_a_linear_output(op, lead):
+    t = opcheck.make_inputs(5, 7, 6, 2, lead=lead)
+    y = op(*(t[n] for n in NAMES), 0.5)
+    y += 1.0  # a view made inside a Function would refuse this
+    y.sum().backward()
+    ref = opcheck.make_inputs(5, 7, 6, 2, lead=lead)
+    y_ref = _python(*(ref[n] for n in NAMES), 0.5)
+    (y_ref + 1.0).sum().backward()
+    for n in ("x", "A", "B", "u", "v"):
+        assert torch.equal(t[n].grad, ref[n].grad), n
+
+
+@pytest.mark.parametrize("op", [_node, _python], ids=["node", "python"])
+def test_second_derivatives_raise_instead_of_being_wrong(op):
+    """The backward runs without a graph (h was saved without one), so a gradient of a gradient
+    would be silently wrong: differentiating twice raises, as with @once_differentiable."""
+    t = opcheck.make_inputs(4, 3, 2, 1, dtype=torch.float64, u=False, v=False, bias=False, trained="xAB")
+    y = op(*(t[n] for n in NAMES), 0.5)
+    (gx,) = torch.autograd.grad((y ** 2).sum(), t["x"], create_graph=True)
+    plain = op(*(t[n] for n in NAMES), 0.5)
+    (gx_plain,) = torch.autograd.grad((plain ** 2).sum(), t["x"])
+    assert torch.equal(gx.detach(), gx_plain)  # the first derivative is still right
+    with pytest.raises(RuntimeError, match="differentiate twice|second derivatives"):
+        gx.pow(2).sum().backward()  # e.g. a gradient penalty

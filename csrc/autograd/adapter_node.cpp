@@ -15,6 +15,7 @@
 #include "../ops.h"
 
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 
 namespace peftkern {
 namespace {
@@ -27,6 +28,18 @@ using torch::autograd::variable_list;
 enum Need : int64_t { kX = 1, kW = 2, kBias = 4, kA = 8, kB = 16, kU = 32, kV = 64 };
 
 Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
+
+// Python's @once_differentiable for a C++ backward run with create_graph=True: the gradients
+// were computed without a graph (the saved h has none either), so differentiating them again
+// must raise, not return a wrong second derivative.
+variable_list once_differentiable(variable_list grads) {
+  variable_list fake(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i)
+    if (grads[i].defined()) fake[i] = grads[i].detach().requires_grad_(true);
+  auto error = std::make_shared<torch::autograd::DelayedError>(
+      "peftkern.adapter: second derivatives (a gradient of a gradient) are not supported", fake.size());
+  return (*error)(std::move(fake));
+}
 OptTensor optional(const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
 
 struct AdapterNode : public torch::autograd::Function<AdapterNode> {
@@ -50,10 +63,22 @@ struct AdapterNode : public torch::autograd::Function<AdapterNode> {
     ctx->saved_data["x_sizes"] = x.sizes().vec();
     std::vector<int64_t> out = x.sizes().vec();
     out.back() = N;
-    return y.view(out);
+    // a tensor of its own, not a view: a Function's output that is a view may not be modified in
+    // place, and a model may do `y += ...` on a projection's output as on nn.Linear's
+    return x.dim() == 2 ? y : at::_unsafe_view(y, out);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool create_graph = at::GradMode::is_enabled();
+    variable_list out;
+    {
+      at::NoGradGuard no_grad;
+      out = gradients(ctx, grads);
+    }
+    return create_graph ? once_differentiable(std::move(out)) : out;
+  }
+
+  static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
     const variable_list s = ctx->get_saved_variables();  // x2, weight, A, B, u, v, h, aux
     const Tensor& weight = s[1];
     const int64_t needs = ctx->saved_data["needs"].toInt();

@@ -19,12 +19,19 @@ D is inverted dropout with probability ``dropout`` (PEFT's lora_dropout): each e
 of the adapter's input is zeroed with probability p and the rest scaled by 1/(1-p). The
 mask comes from a per-call seed and is regenerated in the backward, so it is never
 stored. Pass ``dropout=0`` in eval (AdaptedLinear does).
+
+First derivatives only: every backward is ``once_differentiable``, so differentiating a
+gradient again (``create_graph=True``, then another grad) raises instead of returning the
+wrong second derivative (the saved h is computed without a graph). Outputs are tensors of
+their own, not views, so a model may modify them in place as it may nn.Linear's.
 """
 from __future__ import annotations
 
 from typing import List, Optional
 
 import torch
+
+from torch.autograd.function import once_differentiable
 
 from .backend import Backend
 
@@ -54,6 +61,13 @@ def _grads(values: List[Optional[Tensor]], needs) -> List[Optional[Tensor]]:
     return [t if n else None for t, n in zip(values, needs)]
 
 
+def _unviewed(t: Tensor, shape) -> Tensor:
+    """``t`` reshaped to ``shape`` as a tensor of its own, not a view: a Function's output that is
+    a view of a tensor made inside it may not be modified in place (autograd refuses), and a
+    model may do ``y += ...`` on a projection's output, as it may on nn.Linear's."""
+    return t if t.shape == shape else torch.ops.aten._unsafe_view(t, shape)
+
+
 def check_dropout(p: float) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
         raise ValueError(f"dropout must be a probability in [0, 1), got {p!r}")
@@ -73,9 +87,10 @@ class AdapterFunction(torch.autograd.Function):
         keep_x = need_A or need_w or (want_h and h is None)  # a backend that saved no h recomputes it from x
         ctx.save_for_backward(x2 if keep_x else None, weight, A, B, u, v, h, aux, seed if dropout else None)
         ctx.scale, ctx.dropout, ctx.backend, ctx.x_shape = scale, dropout, backend, x.shape
-        return y.view(*x.shape[:-1], N)
+        return _unviewed(y, (*x.shape[:-1], N))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
         x2, weight, A, B, u, v, h, aux, seed = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:7])
@@ -96,9 +111,10 @@ class ShrinkFunction(torch.autograd.Function):
         hu, h = backend.shrink_forward(x2, A, u, dropout, seed, need_u)
         ctx.save_for_backward(x2 if need_A else None, A, u, _given(h) if need_u else None, seed if dropout else None)
         ctx.dropout, ctx.backend, ctx.x_shape = dropout, backend, x.shape
-        return hu.view(*x.shape[:-1], A.shape[0])
+        return _unviewed(hu, (*x.shape[:-1], A.shape[0]))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dhu):
         x2, A, u, h, seed = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:3])
@@ -119,9 +135,10 @@ class ExpandFunction(torch.autograd.Function):
         y = backend.expand_forward(x2, weight, bias, hu2, B, v, scale)
         ctx.save_for_backward(x2 if need_w else None, weight, hu2, B, v)
         ctx.scale, ctx.backend, ctx.x_shape, ctx.hu_shape = scale, backend, x.shape, hu.shape
-        return y.view(*x.shape[:-1], N)
+        return _unviewed(y, (*x.shape[:-1], N))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
         x2, weight, hu2, B, v = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:6])
@@ -144,6 +161,7 @@ class HypernetFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         E, W1, W2, pre = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:5])
