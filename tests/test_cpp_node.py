@@ -112,3 +112,13 @@ def test_second_derivatives_raise_instead_of_being_wrong(op):
     assert torch.equal(gx.detach(), gx_plain)  # the first derivative is still right
     with pytest.raises(RuntimeError, match="differentiate twice|second derivatives"):
         gx.pow(2).sum().backward()  # e.g. a gradient penalty
+
+
+def test_gram_distances_second_derivative_raises():
+    """AdaLoRA's compiled orthogonality op has the same first-order backward: its gradient carries
+    no graph (an error names that), never a silently wrong second derivative."""
+    P = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    Q = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    (gP,) = torch.autograd.grad(cb.gram_distances([P], [Q]).sum(), P, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|does not require grad"):
+        gP.pow(2).sum().backward()

@@ -63,9 +63,9 @@ struct AdapterNode : public torch::autograd::Function<AdapterNode> {
     ctx->saved_data["x_sizes"] = x.sizes().vec();
     std::vector<int64_t> out = x.sizes().vec();
     out.back() = N;
-    // a tensor of its own, not a view: a Function's output that is a view may not be modified in
-    // place, and a model may do `y += ...` on a projection's output as on nn.Linear's
-    return x.dim() == 2 ? y : at::_unsafe_view(y, out);
+    // not a differentiable view: a Function's output that is one may not be modified in place,
+    // and a model may do `y += ...` on a projection's output as on nn.Linear's (functions._shaped)
+    return x.dim() == 2 ? y : y.view(out).detach();
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {

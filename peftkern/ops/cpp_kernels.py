@@ -27,7 +27,7 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import torch
 
 from .backend import Backend
-from .functions import new_seed
+from .functions import first_order_only, new_seed
 from .library import register
 
 Tensor = torch.Tensor
@@ -178,6 +178,7 @@ class GramDistancesFunction(torch.autograd.Function):
         return distances
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad):
         distances, D, *mats = ctx.saved_tensors
         n = ctx.n_columns
