@@ -3,12 +3,12 @@
 //
 // A Python autograd.Function costs host time on every call: its apply, ctx bookkeeping,
 // the wrapper's reshapes and flag reads, and a Python backward that the engine calls back
-// into (measured on the CPU with a 64-wide layer: the Python Function path took ~60 µs more
-// per forward+backward than the same kernels, 118 µs against PEFT's 93;
-// benchmarks/bench_launches.py measures the whole step). Here forward and backward are
-// C++ calls of the same kernels (adapter_forward / adapter_backward, csrc/cpu/adapter.cpp,
-// with their per-call path choice), and the node saves exactly what AdapterFunction saves:
-// never an M×N tensor, x only when a gradient reads it.
+// into. benchmarks/bench_module_host.py measures it per module (results/module_host.md: the
+// Python Function path 155 µs per forward+backward, this node 121, PEFT's LoRA layer 154, a
+// frozen nn.Linear 48, on the 2-core CPU VM); bench_launches.py the whole step. Here forward
+// and backward are C++ calls of the same kernels (adapter_forward / adapter_backward,
+// csrc/cpu/adapter.cpp, with their per-call path choice), and the node saves exactly what
+// AdapterFunction saves: never an M×N tensor, x only when a gradient reads it.
 //
 // It is the eager path only: under torch.compile the Python Function's custom ops are
 // traced instead (peftkern/ops/library.py), and the math is the same code either way.
@@ -28,6 +28,7 @@ using torch::autograd::variable_list;
 enum Need : int64_t { kX = 1, kW = 2, kBias = 4, kA = 8, kB = 16, kU = 32, kV = 64 };
 
 Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
+OptTensor optional(const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
 
 // Python's @once_differentiable for a C++ backward run with create_graph=True: the gradients
 // were computed without a graph (the saved h has none either), so differentiating them again
@@ -40,7 +41,6 @@ variable_list once_differentiable(variable_list grads) {
       "peftkern.adapter: second derivatives (a gradient of a gradient) are not supported", fake.size());
   return (*error)(std::move(fake));
 }
-OptTensor optional(const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
 
 struct AdapterNode : public torch::autograd::Function<AdapterNode> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const OptTensor& bias,

@@ -78,8 +78,9 @@ def _shaped(t2: Tensor, x: Tensor) -> Tensor:
     """A Function's 2-D output [M, ·] with x's leading dims, as a tensor of the Function's own.
     A plain view made inside a Function may not be modified in place (autograd refuses), and a
     model may do ``y += ...`` on a projection's output as on nn.Linear's; a detached view is not
-    a differentiable view, so it may. Measured per call: ~1.5 µs, where a view outside the
-    Function cost ~4 µs and ``_unsafe_view`` inside ~12 µs."""
+    a differentiable view, so it may. It cost ~1.5 µs per call, where a view outside the
+    Function cost ~4 µs and ``_unsafe_view`` inside ~12 µs (a one-off measurement with a toy
+    Function on the 2-core CPU VM; bench_module_host.py measures the whole module)."""
     return t2 if x.dim() == 2 else t2.view(*x.shape[:-1], t2.shape[-1]).detach()
 
 
