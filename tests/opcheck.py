@@ -30,10 +30,10 @@ def make_inputs(M, K, N, r, *, dtype=torch.float32, device="cpu", bias=True, u=T
 
     t = {
         "x": rnd(*lead, M, K),
-        "weight": rnd(N, K, scale=K ** -0.5),
+        "weight": rnd(N, K, scale=max(K, 1) ** -0.5),
         "bias": rnd(N) if bias else None,
-        "A": rnd(r, K, scale=K ** -0.5),
-        "B": rnd(N, r, scale=r ** -0.5),
+        "A": rnd(r, K, scale=max(K, 1) ** -0.5),
+        "B": rnd(N, r, scale=max(r, 1) ** -0.5),
         "u": (1 + 0.5 * rnd(r)) if u else None,
         "v": (1 + 0.5 * rnd(N)) if v else None,
     }
@@ -132,11 +132,11 @@ def compare_joint(shrink: Callable, expand: Callable, M, K, Ns: Sequence[int], r
     def rnd(*s, scale_=1.0, grad=True):
         return (torch.randn(*s, generator=g) * scale_).to(device=device, dtype=dtype).requires_grad_(grad)
 
-    x, A = rnd(M, K), rnd(r, K, scale_=K ** -0.5)
+    x, A = rnd(M, K), rnd(r, K, scale_=max(K, 1) ** -0.5)
     uu = (1 + 0.5 * rnd(r, grad=False)).requires_grad_(True) if u else None
-    Ws = [rnd(n, K, scale_=K ** -0.5, grad=False) for n in Ns]
+    Ws = [rnd(n, K, scale_=max(K, 1) ** -0.5, grad=False) for n in Ns]
     bs = [rnd(n, grad=False) for n in Ns]
-    Bs = [rnd(n, r, scale_=r ** -0.5) for n in Ns]
+    Bs = [rnd(n, r, scale_=max(r, 1) ** -0.5) for n in Ns]
     vs = [(1 + 0.5 * rnd(n, grad=False)).requires_grad_(True) if v else None for n in Ns]
     leaves = [x, A, uu, *Bs, *vs]
 

@@ -42,12 +42,20 @@ variable_list once_differentiable(variable_list grads) {
   return (*error)(std::move(fake));
 }
 
+// t [..., width] as [M, width]; reshape({-1, 0}) cannot infer M (0 elements fit any M), so a
+// zero width computes it (functions._rows)
+Tensor rows(const Tensor& t, int64_t width) {
+  if (width) return t.reshape({-1, width});
+  const auto lead = t.sizes().slice(0, t.dim() - 1);
+  return t.reshape({c10::multiply_integers(lead.begin(), lead.end()), 0});
+}
+
 struct AdapterNode : public torch::autograd::Function<AdapterNode> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const OptTensor& bias,
                         const Tensor& A, const Tensor& B, const OptTensor& u, const OptTensor& v, double scale,
                         double dropout, int64_t seed, int64_t path, int64_t needs) {
     const int64_t N = weight.size(0), K = weight.size(1);
-    const Tensor x2 = x.reshape({-1, K});
+    const Tensor x2 = rows(x, K);
     const bool want_h = needs & (kB | kU | kV);  // Gt and du read h; dx and dA do not
     [[maybe_unused]] auto [y, h, aux, ran] = adapter_forward(x2, weight, bias, A, B, u, v, scale, dropout, seed, path);
     const Tensor hs = want_h ? or_undefined(h) : Tensor();
@@ -84,7 +92,7 @@ struct AdapterNode : public torch::autograd::Function<AdapterNode> {
     const int64_t needs = ctx->saved_data["needs"].toInt();
     std::vector<bool> flags(7);
     for (int i = 0; i < 7; ++i) flags[i] = needs & (int64_t(1) << i);
-    const Tensor dy = grads[0].reshape({-1, weight.size(0)});
+    const Tensor dy = rows(grads[0], weight.size(0));
     [[maybe_unused]] auto [g, ran] = adapter_backward(dy, optional(s[0]), weight, s[2], s[3], optional(s[4]), optional(s[5]),
                                      optional(s[6]), optional(s[7]), ctx->saved_data["scale"].toDouble(),
                                      ctx->saved_data["dropout"].toDouble(), ctx->saved_data["seed"].toInt(), flags,

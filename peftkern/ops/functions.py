@@ -54,8 +54,15 @@ def _seed(saved: Optional[Tensor]) -> Tensor:
 
 
 def _given(t: Optional[Tensor]) -> Optional[Tensor]:
-    """A kernel's optional output: None in eager mode, an empty placeholder from a custom op."""
-    return None if t is None or t.numel() == 0 else t
+    """A kernel's optional output: None in eager mode, a 1-D empty placeholder from a custom op
+    (library._none). Every real optional output is 2-D, so an [0, r] h (no tokens) is kept."""
+    return None if t is None or (t.dim() == 1 and t.numel() == 0) else t
+
+
+def _rows(t: Tensor, width: int) -> Tensor:
+    """t [..., width] as [M, width]. ``reshape(-1, 0)`` cannot infer M (0 elements fit any M),
+    so a zero width (a layer with no input or output features) computes it."""
+    return t.reshape(-1, width) if width else t.reshape(t.shape[:-1].numel(), 0)
 
 
 def _grads(values: List[Optional[Tensor]], needs) -> List[Optional[Tensor]]:
@@ -93,7 +100,7 @@ def check_dropout(p: float) -> float:
 class AdapterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, u, v, scale, dropout, backend):
-        x2 = x.reshape(-1, weight.shape[1])
+        x2 = _rows(x, weight.shape[1])
         _, need_w, _, need_A, need_B, need_u, need_v = ctx.needs_input_grad[:7]
         want_h = need_B or need_u or need_v  # Gt and du read h; dx and dA do not
         seed = new_seed(dropout)
@@ -109,7 +116,7 @@ class AdapterFunction(torch.autograd.Function):
     def backward(ctx, gy):
         x2, weight, A, B, u, v, h, aux, seed = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:7])
-        g = gy.reshape(-1, weight.shape[0])
+        g = _rows(gy, weight.shape[0])
         grads = _grads(ctx.backend.adapter_backward(g, x2, weight, A, B, u, v, h, aux, ctx.scale, ctx.dropout,
                                                     _seed(seed), needs), needs)
         if grads[0] is not None:
@@ -120,7 +127,7 @@ class AdapterFunction(torch.autograd.Function):
 class ShrinkFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, u, dropout, backend):
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = _rows(x, x.shape[-1])
         _, need_A, need_u = ctx.needs_input_grad[:3]
         seed = new_seed(dropout)
         hu, h = backend.shrink_forward(x2, A, u, dropout, seed, need_u)
@@ -133,7 +140,7 @@ class ShrinkFunction(torch.autograd.Function):
     def backward(ctx, dhu):
         x2, A, u, h, seed = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:3])
-        grads = _grads(ctx.backend.shrink_backward(dhu.reshape(-1, A.shape[0]), x2, A, u, h, ctx.dropout,
+        grads = _grads(ctx.backend.shrink_backward(_rows(dhu, A.shape[0]), x2, A, u, h, ctx.dropout,
                                                    _seed(seed), needs), needs)
         if grads[0] is not None:
             grads[0] = grads[0].view(ctx.x_shape)
@@ -143,8 +150,8 @@ class ShrinkFunction(torch.autograd.Function):
 class ExpandFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, hu, B, v, scale, backend):
-        x2 = x.reshape(-1, weight.shape[1])
-        hu2 = hu.reshape(-1, hu.shape[-1])
+        x2 = _rows(x, weight.shape[1])
+        hu2 = _rows(hu, hu.shape[-1])
         _, need_w, _, _, need_B, need_v = ctx.needs_input_grad[:6]
         y = backend.expand_forward(x2, weight, bias, hu2, B, v, scale)
         ctx.save_for_backward(x2 if need_w else None, weight, hu2, B, v)
@@ -156,7 +163,7 @@ class ExpandFunction(torch.autograd.Function):
     def backward(ctx, gy):
         x2, weight, hu2, B, v = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:6])
-        g = gy.reshape(-1, weight.shape[0])
+        g = _rows(gy, weight.shape[0])
         grads = _grads(ctx.backend.expand_backward(g, x2, weight, hu2, B, v, ctx.scale, needs), needs)
         if grads[0] is not None:
             grads[0] = grads[0].view(ctx.x_shape)
