@@ -10,9 +10,11 @@ Every provider gets a fresh model with the same seed; a provider's time is the m
 CUDA-event-timed steps after warm-up, its memory ``torch.cuda.max_memory_allocated`` over
 the timed steps. Each provider's line goes to ``<out>/gpu_step.jsonl`` as soon as it is
 measured, so a run cut short keeps what it measured; ``--report`` turns the lines into a
-Markdown table with ratios to the floor and to PEFT.
+Markdown table with ratios to the floor and to PEFT. Each row also has the host time (the
+CPU's time to issue the step), which tells a host-bound step from a device-bound one, and
+``--profile`` writes one profiled step per named provider (which kernels take the time).
 
-    python benchmarks/bench_gpu_step.py [--out DIR] [--quick] [--providers a,b,...]
+    python benchmarks/bench_gpu_step.py [--out DIR] [--quick] [--providers a,b,...] [--profile a,b]
     python benchmarks/bench_gpu_step.py --report DIR/gpu_step.jsonl
 
 ``--quick`` runs a tiny model on the CPU, to check the script (the numbers mean nothing).
@@ -166,7 +168,7 @@ def measure(name: str, build: Optional[Provider], s: Setup) -> Dict[str, object]
     for i in range(s.warmup):
         step(i)
     warm_s = time.perf_counter() - started
-    times = []
+    times, host = [], []
     if s.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -174,7 +176,9 @@ def measure(name: str, build: Optional[Provider], s: Setup) -> Dict[str, object]
         if s.device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t = time.perf_counter()
             step(s.warmup + i)
+            host.append(1e3 * (time.perf_counter() - t))
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
@@ -182,7 +186,11 @@ def measure(name: str, build: Optional[Provider], s: Setup) -> Dict[str, object]
             t = time.perf_counter()
             step(s.warmup + i)
             times.append(1e3 * (time.perf_counter() - t))
+            host.append(times[-1])
+    # host_ms: the time the CPU took to issue the step (until step() returned, no sync). Close to
+    # ms_median means the step is host-bound (the GPU waits for launches); well below, device-bound.
     row = {"provider": name, "ms_median": statistics.median(times), "ms_min": min(times), "ms_all": times,
+           "host_ms_median": statistics.median(host),
            "peak_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if s.device == "cuda" else None,
            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "warmup_s": round(warm_s, 1)}
@@ -192,6 +200,29 @@ def measure(name: str, build: Optional[Provider], s: Setup) -> Dict[str, object]
         inner = getattr(model, "_orig_mod", model)
         row["paths"] = sorted({f"{r['backend']}: {r['path']}" for r in peftkern.explain(inner).rows})
     return row
+
+
+def profile(name: str, build: Optional[Provider], s: Setup, out: Path) -> Path:
+    """One step of ``name`` under torch.profiler, after two warm-up steps: the ops and kernels
+    sorted by their own device time (CPU time with --quick), to ``<out>/profile_<name>.txt``.
+    It says where a provider's time above the floor goes: which kernels, and how much."""
+    from torch.profiler import ProfilerActivity, profile as profiled
+
+    step, _ = stepper(build, s)
+    for i in range(2):
+        step(i)
+    cuda = s.device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    with profiled(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step(2)
+        if cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=40, max_name_column_width=90)
+    path = out / f"profile_{name}.txt"
+    path.write_text(f"# one step of {name} ({header(s)['device']}, commit {commit()})\n{table}\n")
+    return path
 
 
 def header(s: Setup) -> Dict[str, object]:
@@ -228,10 +259,11 @@ def report(path: Path) -> str:
            f"{head.get('transformers')}, peft {head.get('peft')}, triton {head.get('triton')}; {head['dtype']}, "
            f"batch {head['batch'][0]}x{head['batch'][1]}, median of {head['steps']} steps after {head['warmup']} "
            "warm-up (benchmarks/bench_gpu_step.py)", "",
-           "| provider | ms/step | x floor | x PEFT | peak GB | paths |", "|---|---:|---:|---:|---:|---|"]
+           "host ms: the CPU's time to issue the step, no sync (near ms/step: host-bound)", "",
+           "| provider | ms/step | x floor | x PEFT | host ms | peak GB | paths |", "|---|---:|---:|---:|---:|---:|---|"]
     for name, r in rows.items():
         if "error" in r:
-            out.append(f"| {name} | error: {r['error'][:80]} | | | | |")
+            out.append(f"| {name} | error: {r['error'][:80]} | | | | | |")
             continue
         peer = rows.get(name.replace("pk_", "peft_", 1).replace("_triton", "").replace("_compiled", "")
                         .replace("_dropout", ""))
@@ -239,7 +271,8 @@ def report(path: Path) -> str:
         x_floor = f"{r['ms_median'] / floor:.2f}" if floor else ""
         peak = f"{r['peak_gb']:.1f}" if r.get("peak_gb") is not None else ""
         paths = "; ".join(r.get("paths", [])).replace("|", "\\|")
-        out.append(f"| {name} | {r['ms_median']:.1f} | {x_floor} | {ratio} | {peak} | {paths} |")
+        host = f"{r['host_ms_median']:.1f}" if r.get("host_ms_median") is not None else ""
+        out.append(f"| {name} | {r['ms_median']:.1f} | {x_floor} | {ratio} | {host} | {peak} | {paths} |")
     return "\n".join(out) + "\n"
 
 
@@ -249,12 +282,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="a tiny model on the CPU, to check the script")
     p.add_argument("--providers", default=",".join(DEFAULT), help=f"comma-separated, from {', '.join(PROVIDERS)}")
     p.add_argument("--report", help="print the Markdown table of a gpu_step.jsonl and exit")
+    p.add_argument("--profile", default="", help="comma-separated providers to profile one step of, after the "
+                   "measurements (profile_<name>.txt in --out); none by default")
     args = p.parse_args(argv)
     if args.report:
         print(report(Path(args.report)))
         return 0
     names = [n for n in args.providers.split(",") if n]
-    unknown = [n for n in names if n not in PROVIDERS]
+    profiled = [n for n in args.profile.split(",") if n]
+    unknown = [n for n in names + profiled if n not in PROVIDERS]
     if unknown:
         p.error(f"unknown provider(s) {unknown}; valid: {', '.join(PROVIDERS)}")
     s = Setup(args.quick)
@@ -278,6 +314,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(name, {k: v for k, v in row.items() if k not in ("ms_all", "traceback")}, flush=True)
     (out / "gpu_step.md").write_text(report(path))
     print(report(path))
+    for name in profiled:  # after the table, so a profile cut off by a time limit loses no measurement
+        try:
+            print("profile:", profile(name, PROVIDERS[name], s, out), flush=True)
+        except Exception as exc:
+            print(f"profile of {name} failed: {type(exc).__name__}: {exc}", flush=True)
     return 0
 
 

@@ -10,7 +10,8 @@
 #   3. run the project's GPU step benchmark (benchmarks/bench_gpu_step.py);
 #   4. write everything, with the device, date and commit, under $OUT (default
 #      benchmarks/results/gpu/<date>-<commit>/): versions.txt, gpu_tests.log, gpu_step.jsonl,
-#      gpu_step.md, summary.md.
+#      gpu_step.md, profile_<provider>.txt (one profiled step of the floor, pk_lora_qv and
+#      peft_lora_qv: which kernels take the time), summary.md.
 #
 #   benchmarks/gpu_check.sh              on a GPU machine (the commit from PEFTKERN_COMMIT or git)
 #   benchmarks/gpu_check.sh --dry-run    anywhere: checks the script itself (tests collected, the
@@ -62,13 +63,14 @@ if [ $DRY = 0 ]; then
     | tee "$OUTDIR/gpu_tests.log"
   tests_rc=${PIPESTATUS[0]}
   echo "== GPU step benchmark (limit ${BENCH_LIMIT}s)"
-  timeout "$BENCH_LIMIT" $PY benchmarks/bench_gpu_step.py --out "$OUTDIR" 2>&1 | tail -40
+  # then one profiled step each of the floor, our LoRA and PEFT's (after the table, so a cut-off loses no row)
+  timeout "$BENCH_LIMIT" $PY benchmarks/bench_gpu_step.py --out "$OUTDIR" --profile floor,pk_lora_qv,peft_lora_qv 2>&1 | tail -40
   bench_rc=${PIPESTATUS[0]}
 else
   echo "== dry run: the GPU tests are collected (they skip without CUDA), the benchmark runs --quick on the CPU"
   $PY -m pytest --collect-only -q -p no:cacheprovider $TESTS 2>&1 | tail -3 | tee "$OUTDIR/gpu_tests.log"
   tests_rc=${PIPESTATUS[0]}
-  $PY benchmarks/bench_gpu_step.py --quick --out "$OUTDIR" --providers floor,pk_lora_qv,peft_lora_qv 2>&1 | tail -8
+  $PY benchmarks/bench_gpu_step.py --quick --out "$OUTDIR" --providers floor,pk_lora_qv,peft_lora_qv --profile pk_lora_qv 2>&1 | tail -8
   bench_rc=${PIPESTATUS[0]}
 fi
 

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.sh, the one command a GPU machine runs, works: its dry run (anywhere)
-collects the GPU tests and runs the step benchmark's --quick mode, and writes its files."""
+collects the GPU tests and runs the step benchmark's --quick mode (with a profiled step), and
+writes its files."""
 import os
 import shutil
 import subprocess
@@ -21,5 +22,7 @@ def test_dry_run_writes_the_summary_and_the_benchmark_table(tmp_path):
     assert "dry run (no measurement)" in summary and "commit: test" in summary
     table = (tmp_path / "gpu_step.md").read_text()
     assert "| floor |" in table and "| pk_lora_qv |" in table and "| peft_lora_qv |" in table
-    assert "error" not in table
+    assert "error" not in table and "host ms" in table
+    profile = (tmp_path / "profile_pk_lora_qv.txt").read_text()  # one profiled step: the ops by their time
+    assert "one step of pk_lora_qv" in profile and "Self CPU" in profile
     assert "tests collected" in (tmp_path / "gpu_tests.log").read_text()
