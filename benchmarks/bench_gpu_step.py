@@ -215,13 +215,20 @@ def profile(name: str, build: Optional[Provider], s: Setup, out: Path) -> Path:
     if cuda:
         torch.cuda.synchronize()
     with profiled(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t = time.perf_counter()
         step(2)
         if cuda:
             torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                      row_limit=40, max_name_column_width=90)
+        wall_ms = 1e3 * (time.perf_counter() - t)
+    events = prof.key_averages()
+    # the kernels' own time against the step's wall time: far below it, the device sat idle
+    # waiting for the host (launch-bound); near it, the kernels themselves are the cost
+    busy_ms = sum(e.self_device_time_total for e in events) / 1e3
+    table = events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                         row_limit=40, max_name_column_width=90)
     path = out / f"profile_{name}.txt"
-    path.write_text(f"# one step of {name} ({header(s)['device']}, commit {commit()})\n{table}\n")
+    path.write_text(f"# one step of {name} ({header(s)['device']}, commit {commit()})\n"
+                    f"# wall {wall_ms:.1f} ms (profiler overhead included), device busy {busy_ms:.1f} ms\n{table}\n")
     return path
 
 

@@ -83,3 +83,9 @@ def test_model_bf16_matches_torch_backend():
         logits[backend] = out.logits.float()
     err = (logits["triton"] - logits["torch"]).norm() / logits["torch"].norm()
     assert err < 2e-2
+
+
+@pytest.mark.parametrize("M,K,N,r", [(0, 64, 48, 8), (32, 0, 48, 8), (32, 64, 0, 8)])
+def test_adapter_empty_shapes(M, K, N, r):
+    """No tokens, no input or no output features: a grid with no programs, and nn.Linear's result."""
+    opcheck.compare_adapter(ops.adapter, M, K, N, r, dtype=torch.bfloat16, device="cuda", lead=(2,))
