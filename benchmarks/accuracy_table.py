@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import datetime
+import json
 import os
 import platform
 import statistics

@@ -110,7 +110,7 @@ class Runner:
     def collect_paths(self) -> None:
         if not self.track_paths:
             return
-        from peftkern.ops import cpp_kernels
+        from peftkern.ops.backends import cpp as cpp_kernels
 
         for name, n in cpp_kernels.path_counts().items():
             self.paths[name] = self.paths.get(name, 0) + n
@@ -309,7 +309,7 @@ def machine() -> Dict[str, str]:
     import transformers
 
     try:
-        from peftkern.ops import cpp_kernels
+        from peftkern.ops.backends import cpp as cpp_kernels
         ext = cpp_kernels.build_info()
     except ImportError as exc:
         ext = f"unavailable: {exc}"

@@ -206,7 +206,8 @@ def profile(name: str, build: Optional[Provider], s: Setup, out: Path) -> Path:
     """One step of ``name`` under torch.profiler, after two warm-up steps: the ops and kernels
     sorted by their own device time (CPU time with --quick), to ``<out>/profile_<name>.txt``.
     It says where a provider's time above the floor goes: which kernels, and how much."""
-    from torch.profiler import ProfilerActivity, profile as profiled
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiled
 
     step, _ = stepper(build, s)
     for i in range(2):

@@ -87,12 +87,12 @@ def _providers(tensors, scale) -> Dict[str, Callable[[], Tuple[Callable, list]]]
 
     def ours(variant):
         def build():
-            import peftkern.triton_kernels as tk
             from peftkern.ops import functions
+            from peftkern.ops.backends import triton as tk
 
             def run():
-                tk.set_forward_variant(variant)
-                return functions.adapter(x, W, None, A, B, None, None, scale, backend=tk.BACKEND)
+                with tk.forward_variant(variant):
+                    return functions.adapter(x, W, None, A, B, None, None, scale, backend=tk.BACKEND)
             return run, [x, A, B]
         return build
 
@@ -117,9 +117,10 @@ def _providers(tensors, scale) -> Dict[str, Callable[[], Tuple[Callable, list]]]
         return (lambda: fn.apply(x, W, A, B, scale)), [x, A, B]
 
     def torch_backend():
-        from peftkern.ops import functions, torch_kernels
+        from peftkern.ops import functions
+        from peftkern.ops.backends import torch as torch_backend
 
-        return (lambda: functions.adapter(x, W, None, A, B, None, None, scale, backend=torch_kernels.BACKEND)), [x, A, B]
+        return (lambda: functions.adapter(x, W, None, A, B, None, None, scale, backend=torch_backend.BACKEND)), [x, A, B]
 
     return {"cublas_frozen": frozen, "triton_prior_shrink": ours("prior_shrink"), "triton_in_loop": ours("in_loop"),
             "peft_lora": peft_layer, "unsloth_addmm": unsloth, "torch_backend": torch_backend}
@@ -235,13 +236,7 @@ def main(argv=None) -> int:
         device, dtype, shapes, device_name = "cpu", torch.float32, SMOKE_SHAPES, "cpu-interpreter"
     else:
         device, dtype, shapes, device_name = "cuda", torch.bfloat16, FULL_SHAPES, torch.cuda.get_device_name()
-    import peftkern.triton_kernels as triton_kernels
-
-    variant = triton_kernels.forward_variant()
-    try:
-        rows = _measure(shapes, dtype, device, args.providers, args.smoke)
-    finally:  # the triton providers switch the process-wide forward variant
-        triton_kernels.set_forward_variant(variant)
+    rows = _measure(shapes, dtype, device, args.providers, args.smoke)
     out = args.out or (ROOT / "benchmarks" / "results")
     md, csv_path = _write(rows, out, device_name, args.smoke)
     print(md.read_text())

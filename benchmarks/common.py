@@ -34,9 +34,17 @@ for _p in (REPO, HERE):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from bench_cpu_step import (  # noqa: E402,F401
+    ADALORA_SCHEDULE,
+    CLOCKS,
+    _status_mb,
+    machine,
+    sharing_copy,
+    time_interleaved,
+    train_step,
+)
+
 import peftkern  # noqa: E402
-from bench_cpu_step import (ADALORA_SCHEDULE, CLOCKS, _status_mb, machine, sharing_copy, time_interleaved,  # noqa: E402,F401
-                            train_step)
 
 # --- model shapes ------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ COMMIT=${PEFTKERN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unkno
 export PEFTKERN_COMMIT=$COMMIT PYTHONUNBUFFERED=1
 OUTDIR=${OUT:-benchmarks/results/gpu/$(date -u +%Y-%m-%d)-$COMMIT}
 mkdir -p "$OUTDIR"
-TESTS="tests/test_triton_gpu.py tests/test_gpu_training.py"
+TESTS="tests/gpu"
 TEST_LIMIT=${GPU_TEST_LIMIT:-300}
 BENCH_LIMIT=${GPU_BENCH_LIMIT:-180}
 BUILD_LIMIT=${GPU_BUILD_LIMIT:-100}

@@ -38,9 +38,24 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (ADALORA_SCHEDULE, CLOCKS, HYPER_SCHEDULE, MODELS, RESULTS, PROVIDERS, bench_device,  # noqa: E402
-                    build_base, machine, make_batch, measure_steps_memory, ours, peak_memory_child,
-                    time_interleaved, vera_rank, write_table)
+from common import (  # noqa: E402
+    ADALORA_SCHEDULE,
+    CLOCKS,
+    HYPER_SCHEDULE,
+    MODELS,
+    PROVIDERS,
+    RESULTS,
+    bench_device,
+    build_base,
+    machine,
+    make_batch,
+    measure_steps_memory,
+    ours,
+    peak_memory_child,
+    time_interleaved,
+    vera_rank,
+    write_table,
+)
 
 HYPER_METHODS = {
     "adalora": lambda rank: ours("adalora", rank=rank, **ADALORA_SCHEDULE),
@@ -220,7 +235,6 @@ def settings(args) -> List[str]:
 
 def write_hyper(args, rows, info, stem):
     spec = hyper_spec(args, args.batch_sizes[0])
-    device = bench_device()
     mem = f"{memory_kind()}; {args.memory_steps} training steps per point"
     notes = settings(args) + [
         f"model: {spec.describe().split('; batch')[0]}; sequence length {args.seq}; batch sizes "

@@ -12,10 +12,9 @@ Before timing, every provider's output and adapter gradients are checked against
 import pytest
 import torch
 import torch.nn.functional as F
-
 from common import ALPHA, RANK, bench_dtype, fused_backend, rounds
-from peftkern.ops import dispatch
-from peftkern.ops import reference
+
+from peftkern.ops import reference, registry
 from peftkern.ops.functions import BoundOps
 
 
@@ -53,7 +52,7 @@ def assert_close_norm(got, want, rel):
 
 def op_provider(backend_name):
     def make(case, device):
-        op = reference.adapter if backend_name == "reference" else BoundOps(dispatch.load(backend_name)).adapter
+        op = reference.adapter if backend_name == "reference" else BoundOps(registry.load(backend_name)).adapter
         return lambda x: op(x, case.weight, case.bias, case.A, case.B, None, None, case.scale)
     return make
 

@@ -18,7 +18,6 @@ import statistics
 
 import pytest
 import torch
-
 from common import PROVIDERS, assert_matches_peft_export, assert_same_initial_loss, rounds, task_loss
 
 GROUPS = {

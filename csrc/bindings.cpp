@@ -1,6 +1,7 @@
-// pybind11 bindings of peftkern._C. Each op lives in its own file under csrc/cpu (and
-// csrc/cuda when built with CUDA); this file only exposes them. The autograd Functions
-// that call these are in peftkern/ops/functions.py, through peftkern/ops/cpp_kernels.py.
+// pybind11 bindings of peftkern._C. Each op lives in its own file under csrc/cpu (the C++
+// autograd node in csrc/autograd); this file only exposes them. The autograd Functions that
+// call these are in peftkern/ops/functions.py, through peftkern/ops/backends/cpp.py. A CUDA
+// build (PEFTKERN_WITH_CUDA) runs the same sources on CUDA tensors through ATen's GEMMs.
 #include <torch/extension.h>
 
 #include "ops.h"
@@ -9,7 +10,7 @@ namespace py = pybind11;
 using namespace peftkern;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "peftkern compiled ops (C++ for CPU, CUDA when built with it)";
+  m.doc() = "peftkern compiled ops (C++ for the CPU; CUDA tensors through ATen in a CUDA build)";
   m.def("build_info", &build_info, "How this extension was built (OpenMP threads, CUDA)");
 #ifdef PEFTKERN_WITH_CUDA
   m.attr("WITH_CUDA") = true;
@@ -56,8 +57,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("update_importance_", &update_importance_, "AdaLoRA importance update of every tensor, in place",
         py::arg("params"), py::arg("grads"), py::arg("exp_avg_ipt"), py::arg("exp_avg_unc"), py::arg("beta1"),
         py::arg("beta2"));
-  m.def("mask_below_", &mask_below_, "values[i][scores[i] <= threshold] = 0 for every i, in place",
-        py::arg("values"), py::arg("scores"), py::arg("threshold"));
   m.def("gram_distances", &gram_distances, "‖XᵀX − I‖_F for each of columns, then ‖XXᵀ − I‖_F for each of rows",
         py::arg("columns"), py::arg("rows"));
   m.def("gram_distances_backward", &gram_distances_backward, "gradients of Σ grad[i]·distance[i]", py::arg("grad"),

@@ -5,7 +5,7 @@
 // tensors are None in Python. Backward functions take the `needs` flags of
 // ctx.needs_input_grad and return one tensor (or None) per differentiable input.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>  // not torch/extension.h: only bindings.cpp needs Python and pybind11 (faster builds)
 
 #include <optional>
 #include <string>
@@ -90,11 +90,11 @@ std::tuple<Tensor, Tensor> hypernet_forward(const Tensor& E, const Tensor& W1, c
 std::vector<OptTensor> hypernet_backward(const Tensor& dout, const Tensor& E, const Tensor& W1, const Tensor& W2,
                                          const Tensor& pre, std::vector<bool> needs);
 
-// --- AdaLoRA (importance.cpp, mask.cpp) ---------------------------------------------------
+// --- AdaLoRA (importance.cpp, orthogonality.cpp) -------------------------------------------
+// The importance scores of every tensor, in place (CPU tensors; CUDA ones take torch's foreach ops).
 void update_importance_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
                         const std::vector<Tensor>& exp_avg_ipt, const std::vector<Tensor>& exp_avg_unc, double beta1,
                         double beta2);
-void mask_below_(const std::vector<Tensor>& values, const std::vector<Tensor>& scores, const Tensor& threshold);
 // The orthogonality regulariser's distances ‖G − I‖_F, one per matrix: G = XᵀX for each of
 // `columns` (P [N, r]), then G = XXᵀ for each of `rows` (Q [r, K]) (orthogonality.cpp).
 // Returns (distances, D): D holds every G − I (float64, flat) for the backward.
@@ -102,12 +102,5 @@ std::tuple<Tensor, Tensor> gram_distances(const std::vector<Tensor>& columns, co
 // Gradients of Σ_i grad[i]·d_i with respect to every matrix, in the same order.
 std::vector<Tensor> gram_distances_backward(const Tensor& grad, const Tensor& distances, const Tensor& D,
                                             const std::vector<Tensor>& columns, const std::vector<Tensor>& rows);
-
-#ifdef PEFTKERN_WITH_CUDA
-// csrc/cuda/importance_host.cpp: the same update for CUDA tensors.
-void update_importance_cuda_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
-                             const std::vector<Tensor>& exp_avg_ipt, const std::vector<Tensor>& exp_avg_unc,
-                             double beta1, double beta2);
-#endif
 
 }  // namespace peftkern

@@ -1,18 +1,31 @@
-"""peftkern: a kernel-optimised adapter engine (LoRA, Tied-LoRA, VeRA, LEFT's PG, AdaLoRA, HyperAdaLoRA).
+"""peftkern: a kernel-optimised adapter engine (LoRA, Tied-LoRA, VeRA, LEFT's PG, AdaLoRA, HyperAdaLoRA, DoRA).
 
     import peftkern
     model = peftkern.patch(model, method="pg_pos")
 
 The engine is this package's top level (api, patching, layer, factors, targets, methods,
-hypernets, ops, io, health); ``peftkern.app`` is the fine-tuning application built on it
-(the ``peftkern`` command line, GLUE training, checkpoints, distributed runs).
+hypernets, ops, the file formats, health); ``peftkern.app`` is the fine-tuning application
+built on it (the ``peftkern`` command line, GLUE and SFT training, checkpoints, distributed
+runs).
+
+The public names below are imported on first use: ``import peftkern`` alone costs nothing,
+so that ``peftkern --help`` does not wait for torch and transformers.
 """
-from .api import (Counts, Explanation, count, disable_adapter, explain, load, load_peft, merge, methods,
-                  orthogonal_regularization, parameter_table, patch, rank_pattern, save, unmerge, unpatch)
-from .health import NonFiniteError, check_finite
-from .peft_format import export_peft
-from .layer import AdaptedLinear
+import sys
+import types
+
 from .version import __version__
+
+# public name -> module that defines it (relative to this package)
+_PUBLIC = {
+    **{name: ".api" for name in (
+        "Counts", "Explanation", "count", "disable_adapter", "explain", "load", "load_peft", "merge", "methods",
+        "orthogonal_regularization", "parameter_table", "patch", "rank_pattern", "save", "unmerge", "unpatch")},
+    "NonFiniteError": ".health", "check_finite": ".health",
+    "export_peft": ".peft_format",
+    "AdaptedLinear": ".layer",
+    "AllocatorCallback": ".app.callbacks",  # imports transformers' Trainer stack (~2 s)
+}
 
 __all__ = [
     "patch", "unpatch", "merge", "unmerge", "disable_adapter", "methods", "explain", "count", "parameter_table",
@@ -22,8 +35,31 @@ __all__ = [
 ]
 
 
-def __getattr__(name):  # AllocatorCallback imports transformers' Trainer stack (~2 s): load it on first use
-    if name == "AllocatorCallback":
-        from .app.callbacks import AllocatorCallback
-        return AllocatorCallback
-    raise AttributeError(f"module 'peftkern' has no attribute {name!r}")
+def __getattr__(name):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'peftkern' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """``peftkern.methods`` is the public function, and also the name of the subpackage that registers
+    the methods. Importing a subpackage sets it as an attribute of its parent; here the function
+    keeps the name (as it did when this file imported everything eagerly), and the subpackage is
+    reached by its import path (``from peftkern.methods import registry``)."""
+
+    def __setattr__(self, name, value):
+        if name == "methods" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -10,11 +10,11 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
-from . import hf, io, patching, peft_format
-from . import methods as _methods
+from . import hf, native_format, patching, peft_format
 from .factors import is_patched, state_of
 from .layer import AdaptedLinear
-from .ops import dispatch
+from .methods import registry as _methods
+from .ops import registry
 
 log = logging.getLogger("peftkern")
 
@@ -32,9 +32,10 @@ def patch(model: nn.Module, method: str = "lora", rank: Optional[int] = None, ta
             module paths, or ``"all-linear"`` (every Linear/Conv1D in the model's blocks, as
             PEFT). Default: the architecture's attention query and value.
         alpha: s = alpha / r, a finite number > 0. Default: the method's paper setting.
-        backend: "auto" | "triton" | "cpp" | "torch" (``explain()`` says which ran). A named
-            backend is resolved at the first forward on each device type, not here (a model
-            patched on the CPU may train on CUDA): one that cannot run there raises then.
+        backend: "auto" or a registered backend ("triton", "cpp", "torch"; ``explain()`` says which
+            runs). It is resolved here, for the model's device (and CUDA's when a GPU is
+            present); a named backend that cannot run on some device raises at that device's
+            first forward instead (a model patched on the CPU may train on CUDA).
         dropout: PEFT's lora_dropout, the probability of zeroing an element of the adapter's
             input in training (fused in every backend; no mask is stored).
         use_rslora: s = alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023), for methods scaled by α/r.
@@ -52,19 +53,22 @@ def patch(model: nn.Module, method: str = "lora", rank: Optional[int] = None, ta
                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, modules_to_save=modules_to_save,
                       **options)
     state = patching.build(p)
-    patching.commit(model, state, backend)
+    patching.commit(model, state)
     hf.bind(model)
     log.info("peftkern: patched %d modules with %r (rank %d, backend %r)", len(p.slots), method, p.rank, backend)
     return model
 
 
 def unpatch(model: nn.Module, merge: bool = False) -> nn.Module:
-    """Remove the adapter and put the original modules back.
+    """Remove the adapter and put the original modules back; returns ``model``.
 
-    With ``merge=True`` the adapter is first folded into the base weights (PEFT's
-    merge_and_unload). Without it the original weights come back bit-identical, unless
-    the model is currently merged, in which case they are unmerged first (exact only to
-    rounding, hence a warning).
+    With ``merge=True`` the adapter is first folded into the base weights and the trained
+    ``modules_to_save`` (a task head) are kept: the fine-tuned model (PEFT's
+    merge_and_unload). Without it the base model comes back bit-identical, the original values
+    of ``modules_to_save`` included (PEFT's ``unload()`` keeps a trained head instead), unless
+    the model is currently merged, in which case it is unmerged first (exact only to rounding,
+    hence a warning). Raises ValueError for a model that is not patched, and (merge) for a
+    base weight tied to another module.
     """
     state_of(model)
     layers = patching.adapted_modules(model)
@@ -78,7 +82,7 @@ def unpatch(model: nn.Module, merge: bool = False) -> nn.Module:
         for _, m in layers:
             m.unmerge()
     hf.unbind(model)
-    return patching.uncommit(model)
+    return patching.uncommit(model, keep_heads=merge)
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -118,20 +122,25 @@ def _refuse_shared(model: nn.Module, what: str) -> None:
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """``with peftkern.disable_adapter(model):`` the model computes as its base model (PEFT's
     ``model.disable_adapter()``, e.g. for a DPO reference pass): every adapted module runs its
-    base layer alone, no factor is generated and no regulariser is added to ``outputs.loss``.
-    The previous state comes back on exit, also after an exception; blocks nest. Raises
-    ValueError if ``model`` is not patched, or is merged (its base weights then hold ΔW:
+    base layer alone, the original ``modules_to_save`` (a task head) run instead of the trained
+    ones, no factor is generated and no regulariser is added to ``outputs.loss``. The previous
+    state comes back on exit, also after an exception; blocks nest. Raises ValueError if
+    ``model`` is not patched, or is merged (its base weights then hold ΔW:
     ``peftkern.unmerge(model)`` first)."""
     state = state_of(model)
     if any(isinstance(m, AdaptedLinear) and m.merged for m in model.modules()):
         raise ValueError("disable_adapter: the model is merged, so its base weights include the adapter; "
                          "call peftkern.unmerge(model) first")
     before = state.disabled
-    state.disabled = True
-    try:
-        yield model
-    finally:
-        state.disabled = before
+    heads = getattr(state, "heads", None)
+    with contextlib.ExitStack() as stack:
+        if heads is not None and not before:  # a nested block finds the originals in place already
+            stack.enter_context(heads.swapped_in(model))
+        state.disabled = True
+        try:
+            yield model
+        finally:
+            state.disabled = before
 
 
 def orthogonal_regularization(model: nn.Module) -> Optional[torch.Tensor]:
@@ -155,24 +164,27 @@ def rank_pattern(model: nn.Module) -> Dict[str, List[bool]]:
 
 
 def save(model: nn.Module, directory, peft: bool = True):
-    """Write the adapter (and a trained head) to ``directory``: peftkern's native files (exact method,
-    for ``load``) and, with ``peft``, the same ΔW as a standard PEFT LoRA adapter. See ``io.save``."""
-    return io.save(model, directory, peft=peft)
+    """Write the adapter (and a trained head) to ``directory`` and return it as a Path: peftkern's
+    native files (``peftkern_config.json`` + ``peftkern_model.safetensors``: the exact method, for
+    ``load``) and, with ``peft``, the same ΔW as a standard PEFT LoRA adapter (``adapter_config.json``
+    + ``adapter_model.safetensors``). Every file is written atomically. Raises ValueError if
+    ``directory`` exists and is not a directory, or (PEFT files) if the model is merged."""
+    return native_format.save(model, directory, peft=peft)
 
 
 def load(model: nn.Module, directory, backend: str = "auto") -> nn.Module:
-    """Patch an unpatched ``model`` with the adapter ``save`` (or ``save_pretrained``) wrote. Raises
-    FileNotFoundError / ValueError, before the model is modified, for missing, corrupt or misfitting
-    files. See ``io.load``."""
-    io.load(model, directory, backend)
+    """Patch an unpatched ``model`` with the adapter ``save`` (or ``save_pretrained``) wrote: the same
+    method, options, factors, trained head and rank allocator. Raises FileNotFoundError / ValueError,
+    before the model is modified, for missing, corrupt or misfitting files."""
+    native_format.load(model, directory, backend)
     hf.bind(model)
     return model
 
 
 def load_peft(model: nn.Module, directory, backend: str = "auto") -> nn.Module:
-    """Patch ``model`` with a standard PEFT LoRA adapter (as ``lora``, trainable). Raises ValueError,
-    before the model is modified, naming unknown or unsupported config fields and misfits. See
-    ``peft_format.load_peft``."""
+    """Patch ``model`` with a standard PEFT LoRA adapter (as ``lora``, trainable): per-module ranks
+    and alphas, rsLoRA, dropout and ``modules_to_save`` are honoured. Raises FileNotFoundError /
+    ValueError, before the model is modified, naming unknown or unsupported config fields and misfits."""
     peft_format.load_peft(model, directory, backend)
     hf.bind(model)
     return model
@@ -214,7 +226,10 @@ def explain(model: nn.Module) -> Explanation:
         try:
             ops = m.ops(device_type)
             backend, kernels = ops.name, ops.path_for(m.out_features, m.in_features, rank, m.base_layer.weight.dtype)
-        except dispatch.BackendUnavailable as exc:
+            note = state.backends.note(device_type, m.shape)
+            if note:
+                backend += f" ({note})"
+        except registry.BackendUnavailable as exc:
             backend, kernels = f"unavailable: {exc}", "-"
         f_group = state.factors(m.slot).group if device_type != "meta" else None
         form = "joint shrink+expand" if f_group else "fused adapter"
@@ -226,7 +241,7 @@ def explain(model: nn.Module) -> Explanation:
                "merged": m.merged}
         row.update(state.describe_slot(m.slot))
         rows.append(row)
-    return Explanation(rows, state.plan.method, dispatch.availability())
+    return Explanation(rows, state.plan.method, registry.availability())
 
 
 @dataclass(frozen=True)
@@ -260,7 +275,7 @@ def parameter_table(model_or_config: Any, method: str = "lora", rank: Optional[i
     """
     model = _meta_model(model_or_config)
     # a count does not depend on the training length (AdaLoRA's total_step): any valid one will do
-    patch(model, method, rank, targets, alpha, **_methods.registry.with_training_length(method, options, 10 ** 6))
+    patch(model, method, rank, targets, alpha, **_methods.with_training_length(method, options, 10 ** 6))
     state = state_of(model)
     lines = [f"{method} (rank {state.plan.rank}, alpha {state.plan.alpha:g}) on {state.plan.model_type or type(model).__name__}",
              f"{'tensor':58s} {'shape':>16s} {'params':>12s}  trained"]

@@ -22,10 +22,12 @@ import torch
 from torch import nn
 
 from .ops import reference
+from .ops.registry import Resolver
 
 Tensor = torch.Tensor
 
 STATE_ATTR = "peftkern"  # model.peftkern is the AdapterState
+FACTOR_NAMES = ("A", "B", "u", "v")
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class Plan:
     device: torch.device
     dtype: torch.dtype
     model_type: str = ""
-    backend: str = "auto"  # requested backend; generating sources dispatch their hypernet op with it
+    backend: str = "auto"  # requested backend (AdapterState.backends resolves it for every op)
     requested_rank: Optional[int] = None  # patch()'s ``rank`` as given (None: the default); plan.rank sizes factors
     dropout: float = 0.0  # PEFT's lora_dropout: probability of zeroing an element of the adapter's input
     rank_pattern: Dict[str, int] = dataclasses.field(default_factory=dict)  # slot path -> rank (PEFT's rank_pattern)
@@ -163,6 +165,9 @@ class AdapterState(nn.Module):
         super().__init__()
         self.plan = plan
         self.disabled = False
+        # the backends of every op this adapter runs, resolved once per device type (and module
+        # shape) in the registry, at patch time for the model's device (ops.registry.Resolver)
+        self.backends = Resolver(plan.backend)
 
     # --- the hot path -------------------------------------------------------------
     def factors(self, slot: int) -> Factors:
@@ -211,7 +216,7 @@ class AdapterState(nn.Module):
         """Method-specific facts to store next to the options (e.g. AdaLoRA's rank pattern)."""
         return {}
 
-    # --- persistence contract used by peftkern.io (save/load) --------------------------
+    # --- persistence contract used by native_format (save/load) --------------------------
     def tensors_for_save(self) -> Dict[str, Tensor]:
         """Tensors to write to adapter_model.safetensors. Default: the state_dict.
 
@@ -239,10 +244,6 @@ def register_optional(module: nn.Module, name: str, tensor: Optional[Tensor], tr
     module.register_parameter(name, None if tensor is None else nn.Parameter(tensor, requires_grad=trained))
 
 
-def field_names(options: Any) -> List[str]:
-    return [f.name for f in dataclasses.fields(options)]
-
-
 def is_patched(model: nn.Module) -> bool:
     return isinstance(getattr(model, STATE_ATTR, None), AdapterState)
 
@@ -255,5 +256,5 @@ def state_of(model: nn.Module) -> AdapterState:
     return state
 
 
-__all__ = ["Slot", "Plan", "Factors", "JointGroup", "AdapterState", "register_optional", "field_names",
-           "STATE_ATTR", "is_patched", "state_of"]
+__all__ = ["Slot", "Plan", "Factors", "JointGroup", "AdapterState", "register_optional", "STATE_ATTR",
+           "FACTOR_NAMES", "is_patched", "state_of"]

@@ -1,6 +1,6 @@
 """Writing files safely: atomic replacement, fsync, safetensors bytes, JSON of config values.
 
-Shared by the native adapter files (io.py), the PEFT export (peft_format.py) and the
+Shared by the native adapter files (native_format.py), the PEFT export (peft_format.py) and the
 application's checkpoints.
 """
 from __future__ import annotations
@@ -14,13 +14,33 @@ from typing import Any, Dict, Optional
 import torch
 
 
+def _umask() -> int:
+    """The process umask. Linux reports it in /proc; elsewhere reading it means setting it for a
+    moment (os.umask), which another thread creating a file at that instant could see."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a mix."""
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a mix.
+
+    The file gets the mode ``open()`` would give it (0666 less the umask), as torch.save and
+    safetensors do: the temporary file mkstemp makes is private (0600), which would leave an
+    adapter unreadable by a server running as another user."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

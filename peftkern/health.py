@@ -20,11 +20,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .factors import STATE_ATTR, state_of
+from .factors import FACTOR_NAMES, STATE_ATTR, state_of
 
 Tensor = torch.Tensor
-
-FACTOR_NAMES = ("A", "B", "u", "v")
 
 
 class NonFiniteError(FloatingPointError):

@@ -16,7 +16,7 @@ and initialises at random. So patching a ``PreTrainedModel`` binds, on that inst
   adapter-only checkpoints of a model that is not a ``PeftModel``, so ``install_trainer_hook``
   wraps ``Trainer._load_from_checkpoint`` and ``_load_best_model`` (once per process, with
   a log line): for a peftkern-patched model and a directory with peftkern's files they call
-  ``io.restore``; for anything else they call transformers' own. The optimizer, scheduler,
+  ``native_format.restore``; for anything else they call transformers' own. The optimizer, scheduler,
   RNG and step counter are the Trainer's own checkpoint files, restored by the Trainer.
 
 ``unpatch`` removes the binding, so an unpatched model saves exactly as transformers does.
@@ -24,13 +24,12 @@ and initialises at random. So patching a ``PreTrainedModel`` binds, on that inst
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from . import io, patching
+from . import native_format, patching
 from .factors import is_patched
 from .health import unwrap
 
@@ -48,17 +47,18 @@ class SavePretrained:
 
     def __call__(self, save_directory: Any, is_main_process: bool = True, state_dict: Any = None,
                  **kwargs: Any) -> None:
-        """Write the adapter to ``save_directory`` (transformers' arguments are accepted; ``state_dict``
-        and sharding options do not apply to an adapter of a few MB and are ignored)."""
+        """Write the adapter to ``save_directory``. transformers' arguments are accepted: a given
+        ``state_dict`` (a gathered full state dict, as the Trainer passes under FSDP or ZeRO-3) is
+        where the adapter's values are read; ``is_main_process`` says whether this process writes
+        (a model sharded with FSDP2 is gathered first, on every rank); sharding options do not
+        apply to an adapter of a few MB and are ignored."""
         if any(m.merged for _, m in patching.adapted_modules(self.model)):
             raise ValueError("save_pretrained on a merged, still-patched model: to save the merged full model, "
                              "call peftkern.unpatch(model, merge=True) and then model.save_pretrained(dir); to save "
                              "the adapter, call peftkern.unmerge(model) first")
-        if not is_main_process:
-            return
-        os.makedirs(save_directory, exist_ok=True)
-        io.save(self.model, Path(save_directory))
-        log.info("peftkern: saved the adapter (PEFT LoRA + native files) to %s", save_directory)
+        if native_format.save(self.model, Path(save_directory), state_dict=state_dict,
+                              is_main_process=is_main_process) is not None:
+            log.info("peftkern: saved the adapter (PEFT LoRA + native files) to %s", save_directory)
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -84,7 +84,7 @@ def _restorable(model: Any, directory: Any) -> bool:
     if directory is None or not is_patched(inner):
         return False
     try:
-        io.native_files(Path(directory))
+        native_format.native_files(Path(directory))
     except (FileNotFoundError, ValueError):
         return False
     return True
@@ -103,14 +103,14 @@ def install_trainer_hook() -> None:
         target = self.model if model is None else model
         if not _restorable(target, resume_from_checkpoint):
             return load_from_checkpoint(self, resume_from_checkpoint, model)
-        io.restore(unwrap(getattr(target, "module", target)), Path(resume_from_checkpoint))
+        native_format.restore(unwrap(getattr(target, "module", target)), Path(resume_from_checkpoint))
         log.info("peftkern: restored the adapter from %s", resume_from_checkpoint)
 
     def _load_best_model(self):
         best = self.state.best_model_checkpoint
         if not _restorable(self.model, best):
             return load_best(self)
-        io.restore(unwrap(self.model), Path(best))
+        native_format.restore(unwrap(self.model), Path(best))
         log.info("peftkern: loaded the best adapter from %s", best)
 
     _load_from_checkpoint._peftkern = _load_best_model._peftkern = True

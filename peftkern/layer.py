@@ -1,18 +1,17 @@
 """AdaptedLinear: a frozen base Linear/Conv1D plus a handle into the method's factor source."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from .factors import AdapterState, Factors
-from .ops import dispatch, functions
+from .factors import FACTOR_NAMES, AdapterState, Factors
+from .ops import functions
 from .ops.backend import Backend
 from .targets import features, is_transposed
 
 Tensor = torch.Tensor
-FACTOR_NAMES = ("A", "B", "u", "v")
 
 
 class AdaptedLinear(nn.Module):
@@ -25,20 +24,17 @@ class AdaptedLinear(nn.Module):
     exactly once in ``model.parameters()`` however many modules share it.
     """
 
-    def __init__(self, base_layer: nn.Module, state: AdapterState, slot: int, backend: str = "auto"):
+    def __init__(self, base_layer: nn.Module, state: AdapterState, slot: int):
         super().__init__()
-        dispatch.check_name(backend)
         self.base_layer = base_layer
         object.__setattr__(self, "_state", state)
         self.slot = slot
-        self.backend = backend
         self.transposed = is_transposed(base_layer)
         self.in_features, self.out_features = features(base_layer)
+        # (N, K, r): what the registry resolves this module's backend for (rank limits, the CUDA policy)
+        self.shape: Tuple[int, int, int] = (self.out_features, self.in_features,
+                                            state.plan.slot_rank(state.plan.slots[slot]))
         self.merged = False
-        self._ops: Dict[str, Backend] = {}
-
-    def __getstate__(self):  # a copy resolves its own backend: kernels are process-local, never pickled
-        return {**self.__dict__, "_ops": {}}
 
     # HF code sometimes reads proj.weight / proj.bias directly (dtype checks, fused paths).
     @property
@@ -53,13 +49,14 @@ class AdaptedLinear(nn.Module):
     def state(self) -> AdapterState:
         return self._state
 
+    @property
+    def backend(self) -> str:
+        """The backend asked for at patch time ("auto", or a registered name)."""
+        return self._state.plan.backend
+
     def ops(self, device_type: str) -> Backend:
-        """The backend for tensors on ``device_type``, resolved once per device type."""
-        backend = self._ops.get(device_type)
-        if backend is None:
-            shape = (self.out_features, self.in_features, self._state.plan.rank)
-            backend = self._ops[device_type] = dispatch.resolve(self.backend, device_type, shape)
-        return backend
+        """The backend for tensors on ``device_type`` (the adapter's registry decision for this shape)."""
+        return self._state.backends.get(device_type, self.shape)
 
     def base_weight(self) -> Tensor:
         """W0 in Linear layout [N, K] (a view for Conv1D, never a copy)."""
@@ -155,4 +152,4 @@ def placement_error(module: AdaptedLinear, x: Tensor, factors: Factors) -> Excep
     return TypeError(f"{path}: input and base weight have different dtypes ({listing}); {fix}")
 
 
-__all__ = ["AdaptedLinear", "placement_error", "FACTOR_NAMES"]
+__all__ = ["AdaptedLinear", "placement_error"]

@@ -13,10 +13,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import checks, methods, targets as targets_mod
+from . import checks
+from . import targets as targets_mod
 from .factors import STATE_ATTR, AdapterState, Plan, Slot, is_patched, state_of
+from .heads import HeadOriginals
 from .layer import AdaptedLinear
-from .ops import dispatch
+from .methods import registry as methods  # the package registers every built-in method on import
+from .ops import registry
 from .ops.functions import check_dropout
 
 
@@ -45,7 +48,7 @@ def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None
     rank = methods.DEFAULT_RANK if requested is None else requested
     # s = alpha/r: 0 trains nothing, inf gives NaN, a negative one only flips B's sign (refused as a typo)
     alpha = checks.real("alpha", alpha, 0.0, float("inf"), low_open=True, high_open=True, allow_none=True)
-    dispatch.check_name(backend)
+    registry.check_name(backend)
     dropout = check_dropout(dropout)
     if not isinstance(use_rslora, bool):
         raise TypeError(f"use_rslora must be True or False, got {use_rslora!r}")
@@ -95,6 +98,7 @@ def _pattern(name: str, pattern: Optional[Mapping[str, Any]], slots: Sequence[Sl
     out: Dict[str, Any] = {}
     for key, value in pattern.items():
         value = check(key, value)
+        targets_mod.compile_pattern(f"{name} key", key)
         hits = [s.path for s in slots if re.match(rf"(.*\.)?({key})$", s.path)]
         if not hits:
             raise ValueError(f"{name} key {key!r} matches none of the adapted modules "
@@ -105,11 +109,23 @@ def _pattern(name: str, pattern: Optional[Mapping[str, Any]], slots: Sequence[Sl
 
 
 def build(p: Plan) -> AdapterState:
-    """Create the method's state for a plan. Touches no model."""
-    return methods.get(p.method).build(p)
+    """Create the method's state for a plan, with its backends resolved. Touches no model."""
+    state = methods.get(p.method).build(p)
+    resolve_backends(state)
+    return state
 
 
-def commit(model: nn.Module, state: AdapterState, backend: str = "auto") -> nn.Module:
+def resolve_backends(state: AdapterState) -> None:
+    """Decide now, before the model is touched, which backend runs every op of the adapter on the
+    model's device (and on CUDA when a GPU is present): the first forward then loads and logs
+    nothing, so that it traces cleanly under torch.compile. Raises BackendUnavailable when
+    ``backend="auto"`` finds none for the model's device."""
+    plan = state.plan
+    shapes = {(s.out_features, s.in_features, plan.slot_rank(s)) for s in plan.slots}
+    state.backends.prepare(registry.prepared_device_types(plan.device.type), sorted(shapes))
+
+
+def commit(model: nn.Module, state: AdapterState) -> nn.Module:
     """Mutate the model: swap targets, register the state, freeze the base, attach hooks.
 
     The new modules take the model's mode (a model patched in eval mode stays in eval mode),
@@ -120,20 +136,26 @@ def commit(model: nn.Module, state: AdapterState, backend: str = "auto") -> nn.M
     for slot in state.plan.slots:
         parent_path, _, child = slot.path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        layer = AdaptedLinear(getattr(parent, child), state, slot.index, backend)
+        layer = AdaptedLinear(getattr(parent, child), state, slot.index)
         setattr(parent, child, layer.train(model.training))
+    if state.plan.modules_to_save:  # their originals, for disable_adapter and unpatch (heads.py)
+        state.add_module("heads", HeadOriginals(model, state.plan.modules_to_save))
     model.add_module(STATE_ATTR, state.train(model.training))
     for name in state.plan.modules_to_save:
         for prm in model.get_submodule(name).parameters():
             prm.requires_grad_(True)
-    state._restore = {"requires_grad": frozen_from, "backend": backend}
+    state._restore = {"requires_grad": frozen_from}
     state._handles = list(state.attach(model))
     return model
 
 
-def uncommit(model: nn.Module) -> nn.Module:
-    """Undo commit() exactly: original module objects, original requires_grad flags."""
+def uncommit(model: nn.Module, keep_heads: bool = False) -> nn.Module:
+    """Undo commit() exactly: original module objects, original requires_grad flags, and the original
+    values of ``modules_to_save`` unless ``keep_heads`` (a merged model keeps its trained head)."""
     state = state_of(model)
+    heads = getattr(state, "heads", None)
+    if heads is not None and not keep_heads:
+        heads.restore(model)
     for handle in getattr(state, "_handles", []):
         handle.remove()
     for path, module in adapted_modules(model):

@@ -30,9 +30,12 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from . import patching, targets as targets_mod
-from .factors import AdapterState, Plan, state_of
+from . import patching
+from . import snapshot as snapshots
+from . import targets as targets_mod
+from .factors import AdapterState, Plan
 from .files import atomic_write, json_default, read_json_object, safetensors_bytes
+from .heads import trained_modules
 from .version import __version__
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -57,28 +60,23 @@ NEUTRAL: Dict[str, Any] = {
 }
 
 
-def trained_outside_adapter(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Every trainable parameter that the adapter state does not own (the task head), by model name.
-
-    Found by identity against the state's parameters and by ``requires_grad``, never by name.
-    """
-    own = {id(p) for p in state_of(model).parameters()}
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and id(p) not in own}
-
-
 # --- export ---------------------------------------------------------------------------------------
 
 
-def export_peft(model: nn.Module, directory: PathLike, skip_empty: bool = False) -> Optional[Path]:
+def export_peft(model: nn.Module, directory: PathLike, skip_empty: bool = False,
+                snapshot: Optional[Any] = None) -> Optional[Path]:
     """Write the adapter of a patched ``model`` as a standard PEFT LoRA adapter with the same ΔW.
 
     Tensors are written in the adapter's dtype (module docstring for the two forms).
-    Parameters trained outside the adapter (a classification head) go to ``modules_to_save``.
-    Raises ValueError for a merged model (unmerge first), and when every module has effective
-    rank 0 (nothing to export; with ``skip_empty`` it then writes nothing and returns None).
-    peft itself is not needed to write this.
+    Modules trained outside the adapter (a classification head) go to ``modules_to_save``, both
+    halves of a tied pair (an LM head tied to the input embeddings) included. Raises ValueError
+    for a merged model (unmerge first), and when every module has effective rank 0 (nothing to
+    export; with ``skip_empty`` it then writes nothing and returns None). peft itself is not
+    needed to write this. A model sharded with FSDP2 is gathered first (every rank must call;
+    ``peftkern.save`` says which rank writes); ``snapshot`` is the writers' own (internal).
     """
-    state = state_of(model)
+    snapshot = snapshot or snapshots.take(model)
+    state = snapshot.state
     merged = [p for p, m in patching.adapted_modules(model) if m.merged]
     if merged:
         raise ValueError(f"cannot export a merged model (merged: {merged[:3]}); call peftkern.unmerge(model) first, "
@@ -98,9 +96,9 @@ def export_peft(model: nn.Module, directory: PathLike, skip_empty: bool = False)
     for path, (lora_a, lora_b) in pairs.items():
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = lora_a
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = lora_b
-    heads = sorted({name.rpartition(".")[0] for name in trained_outside_adapter(model)})
+    heads = trained_modules(model)
     for module_path in heads:
-        for pname, t in modules[module_path].state_dict().items():
+        for pname, t in snapshot.module_tensors(model, module_path).items():
             tensors[f"{PEFT_PREFIX}{module_path}.{pname}"] = t
     ranks = {path: ab[0].shape[0] for path, ab in pairs.items()}
     if raw:
@@ -243,7 +241,7 @@ def load_peft(model: nn.Module, directory: PathLike, backend: str = "auto") -> n
             f = state.factors(slot.index)
             f.A.copy_(pairs[slot.path]["A"].to(f.A))
             f.B.copy_(pairs[slot.path]["B"].to(f.B))
-    patching.commit(model, state, backend)
+    patching.commit(model, state)
     with torch.no_grad():
         for param, value in head_values:
             param.copy_(value.to(param))
@@ -301,5 +299,5 @@ def _check_heads(model: nn.Module, heads: Dict[str, Dict[str, torch.Tensor]]) ->
     return out
 
 
-__all__ = ["export_peft", "load_peft", "peft_factors", "read_peft_config", "trained_outside_adapter",
+__all__ = ["export_peft", "load_peft", "peft_factors", "read_peft_config",
            "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME"]

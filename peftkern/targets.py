@@ -80,10 +80,20 @@ def adaptable_names(model: nn.Module) -> List[str]:
     return sorted({path.rsplit(".", 1)[-1] for path, m in model.named_modules() if path and is_adaptable(m)})
 
 
+def compile_pattern(name: str, pattern: str) -> "re.Pattern":
+    """``re.compile(pattern)``, or ValueError naming the argument and the regex's fault."""
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{name}={pattern!r} is not a valid regular expression ({exc}); a string is one regex "
+                         f"matched against each module's full path, e.g. r'.*\\.q_proj'; to name modules pass a "
+                         f"list, e.g. ['q_proj', 'v_proj']") from None
+
+
 def _matcher(targets: TargetSpec):
     if isinstance(targets, str):  # a single string is a regex over full module paths (PEFT's convention),
         # unless it names a target set (TARGET_SETS)
-        pattern = re.compile(targets)
+        pattern = compile_pattern("targets", targets)
         return [targets], lambda path, t: pattern.fullmatch(path) is not None
     return list(targets), lambda path, t: path == t or path.endswith("." + t)
 

@@ -1,5 +1,5 @@
 """What every launcher shares: dtypes, block sizes for the rank dimension, strides, the
-dropout mask, and ``Kernel``, which autotunes safely.
+dropout mask, and ``Launcher``, which autotunes safely.
 
 Two execution modes:
   * CUDA: kernels are ``@triton.autotune``-d over a handful of configs; dots run on the
@@ -14,16 +14,16 @@ Two faults of the first GPU run are excluded here by construction, not by care:
 * **Aliased reset arguments.** ``triton.autotune(reset_to_zero=...)`` zeroes the named
   arguments before every config it benchmarks and before the chosen one runs. A launcher
   that passed live data (a factor) as a stand-in for an unused reset argument had it
-  zeroed: wrong gradients on the first call of every new autotune key. ``Kernel``
+  zeroed: wrong gradients on the first call of every new autotune key. ``Launcher``
   refuses, at every launch, a reset argument that overlaps any other argument, and
   launchers pass ``unused(...)``, a fresh scratch tensor, for reset arguments they do
   not need.
-* **Configs that do not fit the device.** ``Kernel`` prunes, before autotuning, every
+* **Configs that do not fit the device.** ``Launcher`` prunes, before autotuning, every
   config whose compiled shared memory exceeds the device's per-block limit
   (``resources``: the real compiler's figure for that config, flags and dtypes, cached).
   Registers cannot overflow a block: ptxas caps a thread at 255 registers and no config
   has more than 8 warps (255 × 256 < 65,536). Ranks above ``MAX_RANK`` do not reach the
-  kernels at all (the backend runs them on the torch kernels and says so).
+  kernels at all (peftkern's registry runs them on its torch backend and says so).
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def count_launch(name: str) -> None:
 
 
 def launch_counts() -> Dict[str, int]:
-    """Kernel launches (and torch-kernel calls for ranks above MAX_RANK) since the last reset, by name."""
+    """Kernel launches since the last reset, by kernel name."""
     return dict(_LAUNCHES)
 
 
@@ -113,7 +113,8 @@ def dot_meta(dtype: torch.dtype) -> Dict[str, object]:
 def block_r(r: int) -> int:
     """Padded rank block: the whole rank lives in one tile (registers grow with r)."""
     if r > MAX_RANK:
-        raise ValueError(f"triton kernels take rank <= {MAX_RANK}, got {r}; kernels.py routes larger ranks elsewhere")
+        raise ValueError(f"the Triton kernels take rank <= {MAX_RANK}, got {r} (peftkern runs larger ranks on its torch "
+                         "backend)")
     return max(MIN_DOT, triton.next_power_of_2(r))
 
 
@@ -146,7 +147,7 @@ def _sig_of(value) -> str:
     raise TypeError(f"cannot type kernel argument {value!r}")
 
 
-def signature_of(kernel: "Kernel", named_args: Dict[str, object]) -> Dict[str, str]:
+def signature_of(kernel: "Launcher", named_args: Dict[str, object]) -> Dict[str, str]:
     """The compiler signature of a launch: each non-constexpr argument's type, from its value."""
     return {name: _sig_of(named_args[name]) for name in kernel.plain.arg_names if name not in kernel.constexpr_names}
 
@@ -161,7 +162,7 @@ def _compiled_shared(fn, signature: Tuple[Tuple[str, str], ...], constexprs: Tup
     return int(compiled.metadata.shared)
 
 
-def shared_bytes(kernel: "Kernel", config: triton.Config, signature: Dict[str, str], constexprs: Dict[str, object],
+def shared_bytes(kernel: "Launcher", config: triton.Config, signature: Dict[str, str], constexprs: Dict[str, object],
                  target) -> int:
     """Shared memory in bytes that ``config`` of ``kernel`` needs with these argument types and constexpr
     flags on ``target`` (a triton GPUTarget), as the compiler reports it (cached)."""
@@ -182,7 +183,7 @@ def shared_limit(device: torch.device) -> int:
     return int(limit)
 
 
-def fitting(kernel: "Kernel", configs: Sequence[triton.Config], signature: Dict[str, str],
+def fitting(kernel: "Launcher", configs: Sequence[triton.Config], signature: Dict[str, str],
             constexprs: Dict[str, object], target, limit: int) -> list:
     """The configs whose compiled shared memory fits ``limit``; ValueError naming the smallest need if none does."""
     needs = [(shared_bytes(kernel, c, signature, constexprs, target), c) for c in configs]
@@ -194,7 +195,7 @@ def fitting(kernel: "Kernel", configs: Sequence[triton.Config], signature: Dict[
     return kept
 
 
-class Kernel:
+class Launcher:
     """A jit kernel that is autotuned on CUDA and runs one fixed config under the interpreter.
 
     ``grid`` is always a function of the meta-parameters (as for ``triton.autotune``), so
@@ -226,7 +227,7 @@ class Kernel:
             target, limit = driver.active.get_current_target(), shared_limit(device)
             needs = [(shared_bytes(self, c, sig, constexprs, target), c) for c in configs]
         except Exception as exc:  # the measurement itself failed: say so, and let the autotuner skip misfits
-            _warn_once(self.name, f"peftkern: could not compute the shared memory of {self.name}'s configs "
+            _warn_once(self.name, f"peftkern_triton: could not compute the shared memory of {self.name}'s configs "
                                   f"({type(exc).__name__}: {exc}); autotuning all of them")
             return configs
         kept = [c for need, c in needs if need <= limit]

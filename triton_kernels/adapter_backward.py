@@ -84,7 +84,7 @@ def _dy_pass_kernel(
                  mask=mr_mask)
 
 
-_DY_PASS = _launch.Kernel(
+_DY_PASS = _launch.Launcher(
     _dy_pass_kernel, "dy_pass",
     _launch.configs([(16, 128, 4, 3), (32, 64, 4, 4), (32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 8, 3),
                      (16, 32, 4, 2)],  # the last one fits BLOCK_R = 128
@@ -154,7 +154,7 @@ def _grad_a_kernel(
                   mask=r_ok[:, None] & k_ok[None, :])
 
 
-_GRAD_A = _launch.Kernel(
+_GRAD_A = _launch.Launcher(
     _grad_a_kernel, "grad_a",
     _launch.configs([(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3),
                      (32, 32, 4, 2)],

@@ -110,7 +110,7 @@ def _lowrank_gemm_kernel(
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): the usual Hopper/Ampere bf16 set.
-_GEMM = _launch.Kernel(
+_GEMM = _launch.Launcher(
     _lowrank_gemm_kernel, "lowrank_gemm",
     _launch.configs([(128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3), (64, 256, 32, 8, 4, 4),
                      (128, 128, 32, 8, 4, 4), (128, 64, 32, 8, 4, 4), (64, 128, 32, 8, 4, 4),

@@ -8,7 +8,7 @@ and checks with ``_launch.fitting`` (the pruner the autotuner runs on a GPU) tha
 every one of them at least one config fits the shared memory of the target (H200/H100:
 232,448 bytes per block) up to the largest rank the kernels take (``MAX_RANK``):
 
-    env -u TRITON_INTERPRET python -m peftkern.triton_kernels.aot_check [--quick] [--arch 90 80]
+    env -u TRITON_INTERPRET python -m peftkern_triton.aot_check [--quick] [--arch 90 80]
 
 ``--quick`` compiles bf16 for the first arch only, and per kernel only the flag set with
 the largest rank block (where shared memory is tightest). Exit status 1 if anything fails to
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     dtypes = ["bf16"] if args.quick else args.dtypes
     failures = 0
     for module, attr, flag_sets in KERNELS:
-        kernel = getattr(importlib.import_module(f"peftkern.triton_kernels.{module}"), attr)
+        kernel = getattr(importlib.import_module(f"peftkern_triton.{module}"), attr)
         if args.quick:
             flag_sets = [max(flag_sets, key=lambda f: f.get("BLOCK_R", 0))]
         configs = kernel.tuned.configs

@@ -17,11 +17,18 @@ import torch
 import triton
 import triton.language as tl
 
-from peftkern.ops.torch_kernels import gelu_grad
-
 from . import _launch
 
 Tensor = torch.Tensor
+
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def gelu_grad(z: Tensor) -> Tensor:
+    """d/dz of z·Φ(z) = Φ(z) + z·φ(z) (exact erf GeLU), for the backward's [L, h2] tail. Written here
+    rather than imported so that this package depends on torch and triton alone."""
+    return 0.5 * (1.0 + torch.erf(z * _SQRT1_2)) + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
 
 @triton.jit
 def _gelu(z):
@@ -110,14 +117,14 @@ def _hypernet_bwd_kernel(
 
 
 # Fixed L/h2 chunks: L (layers) and h2 (hypernetwork width) are small, P is the long axis.
-_FWD = _launch.Kernel(
+_FWD = _launch.Launcher(
     _hypernet_fwd_kernel, "hypernet_fwd",
     _launch.configs([(32, 64, 32, 32, 4, 3), (32, 128, 32, 32, 4, 3), (32, 256, 32, 32, 8, 3),
                      (64, 128, 32, 32, 4, 3)], ("BLOCK_L", "BLOCK_P", "BLOCK_H", "BLOCK_K")),
     key=("L", "H_IN", "H2", "P"),
     fallback={"BLOCK_L": 16, "BLOCK_P": 32, "BLOCK_H": 16, "BLOCK_K": 16},
 )
-_BWD = _launch.Kernel(
+_BWD = _launch.Launcher(
     _hypernet_bwd_kernel, "hypernet_bwd",
     _launch.configs([(32, 64, 32, 4, 3), (32, 128, 32, 4, 3), (32, 256, 32, 8, 3), (64, 128, 32, 4, 3)],
                     ("BLOCK_L", "BLOCK_P", "BLOCK_H")),

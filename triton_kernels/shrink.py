@@ -56,7 +56,7 @@ def _shrink_kernel(
 
 # (BLOCK_M, BLOCK_K, num_warps, num_stages). Memory bound on x: small BLOCK_M keeps enough
 # programs in flight to cover the SMs when M is a few thousand tokens.
-_SHRINK = _launch.Kernel(
+_SHRINK = _launch.Launcher(
     _shrink_kernel, "shrink",
     _launch.configs([(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 64, 4, 4),
                      (16, 64, 4, 2)],

@@ -1,6 +1,6 @@
 // Helpers shared by the adapter, shrink and expand ops (internal to csrc/cpu).
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <optional>
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io as _bytes_io
+import io
 import json
 import logging
 import math
@@ -47,7 +47,7 @@ from torch import nn
 
 from ..factors import state_of
 from ..files import fsync_dir
-from ..peft_format import trained_outside_adapter
+from ..heads import trained_outside_adapter
 from ..methods.allocator import ScheduledAllocator
 from . import distributed
 
@@ -191,7 +191,7 @@ class Checkpointer:
         self.folder.mkdir(parents=True, exist_ok=True)
         remove_incomplete(self.folder)
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in _tensors(self.model).items()}
-        buffer = _bytes_io.BytesIO()
+        buffer = io.BytesIO()
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "data_order": self.sampler.epoch_state, "rng": rngs}, buffer)
         allocator = _allocator(self.model)
@@ -291,7 +291,7 @@ def read(path: Path) -> Loaded:
     except Exception as exc:  # safetensors has its own error types for each kind of damage
         raise ValueError(f"{str(path / TENSORS)!r} is not a readable safetensors file: {exc}") from exc
     try:
-        trainer = torch.load(_bytes_io.BytesIO(payloads[TRAINER]), weights_only=True)
+        trainer = torch.load(io.BytesIO(payloads[TRAINER]), weights_only=True)
     except Exception as exc:
         raise ValueError(f"{str(path / TRAINER)!r} cannot be read: {exc}") from exc
     return Loaded(path, manifest, tensors, trainer)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..factors import STATE_ATTR, state_of
-from ..health import NonFiniteError, tensors_in, check_finite, first_nonfinite_module, unwrap
+from ..health import NonFiniteError, check_finite, first_nonfinite_module, tensors_in, unwrap
 from .distributed import Context, all_true
 
 Tensor = torch.Tensor

@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from dataclasses import asdict, field
 from typing import Any, Dict, List, Optional
 
 from ..files import atomic_write

@@ -16,19 +16,20 @@ concatenated to [slots, r, h], and the core runs once.
 Cores (``CORES``):
   "attention"  a BERT layer over the r tokens: multi-head self-attention, residual and
                LayerNorm, feed-forward (h → 4h → h, GeLU), residual and LayerNorm.
-  "mlp"        per token Linear(h → 4h), GeLU, Linear(4h → h), run through the dispatched
+  "mlp"        per token Linear(h → 4h), GeLU, Linear(4h → h), run as the adapter backend's
                ``hypernet`` op, so the Triton and C++ kernels generate every slot in one launch.
   "cnn"        Conv1d over the token sequence (kernel 3, padding 1), GeLU, Conv1d, with h channels.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .generator import hypernet_op
+from ..ops import functions
+from ..ops.backend import Backend
 
 Tensor = torch.Tensor
 FFN_MULT = 4  # BERT's intermediate size is 4× the hidden size
@@ -37,7 +38,7 @@ FFN_MULT = 4  # BERT's intermediate size is 4× the hidden size
 class AttentionCore(nn.Module):
     """One post-LayerNorm BERT layer over each slot's r tokens. x: [slots, r, h]."""
 
-    def __init__(self, h: int, heads: int, backend: str, **factory):
+    def __init__(self, h: int, heads: int, **factory):
         super().__init__()
         if h % heads:
             raise ValueError(f"hidden_dim={h} must be divisible by heads={heads}")
@@ -49,7 +50,7 @@ class AttentionCore(nn.Module):
         self.ffn2 = nn.Linear(FFN_MULT * h, h, **factory)
         self.norm2 = nn.LayerNorm(h, **factory)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, backend: Backend) -> Tensor:
         n, r, h = x.shape
         q, k, v = self.qkv(x).view(n, r, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, r, h)
@@ -60,37 +61,26 @@ class AttentionCore(nn.Module):
 class MLPCore(nn.Module):
     """Per-token Linear → GeLU → Linear through the dispatched hypernet op (one launch for all tokens)."""
 
-    def __init__(self, h: int, heads: int, backend: str, **factory):
+    def __init__(self, h: int, heads: int, **factory):
         super().__init__()
         self.fc1 = nn.Linear(h, FFN_MULT * h, **factory)
         self.fc2 = nn.Linear(FFN_MULT * h, h, **factory)
-        self.backend = backend
-        self._ops: Dict[str, Callable] = {}
 
-    def __getstate__(self):  # a copy resolves its own op: kernels are process-local, never pickled
-        return {**self.__dict__, "_ops": {}}
-
-    def hypernet_op(self, device_type: str) -> Callable:
-        op = self._ops.get(device_type)
-        if op is None:
-            op = self._ops[device_type] = hypernet_op(self.backend, device_type)
-        return op
-
-    def forward(self, x: Tensor) -> Tensor:
-        op = self.hypernet_op(x.device.type)
-        y = op(x.reshape(-1, x.shape[-1]), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+    def forward(self, x: Tensor, backend: Backend) -> Tensor:
+        y = functions.hypernet(x.reshape(-1, x.shape[-1]), self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                               self.fc2.bias, backend=backend)
         return y.view(x.shape)
 
 
 class CNNCore(nn.Module):
     """Conv1d (kernel 3, padding 1) over the r-token sequence, GeLU, Conv1d; channels are the width."""
 
-    def __init__(self, h: int, heads: int, backend: str, **factory):
+    def __init__(self, h: int, heads: int, **factory):
         super().__init__()
         self.conv1 = nn.Conv1d(h, FFN_MULT * h, 3, padding=1, **factory)
         self.conv2 = nn.Conv1d(FFN_MULT * h, h, 3, padding=1, **factory)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, backend: Backend) -> Tensor:
         return self.conv2(F.gelu(self.conv1(x.transpose(1, 2)))).transpose(1, 2)
 
 
@@ -100,7 +90,7 @@ CORES: Dict[str, type] = {"attention": AttentionCore, "mlp": MLPCore, "cnn": CNN
 class StateUpdateNet(nn.Module):
     """H for one parameter kind (P, Λ or Q), shared by every slot: G = S + out_L(core(in_L(S)))."""
 
-    def __init__(self, lengths: Sequence[int], core: str, hidden_dim: int, heads: int, backend: str, **factory):
+    def __init__(self, lengths: Sequence[int], core: str, hidden_dim: int, heads: int, **factory):
         super().__init__()
         if core not in CORES:
             raise ValueError(f"unknown hypernet {core!r}; valid choices: {', '.join(CORES)}")
@@ -111,16 +101,17 @@ class StateUpdateNet(nn.Module):
         for lin in self.out:  # H starts as the identity
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
-        self.core = CORES[core](hidden_dim, heads, backend, **factory)
+        self.core = CORES[core](hidden_dim, heads, **factory)
         # One Adam step moves every out-projection weight by about lr, and a generated entry sums h
         # of them: 1/h keeps a step's change of a generated entry near lr, as a step of a trained
         # AdaLoRA entry is, so both methods work at the same learning rate.
         self.out_scale = 1.0 / hidden_dim
 
-    def forward(self, states: Sequence[Tensor]) -> List[Tensor]:
-        """states[i]: [n_i, r, lengths[i]] → the generated [n_i, r, lengths[i]], one core call for all."""
+    def forward(self, states: Sequence[Tensor], backend: Backend) -> List[Tensor]:
+        """states[i]: [n_i, r, lengths[i]] → the generated [n_i, r, lengths[i]], one core call for all
+        (the MLP core's on ``backend``'s hypernet kernels)."""
         tokens = torch.cat([proj(s) for proj, s in zip(self.inp, states)], dim=0)
-        hidden = self.core(tokens).split([s.shape[0] for s in states], dim=0)
+        hidden = self.core(tokens, backend).split([s.shape[0] for s in states], dim=0)
         return [s + self.out_scale * proj(y) for proj, s, y in zip(self.out, states, hidden)]
 
 

@@ -19,11 +19,13 @@ lora_B = P, lora_E = Λ (as [r, 1]), lora_A = Q.
   loss themselves add ``peftkern.orthogonal_regularization(model)``. ``orth_form="peft"``
   (default) is PEFT's mean over the P and Q matrices of ‖G − I‖_F; ``"squared"`` is
   HyperAdaLoRA eq. (7)'s γ(‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F), averaged over slots.
-* Saving drops pruned components physically: each slot's saved P, Λ, Q keep only its kept
-  components (variable rank per slot), and ``extra_config`` carries the rank pattern;
-  ``merge`` folds only the kept components. As in PEFT, masking zeroes Λ in place on
-  masking steps only, so between them (deltaT > 1) a masked Λ entry may regrow and the
-  forward uses it while save and merge drop it; from the final mask on they agree exactly.
+* The native files keep every component, pruned ones included, with the rank pattern in
+  ``extra_config``: a pruned component's P column and Q row keep training (the orthogonality
+  term and Adam's moments move them) and may come back at a later mask step, so a resume
+  needs them (a save that dropped them resumed a different run). The PEFT export drops them,
+  as PEFT's own AdaLoRA save does, and ``merge`` folds only the kept components. As in PEFT,
+  masking zeroes Λ in place on masking steps only, so between them (deltaT > 1) a masked Λ
+  entry may regrow and the forward uses it; from the final mask on they agree exactly.
 * Host syncs: none on the step path (the threshold is a device scalar, the pattern a device
   bool tensor [slots, init_r]); ``rank_pattern()``, ``effective_rank``, save and explain read it.
 """
@@ -72,7 +74,7 @@ class AdaLoraState(SVDState):
         self.scale = alpha / (r + PEFT_RANKNUM_EPS)
         self.orth_reg_weight, self.orth_form = float(opts.orth_reg_weight), opts.orth_form
         self.allocator = alloc.ImportanceAllocator(opts.schedule(len(plan.slots)), self.svd_factors,
-                                                   opts.beta1, opts.beta2)
+                                                   opts.beta1, opts.beta2, self.backends)
         self.orthogonality_path = "not run yet"  # which distances op ran ("cpp" or "torch"), for explain()
 
     # --- the hot path -------------------------------------------------------------------------
@@ -92,8 +94,8 @@ class AdaLoraState(SVDState):
             return None
         # All 2·slots distances in one compiled call per direction on CPU (a few tiny ops per
         # matrix otherwise: ~7 ms a step for 60 slots on one core).
-        distances, self.orthogonality_path = importance.gram_distances(list(self.P), list(self.Q),
-                                                                       self.plan.backend)
+        backend = self.backends.get(self.lam.device.type)
+        distances, self.orthogonality_path = importance.gram_distances(backend, list(self.P), list(self.Q))
         return self.orth_reg_weight * orthogonality_from_distances(distances, len(self.P), self.orth_form)
 
     def describe_slot(self, slot: int) -> Dict[str, str]:
@@ -112,30 +114,27 @@ class AdaLoraState(SVDState):
     def extra_config(self) -> Dict[str, Any]:
         return {**super().extra_config(), "saved_components": self._saved_components()}
 
-    # --- persistence: pruned components are dropped -------------------------------------------------
-    def _live(self) -> Tensor:
-        """[slots, init_r] components the file must hold: kept by the allocator, or still
-        contributing to the forward (Λ ≠ 0: regrown since the last mask step of budgeting)."""
-        return self.allocator.keep | (self.lam.detach() != 0)
-
+    # --- persistence: every component (module docstring) ---------------------------------------------
     def _saved_components(self) -> Dict[str, List[bool]]:
-        return {s.path: row for s, row in zip(self.plan.slots, self._live().cpu().tolist())}
+        return {s.path: [True] * self.plan.rank for s in self.plan.slots}
 
     def tensors_for_save(self) -> Dict[str, Tensor]:
         out: Dict[str, Tensor] = {}
-        for i, live in enumerate(self._live()):
-            out[f"P.{i}"] = self.P[i].detach()[:, live].contiguous()
-            out[f"lam.{i}"] = self.lam.detach()[i][live].contiguous()
-            out[f"Q.{i}"] = self.Q[i].detach()[live].contiguous()
+        for i in range(len(self.P)):
+            out[f"P.{i}"] = self.P[i].detach()
+            out[f"lam.{i}"] = self.lam.detach()[i]
+            out[f"Q.{i}"] = self.Q[i].detach()
         return out
 
     def load_saved(self, tensors: Dict[str, Tensor], extra: Dict[str, Any]) -> None:
+        # files written before every component was saved hold only the kept ones (and Λ ≠ 0 ones):
+        # the others come back as zeros, switched off by Λ = 0
         saved, keep_rows = self._check_saved(tensors, extra)  # raises before anything is modified
         with torch.no_grad():
             for i, (row, keep_row) in enumerate(zip(saved, keep_rows)):
                 live = torch.tensor(row, dtype=torch.bool, device=self.lam.device)
                 for dst, src, dim in ((self.P[i], tensors[f"P.{i}"], 1), (self.Q[i], tensors[f"Q.{i}"], 0)):
-                    dst.zero_()  # dropped components come back as zeros, switched off by Λ = 0
+                    dst.zero_()
                     dst.index_copy_(dim, live.nonzero().flatten(), src.to(dst))
                 self.lam[i].zero_().masked_scatter_(live, tensors[f"lam.{i}"].to(self.lam))
                 self.allocator.keep[i].copy_(torch.tensor(keep_row, dtype=torch.bool))

@@ -33,6 +33,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import checks
 from ..ops import importance
+from ..ops.registry import Resolver
 
 Tensor = torch.Tensor
 
@@ -183,14 +184,15 @@ class ImportanceAllocator(ScheduledAllocator):
 
     ``factors`` returns (P list, Λ [slots, r], Q list) of the owning state, read on every
     call (so that ``.to()`` or ``to_empty`` replacing a Parameter can never leave a stale
-    reference here).
+    reference here); ``backends`` is the state's, whose step op updates the scores.
     """
 
     def __init__(self, schedule: Schedule, factors: Callable[[], Tuple[Sequence[Tensor], Tensor, Sequence[Tensor]]],
-                 beta1: float, beta2: float):
+                 beta1: float, beta2: float, backends: Resolver):
         P, lam, Q = factors()
         super().__init__(schedule, lam.shape[0], lam.shape[1], lam.device)
         self._factors = factors
+        self._backends = backends
         self.beta1, self.beta2 = beta1, beta2
         self.slot_scores = nn.ModuleList(_SlotScores(p, q) for p, q in zip(P, Q))
         self.register_buffer("lam_ipt", torch.zeros_like(lam), persistent=False)
@@ -224,7 +226,8 @@ class ImportanceAllocator(ScheduledAllocator):
                 grads.append(t.grad)
                 ipts.append(e)
                 uncs.append(u)
-        self.importance_path = importance.update_(params, grads, ipts, uncs, self.beta1, self.beta2)
+        backend = self._backends.get(lam.device.type)
+        self.importance_path = importance.update_(backend, params, grads, ipts, uncs, self.beta1, self.beta2)
 
     def triplet_scores(self) -> Tensor:
         """[slots, r]: Λ-score + mean over Q's row + mean over P's column (PEFT's ``mask_to_budget``)."""

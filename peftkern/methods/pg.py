@@ -39,7 +39,7 @@ with a frozen random B (A_H B_F), where the A-hypernetwork's final Linear is zer
 
 Generation runs once per forward pass, lazily, in the first ``factors()`` call: one
 dispatched ``hypernet`` op per hypernetwork, its [L_g, P] output unpacked into per-slot
-views. ``PassCache`` (hypernets.generator) documents when rows are reused: eval caching,
+views. ``PassCache`` (hypernets.pass_cache) documents when rows are reused: eval caching,
 gradient checkpointing (reentrant too), merge outside a forward.
 """
 from __future__ import annotations
@@ -53,7 +53,8 @@ from torch import nn
 
 from .. import checks
 from ..factors import AdapterState, Factors, Plan
-from ..hypernets.generator import LayerGenerator, PassCache, group_layers, hypernet_op, row_size, unpack_rows
+from ..hypernets.generator import LayerGenerator, group_layers, hypernet_op, row_size, unpack_rows
+from ..hypernets.pass_cache import PassCache
 from .registry import DEMO_LR, LearningRates, Method, register
 
 Tensor = torch.Tensor
@@ -182,7 +183,6 @@ class PGState(AdapterState):
                         offset = row_size(self._shapes[f][:t])
                         self.sources[slot][f] = Generated(gi, f, row, offset, self._shapes[f][t])
         self._pass = PassCache()  # the generated rows of the current forward pass
-        self._ops: Dict[str, Any] = {}  # device type -> the resolved hypernet op
 
     # --- the hot path ------------------------------------------------------------------
     def factors(self, slot: int) -> Factors:
@@ -198,12 +198,9 @@ class PGState(AdapterState):
         return [t for gens in self.hypernets for g in gens.values() for t in g.watched()]
 
     def _generate(self) -> Dict[str, List[Tensor]]:
-        """One dispatched hypernet op per hypernetwork; every slot gets a view of its row."""
+        """One hypernet op per hypernetwork, on the adapter's backend; every slot gets a view of its row."""
         device_type = self.hypernets[0][self.generated[0]].linear2.weight.device.type
-        op = self._ops.get(device_type)
-        if op is None:
-            op = self._ops[device_type] = hypernet_op(self.plan.backend, device_type)
-        return self._run(op)
+        return self._run(hypernet_op(self.backends.get(device_type)))
 
     def _run(self, hypernet_op) -> Dict[str, List[Tensor]]:
         out: Dict[str, List[Tensor]] = {f: [None] * len(self.plan.slots) for f in self.generated}
@@ -214,9 +211,6 @@ class PGState(AdapterState):
                     for slot, tensor in zip(self.layout.slots_of[layer], per_layer[row]):
                         out[f][slot] = tensor
         return out
-
-    def __getstate__(self):  # a copy resolves its own op: kernels are process-local, never pickled
-        return {**self.__dict__, "_ops": {}}
 
     def invalidate(self) -> None:
         """Forget the generated rows (needed only after in-place changes through ``.data``)."""

@@ -1,9 +1,11 @@
-"""What a backend is: the 2-D kernels of the four ops, for the tensors of some devices.
+"""What a backend is: the 2-D kernels of the four adapter ops, and optionally AdaLoRA's step ops.
 
 A backend provides kernels only. The autograd wrappers (``functions.py``: reshape to 2-D,
 ``needs_input_grad``, what to save, view back) are written once per op and call these
 kernels; ``library.py`` registers each kernel as a ``torch.library`` custom op so that
 torch.compile sees an opaque node with a fake implementation instead of a graph break.
+A backend declares itself to the registry (``registry.py``): its name, the device types it
+serves, its place in ``backend="auto"``'s order and a loader that builds this object.
 
 Kernel contract (every backend, same schemas as ``library.SCHEMAS``). All matrices are
 2-D: x [M, K], weight [N, K], bias [N], A [r, K], B [N, r], u [r], v [N], hu [M, r],
@@ -30,15 +32,36 @@ the backend's own backward expects (torch: s·x·Aᵀ), [M, r] in x's dtype, ret
 ``save_h`` asks for it (else None); ``aux`` is any other tensor the backend wants back in
 its backward (the C++ backend's merged weight), or None. x may be None in a backward when
 the wrapper did not keep it (no gradient needs it).
+
+AdaLoRA's step ops (``StepOps``) run once per optimizer step, on lists of tensors:
+
+    update_importance(params, grads, exp_avg_ipt, exp_avg_unc, beta1, beta2)   in place
+    gram_distances(columns, rows) -> [len(columns) + len(rows)]                differentiable
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+KERNEL_NAMES = ("adapter_forward", "adapter_backward", "shrink_forward", "shrink_backward", "expand_forward",
+                "expand_backward", "hypernet_forward", "hypernet_backward")
 
 
 class BackendUnavailable(RuntimeError):
     """A backend cannot run here (not built, not importable, or not for these tensors); the message says why."""
+
+
+@dataclass(frozen=True)
+class StepOps:
+    """AdaLoRA's per-step ops of one backend (module docstring), for the tensors ``serves`` accepts."""
+
+    update_importance: Callable
+    gram_distances: Callable
+    # (op name, tensors) -> whether this backend's op runs them (device, dtype); the registry falls
+    # back to the torch backend's otherwise
+    serves: Callable[[str, Sequence[torch.Tensor]], bool] = lambda op, tensors: True
 
 
 @dataclass(frozen=True)
@@ -62,16 +85,19 @@ class Backend:
     # as one compiled autograd node, which functions.adapter calls in eager mode instead of its
     # Python autograd.Function (same kernels, same saved tensors, less host time per call)
     adapter_node: Optional[Callable] = None
+    # the largest rank the kernels take (the whole rank in one tile); a module of a larger rank
+    # is given to ``over_rank`` by the registry, which says so in explain()
+    max_rank: Optional[int] = None
+    over_rank: str = "torch"
+    step: Optional[StepOps] = None
 
     def path_for(self, N: int, K: int, r: int, dtype) -> str:
         return self.path(N, K, r, dtype) if self.path is not None else self.name
 
     @classmethod
-    def of(cls, name: str, devices: Tuple[str, ...], kernels: Dict[str, Callable],
-           path: Optional[Callable] = None, dropout_mask: Optional[Callable] = None,
-           adapter_node: Optional[Callable] = None) -> "Backend":
-        """A backend from ``library.register``'s kernels (a dict by kernel name)."""
-        return cls(name, tuple(devices), path=path, dropout_mask=dropout_mask, adapter_node=adapter_node, **kernels)
+    def of(cls, name: str, devices: Tuple[str, ...], kernels: Dict[str, Callable], **extra) -> "Backend":
+        """A backend from ``library.register``'s kernels (a dict by kernel name) and the optional fields."""
+        return cls(name, tuple(devices), **kernels, **extra)
 
 
-__all__ = ["Backend", "BackendUnavailable"]
+__all__ = ["Backend", "BackendUnavailable", "StepOps", "KERNEL_NAMES"]

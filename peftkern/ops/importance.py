@@ -9,12 +9,18 @@ Per element (Zhang et al. 2023, eqs. 8-9; PEFT's RankAllocator.update_ipt):
 The expressions are written in exactly PEFT's order of operations so that the float32
 results, and therefore the rank pattern, agree bit for bit; the C++ op mirrors them with
 floating-point contraction disabled.
+
+Which implementation runs is the backend's (``backend.StepOps``; the C++ extension's on the
+CPU, the torch ones below everywhere else), chosen by ``registry.step_op``.
 """
 from __future__ import annotations
 
 from typing import Dict, List, Sequence, Tuple
 
 import torch
+
+from . import registry
+from .backend import Backend
 
 Tensor = torch.Tensor
 
@@ -63,33 +69,24 @@ def _betas(device: torch.device, beta1: float, beta2: float) -> Tuple[Tensor, ..
     return _BETAS[key]
 
 
-def update_(params: List[Tensor], grads: List[Tensor], exp_avg_ipt: List[Tensor], exp_avg_unc: List[Tensor],
-            beta1: float, beta2: float, backend: str = "auto") -> str:
-    """Update every adapter's scores in one pass; returns the name of the path that ran.
-
-    ``backend`` "auto" uses the compiled op when the extension provides it for these
-    tensors (CPU), else ``update_foreach_`` when every tensor is on one device (CUDA, or no
-    extension), else the per-tensor reference (a model split across devices). The returned
-    name is what explain()/logs report.
-    """
-    if backend in ("auto", "cpp"):
-        try:
-            from . import cpp_kernels  # noqa: F401  (raises ImportError if the extension is missing)
-            fn = getattr(cpp_kernels, "update_importance_", None)
-        except ImportError:
-            fn = None
-        if fn is not None and all(p.device.type == "cpu" for p in params):
-            fn(params, grads, exp_avg_ipt, exp_avg_unc, beta1, beta2)
-            return "cpp"
-        if backend == "cpp":
-            raise RuntimeError("backend='cpp' asked for, but the compiled importance op is unavailable")
-    # one pass over the parameters only (this runs every optimizer step): a gradient and a score
-    # buffer live on their parameter's device
+def update_torch_(params: List[Tensor], grads: List[Tensor], exp_avg_ipt: List[Tensor], exp_avg_unc: List[Tensor],
+                  beta1: float, beta2: float) -> None:
+    """The torch backend's update: ``update_foreach_`` when every tensor is on one device (one pass
+    over the parameters only: this runs every optimizer step, and a gradient and a score buffer live
+    on their parameter's device), else the per-tensor reference (a model split across devices)."""
     if len({p.device for p in params}) <= 1:
         update_foreach_(params, grads, exp_avg_ipt, exp_avg_unc, beta1, beta2)
-        return "torch (foreach)"
-    update_reference_(params, grads, exp_avg_ipt, exp_avg_unc, beta1, beta2)
-    return "torch"
+    else:
+        update_reference_(params, grads, exp_avg_ipt, exp_avg_unc, beta1, beta2)
+
+
+def update_(backend: Backend, params: List[Tensor], grads: List[Tensor], exp_avg_ipt: List[Tensor],
+            exp_avg_unc: List[Tensor], beta1: float, beta2: float) -> str:
+    """Update every adapter's scores in one call of ``backend``'s step op (the torch backend's where
+    it has none for these tensors, ``registry.step_op``); returns the name of the backend that ran."""
+    op, name = registry.step_op(backend, "update_importance", params)
+    op(params, grads, exp_avg_ipt, exp_avg_unc, beta1, beta2)
+    return name
 
 
 def gram_distances_reference(columns: Sequence[Tensor], rows: Sequence[Tensor]) -> Tensor:
@@ -105,7 +102,10 @@ def gram_distances_reference(columns: Sequence[Tensor], rows: Sequence[Tensor]) 
 def gram_distances_batched(columns: Sequence[Tensor], rows: Sequence[Tensor]) -> Tensor:
     """``gram_distances_reference`` with one bmm per group of equally shaped matrices (on CUDA a
     few launches per group instead of a few per matrix: q_proj's and v_proj's P and Q are four
-    groups however many layers there are). Same values up to the GEMMs' summation order."""
+    groups however many layers there are). Same values up to the GEMMs' summation order. Under
+    torch.compile the reference is traced instead (its cached permutations are host-side state)."""
+    if torch.compiler.is_compiling():
+        return gram_distances_reference(columns, rows)
     mats = [(m, True) for m in columns] + [(m, False) for m in rows]
     groups: Dict[tuple, List[int]] = {}
     for i, (m, is_column) in enumerate(mats):
@@ -138,27 +138,8 @@ def _inverse(order: tuple, device: torch.device) -> Tensor:
     return _INVERSE[key]
 
 
-def gram_distances(columns: List[Tensor], rows: List[Tensor], backend: str = "auto") -> Tuple[Tensor, str]:
-    """The distances of ``gram_distances_reference`` and the name of the path that ran.
-
-    The compiled op (one call per direction for all matrices) runs for CPU float32/float64
-    tensors when ``backend`` is "auto" or "cpp" and the extension has it; otherwise
-    ``gram_distances_batched`` (one bmm per group of equal shapes) runs. The name is what
-    explain() reports.
-    """
-    if torch.compiler.is_compiling():  # the reference is traced into the graph (the C++ call would break it)
-        return gram_distances_reference(columns, rows), "torch (compiled graph)"
-    mats = list(columns) + list(rows)
-    compiled = backend in ("auto", "cpp") and all(
-        t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in mats)
-    if compiled:
-        try:
-            from . import cpp_kernels
-        except ImportError:
-            cpp_kernels = None
-        if cpp_kernels is not None:
-            return cpp_kernels.gram_distances(columns, rows), "cpp"
-    if backend == "cpp":
-        raise RuntimeError("backend='cpp' asked for, but the compiled orthogonality op is unavailable for these "
-                           "tensors (it needs the C++ extension and CPU float32/float64 tensors)")
-    return gram_distances_batched(columns, rows), "torch"
+def gram_distances(backend: Backend, columns: List[Tensor], rows: List[Tensor]) -> Tuple[Tensor, str]:
+    """The distances of ``gram_distances_reference`` by ``backend``'s step op (the torch backend's where
+    it has none for these tensors, ``registry.step_op``), and the name of the backend that ran."""
+    op, name = registry.step_op(backend, "gram_distances", list(columns) + list(rows))
+    return op(columns, rows), name

@@ -1,0 +1,103 @@
+"""The modules trained in full next to the adapter (PEFT's ``modules_to_save``), and their originals.
+
+A task head (a classifier, or an LM head and the input embeddings it is tied to) is trained
+in place. The base model must stay reachable anyway: ``disable_adapter`` runs the base model
+(PEFT's reference pass for DPO), and ``unpatch`` without merging puts the base model back
+exactly. So patching keeps a frozen copy of each such module, as PEFT's
+``ModulesToSaveWrapper`` keeps ``original_module``. That costs one copy of their weights for
+as long as the model is patched (for an LM head tied to the embeddings: vocab × hidden
+values once, as the pair is copied together and stays tied); a model with no
+``modules_to_save`` pays nothing.
+
+The copies hold their tensors as non-persistent buffers: they follow ``model.to()``, are
+never trained, counted or saved.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Dict, Iterator, List, Sequence
+
+import torch
+from torch import nn
+
+from .factors import state_of
+
+
+def _frozen(module: nn.Module, shared: Dict[int, torch.Tensor]) -> None:
+    """Turn every parameter of ``module`` (recursively) into a non-persistent buffer, keeping tensors
+    that were one Parameter (tied weights) one tensor."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is None:
+                continue
+            t = shared.setdefault(id(p), p.detach().requires_grad_(False))
+            del sub._parameters[name]
+            sub.register_buffer(name, t, persistent=False)
+
+
+class HeadOriginals(nn.Module):
+    """Frozen copies of ``modules_to_save``, taken before training changes them (module docstring)."""
+
+    def __init__(self, model: nn.Module, paths: Sequence[str]):
+        super().__init__()
+        self.paths: List[str] = list(paths)
+        modules = [model.get_submodule(p) for p in self.paths]
+        copies = copy.deepcopy(modules)  # one deepcopy: weights tied between them stay tied in the copies
+        shared: Dict[int, torch.Tensor] = {}
+        for c in copies:
+            _frozen(c, shared)
+        self.copies = nn.ModuleList(copies)
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: nn.Module) -> Iterator[None]:
+        """Inside the block, the model runs the original modules; the trained ones come back on exit."""
+        trained = [_swap(model, path, original) for path, original in zip(self.paths, self.copies)]
+        try:
+            yield
+        finally:
+            for path, module in zip(self.paths, trained):
+                _swap(model, path, module)
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module) -> None:
+        """Copy the original values back into the trained modules (their tensors stay the same objects)."""
+        for path, original in zip(self.paths, self.copies):
+            module = model.get_submodule(path)
+            live = {**dict(module.named_parameters(remove_duplicate=False)),
+                    **dict(module.named_buffers(remove_duplicate=False))}
+            for name, value in original.named_buffers(remove_duplicate=False):  # parameters and buffers alike
+                live[name].copy_(value)
+
+
+def trained_outside_adapter(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Every trainable parameter that the adapter state does not own (the task head), by model name.
+
+    Found by identity against the state's parameters and by ``requires_grad``, never by name.
+    A parameter shared by two modules (tied weights) appears once, under its first name.
+    """
+    own = {id(p) for p in state_of(model).parameters()}
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and id(p) not in own}
+
+
+def trained_modules(model: nn.Module) -> List[str]:
+    """Paths of every module holding a parameter of ``trained_outside_adapter``, both halves of a tied
+    pair included: an LM head tied to the input embeddings holds the same trained tensor, and a
+    loader that restores only one of them (PEFT restores exactly the listed modules) would leave the
+    other at its base values (huggingface/peft#1457, #2898)."""
+    own = {id(p) for p in state_of(model).parameters()}
+    trained = {id(p) for p in model.parameters() if p.requires_grad and id(p) not in own}
+    return sorted({path for path, m in model.named_modules(remove_duplicate=False)
+                   if any(id(p) in trained for p in m._parameters.values() if p is not None)})
+
+
+
+def _swap(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    before = getattr(parent, child)
+    setattr(parent, child, module)
+    return before
+
+
+__all__ = ["HeadOriginals", "trained_outside_adapter", "trained_modules"]

@@ -1,0 +1,151 @@
+"""Generate an adapter's factors lazily, once per forward pass of the model; reuse when that is exact.
+
+Every method whose factors are computed (LEFT's PG hypernetworks, HyperAdaLoRA's state-update
+networks) keeps one ``PassCache``: the first ``factors()`` call of a forward pass generates,
+the others of the pass reuse, and checkpoint recomputation, eval and merge reuse or
+regenerate by the rules below.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+class PassCache:
+    """Generate lazily, once per forward pass of the model; reuse when that is exact.
+
+    ``get(training, generate, watched)`` returns what ``generate()`` made, reused or anew:
+
+    * ``attach(model)``'s root forward pre-hook only marks a new pass. Generating there
+      would be too early: under FSDP2 the root's unshard hook may run after ours, and
+      the parameters would still be sharded. The pass's first ``get`` generates; the
+      others reuse (the hot path: two attribute reads).
+    * Outside a pass (merge, explain, non-reentrant gradient-checkpoint recomputation)
+      the result is reused unless a ``watched`` tensor changed since (its ``_version``
+      counter or storage; no host sync). In-place changes made through ``.data`` bypass
+      the counters: call ``invalidate()`` after them.
+    * A new pass with ``training`` False and grad disabled reuses a result made without
+      grad; any other new pass regenerates.
+    * A result made without grad cannot serve a call that needs grad. Reentrant
+      checkpointing runs the forward without grad and backpropagates each recomputed
+      block on its own graph, so after such a pass every call needing grad gets a fresh,
+      uncached result (one generation per recomputed call: exact, slower).
+
+    Generation runs with autocast off (the result may be reused outside the caller's
+    autocast; consumers cast per use) and with identity saved-tensor hooks: it happens
+    inside the first checkpointed block, whose recomputation reuses the result instead
+    of generating, so its tensors must be saved normally, not by the checkpoint.
+
+    Calling an inner module instead of the patched root skips the pre-hook; results
+    are then regenerated only when watched tensors change. Under torch.compile the
+    simpler rule of ``_get_compiling`` applies. Never copied: a deep copy
+    or an unpickled cache starts empty (its tensors belong to an autograd graph).
+    """
+
+    __slots__ = ("value", "key", "no_grad", "in_pass", "new_pass", "gradless_pass")
+
+    def __init__(self):
+        self.value: Any = None
+        self.key: Optional[tuple] = None
+        self.no_grad = False  # value was made with grad disabled
+        self.in_pass = False  # between the root's forward pre-hook and its forward hook
+        self.new_pass = False  # the pre-hook ran and no get() has checked the value since
+        self.gradless_pass = False  # this pass generated with grad disabled
+
+    def attach(self, model: nn.Module) -> List[Any]:
+        return [model.register_forward_pre_hook(_PassStart(self)),
+                model.register_forward_hook(_PassEnd(self), always_call=True)]
+
+    def invalidate(self) -> None:
+        self.value = None
+        self.new_pass = True  # so that a get() inside a running pass regenerates too
+
+    def get(self, training: bool, generate: Callable[[], Any], watched: Callable[[], Iterable[Tensor]]) -> Any:
+        if torch.compiler.is_compiling():
+            return self._get_compiling(generate)
+        grad = torch.is_grad_enabled()
+        gradless = self.no_grad and grad
+        if self.in_pass and not self.new_pass and not gradless:
+            return self.value
+        if not self.in_pass and grad and (self.no_grad or self.gradless_pass) and self.value is not None:
+            return _generate_plainly(generate, watched)  # reentrant recomputation: see above
+        key = tuple((t._version, t.data_ptr(), t.dtype) for t in watched())
+        valid = self.value is not None and self.key == key and not gradless
+        if valid and self.new_pass:  # a new forward: only inference may reuse the last value
+            valid = self.no_grad and not training and not grad
+        if not valid:
+            self.value = _generate_plainly(generate, watched)
+            self.key, self.no_grad = key, not grad
+            self.gradless_pass |= self.in_pass and not grad
+        self.new_pass = False
+        return self.value
+
+    def _get_compiling(self, generate: Callable[[], Any]) -> Any:
+        """Under torch.compile: generate at the pass's first request, reuse within the pass. The
+        version counters and saved-tensor hooks of the eager rules are not traceable, and are not
+        needed: a compiled pass is one graph, recomputed as a whole; the value is dropped at the
+        end of the pass (``_PassEnd``) so that no step keeps the previous step's graph alive."""
+        if not (self.in_pass and not self.new_pass and self.value is not None):
+            self.value = generate()
+            self.key, self.no_grad = None, not torch.is_grad_enabled()
+        self.new_pass = False
+        return self.value
+
+    def __deepcopy__(self, memo):
+        return PassCache()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+class _PassStart:
+    """Root forward pre-hook. An object, not a closure, so that a deep copy of the model
+    gets a hook bound to the copy's cache."""
+
+    def __init__(self, cache: PassCache):
+        self.cache = cache
+
+    def __call__(self, module, args):
+        self.cache.in_pass = self.cache.new_pass = True
+        self.cache.gradless_pass = False
+
+
+class _PassEnd:
+    def __init__(self, cache: PassCache):
+        self.cache = cache
+
+    def __call__(self, module, args, output):
+        self.cache.in_pass = False
+        if torch.compiler.is_compiling():
+            self.cache.value = None
+
+
+def _keep(t: Tensor) -> Tensor:
+    return t
+
+
+def _generate_plainly(generate: Callable[[], Any], watched: Callable[[], Iterable[Tensor]]) -> Any:
+    """``generate()`` with autocast off and any saved-tensor hooks shadowed (the innermost
+    pair wins), so that a checkpointed block around us neither drops nor counts its tensors."""
+    device_type = next(iter(watched())).device.type
+    with contextlib.ExitStack() as stack:
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        if torch.is_grad_enabled():
+            try:
+                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_keep, _keep))
+            except RuntimeError:  # hooks are disabled here, so none can be active either
+                pass
+        return generate()
+
+
+
+__all__ = ["PassCache"]

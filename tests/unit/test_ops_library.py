@@ -1,0 +1,49 @@
+"""Every backend kernel is a torch.library custom op whose fake (meta) implementation, schema and
+(no) aliasing agree with the real kernel: ``torch.library.opcheck`` on each, for each backend
+that runs here, including the placeholders for gradients that are not asked for."""
+import pytest
+import torch
+
+from peftkern.ops import library, registry
+from peftkern.ops.functions import new_seed
+from tests.helpers import opcheck
+
+
+def _backends():
+    out = ["torch"]
+    for name in ("cpp", "triton"):
+        if name == "triton" and registry.unavailable("triton", "cpu"):
+            continue
+        try:
+            registry.load(name)
+            out.append(name)
+        except registry.BackendUnavailable:
+            pass
+    return out
+
+
+def _args(kernel, needs, dropout):
+    t = opcheck.make_inputs(7, 9, 5, 3)
+    x, W, b, A, B, u, v = (t[n].detach() for n in ("x", "weight", "bias", "A", "B", "u", "v"))
+    seed = new_seed(dropout)
+    h, dy, hu = x @ A.t(), torch.randn(7, 5), torch.randn(7, 3)
+    E, W1, b1, W2, b2 = torch.randn(4, 6), torch.randn(8, 6), torch.randn(8), torch.randn(10, 8), torch.randn(10)
+    return {
+        "adapter_forward": (x, W, b, A, B, u, v, 0.5, dropout, seed, True),
+        "adapter_backward": (dy, x, W, A, B, u, v, h, None, 0.5, dropout, seed, needs[:7]),
+        "shrink_forward": (x, A, u, dropout, seed, True),
+        "shrink_backward": (hu, x, A, u, h, dropout, seed, needs[:3]),
+        "expand_forward": (x, W, b, hu, B, v, 0.5),
+        "expand_backward": (dy, x, W, hu, B, v, 0.5, needs[:6]),
+        "hypernet_forward": (E, W1, b1, W2, b2, True),
+        "hypernet_backward": (torch.randn(4, 10), E, W1, W2, E @ W1.t() + b1, needs[:5]),
+    }[kernel]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("kernel", sorted(library.SCHEMAS))
+@pytest.mark.parametrize("needs,dropout", [([True] * 7, 0.0), ([True, False, False, True, False, True, False], 0.3)])
+def test_opcheck(backend, kernel, needs, dropout):
+    op = getattr(torch.ops.peftkern, f"{backend}_{kernel}")
+    args = _args(kernel, needs, dropout)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
