@@ -11,16 +11,31 @@ runs).
 The public names below are imported on first use: ``import peftkern`` alone costs nothing,
 so that ``peftkern --help`` does not wait for torch and transformers.
 """
+import logging
 import sys
 import types
 
 from .version import __version__
 
+
+class _OptionalHubKernel(logging.Filter):
+    """bitsandbytes (imported by transformers and PEFT whenever it is installed) tries, at import, to
+    fetch an optional CPU 4-bit GEMM kernel from the Hugging Face hub and logs a warning when it
+    cannot (offline, or an untrusted publisher). Its own CPU kernel runs instead, and nothing here
+    depends on the hub one: the warning is noise for our users, so it is dropped (and only it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalHubKernel())
+
 # public name -> module that defines it (relative to this package)
 _PUBLIC = {
     **{name: ".api" for name in (
         "Counts", "Explanation", "count", "disable_adapter", "explain", "load", "load_peft", "merge", "methods",
-        "orthogonal_regularization", "parameter_table", "patch", "rank_pattern", "save", "unmerge", "unpatch")},
+        "orthogonal_regularization", "parameter_table", "patch", "rank_pattern", "reference_model", "save",
+        "unmerge", "unpatch")},
     "NonFiniteError": ".health", "check_finite": ".health",
     "export_peft": ".peft_format",
     "AdaptedLinear": ".layer",
@@ -28,7 +43,8 @@ _PUBLIC = {
 }
 
 __all__ = [
-    "patch", "unpatch", "merge", "unmerge", "disable_adapter", "methods", "explain", "count", "parameter_table",
+    "patch", "unpatch", "merge", "unmerge", "disable_adapter", "reference_model", "methods", "explain", "count",
+    "parameter_table",
     "AdaptedLinear", "Counts", "Explanation", "__version__",
     "save", "load", "export_peft", "load_peft",
     "orthogonal_regularization", "rank_pattern", "AllocatorCallback", "check_finite", "NonFiniteError",

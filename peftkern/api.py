@@ -143,6 +143,42 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
             state.disabled = before
 
 
+class ReferenceModel(nn.Module):
+    """The base model of a patched ``model``, as a module that shares every weight with it
+    (``reference_model``). Every call runs inside ``disable_adapter``, whatever the forward is: a
+    trainer may replace it (TRL's fused LM head does), and reaches the policy's backbone, head and
+    config through this module, which hands on every attribute it does not have."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "policy", model)  # not a submodule: the policy's tensors are not ours twice
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["policy"], name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with disable_adapter(self.policy):
+            return super().__call__(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.policy(*args, **kwargs)
+
+
+def reference_model(model: nn.Module) -> nn.Module:
+    """The reference model of preference training (DPO) for a patched ``model``, with no second copy of
+    the base: PEFT's convention, the policy with its adapter disabled (``disable_adapter``).
+
+    ``trl.DPOTrainer(model, ref_model=peftkern.reference_model(model), ...)``. TRL takes that path by
+    itself only for a ``peft.PeftModel`` (an isinstance check); given ``ref_model=None`` and any other
+    model it loads a second copy of the base from ``model.config``'s path. Raises ValueError for a model
+    that is not patched."""
+    state_of(model)
+    return ReferenceModel(model)
+
+
 def orthogonal_regularization(model: nn.Module) -> Optional[torch.Tensor]:
     """The adapter's regulariser, weight included (AdaLoRA's orthogonality term), or None.
 

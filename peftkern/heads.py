@@ -41,7 +41,7 @@ class HeadOriginals(nn.Module):
 
     def __init__(self, model: nn.Module, paths: Sequence[str]):
         super().__init__()
-        self.paths: List[str] = list(paths)
+        self.paths: List[str] = _with_tied_partners(model, paths)
         modules = [model.get_submodule(p) for p in self.paths]
         copies = copy.deepcopy(modules)  # one deepcopy: weights tied between them stay tied in the copies
         shared: Dict[int, torch.Tensor] = {}
@@ -90,6 +90,18 @@ def trained_modules(model: nn.Module) -> List[str]:
     return sorted({path for path, m in model.named_modules(remove_duplicate=False)
                    if any(id(p) in trained for p in m._parameters.values() if p is not None)})
 
+
+
+def _with_tied_partners(model: nn.Module, paths: Sequence[str]) -> List[str]:
+    """``paths`` and every module holding one of their parameters (an LM head tied to the embeddings)."""
+    params = {id(p) for path in paths for p in model.get_submodule(path).parameters()}
+    partners = [path for path, m in model.named_modules(remove_duplicate=False)
+                if any(id(p) in params for p in m._parameters.values() if p is not None)]
+    out: List[str] = []
+    for path in [*paths, *partners]:  # a module inside one already listed is swapped with it
+        if path not in out and not any(path.startswith(f"{other}.") for other in [*paths, *partners] if other != path):
+            out.append(path)
+    return out
 
 
 def _swap(model: nn.Module, path: str, module: nn.Module) -> nn.Module:

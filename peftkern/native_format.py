@@ -256,6 +256,9 @@ def _plan_from_config(model: nn.Module, config: Dict[str, Any], backend: str) ->
         raise ValueError(f"{CONFIG_NAME}: 'options' must be an object, got {config['options']!r}")
     saved = config["slots"]
     paths = [s["path"] for s in saved]
+    blocks = config.get("blocks")  # checked first: a smaller model lacks the deep blocks' modules too
+    if blocks is not None and blocks != _block_count(model):
+        raise ValueError(f"the adapter was saved for a model with {blocks} blocks; this one has {_block_count(model)}")
     common = dict(dropout=config.get("dropout", 0.0), use_rslora=config.get("use_rslora", False),
                   rank_pattern={re.escape(k): v for k, v in config.get("rank_pattern", {}).items()},
                   alpha_pattern={re.escape(k): v for k, v in config.get("alpha_pattern", {}).items()},
@@ -268,9 +271,6 @@ def _plan_from_config(model: nn.Module, config: Dict[str, Any], backend: str) ->
         if (want["in_features"], want["out_features"]) != (got.in_features, got.out_features):
             raise ValueError(f"module {got.path} is {got.in_features}->{got.out_features} in this model but the "
                              f"adapter was saved for {want['in_features']}->{want['out_features']}")
-    blocks = config.get("blocks")
-    if blocks is not None and blocks != _block_count(model):
-        raise ValueError(f"the adapter was saved for a model with {blocks} blocks; this one has {_block_count(model)}")
     if "size_rank" in config and config["size_rank"] != p.rank:
         raise ValueError(f"the adapter's factors have rank {config['size_rank']} but {config['method']!r} at rank "
                          f"{config['rank']} builds rank {p.rank}")

@@ -85,6 +85,10 @@ TASKS: Dict[str, Task] = {t.name: t for t in (
          TsvLayout("RTE", "sentence1", "label", text_b="sentence2", label_map=_NLI2), 8, 10),
     Task("wnli", 2, "accuracy", ("sentence1", "sentence2"),
          TsvLayout("WNLI", "sentence1", "label", text_b="sentence2"), 8, 10),
+    # SICK-R relatedness (Marelli et al. 2014) in STS-B's columns: <dir>/SICK-R/{train,test}.tsv, local only.
+    # Its trial set stays unused: --split-dev holds out a tenth of train, and test.tsv is what is reported.
+    Task("sickr", 1, "pearson", ("sentence1", "sentence2"),
+         TsvLayout("SICK-R", "sentence1", "score", text_b="sentence2", dev_file="test.tsv"), 8, 10, hub_dev=""),
 )}
 
 
@@ -242,6 +246,9 @@ def _check_label(task: Task, label, index: int) -> None:
 def _load_hub(task: Task):
     import datasets
 
+    if not task.hub_dev:
+        raise DataUnavailable(f"{task.name} has no hub source here: pass --data-dir with "
+                              f"<dir>/{task.tsv.folder}/train.tsv and {task.tsv.dev_file}")
     try:
         raw = datasets.load_dataset("nyu-mll/glue", task.name)
     except Exception as exc:  # offline, no such repo, network error: all mean "use local files"

@@ -25,19 +25,28 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 from ..factors import AdapterState, Plan
 
 
+BUDGETS = ("paper", "demo", "sft")
+
+
 @dataclass(frozen=True)
 class LearningRates:
-    """A method's default learning rates, each with where it comes from.
+    """A method's default learning rates, one per budget, each with where it comes from.
 
     ``paper``: the method's paper's rate for the paper's budget (long runs on full datasets).
-    ``demo``: the rate for the embedded demo's short budget (189 steps on the shipped SST-2
-    sample), chosen per method on held-out training data (benchmarks/demo_defaults.py)."""
+    ``demo``: the rate of the command line's short classification/regression budget (3 epochs of
+    batch 32: the embedded demo's 189 steps on the shipped SST-2 sample), chosen per method on
+    held-out training data (benchmarks/demo_defaults.py).
+    ``sft``: the rate of ``--task sft``'s default budget (one epoch, batch 8, on a causal LM),
+    chosen per method on held-out GSM8K training data (benchmarks/sft_table.py)."""
 
     paper: float
     paper_source: str
     demo: float
     demo_source: str = "chosen on a held-out tenth of the demo sample's training data " \
                        "(benchmarks/results/demo_defaults.md)"
+    sft: Optional[float] = None
+    sft_source: str = "chosen on held-out GSM8K training data with SmolLM2-135M-Instruct " \
+                      "(benchmarks/results/sft_table.md)"
 
 
 @dataclass(frozen=True)
@@ -97,12 +106,16 @@ def summaries() -> Dict[str, str]:
     return {n: _METHODS[n].summary for n in names()}
 
 
-def default_lr(name: str, demo: bool) -> tuple:
-    """(learning rate, where it comes from) for a run of method ``name``: the demo's or the paper's."""
+def default_lr(name: str, budget: str) -> tuple:
+    """(learning rate, where it comes from) of method ``name`` for ``budget`` (one of BUDGETS).
+    Raises ValueError when the method declares none for that budget."""
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; valid choices: {', '.join(BUDGETS)}")
     rates = get(name).lr
-    if rates is None:
-        raise ValueError(f"method {name!r} declares no default learning rate; pass one (--lr)")
-    return (rates.demo, rates.demo_source) if demo else (rates.paper, rates.paper_source)
+    rate = None if rates is None else getattr(rates, budget)
+    if rate is None:
+        raise ValueError(f"method {name!r} declares no default learning rate for the {budget} budget; pass one (--lr)")
+    return rate, getattr(rates, f"{budget}_source")
 
 
 def with_training_length(name: str, options: Mapping[str, Any], total_steps: int) -> Dict[str, Any]:

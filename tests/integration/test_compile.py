@@ -71,3 +71,40 @@ def test_inductor_step_equals_eager():
     assert loss_c == pytest.approx(loss, rel=1e-5)
     for name in grads:
         torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+FRESH = """
+import sys, torch, peftkern
+sys.path.insert(0, {root!r})
+from tests.helpers.models import tiny_model, tokens
+ids = tokens()
+for method, options in {methods!r}:
+    model = peftkern.patch(tiny_model("llama"), method, **options).train()  # the default backend: auto
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda ids: model(input_ids=ids, labels=ids).loss)(ids)
+    assert explained.graph_break_count == 0, (method, [r.reason for r in explained.break_reasons])
+    torch._dynamo.reset()
+    loss = torch.compile(lambda ids: model(input_ids=ids, labels=ids).loss, backend="aot_eager",
+                         fullgraph=True)(ids)
+    loss.backward()
+    print("ok", method, explained.graph_count)
+"""
+
+
+def test_compiling_first_in_a_fresh_process_with_the_defaults_breaks_nothing():
+    """The kind of peft#1199: with backend="auto" the backend used to be resolved, and said in the log,
+    at the first forward; compiled first, that log call left 12 permanent graph breaks and
+    fullgraph=True raised. Resolution (and its log line) now happen at patch time; every method's
+    first forward is compiled here in a process that has run nothing before."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    methods = [("lora", {}), ("pg_pos", {}), ("vera", {}), ("tied_lora", {}), ("adalora", {"total_step": 10}),
+               ("hyper_adalora", {"total_step": 10})]
+    proc = subprocess.run([sys.executable, "-c", FRESH.format(root=root, methods=methods)], capture_output=True,
+                          text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ok")] == [m for m, _ in methods]
+    assert all(line.endswith(" 1") for line in proc.stdout.splitlines() if line.startswith("ok"))

@@ -113,7 +113,11 @@ def _evaluate(model, x):
         return model(input_ids=x).logits.detach().clone()
 
 
-def _fsdp_case(method, mode, rank, world):
+SAVE_PATHS = ("save_pretrained", "peftkern.save", "gathered state_dict")
+
+
+def _fsdp_case(method, mode, rank, world, out_dir):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
     model = tiny_model("llama", "cls", seed=0)
@@ -123,7 +127,14 @@ def _fsdp_case(method, mode, rank, world):
             fully_shard(block)
     fully_shard(model)
     logits = _train_with_evals(model, rank, world)
-    return {**_fsdp_result(model), "logits": logits}
+    # every way to save from a sharded model (peft#3251, accelerate#4206): one complete adapter, rank 0 writing
+    where = {p: os.path.join(out_dir, f"fsdp-{method}-{mode}-{i}") for i, p in enumerate(SAVE_PATHS)}
+    model.save_pretrained(where["save_pretrained"], is_main_process=rank == 0)
+    peftkern.save(model, where["peftkern.save"])
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:  # what the Trainer does under FSDP: the main process alone, with the gathered state dict
+        model.save_pretrained(where["gathered state_dict"], state_dict=sd)
+    return {**_fsdp_result(model), "logits": logits, "saved": where}
 
 
 def _finetune_resume(tiny, out_dir):
@@ -157,7 +168,7 @@ def _worker(rank, world, port, out_dir, tiny):
             _train(model, ctx.rank, ctx.world_size, distributed.wrap_ddp(model, ctx))
             results[case] = _result(model)
         for method, mode in FSDP_CASES:
-            results[f"fsdp2 {method} {mode}"] = _fsdp_case(method, mode, ctx.rank, ctx.world_size)
+            results[f"fsdp2 {method} {mode}"] = _fsdp_case(method, mode, ctx.rank, ctx.world_size, out_dir)
         _finetune_resume(tiny, out_dir)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -258,3 +269,19 @@ def test_fsdp2_on_cuda_matches_the_unsharded_model(tmp_path):
             torch.testing.assert_close(sharded[k], plain[k], rtol=1e-3, atol=1e-4, msg=k)
     for a, b in zip(sharded["logits"], plain["logits"]):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", SAVE_PATHS)
+@pytest.mark.parametrize("method,mode", FSDP_CASES)
+def test_an_fsdp2_model_saves_one_complete_adapter_that_loads_exactly(ranks, method, mode, path):
+    result = ranks[0][f"fsdp2 {method} {mode}"]
+    directory = Path(result["saved"][path])
+    files = sorted(f.name for f in directory.iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "peftkern_config.json",
+                     "peftkern_model.safetensors"]
+    loaded = peftkern.load(tiny_model("llama", "cls", seed=0), directory, backend="torch")
+    state = patching.state_of(loaded).state_dict()
+    for k, v in state.items():
+        torch.testing.assert_close(v, result[f"state.{k}"], rtol=0, atol=0, msg=k)
+    torch.testing.assert_close(loaded.score.weight, result["score.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(_evaluate(loaded, tokens(4, 7, seed=3)), result["logits"][-1], rtol=1e-5, atol=1e-6)

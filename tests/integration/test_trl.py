@@ -1,0 +1,154 @@
+"""TRL on peftkern: a patched model goes to ``trl.SFTTrainer`` (no ``peft_config``) and trains with
+gradient checkpointing, packing and completion-only loss; its checkpoints are the adapter alone and
+resume exactly; ``save_model`` writes a PEFT adapter; every method trains (AdaLoRA's allocator
+following TRL's step counter); ``DPOTrainer`` takes the adapter-disabled policy as its reference."""
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import PeftModel
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+import peftkern
+from tests.helpers.data import CHAT_TEMPLATE, save_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import transformers as T
+
+    path = save_tiny_llama(tmp_path_factory.mktemp("llama") / "model")
+    tokenizer = T.AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return path, tokenizer
+
+
+def _model(tiny, method="lora", **options):
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_pretrained(tiny[0])
+    return peftkern.patch(model, method, rank=4, **options)
+
+
+def _chat_data(n=32):
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": f"what is {i} plus {i}?"}],
+                               "completion": [{"role": "assistant", "content": f"it is {2 * i}"}]} for i in range(n)])
+
+
+def _args(out, **extra):
+    base = dict(output_dir=str(out), per_device_train_batch_size=4, learning_rate=2e-2, report_to=[], use_cpu=True,
+                bf16=False, logging_steps=1, disable_tqdm=True, max_length=64, seed=0, save_strategy="no")
+    return SFTConfig(**{**base, **extra})
+
+
+def _adapter(model):
+    return {n: p.detach().clone() for n, p in model.peftkern.named_parameters()}
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_sft_trains_the_adapter_alone_with_checkpointing_and_completion_only_loss(tiny, tmp_path, packing):
+    model = _model(tiny)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = _adapter(model)
+    args = _args(tmp_path, max_steps=8, packing=packing, activation_checkpointing=True,
+                 activation_checkpointing_kwargs={"use_reentrant": False})
+    trainer = SFTTrainer(model=model, args=args, train_dataset=_chat_data(), processing_class=tiny[1])
+    assert trainer.args.completion_only_loss in (None, True)  # prompt-completion data: loss on the completion
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()  # prompts masked out of the loss
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert all(not torch.equal(before[n], p) for n, p in _adapter(model).items() if "lora" not in n)
+    assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_sft_checkpoints_are_the_adapter_alone_and_resume_exactly(tiny, tmp_path):
+    straight = _model(tiny)
+    SFTTrainer(model=straight, args=_args(tmp_path / "a", max_steps=6, save_strategy="steps", save_steps=3),
+               train_dataset=_chat_data(), processing_class=tiny[1]).train()
+    files = {f.name for f in (tmp_path / "a" / "checkpoint-3").iterdir()}
+    assert {"adapter_model.safetensors", "peftkern_model.safetensors", "optimizer.pt"} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin"}  # never the base weights
+    resumed = _model(tiny)
+    SFTTrainer(model=resumed, args=_args(tmp_path / "b", max_steps=6, save_strategy="steps", save_steps=3),
+               train_dataset=_chat_data(), processing_class=tiny[1]).train(
+        resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    for (name, a), b in zip(_adapter(straight).items(), _adapter(resumed).values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+def test_save_model_writes_an_adapter_peft_loads(tiny, tmp_path):
+    import transformers as T
+
+    model = _model(tiny)
+    trainer = SFTTrainer(model=model, args=_args(tmp_path / "run", max_steps=3), train_dataset=_chat_data(),
+                         processing_class=tiny[1])
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    ids = torch.randint(5, 900, (2, 9))
+    with torch.no_grad():
+        want = model.eval()(input_ids=ids).logits
+    base = T.AutoModelForCausalLM.from_pretrained(tiny[0])
+    peft = PeftModel.from_pretrained(base, tmp_path / "final").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft(input_ids=ids).logits, want, rtol=1e-4, atol=1e-5)
+
+
+METHODS = [("tied_lora", {}), ("vera", {}), ("pg_pos", {}), ("adalora", {"total_step": "auto", "tinit": 1,
+                                                                         "tfinal": 1}),
+           ("hyper_adalora", {"total_step": "auto", "tinit": 1, "tfinal": 1})]
+
+
+@pytest.mark.parametrize("method,options", METHODS, ids=[m for m, _ in METHODS])
+def test_every_method_trains_under_sft(tiny, tmp_path, method, options):
+    model = _model(tiny, method, **options)
+    before = _adapter(model)
+    callbacks = [peftkern.AllocatorCallback()] if model.peftkern.rank_allocator() is not None else []
+    trainer = SFTTrainer(model=model, args=_args(tmp_path, max_steps=6), train_dataset=_chat_data(),
+                         processing_class=tiny[1], callbacks=callbacks)
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in _adapter(model).items())
+    if callbacks:  # the allocator follows TRL's optimizer steps, and the schedule ran to its final budget
+        allocator = model.peftkern.rank_allocator()
+        assert allocator.global_step == trainer.state.global_step == 6
+        assert allocator.schedule.total_step == 6
+
+
+def _preference_data(n=16):
+    return Dataset.from_list([{"prompt": f"what is {i} plus {i}?", "chosen": f" it is {2 * i}",
+                               "rejected": f" it is {2 * i + 1}"} for i in range(n)])
+
+
+def test_dpo_reference_pass_is_the_policy_with_its_adapter_disabled(tiny, tmp_path, monkeypatch):
+    import transformers as T
+
+    model = _model(tiny)
+    with torch.no_grad():  # a trained adapter: the reference must differ from the policy
+        for p in model.peftkern.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    base = T.AutoModelForCausalLM.from_pretrained(tiny[0]).eval()
+    ref = peftkern.reference_model(model)
+    assert sum(1 for _ in ref.parameters()) == 0  # no second copy of the weights
+    ids = torch.randint(5, 900, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=0)
+    calls = []
+    real = peftkern.api.disable_adapter
+
+    def counting(m):
+        calls.append(m)
+        return real(m)
+
+    monkeypatch.setattr(peftkern.api, "disable_adapter", counting)
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+                     report_to=[], use_cpu=True, bf16=False, logging_steps=1, disable_tqdm=True, max_length=48,
+                     save_strategy="no")
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=_preference_data(),
+                         processing_class=tiny[1])
+    before = _adapter(model)
+    trainer.train()
+    assert calls and all(m is model for m in calls)  # every reference pass ran the disabled policy
+    assert any(not torch.equal(before[n], p) for n, p in _adapter(model).items())
+    assert all(h.get("rewards/chosen") is not None for h in trainer.state.log_history if "loss" in h)

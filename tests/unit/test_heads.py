@@ -1,0 +1,136 @@
+"""Modules trained in full next to the adapter (modules_to_save): both halves of a tied pair reach every
+loader, and the base model stays reachable (disable_adapter, unpatch).
+
+Two faults public bug reports point at (huggingface/peft#1457, #2898; #493, fixed in PEFT by #736):
+an LM head tied to the input embeddings was exported by half (PEFT and transformers reloaded the
+other half untrained: logits off by 3.5), and ``disable_adapter`` ran the trained head (off by 0.035).
+"""
+import copy
+
+import pytest
+import torch
+import transformers as T
+from peft import PeftModel
+
+import peftkern
+from tests.helpers.models import tiny_model, tokens
+
+
+def _tied_llama():
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
+    return T.LlamaForCausalLM(cfg).eval()
+
+
+def _train_embeddings(model):
+    with torch.no_grad():  # what training does
+        model.model.embed_tokens.weight.add_(0.05 * torch.randn_like(model.model.embed_tokens.weight))
+        for p in model.peftkern.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("resize", [False, True], ids=["plain", "resized"])
+@pytest.mark.parametrize("save", [["embed_tokens"], ["lm_head"]], ids=["embed_tokens", "lm_head"])
+def test_a_trained_tied_embedding_reloads_whole_in_every_loader(save, resize, tmp_path):
+    base = _tied_llama()
+    if resize:  # the added-tokens case
+        base.resize_token_embeddings(136)
+    model = peftkern.patch(copy.deepcopy(base), "lora", modules_to_save=save)
+    _train_embeddings(model)
+    ids = tokens(seed=3) % 128
+    want = _logits(model, ids)
+    model.save_pretrained(tmp_path)
+    config = (tmp_path / "adapter_config.json").read_text()
+    assert '"model.embed_tokens"' in config and '"lm_head"' in config  # both halves of the tied pair
+
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(_logits(peft, ids), want, rtol=1e-5, atol=1e-5)
+    hf = copy.deepcopy(base)
+    hf.load_adapter(str(tmp_path))
+    torch.testing.assert_close(_logits(hf.eval(), ids), want, rtol=1e-5, atol=1e-5)
+    ours = peftkern.load(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(_logits(ours, ids), want, rtol=0, atol=0)
+
+
+def _bert_pair():
+    return tiny_model("bert", "cls"), tiny_model("bert", "cls")  # the same seed: the same weights
+
+
+@pytest.mark.parametrize("train_factors", [False, True])
+def test_disable_adapter_runs_the_original_head(train_factors):
+    base, model = _bert_pair()
+    peftkern.patch(model, "lora")  # modules_to_save defaults to ["classifier"]
+    with torch.no_grad():
+        model.classifier.weight.add_(0.1)  # what training the head does
+        if train_factors:
+            for p in model.peftkern.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    ids = tokens()
+    trained = _logits(model, ids)
+    with peftkern.disable_adapter(model):
+        torch.testing.assert_close(_logits(model, ids), _logits(base, ids), rtol=0, atol=0)
+        with peftkern.disable_adapter(model):  # nested: still the base
+            torch.testing.assert_close(_logits(model, ids), _logits(base, ids), rtol=0, atol=0)
+    torch.testing.assert_close(_logits(model, ids), trained, rtol=0, atol=0)  # the trained head is back
+    assert model.classifier.weight.requires_grad  # the very module, still trained
+
+
+def test_the_originals_cost_one_copy_and_nothing_else():
+    """A frozen copy of each saved module, as buffers: not trained, not counted, not saved."""
+    model = peftkern.patch(tiny_model("bert", "cls"), "lora")
+    before = peftkern.count(model)
+    head = model.classifier.weight.numel() + model.classifier.bias.numel()
+    copies = sum(b.numel() for b in model.peftkern.heads.buffers())
+    assert copies == head
+    assert "peftkern.heads" not in " ".join(model.state_dict())
+    assert peftkern.count(model) == before
+
+
+def test_unpatch_gives_the_base_model_back_and_merge_keeps_the_trained_head():
+    base, model = _bert_pair()
+    peftkern.patch(model, "lora")
+    with torch.no_grad():
+        model.classifier.weight.add_(0.1)
+    ids = tokens()
+    merged = copy.deepcopy(model)
+    peftkern.unpatch(model)
+    torch.testing.assert_close(_logits(model, ids), _logits(base, ids), rtol=0, atol=0)
+    trained = _logits(merged, ids)
+    peftkern.unpatch(merged, merge=True)
+    torch.testing.assert_close(_logits(merged, ids), trained, rtol=1e-5, atol=1e-6)
+
+
+def test_disabling_a_tied_head_pair_runs_both_originals():
+    base = _tied_llama()
+    model = peftkern.patch(copy.deepcopy(base), "lora", modules_to_save=["embed_tokens"])
+    _train_embeddings(model)
+    ids = tokens(seed=3) % 128
+    with peftkern.disable_adapter(model):
+        torch.testing.assert_close(_logits(model, ids), _logits(base, ids), rtol=0, atol=0)
+
+
+def test_a_head_of_several_modules_is_swapped_and_restored_whole():
+    """RoBERTa's classification head is a module of two Linears: one unit, swapped and restored as one."""
+    torch.manual_seed(0)
+    cfg = T.RobertaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_labels=3, pad_token_id=1)
+    base = T.RobertaForSequenceClassification(cfg).eval()
+    model = peftkern.patch(copy.deepcopy(base), "lora")
+    assert model.peftkern.plan.modules_to_save == ["classifier"]
+    trained_dense = model.classifier.dense
+    with torch.no_grad():
+        model.classifier.dense.weight.add_(0.1)
+        model.classifier.out_proj.bias.add_(0.1)
+    ids = tokens() % 90 + 3
+    trained = _logits(model, ids)
+    with peftkern.disable_adapter(model):
+        torch.testing.assert_close(_logits(model, ids), _logits(base, ids), rtol=0, atol=0)
+    assert model.classifier.dense is trained_dense
+    torch.testing.assert_close(_logits(model, ids), trained, rtol=0, atol=0)
