@@ -39,7 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from peftkern.app import sft, sft_data  # noqa: E402
+from peftkern.app import sft  # noqa: E402
 
 DATA = HERE.parent / "peftkern" / "data" / "gsm8k"
 METHODS = {"lora": {}, "tied_lora": {"tie": "AB", "train": "ABuv"}, "vera": {}, "pg_pos": {}}

@@ -124,7 +124,8 @@ def _bf16(cfg: SFTConfig, device_type: str) -> bool:
 def finetune_sft(config: SFTConfig) -> RunResult:
     """One run (module docstring). Writes the adapter, metrics.json and curves.png to output_dir."""
     from datasets import Dataset
-    from trl import SFTConfig as TrlConfig, SFTTrainer
+    from trl import SFTConfig as TrlConfig
+    from trl import SFTTrainer
 
     cfg = config.resolved()
     data = prepare_data(cfg)

@@ -24,7 +24,6 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from ..factors import AdapterState, Plan
 
-
 BUDGETS = ("paper", "demo", "sft")
 
 

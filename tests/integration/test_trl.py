@@ -2,7 +2,6 @@
 gradient checkpointing, packing and completion-only loss; its checkpoints are the adapter alone and
 resume exactly; ``save_model`` writes a PEFT adapter; every method trains (AdaLoRA's allocator
 following TRL's step counter); ``DPOTrainer`` takes the adapter-disabled policy as its reference."""
-import copy
 
 import pytest
 import torch
