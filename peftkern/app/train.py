@@ -71,6 +71,9 @@ class RunConfig:
     progress: bool = True
     save_every: Optional[int] = None  # optimizer steps between checkpoints in output_dir (None: none)
     resume: bool = False  # continue from the last checkpoint in output_dir (peftkern.checkpoint)
+    # a fresh regression head starts at the training targets' mean ("mean", start_at_the_mean) or at
+    # transformers' init ("zero": the ablation that predicts the mean, benchmarks/regression_defaults.py)
+    regression_head: str = "mean"
 
     def resolved(self) -> "RunConfig":
         """A copy with the task defaults filled in, validated before any work is done."""
@@ -87,6 +90,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(out, name)}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.regression_head not in ("mean", "zero"):
+            raise ValueError(f"regression_head={self.regression_head!r}; valid choices: mean, zero")
         if self.save_every is not None and not (isinstance(self.save_every, int) and self.save_every > 0):
             raise ValueError(f"save_every must be a positive number of steps, got {self.save_every!r}")
         if (self.resume or self.save_every) and not self.output_dir:
@@ -287,7 +292,7 @@ def setup(config: RunConfig) -> Run:
                  {k: v for k, v in options.items() if cfg.options.get(k) != v})
     api.patch(model, cfg.method, rank=cfg.rank, targets=cfg.targets, alpha=cfg.alpha, backend=cfg.backend, **options)
     unfrozen = train_fresh_modules(model, [f for f in fresh if f])
-    if task.is_regression and os.environ.get("PEFTKERN_NO_TARGET_INIT") != "1":
+    if task.is_regression and cfg.regression_head == "mean":
         start_at_the_mean(model, [f for f in fresh if f], splits.train["label"])
     if unfrozen:
         log.warning("peftkern: %s not in the checkpoint (randomly initialised): training them with the head",
