@@ -74,6 +74,8 @@ def main(argv=None) -> int:
     p.add_argument("--held", type=int, default=48)
     p.add_argument("--test", type=int, default=80)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--render", action="store_true", help="only rewrite the .md table from the .jsonl runs")
+    p.add_argument("--note", default="", help="a line about the machine's load, written under the table")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
     methods, lrs = args.methods.split(","), [float(x) for x in args.lrs.split(",")]
@@ -96,17 +98,24 @@ def main(argv=None) -> int:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
 
+    table = args.out / ("sft_table_quick.md" if args.quick else "sft_table.md")
+    if args.render:
+        table.write_text(_table(runs, methods, lrs, args))
+        return 0
     chosen = {}
-    for method in methods:
+    for method in methods:  # every method's rate first: they are the --task sft defaults
         for lr in lrs:  # the learning rate, on held-out training problems (loss only)
             if not have(method=method, lr=lr, seed=SEEDS[0], phase="select"):
                 record({**_run(args, method, lr, SEEDS[0], train, held, False), "phase": "select"})
+                table.write_text(_table(runs, methods, lrs, args))
         scored = {r["lr"]: r["metrics"]["eval_loss"] for r in have(method=method, phase="select") if r["lr"] in lrs}
         chosen[method] = min(scored, key=scored.get)
+    for method in methods:
         for seed in SEEDS[:1] if args.quick else SEEDS:
             if not have(method=method, lr=chosen[method], seed=seed, phase="test"):
                 record({**_run(args, method, chosen[method], seed, train, test, True), "phase": "test"})
-    (args.out / ("sft_table_quick.md" if args.quick else "sft_table.md")).write_text(_table(runs, methods, lrs, args))
+                table.write_text(_table(runs, methods, lrs, args))
+    table.write_text(_table(runs, methods, lrs, args))
     return 0
 
 
@@ -130,17 +139,21 @@ def _table(runs, methods, lrs, args) -> str:
     for method in methods:
         select = {r["lr"]: r["metrics"]["eval_loss"] for r in runs if r["method"] == method and r["phase"] == "select"}
         tests = [r for r in runs if r["method"] == method and r["phase"] == "test"]
-        if not tests:
+        by_rate = ", ".join(f"{k:g}: {v:.3f}" for k, v in sorted(select.items()))
+        if not tests:  # rates chosen (or being chosen), test runs still to come
+            best = f"{min(select, key=select.get):g}" if len(select) == len(lrs) else "…"
+            lines.append(f"| {method} | | {by_rate} | {best} | not run yet | | | |")
             continue
         lr = tests[0]["lr"]
         loss = _mean_std([r["metrics"]["eval_loss"] for r in tests])
         ppl = _mean_std([r["metrics"]["perplexity"] for r in tests])
         acc = _mean_std([r["metrics"].get("final_answer_accuracy", float("nan")) for r in tests])
         step = statistics.mean(r["step_seconds"] for r in tests)
-        by_rate = ", ".join(f"{k:g}: {v:.3f}" for k, v in sorted(select.items()))
         lines.append(f"| {method} | {tests[0]['trainable']:,} | {by_rate} | {lr:g} | {loss[0]:.4f} ± {loss[1]:.4f} | "
                      f"{ppl[0]:.3f} | {acc[0]:.3f} ± {acc[1]:.3f} | {step:.2f} |")
     lines.append("")
+    if args.note:
+        lines += [args.note, ""]
     return "\n".join(lines) + "\n"
 
 

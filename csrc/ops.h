@@ -90,6 +90,13 @@ std::tuple<Tensor, Tensor> hypernet_forward(const Tensor& E, const Tensor& W1, c
 std::vector<OptTensor> hypernet_backward(const Tensor& dout, const Tensor& E, const Tensor& W1, const Tensor& W2,
                                          const Tensor& pre, std::vector<bool> needs);
 
+// --- DoRA's column scale (dora.cpp) ---------------------------------------------------------
+// forward: y = g⊙z + bias, in place on z [M, N] (returned). backward: (dz = dy⊙g, dg = Σ_m dy⊙z or None),
+// with z = (saved − bias)/g when `from_output` (saved is y), else z = saved.
+Tensor dora_scale_forward(const Tensor& z, const Tensor& g, const OptTensor& bias);
+std::tuple<Tensor, OptTensor> dora_scale_backward(const Tensor& dy, const Tensor& saved, const Tensor& g,
+                                                  const OptTensor& bias, bool from_output, bool need_g);
+
 // --- AdaLoRA (importance.cpp, orthogonality.cpp) -------------------------------------------
 // The importance scores of every tensor, in place (CPU tensors; CUDA ones take torch's foreach ops).
 void update_importance_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,

@@ -22,7 +22,7 @@ log = logging.getLogger("peftkern")
 def patch(model: nn.Module, method: str = "lora", rank: Optional[int] = None, targets=None, alpha: Optional[float] = None,
           backend: str = "auto", *, dropout: float = 0.0, use_rslora: bool = False,
           rank_pattern: Optional[Dict[str, int]] = None, alpha_pattern: Optional[Dict[str, float]] = None,
-          modules_to_save: Optional[List[str]] = None, **options: Any) -> nn.Module:
+          modules_to_save: Optional[List[str]] = None, use_dora: bool = False, **options: Any) -> nn.Module:
     """Adapt ``model`` in place with ``method`` and return it (y = W0·x + s·Λv·B·Λu·A·D(x) per target).
 
     Args:
@@ -43,6 +43,9 @@ def patch(model: nn.Module, method: str = "lora", rank: Optional[int] = None, ta
             (methods with per-module factors: ``lora``).
         modules_to_save: modules trained in full next to the adapter (PEFT's name). Default:
             the task head of a transformers classification / QA model, else none.
+        use_dora: DoRA (Liu et al. 2024, PEFT's name): y = m ⊙ (W0 + ΔW)·x / ‖W0 + ΔW‖_row + b,
+            with a trained magnitude m [N] per module starting at ‖W0‖_row. For lora, tied_lora,
+            vera and the PG methods (not adalora, hyper_adalora, nor joint=True).
         **options: the method's options; an unknown one raises TypeError listing the valid ones.
 
     Raises TypeError / ValueError naming the problem and the valid choices, before the model
@@ -51,7 +54,7 @@ def patch(model: nn.Module, method: str = "lora", rank: Optional[int] = None, ta
     """
     p = patching.plan(model, method, rank, targets, alpha, backend, dropout=dropout, use_rslora=use_rslora,
                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, modules_to_save=modules_to_save,
-                      **options)
+                      use_dora=use_dora, **options)
     state = patching.build(p)
     patching.commit(model, state)
     hf.bind(model)
@@ -59,7 +62,7 @@ def patch(model: nn.Module, method: str = "lora", rank: Optional[int] = None, ta
     return model
 
 
-def unpatch(model: nn.Module, merge: bool = False) -> nn.Module:
+def unpatch(model: nn.Module, merge: bool = False, requantize: bool = False) -> nn.Module:
     """Remove the adapter and put the original modules back; returns ``model``.
 
     With ``merge=True`` the adapter is first folded into the base weights and the trained
@@ -69,13 +72,33 @@ def unpatch(model: nn.Module, merge: bool = False) -> nn.Module:
     the model is currently merged, in which case it is unmerged first (exact only to rounding,
     hence a warning). Raises ValueError for a model that is not patched, and (merge) for a
     base weight tied to another module.
+
+    A quantized base (bitsandbytes 4-bit, QLoRA) is dequantized and merged in fp32, and the
+    module becomes a full-precision ``nn.Linear`` in the layer's compute dtype (logged). With
+    ``requantize=True`` it becomes a 4-bit layer again instead, and each layer's requantization
+    error ‖Q(W) − W‖/‖W‖ is logged (a merged model in 4-bit is not the trained one: the error says
+    how far). ``requantize`` without ``merge``, or on a model without quantized layers, is an error.
     """
     state_of(model)
     layers = patching.adapted_modules(model)
+    quantized = [(p, m) for p, m in layers if m.quantized is not None]
+    if requantize and not (merge and quantized):
+        raise ValueError("requantize=True applies to unpatch(merge=True) of a model with quantized (4-bit) layers")
     if merge:
         _refuse_shared(model, "unpatch(merge=True)")
+        errors = {}
+        for path, m in quantized:
+            m.base_layer, errors[path] = m.merged_quantized_base(requantize)
+        if quantized:
+            if requantize:
+                log.warning("peftkern: merged and requantized %d 4-bit layers; relative error ‖Q(W) − W‖/‖W‖ per "
+                            "layer: %s", len(errors), ", ".join(f"{p} {e:.3g}" for p, e in errors.items()))
+            else:
+                log.warning("peftkern: merged %d quantized layers into full-precision Linears (dequantized, merged "
+                            "in fp32); save the result as an ordinary checkpoint", len(errors))
         for _, m in layers:
-            m.merge()
+            if m.quantized is None:
+                m.merge()
     elif any(m.merged for _, m in layers):
         warnings.warn("unpatching a merged model: unmerging first, so base weights are restored to rounding, "
                       "not bit for bit", RuntimeWarning, stacklevel=2)
@@ -89,12 +112,24 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold ΔW into every adapted base weight; forward then runs the base modules only.
 
     Raises ValueError, before any weight changes, if an adapted weight is shared with another
-    module (an LM head tied to the input embeddings): merging would change that module too."""
+    module (an LM head tied to the input embeddings): merging would change that module too, or
+    if a base layer is quantized (4-bit): ``unpatch(model, merge=True)`` merges those into
+    full-precision layers (or, with ``requantize=True``, back into 4-bit, reporting the error)."""
     state_of(model)
     _refuse_shared(model, "merge")
+    _refuse_quantized(model)
     for _, m in patching.adapted_modules(model):
         m.merge()
     return model
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    quantized = [p for p, m in patching.adapted_modules(model) if m.quantized is not None]
+    if quantized:
+        raise ValueError(f"cannot merge into the quantized base of {quantized[0]} (and {len(quantized) - 1} more): "
+                         "ΔW would be rounded away by the 4-bit format. peftkern.unpatch(model, merge=True) merges "
+                         "into full-precision layers; unpatch(model, merge=True, requantize=True) quantizes the merged "
+                         "weights back and logs each layer's error")
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -239,6 +274,8 @@ class Explanation:
 
     def __str__(self) -> str:
         cols = ["module", "shape", "rank", "backend", "path", "A", "B", "u", "v", "merged"]
+        if any("magnitude" in r for r in self.rows):
+            cols.insert(-1, "magnitude")
         table = [[str(r.get(c, "")) for c in cols] for r in self.rows]
         widths = [max(len(c), *(len(row[i]) for row in table)) if table else len(c) for i, c in enumerate(cols)]
         lines = [f"peftkern: method {self.method!r}, {len(self.rows)} adapted modules",
@@ -262,19 +299,28 @@ def explain(model: nn.Module) -> Explanation:
         try:
             ops = m.ops(device_type)
             backend, kernels = ops.name, ops.path_for(m.out_features, m.in_features, rank, m.base_layer.weight.dtype)
-            note = state.backends.note(device_type, m.shape)
+            note = state.backends.note(device_type, m.shape, m.quantized is None)
             if note:
                 backend += f" ({note})"
         except registry.BackendUnavailable as exc:
             backend, kernels = f"unavailable: {exc}", "-"
         f_group = state.factors(m.slot).group if device_type != "meta" else None
         form = "joint shrink+expand" if f_group else "fused adapter"
-        if not f_group and ops is not None and ops.adapter_node is not None:
+        if not f_group and ops is not None and ops.adapter_node is not None and state.dora is None:
             form += ", one C++ autograd node"  # functions.adapter's eager path for this backend
+        if state.dora is not None:  # the one place DoRA's dataflow is named (layer.py, ops.functions.dora_adapter)
+            form = "DoRA: fused adapter, column scale g = m/‖W0 + ΔW‖ in one pass each way"
+        if m.quantized is not None:  # layer._quantized_forward: the base is bitsandbytes' op
+            form = f"{m.quantized} base by bitsandbytes + low-rank term"
+            if state.dora is not None:
+                form += ", DoRA's column scale by torch ops"
+            kernels = f"{backend.split(' ')[0]} kernels"
         row = {"module": path, "shape": f"{m.in_features}->{m.out_features}", "rank": state.effective_rank(m.slot),
                "backend": backend, "requested": m.backend,
                "path": "merged (base only)" if m.merged else f"{form} ({kernels})",
                "merged": m.merged}
+        if state.dora is not None:
+            row["magnitude"] = "per module, trained; norm by fp32 expansion, cached while W0, A, B, u, v are unchanged"
         row.update(state.describe_slot(m.slot))
         rows.append(row)
     return Explanation(rows, state.plan.method, registry.availability())

@@ -40,6 +40,7 @@ class Slot:
     layer: Optional[int]  # index of the repeated block that contains it, None if outside the blocks
     in_features: int
     out_features: int
+    quantized: Optional[str] = None  # "4bit" / "8bit" for a bitsandbytes base layer (quant.py), None if dense
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Plan:
     alpha_pattern: Dict[str, float] = dataclasses.field(default_factory=dict)  # slot path -> alpha
     use_rslora: bool = False  # s = alpha / sqrt(r) instead of alpha / r (rsLoRA, Kalajdzievski 2023)
     modules_to_save: List[str] = dataclasses.field(default_factory=list)  # trained outside the adapter (heads)
+    use_dora: bool = False  # DoRA: a trained magnitude per module over the normalised W0 + ΔW (peftkern/dora.py)
 
     @property
     def scale(self) -> float:
@@ -100,7 +102,8 @@ class Plan:
         return {"method": self.method, "rank": self.rank, "alpha": self.alpha, "options": opts,
                 "targets": self.target_names, "model_type": self.model_type, "dropout": self.dropout,
                 "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
-                "use_rslora": self.use_rslora, "modules_to_save": list(self.modules_to_save)}
+                "use_rslora": self.use_rslora, "modules_to_save": list(self.modules_to_save),
+                "use_dora": self.use_dora}
 
 
 @dataclass
@@ -168,6 +171,7 @@ class AdapterState(nn.Module):
         # the backends of every op this adapter runs, resolved once per device type (and module
         # shape) in the registry, at patch time for the model's device (ops.registry.Resolver)
         self.backends = Resolver(plan.backend)
+        self.dora: Optional[nn.Module] = None  # DoRA's magnitudes (dora.Magnitudes) with use_dora=True
 
     # --- the hot path -------------------------------------------------------------
     def factors(self, slot: int) -> Factors:

@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
+from . import quant
 from .factors import FACTOR_NAMES, STATE_ATTR, state_of
 
 Tensor = torch.Tensor
@@ -162,14 +163,15 @@ def check_placement(model: nn.Module, device: torch.device, dtype: torch.dtype, 
     """Every target's base weight must be materialised, on ``device``, in ``dtype``: the adapter is one
     module built there. Raises ValueError (device) or TypeError (dtype) naming the first misfit."""
     for path in paths:
-        weight = model.get_submodule(path).weight
+        module = model.get_submodule(path)
+        weight = module.weight
         if weight.is_meta:
             raise ValueError(f"{path} has its weights on the meta device (not loaded yet): materialise the model "
                              "(from_pretrained, or to_empty and load its weights) before loading an adapter")
         if weight.device != device:
             raise ValueError(f"{path} is on {weight.device} but the model's first parameter is on {device}: one "
                              "adapter serves the whole model, so move the whole model to one device first")
-        if weight.dtype != dtype:
+        if weight.dtype != dtype and quant.kind(module) is None:  # a quantized layer's packed weight is uint8
             raise TypeError(f"{path} is {weight.dtype} but the model's first parameter is {dtype}: the adapter "
                             "would be built in one dtype for modules of another; cast the whole model first "
                             "(model.to(dtype))")

@@ -19,7 +19,12 @@ and initialises at random. So patching a ``PreTrainedModel`` binds, on that inst
   ``native_format.restore``; for anything else they call transformers' own. The optimizer, scheduler,
   RNG and step counter are the Trainer's own checkpoint files, restored by the Trainer.
 
-``unpatch`` removes the binding, so an unpatched model saves exactly as transformers does.
+A quantized model (``is_quantized``, a bitsandbytes 4-bit base: QLoRA) is also marked as
+carrying adapters (``_hf_peft_config_loaded``, the flag transformers' PEFT integration sets):
+transformers' Trainer refuses to train a quantized model without one ("purely quantized"), and
+that flag is how it recognises adapters attached outside a ``PeftModel``.
+
+``unpatch`` removes the binding and the mark, so an unpatched model saves exactly as transformers does.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from .health import unwrap
 log = logging.getLogger("peftkern")
 
 ATTR = "save_pretrained"
+ADAPTERS_FLAG = "_hf_peft_config_loaded"  # transformers.integrations.peft: "this model carries adapters"
 
 
 class SavePretrained:
@@ -71,12 +77,17 @@ def bind(model: nn.Module) -> None:
     if not is_transformers_model(model):
         return
     setattr(model, ATTR, SavePretrained(model))
+    if getattr(model, "is_quantized", False) and not getattr(model, ADAPTERS_FLAG, False):
+        setattr(model, ADAPTERS_FLAG, True)
+        model._peftkern_marked_adapters = True
     install_trainer_hook()
 
 
 def unbind(model: nn.Module) -> None:
     if isinstance(model.__dict__.get(ATTR), SavePretrained):
         delattr(model, ATTR)
+    if model.__dict__.pop("_peftkern_marked_adapters", False):
+        model.__dict__.pop(ADAPTERS_FLAG, None)
 
 
 def _restorable(model: Any, directory: Any) -> bool:

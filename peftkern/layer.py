@@ -1,11 +1,13 @@
 """AdaptedLinear: a frozen base Linear/Conv1D plus a handle into the method's factor source."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
+from . import quant
 from .factors import FACTOR_NAMES, AdapterState, Factors
 from .ops import functions
 from .ops.backend import Backend
@@ -31,6 +33,7 @@ class AdaptedLinear(nn.Module):
         self.slot = slot
         self.transposed = is_transposed(base_layer)
         self.in_features, self.out_features = features(base_layer)
+        self.quantized = state.plan.slots[slot].quantized  # "4bit" / "8bit": a bitsandbytes base (quant.py)
         # (N, K, r): what the registry resolves this module's backend for (rank limits, the CUDA policy)
         self.shape: Tuple[int, int, int] = (self.out_features, self.in_features,
                                             state.plan.slot_rank(state.plan.slots[slot]))
@@ -56,7 +59,11 @@ class AdaptedLinear(nn.Module):
 
     def ops(self, device_type: str) -> Backend:
         """The backend for tensors on ``device_type`` (the adapter's registry decision for this shape)."""
-        return self._state.backends.get(device_type, self.shape)
+        return self._state.backends.get(device_type, self.shape, self.quantized is None)
+
+    def dense_weight(self) -> Tensor:
+        """W0 [N, K] as a dense tensor: the weight itself (a view), or a quantized one dequantized now."""
+        return quant.dequantized(self.base_layer) if self.quantized is not None else self.base_weight()
 
     def base_weight(self) -> Tensor:
         """W0 in Linear layout [N, K] (a view for Conv1D, never a copy)."""
@@ -69,6 +76,8 @@ class AdaptedLinear(nn.Module):
         Raises ValueError when x, the base weight and the factors are on different devices
         (a model moved only in part) or x's last dimension is not K, and TypeError when x and
         the base weight have different dtypes outside autocast."""
+        if self.quantized is not None:
+            return self._quantized_forward(x)
         if self.merged or self._state.disabled:
             return self.base_layer(x)
         f = self._state.factors(self.slot)
@@ -79,27 +88,81 @@ class AdaptedLinear(nn.Module):
             raise ValueError(f"{self._state.plan.slots[self.slot].path}: the input has {x.shape[-1]} features "
                              f"(shape {tuple(x.shape)}), this module takes {self.in_features}")
         device_type = x.device.type
+        dora = self._state.dora
+        # DoRA's column scale g = m / ‖W0 + ΔW‖, from the master weights (the norm cached, m trained)
+        g = None if dora is None else dora.m[self.slot] / dora.norm(self.slot, weight, f.A, f.B, f.u, f.v, f.scale)
         # meta (shape inference, host-overhead benchmarks) has no autocast, and asking raises
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             with torch.autocast(device_type, enabled=False):
                 return self._run(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
-                                 _cast(f, dtype), device_type)
+                                 _cast(f, dtype), device_type, g)
         if x.dtype != weight.dtype:
             raise placement_error(self, x, f)
         if f.A.dtype != x.dtype:
             f = _cast(f, x.dtype)
-        return self._run(x, weight, bias, f, device_type)
+        return self._run(x, weight, bias, f, device_type, g)
 
-    def _run(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], f: Factors, device_type: str) -> Tensor:
+    def _run(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], f: Factors, device_type: str,
+             g: Optional[Tensor]) -> Tensor:
         ops = self.ops(device_type)
         dropout = self._state.plan.dropout if self.training else 0.0
+        if g is not None:
+            return functions.dora_adapter(x, weight, bias, f.A, f.B, f.u, f.v, g.to(x.dtype), f.scale, dropout,
+                                          backend=ops)
         if f.group is None:
             return functions.adapter(x, weight, bias, f.A, f.B, f.u, f.v, f.scale, dropout, backend=ops)
         hu = f.group.hidden(x, lambda: functions.shrink(x, f.A, f.u, dropout, backend=ops))
         return functions.expand(x, weight, bias, hu, f.B, f.v, f.scale, backend=ops)
 
+    def _quantized_forward(self, x: Tensor) -> Tensor:
+        """A bitsandbytes base (quant.py): its own op for W0·x, the adapter's kernels for the low-rank term
+        (weight=None), added; with DoRA the column scale over both, by torch ops."""
+        base = self.base_layer
+        if self._state.disabled:
+            return quant.base_forward(base, x)
+        f = self._state.factors(self.slot)
+        if x.device != f.A.device or base.weight.device != f.A.device:
+            raise placement_error(self, x, f)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self._state.plan.slots[self.slot].path}: the input has {x.shape[-1]} features "
+                             f"(shape {tuple(x.shape)}), this module takes {self.in_features}")
+        device_type = x.device.type
+        dtype = x.dtype
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext():
+            x = x.to(dtype)
+            f = _cast(f, dtype) if f.A.dtype != dtype else f
+            dropout = self._state.plan.dropout if self.training else 0.0
+            dora = self._state.dora
+            delta = functions.adapter(x, None, None, f.A, f.B, f.u, f.v, f.scale, dropout,
+                                      backend=self.ops(device_type))
+            if dora is None:
+                return quant.base_forward(base, x) + delta
+            norm = dora.norm(self.slot, base.weight, f.A, f.B, f.u, f.v, f.scale, dense=self.dense_weight)
+            g = (dora.m[self.slot] / norm).to(dtype)
+            z = quant.base_forward(base, x, with_bias=False) + delta
+            y = z * g
+            return y if base.bias is None else y + base.bias.to(dtype)
+
     # --- merge / unmerge ------------------------------------------------------------
+    @torch.no_grad()
+    def merged_quantized_base(self, requantize: bool) -> Tuple[nn.Module, Optional[float]]:
+        """(the base layer with ΔW folded in, the requantization error or None): W0 dequantized, merged
+        in fp32 (DoRA: g⊙(W0 + ΔW)), then a full-precision Linear in the layer's compute dtype, or
+        with ``requantize`` a 4-bit layer again."""
+        w0 = quant.dequantized(self.base_layer)
+        delta = self._state.delta_weight(self.slot).float()
+        merged = w0 + delta
+        dora = self._state.dora
+        if dora is not None:
+            norm = torch.linalg.vector_norm(merged, dim=1)
+            merged = merged * (dora.m[self.slot].float() / norm)[:, None]
+        if requantize:
+            return quant.requantized(self.base_layer, merged)
+        return quant.full_precision(self.base_layer, merged, quant.compute_dtype(self.base_layer)), None
+
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
@@ -117,6 +180,15 @@ class AdaptedLinear(nn.Module):
     def _apply_delta(self, sign: float) -> None:
         weight = self.base_layer.weight
         delta = self._state.delta_weight(self.slot).to(weight.dtype)
+        dora = self._state.dora
+        if dora is not None:  # W0 ← g⊙(W0 + ΔW), and back with the norm the merge used
+            f = self._state.factors(self.slot)
+            if sign > 0:
+                norm = dora.norm(self.slot, self.base_weight(), f.A, f.B, f.u, f.v, f.scale)
+                dora.merge(self.slot, self.base_weight(), delta, norm)
+            else:
+                dora.unmerge(self.slot, self.base_weight(), delta)
+            return
         weight.add_(delta.t() if self.transposed else delta, alpha=sign)
 
     def extra_repr(self) -> str:

@@ -139,7 +139,7 @@ def load(model: nn.Module, directory: PathLike, backend: str = "auto") -> nn.Mod
     health.check_placement(model, plan.device, plan.dtype, [s.path for s in plan.slots])
     state = patching.build(plan)
     apply = _load_into(model, state, config, tensors)  # raises, naming the first misfit, before any change
-    patching.commit(model, state)
+    patching.commit(model, state, fresh=False)
     apply()
     return model
 
@@ -155,7 +155,7 @@ def restore(model: nn.Module, directory: PathLike) -> nn.Module:
     config = read_config(directory)
     tensors = _read_tensors(directory, config)
     saved = {k: config.get(k) for k in ("method", "size_rank", "alpha", "options", "dropout", "use_rslora",
-                                         "rank_pattern", "alpha_pattern")}
+                                         "rank_pattern", "alpha_pattern", "use_dora")}
     here = json.loads(json.dumps({**state.plan.describe(), "size_rank": state.plan.rank}, default=json_default))
     differ = [k for k, v in saved.items() if v is not None and here.get(k) != v]
     paths = [s["path"] for s in config["slots"]]
@@ -262,7 +262,7 @@ def _plan_from_config(model: nn.Module, config: Dict[str, Any], backend: str) ->
     common = dict(dropout=config.get("dropout", 0.0), use_rslora=config.get("use_rslora", False),
                   rank_pattern={re.escape(k): v for k, v in config.get("rank_pattern", {}).items()},
                   alpha_pattern={re.escape(k): v for k, v in config.get("alpha_pattern", {}).items()},
-                  modules_to_save=config.get("modules_to_save"))
+                  modules_to_save=config.get("modules_to_save"), use_dora=bool(config.get("use_dora", False)))
     p = patching.plan(model, config["method"], config["rank"], paths, config["alpha"], backend, **common,
                       **config["options"])
     if [s.path for s in p.slots] != paths:

@@ -13,8 +13,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import checks
+from . import checks, quant
 from . import targets as targets_mod
+from .dora import Magnitudes
 from .factors import STATE_ATTR, AdapterState, Plan, Slot, is_patched, state_of
 from .heads import HeadOriginals
 from .layer import AdaptedLinear
@@ -37,7 +38,7 @@ def _param_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
 def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None, alpha=None,
          backend: str = "auto", *, dropout: float = 0.0, use_rslora: bool = False,
          rank_pattern: Optional[Mapping[str, int]] = None, alpha_pattern: Optional[Mapping[str, float]] = None,
-         modules_to_save: Optional[Sequence[str]] = None, **options) -> Plan:
+         modules_to_save: Optional[Sequence[str]] = None, use_dora: bool = False, **options) -> Plan:
     """Validate a patch request against a model; raises before anything is modified.
 
     ``rank=None`` means the default (8). Methods with a ``resolve_rank`` hook see the value
@@ -52,6 +53,12 @@ def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None
     dropout = check_dropout(dropout)
     if not isinstance(use_rslora, bool):
         raise TypeError(f"use_rslora must be True or False, got {use_rslora!r}")
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora must be True or False, got {use_dora!r}")
+    if use_dora and not spec.dora:
+        raise ValueError(f"use_dora does not apply to {method!r}: DoRA's magnitude needs a fixed low-rank ΔW, and "
+                         f"{method!r} allocates its ranks on a budget (PEFT does not combine them either); methods "
+                         f"it applies to: {', '.join(n for n in methods.names() if methods.get(n).dora)}")
     if use_rslora and not spec.rslora:
         raise ValueError(f"use_rslora does not apply to {method!r}, whose scale is not α/r; methods it applies to: "
                          f"{', '.join(n for n in methods.names() if methods.get(n).rslora)}")
@@ -76,7 +83,8 @@ def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None
     p = Plan(method=method, rank=size_rank, alpha=spec.default_alpha(rank) if alpha is None else alpha,
              options=opts, slots=slots, device=device, dtype=dtype, model_type=targets_mod.model_type(model),
              backend=backend, requested_rank=requested, dropout=dropout, rank_pattern=ranks, alpha_pattern=alphas,
-             use_rslora=use_rslora, modules_to_save=targets_mod.modules_to_save(model, modules_to_save))
+             use_rslora=use_rslora, modules_to_save=targets_mod.modules_to_save(model, modules_to_save),
+             use_dora=use_dora)
     validate = getattr(opts, "validate", None)
     if validate is not None:
         validate(p)
@@ -111,8 +119,21 @@ def _pattern(name: str, pattern: Optional[Mapping[str, Any]], slots: Sequence[Sl
 def build(p: Plan) -> AdapterState:
     """Create the method's state for a plan, with its backends resolved. Touches no model."""
     state = methods.get(p.method).build(p)
+    if p.use_dora:
+        if getattr(p.options, "joint", False):
+            raise ValueError("use_dora needs one down-projection per module, but joint=True shares one per layer; "
+                             "use one or the other")
+        state.dora = Magnitudes([s.out_features for s in p.slots], device=p.device, dtype=p.dtype)
     resolve_backends(state)
     return state
+
+
+@torch.no_grad()
+def start_magnitudes(model: nn.Module, state: AdapterState) -> None:
+    """DoRA's m = ‖W0 + ΔW‖_row for every adapted module of a freshly patched model (PEFT's start)."""
+    for path, layer in adapted_modules(model):
+        f = state.factors(layer.slot)
+        state.dora.initialize(layer.slot, layer.dense_weight(), f.A, f.B, f.u, f.v, f.scale)
 
 
 def resolve_backends(state: AdapterState) -> None:
@@ -121,15 +142,16 @@ def resolve_backends(state: AdapterState) -> None:
     nothing, so that it traces cleanly under torch.compile. Raises BackendUnavailable when
     ``backend="auto"`` finds none for the model's device."""
     plan = state.plan
-    shapes = {(s.out_features, s.in_features, plan.slot_rank(s)) for s in plan.slots}
+    shapes = {((s.out_features, s.in_features, plan.slot_rank(s)), s.quantized is None) for s in plan.slots}
     state.backends.prepare(registry.prepared_device_types(plan.device.type), sorted(shapes))
 
 
-def commit(model: nn.Module, state: AdapterState) -> nn.Module:
+def commit(model: nn.Module, state: AdapterState, fresh: bool = True) -> nn.Module:
     """Mutate the model: swap targets, register the state, freeze the base, attach hooks.
 
     The new modules take the model's mode (a model patched in eval mode stays in eval mode),
-    and later ``model.train()`` / ``model.eval()`` reach them: they are submodules."""
+    and later ``model.train()`` / ``model.eval()`` reach them: they are submodules. ``fresh``: a new
+    adapter (DoRA's magnitudes start from the base weights); a loaded one brings its own."""
     frozen_from: Dict[str, bool] = {n: prm.requires_grad for n, prm in model.named_parameters()}
     for prm in model.parameters():
         prm.requires_grad_(False)
@@ -146,6 +168,10 @@ def commit(model: nn.Module, state: AdapterState) -> nn.Module:
             prm.requires_grad_(True)
     state._restore = {"requires_grad": frozen_from}
     state._handles = list(state.attach(model))
+    if any(s.quantized for s in state.plan.slots):
+        quant.keep_trainable(model)
+    if fresh and state.dora is not None:
+        start_magnitudes(model, state)
     return model
 
 

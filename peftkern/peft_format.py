@@ -15,8 +15,9 @@ lora_A = u⊙A, lora_B = s·(v⊙B), alpha = r (PEFT's scale 1), dropping AdaLoR
 components (per-module ranks in ``rank_pattern``). Either way PEFT computes the same ΔW.
 
 ``load_peft`` refuses, naming them, config fields it does not know and features it does
-not implement (DoRA, bias training, LoftQ initialisation, layer subsets, ...): a setting
-is never silently ignored (cf. huggingface/peft#3582).
+not implement (bias training, LoftQ initialisation, layer subsets, ...): a setting is never
+silently ignored (cf. huggingface/peft#3582). DoRA (``use_dora``, the ``lora_magnitude_vector``
+of each module) is read and written both ways.
 """
 from __future__ import annotations
 
@@ -45,14 +46,14 @@ PathLike = Union[str, os.PathLike]
 
 # LoraConfig fields load_peft honours, and those that carry no meaning for the weights.
 SUPPORTED = {"r", "lora_alpha", "target_modules", "lora_dropout", "fan_in_fan_out", "use_rslora", "modules_to_save",
-             "rank_pattern", "alpha_pattern"}
+             "rank_pattern", "alpha_pattern", "use_dora"}
 METADATA = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
             "inference_mode", "init_lora_weights",  # how PEFT initialises: irrelevant once weights are loaded
             "megatron_core", "qalora_group_size",  # read only together with megatron_config / use_qalora
             "runtime_config", "ensure_weight_tying"}
 # Fields of features peftkern does not implement: accepted only at their neutral value (PEFT 0.21's default).
 NEUTRAL: Dict[str, Any] = {
-    "bias": "none", "use_dora": False, "lora_bias": False, "exclude_modules": None, "layers_to_transform": None,
+    "bias": "none", "lora_bias": False, "exclude_modules": None, "layers_to_transform": None,
     "layers_pattern": None, "megatron_config": None, "trainable_token_indices": None, "loftq_config": {},
     "eva_config": None, "corda_config": None, "lora_ga_config": None, "velora_config": None,
     "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None, "layer_replication": None,
@@ -96,6 +97,13 @@ def export_peft(model: nn.Module, directory: PathLike, skip_empty: bool = False,
     for path, (lora_a, lora_b) in pairs.items():
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = lora_a
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = lora_b
+    if plan.use_dora:  # PEFT's DoRA: the magnitude of each module as its lora_magnitude_vector
+        for s in plan.slots:
+            if s.path in pairs:
+                # ".weight" is the parameter's own name; PEFT writes the key without it and reads both, while
+                # transformers' load_adapter (5.25) maps only this one (PEFT's own DoRA files load there with
+                # m left at its random init: logits off by 0.38 on a tiny Llama)
+                tensors[f"{PEFT_PREFIX}{s.path}.lora_magnitude_vector.weight"] = state.dora.m[s.index].detach()
     heads = trained_modules(model)
     for module_path in heads:
         for pname, t in snapshot.module_tensors(model, module_path).items():
@@ -146,7 +154,7 @@ def _config(model: nn.Module, plan: Plan, ranks: Dict[str, int], alphas: Dict[st
         "alpha_pattern": {re.escape(p): v for p, v in alphas.items() if v != alpha},
         "target_modules": sorted(ranks), "modules_to_save": modules_to_save or None,
         "fan_in_fan_out": fan_in_fan_out, "lora_dropout": plan.dropout, "bias": "none",
-        "use_dora": False, "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
+        "use_dora": plan.use_dora, "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
         "layers_pattern": None, "revision": None,
     }
 
@@ -214,6 +222,11 @@ def load_peft(model: nn.Module, directory: PathLike, backend: str = "auto") -> n
     except Exception as exc:  # safetensors has its own error types for each kind of damage
         raise ValueError(f"{str(weights)!r} is not a readable safetensors file: {exc}") from exc
     pairs, heads = _split(tensors)
+    dora = bool(config.get("use_dora", False))
+    has_m = [("m" in ab) for ab in pairs.values()]
+    if (dora and not all(has_m)) or (not dora and any(has_m)):
+        raise ValueError(f"{str(directory)!r}: use_dora is {dora} in adapter_config.json but "
+                         f"{'not every' if dora else 'some'} module has a lora_magnitude_vector")
     modules = dict(model.named_modules())
     missing = [p for p in pairs if p not in modules]
     if missing:
@@ -226,7 +239,7 @@ def load_peft(model: nn.Module, directory: PathLike, backend: str = "auto") -> n
                       dropout=config.get("lora_dropout", 0.0), use_rslora=bool(config.get("use_rslora", False)),
                       rank_pattern={re.escape(k): v for k, v in ranks.items() if v != r},
                       alpha_pattern={re.escape(k): v for k, v in alphas.items() if v != alpha},
-                      modules_to_save=list(heads) or None)
+                      modules_to_save=list(heads) or None, use_dora=dora)
     state = patching.build(p)
     head_values = _check_heads(model, heads)
     with torch.no_grad():
@@ -237,11 +250,16 @@ def load_peft(model: nn.Module, directory: PathLike, backend: str = "auto") -> n
                 if tuple(src.shape) != tuple(dst.shape):
                     raise ValueError(f"lora_{name} of {slot.path} has shape {tuple(src.shape)}; this model's module "
                                      f"needs {tuple(dst.shape)}")
+            if dora and tuple(pairs[slot.path]["m"].shape) != (slot.out_features,):
+                raise ValueError(f"lora_magnitude_vector of {slot.path} has shape "
+                                 f"{tuple(pairs[slot.path]['m'].shape)}; this model's module needs ({slot.out_features},)")
         for slot in p.slots:  # checked: now copy
             f = state.factors(slot.index)
             f.A.copy_(pairs[slot.path]["A"].to(f.A))
             f.B.copy_(pairs[slot.path]["B"].to(f.B))
-    patching.commit(model, state)
+            if dora:
+                state.dora.m[slot.index].copy_(pairs[slot.path]["m"].to(state.dora.m[slot.index]))
+    patching.commit(model, state, fresh=False)
     with torch.no_grad():
         for param, value in head_values:
             param.copy_(value.to(param))
@@ -260,11 +278,16 @@ def _split(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, Dict[str, torch.
         if m:
             pairs.setdefault(m.group(1), {})[m.group(2)] = t
             continue
+        m = re.fullmatch(r"(.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?", name)  # DoRA's m, any key form
+        if m:
+            pairs.setdefault(m.group(1), {})["m"] = t
+            continue
         if ".lora_" in name:
-            raise ValueError(f"tensor {key!r} is a LoRA tensor peftkern does not read (lora_A/lora_B weights only)")
+            raise ValueError(f"tensor {key!r} is a LoRA tensor peftkern does not read (lora_A, lora_B and DoRA's "
+                             "lora_magnitude_vector only)")
         module, _, param = name.replace(".modules_to_save", "").rpartition(".")
         heads.setdefault(module, {})[param] = t
-    incomplete = [p for p, ab in pairs.items() if set(ab) != {"A", "B"}]
+    incomplete = [p for p, ab in pairs.items() if not {"A", "B"} <= set(ab)]
     if incomplete:
         raise ValueError(f"module(s) {incomplete[:4]} have lora_A or lora_B but not both")
     if not pairs:

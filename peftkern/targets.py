@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
+from . import quant
 from .factors import Slot
 
 try:  # GPT-2 style layers store their weight as [in, out]
@@ -55,6 +56,9 @@ def is_transposed(module: nn.Module) -> bool:
 
 
 def features(module: nn.Module) -> Tuple[int, int]:
+    """(in, out) features. A quantized Linear's packed weight says nothing about them: its attributes do."""
+    if quant.kind(module) is not None:
+        return quant.features(module)
     w = module.weight
     return (w.shape[0], w.shape[1]) if is_transposed(module) else (w.shape[1], w.shape[0])
 
@@ -146,7 +150,8 @@ def find_targets(model: nn.Module, targets: TargetSpec) -> List[Slot]:
                 hits[t] += 1
                 k, n = features(module)
                 name = path.rsplit(".", 1)[-1]
-                slots.append(Slot(len(slots), path, name, layer_of.get(path), k, n))
+                quantized = quant.check(module, path) if quant.kind(module) is not None else None
+                slots.append(Slot(len(slots), path, name, layer_of.get(path), k, n, quantized))
                 break
     missing = [t for t, n in hits.items() if n == 0]
     if missing:

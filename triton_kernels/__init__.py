@@ -12,6 +12,7 @@ kernel contract.
     shrink.py            h = D(x)·Aᵀ, hu = h⊙u (forward, joint-QKV shrink)
     adapter_backward.py  one pass over dy (dh, Gt, du) and dA = dhᵀ·D(x)
     hypernet.py          GeLU(E·W1ᵀ + b1)·W2ᵀ + b2 for all layers in one launch
+    dora.py              DoRA's column scale: y = g⊙z + b, and dz, dg in one pass over dy
     aot_check.py         compile every kernel for a CUDA target on a machine without a GPU
 
 On CUDA the kernels are autotuned; on the CPU they run under ``TRITON_INTERPRET=1``

@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Dict, List, Tuple
 
-ACC_POINTERS = {"f_ptr", "gt_ptr", "du_ptr", "dh_ptr", "da_ptr", "z_ptr"}  # fp32 scratch (fp64 for fp64)
+ACC_POINTERS = {"f_ptr", "gt_ptr", "du_ptr", "dh_ptr", "da_ptr", "z_ptr", "dg_ptr"}  # fp32 scratch (fp64 for fp64)
 FLOAT_ARGS = {"p", "inv"}
 INT64_ARGS = {"seed"}
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in): H100/H200, A100
@@ -51,6 +51,8 @@ KERNELS: List[Tuple[str, str, List[Dict[str, object]]]] = [
     ("adapter_backward", "_GRAD_A", [dict(DROPOUT=True, BLOCK_R=16), dict(DROPOUT=False, BLOCK_R=128)]),
     ("hypernet", "_FWD", [dict(STORE_Z=True)]),
     ("hypernet", "_BWD", [dict(COMPUTE_DW2=True, COMPUTE_DB2=True, COMPUTE_DH=True)]),
+    ("dora", "_SCALE", [dict(HAS_BIAS=True)]),
+    ("dora", "_SCALE_BWD", [dict(NEED_G=True, SUB_BIAS=True)]),
 ]
 
 
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
             for arch in archs:
                 target, limit = GPUTarget("cuda", arch, 32), SHARED_LIMIT.get(arch, 101376)
                 for flags in flag_sets:
-                    constexprs = {**flags, **dot}
+                    constexprs = {k: v for k, v in {**flags, **dot}.items() if k in kernel.constexpr_names}
                     what = f"{kernel.name} {io} sm{arch} {flags}"
                     try:
                         for cfg in configs:

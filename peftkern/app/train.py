@@ -54,6 +54,7 @@ class RunConfig:
     alpha: Optional[float] = None  # None: the method's default (LEFT's 16 for PG, PEFT's 8 for lora, ...)
     targets: Optional[List[str]] = None
     backend: str = "auto"
+    use_dora: bool = False  # DoRA's magnitude per module (patch's use_dora)
     lr: Optional[float] = None  # None: the method's paper rate (Method.lr), or the demo's when the CLI runs it
     lr_source: str = ""  # where lr comes from, for the report ("--lr", "LEFT Table 6", ...)
     weight_decay: float = 0.01
@@ -290,7 +291,8 @@ def setup(config: RunConfig) -> Run:
     if options != cfg.options:
         log.info("peftkern: %s options filled from the run's %d optimizer steps: %s", cfg.method, total,
                  {k: v for k, v in options.items() if cfg.options.get(k) != v})
-    api.patch(model, cfg.method, rank=cfg.rank, targets=cfg.targets, alpha=cfg.alpha, backend=cfg.backend, **options)
+    api.patch(model, cfg.method, rank=cfg.rank, targets=cfg.targets, alpha=cfg.alpha, backend=cfg.backend,
+              use_dora=cfg.use_dora, **options)
     unfrozen = train_fresh_modules(model, [f for f in fresh if f])
     if task.is_regression and cfg.regression_head == "mean":
         start_at_the_mean(model, [f for f in fresh if f], splits.train["label"])

@@ -12,6 +12,7 @@ this registry and the state asks a method about itself by name or by attribute):
     Method.training_length   the option that takes the run's optimizer-step count (total_step)
     Method.per_module_rank   whether rank_pattern / alpha_pattern may vary ranks per module
     Method.rslora            whether the scale is α/r (so use_rslora's α/√r applies)
+    Method.dora              whether use_dora=True (DoRA's magnitude, peftkern/dora.py) applies
     Method.lr                default learning rates (the paper's, the demo's) with their sources
     AdapterState.rank_allocator(), after_optimizer_step(), rank_pattern(), generators(),
     regularization(), extra_config(), tensors_for_save() / load_saved()   (factors.py)
@@ -68,6 +69,8 @@ class Method:
     rslora: bool = True
     # default learning rates of a training loop (peftkern finetune), with their sources
     lr: Optional[LearningRates] = None
+    # whether DoRA's magnitude applies (use_dora=True): any fixed low-rank ΔW, not a budgeted SVD
+    dora: bool = False
 
 
 DEFAULT_RANK = 8  # patch(rank=None) means this, for every method

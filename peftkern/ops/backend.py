@@ -26,6 +26,12 @@ empty placeholder, library.py).
     expand_backward(dy, x, weight, hu, B, v, scale, needs[6]) -> (dx, dweight, dbias, dhu, dB, dv)
     hypernet_forward(E, W1, b1, W2, b2, save) -> (out, pre)
     hypernet_backward(dout, E, W1, W2, pre, needs[5]) -> (dE, dW1, db1, dW2, db2)
+    dora_scale_forward(z, g, bias) -> y = g⊙z + bias                     z [M, N], g [N]; may reuse z
+    dora_scale_backward(dy, saved, g, bias, from_output, need_g) -> (dz = dy⊙g, dg = Σ_m dy⊙z)
+        where z is ``saved``, or with ``from_output`` (``saved`` is y) z = (y − bias)/g: one pass over dy
+
+``weight`` may be None in the adapter kernels of a backend that declares ``lowrank_only``: the
+base product then runs elsewhere (a quantized base layer), and y is the low-rank term (+ bias).
 
 h is x·Aᵀ (before u; with dropout, of the kept and rescaled input), or that times a constant
 the backend's own backward expects (torch: s·x·Aᵀ), [M, r] in x's dtype, returned only when
@@ -46,7 +52,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 KERNEL_NAMES = ("adapter_forward", "adapter_backward", "shrink_forward", "shrink_backward", "expand_forward",
-                "expand_backward", "hypernet_forward", "hypernet_backward")
+                "expand_backward", "hypernet_forward", "hypernet_backward", "dora_scale_forward", "dora_scale_backward")
 
 
 class BackendUnavailable(RuntimeError):
@@ -76,6 +82,8 @@ class Backend:
     expand_backward: Callable
     hypernet_forward: Callable
     hypernet_backward: Callable
+    dora_scale_forward: Callable
+    dora_scale_backward: Callable
     # (N, K, r, dtype) -> the code path a module of that shape runs, for explain()
     path: Optional[Callable[[int, int, int, object], str]] = None
     # (seed, M, K, p, like) -> keep [M, K] in {0, 1}: the dropout mask the kernels apply for a
@@ -89,6 +97,9 @@ class Backend:
     # is given to ``over_rank`` by the registry, which says so in explain()
     max_rank: Optional[int] = None
     over_rank: str = "torch"
+    # whether the adapter kernels take weight=None (the low-rank term alone, the base computed
+    # elsewhere: a 4-bit base layer); the registry gives such modules to ``over_rank`` otherwise
+    lowrank_only: bool = True
     step: Optional[StepOps] = None
 
     def path_for(self, N: int, K: int, r: int, dtype) -> str:

@@ -100,7 +100,7 @@ def check_dropout(p: float) -> float:
 class AdapterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, u, v, scale, dropout, backend):
-        x2 = _rows(x, weight.shape[1])
+        x2 = _rows(x, A.shape[1])
         _, need_w, _, need_A, need_B, need_u, need_v = ctx.needs_input_grad[:7]
         want_h = need_B or need_u or need_v  # Gt and du read h; dx and dA do not
         seed = new_seed(dropout)
@@ -116,7 +116,7 @@ class AdapterFunction(torch.autograd.Function):
     def backward(ctx, gy):
         x2, weight, A, B, u, v, h, aux, seed = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:7])
-        g = _rows(gy, weight.shape[0])
+        g = _rows(gy, B.shape[0])
         grads = _grads(ctx.backend.adapter_backward(g, x2, weight, A, B, u, v, h, aux, ctx.scale, ctx.dropout,
                                                     _seed(seed), needs), needs)
         if grads[0] is not None:
@@ -189,6 +189,74 @@ class HypernetFunction(torch.autograd.Function):
         return (*_grads(ctx.backend.hypernet_backward(dout.contiguous(), E, W1, W2, pre, needs), needs), None)
 
 
+class DoraFunction(torch.autograd.Function):
+    """DoRA on any backend's kernels (``dora_adapter``). Without dropout: the adapter forward's
+    z = W0·x + ΔW·x (no bias) is scaled in place, y = g⊙z + b, and y is saved; the backward's one
+    pass over dy gives dz = dy⊙g and dg = Σ_m dy⊙(y − b)/g, and the adapter backward runs on dz.
+    With dropout (training), PEFT's formula y = g⊙(W0·D(x) + ΔW·D(x)) + b + W0·(x − D(x)): D(x)
+    is formed (the mask drawn like nn.Dropout's, kept as bool), z is saved, and a second base GEMM
+    adds W0·(x − D(x)), as PEFT's own DoRA does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, u, v, g, scale, dropout, backend):
+        x2 = _rows(x, weight.shape[1])
+        need_x, need_w, _, need_A, need_B, need_u, need_v, need_g = ctx.needs_input_grad[:8]
+        want_h = need_B or need_u or need_v
+        keep = None
+        xd = x2
+        if dropout:
+            keep = torch.rand_like(x2) >= dropout
+            xd = x2 * keep / (1.0 - dropout)
+        z, h, aux = backend.adapter_forward(xd, weight, None, A, B, u, v, scale, 0.0, _NO_SEED, want_h)
+        h, aux = _given(h), _given(aux)
+        if keep is None:
+            y = backend.dora_scale_forward(z, g, bias)
+            saved = y if need_g else None
+        else:
+            saved = z if need_g else None
+            y = backend.dora_scale_forward(z.clone() if need_g else z, g, bias)
+            y = y.addmm_(x2 - xd, weight.t())
+        keep_x = need_A or need_w or (want_h and h is None) or keep is not None
+        ctx.save_for_backward(x2 if keep_x else None, weight, A, B, u, v, h, aux, g, bias, saved, keep)
+        ctx.scale, ctx.dropout, ctx.backend, ctx.x_shape = scale, dropout, backend, x.shape
+        return _shaped(y, x)
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, gy):
+        x2, weight, A, B, u, v, h, aux, g, bias, saved, keep = ctx.saved_tensors
+        need_x, need_w, need_b, need_A, need_B, need_u, need_v, need_g = ctx.needs_input_grad[:8]
+        dy = _rows(gy, weight.shape[0])
+        dz, dg = ctx.backend.dora_scale_backward(dy, saved if saved is not None else dy, g, bias,
+                                                 keep is None, need_g)
+        p = ctx.dropout
+        xd = x2 if keep is None or x2 is None else x2 * keep / (1.0 - p)
+        needs = [need_x, need_w, False, need_A, need_B, need_u, need_v]
+        grads = _grads(ctx.backend.adapter_backward(dz, xd, weight, A, B, u, v, h, aux, ctx.scale, 0.0, _NO_SEED,
+                                                    needs), needs)
+        dx, dw, _, dA, dB, du, dv = grads
+        if keep is not None:  # y also holds W0·(x − D(x))
+            if need_x:
+                base = dy @ weight
+                dx = base + (dx - base) * keep / (1.0 - p)
+            if need_w:
+                dw = dw + dy.t() @ (x2 - xd)
+        if dx is not None:
+            dx = dx.view(ctx.x_shape)
+        db = dy.sum(0).to(weight.dtype) if need_b else None
+        return dx, dw, db, dA, dB, du, dv, (_given(dg) if need_g else None), None, None, None
+
+
+def dora_adapter(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, u: Optional[Tensor],
+                 v: Optional[Tensor], g: Tensor, scale: float, dropout: float = 0.0, *, backend: Backend) -> Tensor:
+    """DoRA (Liu et al. 2024): y = g⊙(W0·x + s·Λv·B·Λu·A·x) + b, with g = m / ‖W0 + ΔW‖_row computed by
+    the caller (the norm a constant, §4.3; g carries m's gradient). With dropout in training, PEFT's
+    formula (``reference.dora_adapter``). Shapes as ``adapter``, plus g [N] in x's dtype; returns
+    [..., N]. The output is saved for the backward: modifying it in place makes the backward raise
+    (torch's version check), where ``adapter``'s output may be modified."""
+    return DoraFunction.apply(x, weight, bias, A, B, u, v, g, float(scale), float(dropout), backend)
+
+
 def adapter(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, u: Optional[Tensor],
             v: Optional[Tensor], scale: float, dropout: float = 0.0, *, backend: Backend) -> Tensor:
     """y = x·W0ᵀ + b + s·(v ⊙ (B·(u ⊙ (A·D(x))))): Tied-LoRA eq. (1) with PEFT's lora_dropout.
@@ -199,12 +267,15 @@ def adapter(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Ten
     device and dtype (the backend raises TypeError/ValueError naming the operand that
     does not). ``dropout`` is a probability in [0, 1); ``scale`` is s = α/r.
 
+    ``weight`` None (a backend that declares ``lowrank_only``): the low-rank term alone, for a base
+    computed elsewhere (a 4-bit layer).
+
     In eager mode a backend with an ``adapter_node`` (the cpp backend) runs the whole op as one
     C++ autograd node (csrc/autograd/adapter_node.cpp) instead of ``AdapterFunction``: the same
     kernels and saved tensors, without Python in the forward or the backward.
     """
     node = backend.adapter_node
-    if node is not None and not torch.compiler.is_compiling():  # compiled: the custom ops (library.py)
+    if node is not None and weight is not None and not torch.compiler.is_compiling():  # compiled: the custom ops
         return node(x, weight, bias, A, B, u, v, float(scale), float(dropout))
     return AdapterFunction.apply(x, weight, bias, A, B, u, v, float(scale), float(dropout), backend)
 
@@ -245,6 +316,9 @@ class BoundOps:
     def hypernet(self, E, W1, b1, W2, b2):
         return hypernet(E, W1, b1, W2, b2, backend=self.backend)
 
+    def dora_adapter(self, x, weight, bias, A, B, u, v, g, scale, dropout=0.0):
+        return dora_adapter(x, weight, bias, A, B, u, v, g, scale, dropout, backend=self.backend)
 
-__all__ = ["BoundOps", "adapter", "shrink", "expand", "hypernet", "new_seed", "check_dropout", "AdapterFunction",
-           "ShrinkFunction", "ExpandFunction", "HypernetFunction"]
+
+__all__ = ["BoundOps", "adapter", "dora_adapter", "shrink", "expand", "hypernet", "new_seed", "check_dropout",
+           "AdapterFunction", "DoraFunction", "ShrinkFunction", "ExpandFunction", "HypernetFunction"]

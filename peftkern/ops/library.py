@@ -22,9 +22,9 @@ import torch
 Tensor = torch.Tensor
 
 SCHEMAS: Dict[str, str] = {
-    "adapter_forward": "(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor? u, Tensor? v, "
+    "adapter_forward": "(Tensor x, Tensor? weight, Tensor? bias, Tensor A, Tensor B, Tensor? u, Tensor? v, "
                        "float scale, float dropout, Tensor seed, bool save_h) -> (Tensor, Tensor, Tensor)",
-    "adapter_backward": "(Tensor dy, Tensor? x, Tensor weight, Tensor A, Tensor B, Tensor? u, Tensor? v, "
+    "adapter_backward": "(Tensor dy, Tensor? x, Tensor? weight, Tensor A, Tensor B, Tensor? u, Tensor? v, "
                         "Tensor? h, Tensor? aux, float scale, float dropout, Tensor seed, bool[] needs) -> Tensor[]",
     "shrink_forward": "(Tensor x, Tensor A, Tensor? u, float dropout, Tensor seed, bool save_h) -> (Tensor, Tensor)",
     "shrink_backward": "(Tensor dhu, Tensor? x, Tensor A, Tensor? u, Tensor? h, float dropout, Tensor seed, "
@@ -34,6 +34,9 @@ SCHEMAS: Dict[str, str] = {
                        "bool[] needs) -> Tensor[]",
     "hypernet_forward": "(Tensor E, Tensor W1, Tensor? b1, Tensor W2, Tensor? b2, bool save) -> (Tensor, Tensor)",
     "hypernet_backward": "(Tensor dout, Tensor E, Tensor W1, Tensor W2, Tensor pre, bool[] needs) -> Tensor[]",
+    "dora_scale_forward": "(Tensor z, Tensor g, Tensor? bias) -> Tensor",
+    "dora_scale_backward": "(Tensor dy, Tensor saved, Tensor g, Tensor? bias, bool from_output, bool need_g) "
+                           "-> (Tensor, Tensor)",
 }
 
 
@@ -52,14 +55,15 @@ def _grads(needs: List[bool], shapes, like: Tensor) -> List[Tensor]:
 
 def _adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h):
     M, r = x.shape[0], A.shape[0]
-    y = x.new_empty(M, weight.shape[0])
+    y = x.new_empty(M, B.shape[0])
     h = x.new_empty(M, r) if save_h else _none(x)
     return y, h, _none(x)  # aux: a backend that returns one (the C++ merged weight) is never traced with it
 
 
 def _adapter_backward(dy, x, weight, A, B, u, v, h, aux, scale, dropout, seed, needs):
-    M = dy.shape[0]
-    shapes = [((M, weight.shape[1]), dy.dtype), (weight.shape, weight.dtype), ((weight.shape[0],), weight.dtype),
+    M, K, N = dy.shape[0], A.shape[1], B.shape[0]
+    w_dtype = weight.dtype if weight is not None else dy.dtype
+    shapes = [((M, K), dy.dtype), ((N, K), w_dtype), ((N,), w_dtype),
               (A.shape, A.dtype), (B.shape, B.dtype), (A.shape[:1], u.dtype if u is not None else A.dtype),
               (B.shape[:1], v.dtype if v is not None else B.dtype)]
     return _grads(needs, shapes, dy)
@@ -99,14 +103,28 @@ def _hypernet_backward(dout, E, W1, W2, pre, needs):
     return _grads(needs, shapes, dout)
 
 
+def _dora_scale_forward(z, g, bias):
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
+def _dora_scale_backward(dy, saved, g, bias, from_output, need_g):
+    return torch.empty_like(dy, memory_format=torch.contiguous_format), (g.new_empty(g.shape) if need_g else _none(g))
+
+
 FAKES: Dict[str, Callable] = {
     "adapter_forward": _adapter_forward, "adapter_backward": _adapter_backward,
     "shrink_forward": _shrink_forward, "shrink_backward": _shrink_backward,
     "expand_forward": _expand_forward, "expand_backward": _expand_backward,
     "hypernet_forward": _hypernet_forward, "hypernet_backward": _hypernet_backward,
+    "dora_scale_forward": _dora_scale_forward, "dora_scale_backward": _dora_scale_backward,
 }
 
 _REGISTERED: Dict[str, tuple] = {}  # qualname -> (custom op, its _Forward)
+
+# Kernels that write their result over their first argument in eager mode (the caller's own scratch,
+# to spare an [M, N] allocation). A custom op may neither mutate an input it does not declare nor
+# return an alias of one, so under compile the op works on a copy.
+IN_PLACE_FIRST = frozenset({"dora_scale_forward"})
 
 
 class KernelOp:
@@ -136,7 +154,7 @@ def register(backend: str, impls: Dict[str, Callable]) -> Dict[str, KernelOp]:
     for name, impl in impls.items():
         qualname = f"peftkern::{backend}_{name}"
         if qualname not in _REGISTERED:  # a module reloaded in one process keeps its first registration
-            forward = _Forward(impl)
+            forward = _Forward(impl, copy_first=name in IN_PLACE_FIRST)
             op = torch.library.custom_op(qualname, forward, mutates_args=(), schema=SCHEMAS[name])
             op.register_fake(FAKES[name])
             _REGISTERED[qualname] = (op, forward)
@@ -155,10 +173,13 @@ class _Forward:
     None for an output nobody asked for (no allocation in eager mode); a custom op cannot
     return None, so here it becomes an empty placeholder."""
 
-    def __init__(self, target: Callable):
+    def __init__(self, target: Callable, copy_first: bool = False):
         self.target = target
+        self.copy_first = copy_first
 
     def __call__(self, *args):
+        if self.copy_first:
+            args = (args[0].clone(), *args[1:])
         out = self.target(*args)
         if isinstance(out, torch.Tensor):
             return out.contiguous()

@@ -77,6 +77,26 @@ def delta_weight(A: Tensor, B: Tensor, u: Optional[Tensor], v: Optional[Tensor],
     return scale * (Bv @ Au)
 
 
+def dora_norm(weight: Tensor, A: Tensor, B: Tensor, u: Optional[Tensor], v: Optional[Tensor], scale: float) -> Tensor:
+    """‖W0 + ΔW‖ per output row [N], dense (what PEFT computes), detached: DoRA §4.3 treats it as a constant."""
+    return torch.linalg.vector_norm(weight + delta_weight(A, B, u, v, scale), dim=1).detach()
+
+
+def dora_adapter(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, u: Optional[Tensor],
+                 v: Optional[Tensor], scale: float, magnitude: Tensor, keep: Optional[Tensor] = None,
+                 p: float = 0.0) -> Tensor:
+    """DoRA (Liu et al. 2024, eq. 5 with §4.3's detached norm) as PEFT 0.21 computes it:
+
+        y = W0·x + b + (g − 1)⊙(W0·D(x)) + g⊙(ΔW·D(x)),   g = m / ‖W0 + ΔW‖_row,  ΔW = s·Λv·B·Λu·A
+
+    which without dropout is y = g⊙(W0·x + ΔW·x) + b. ``keep`` is the dropout mask of D
+    (x's shape, {0, 1}) with probability ``p``; None means no dropout."""
+    delta = delta_weight(A, B, u, v, scale)
+    g = magnitude / dora_norm(weight, A, B, u, v, scale)
+    xd = x if keep is None else dropped(x, keep, p)
+    return F.linear(x, weight, bias) + (g - 1) * F.linear(xd, weight) + g * F.linear(xd, delta)
+
+
 def hypernet(E: Tensor, W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor) -> Tensor:
     """LEFT's γ for every layer at once: GeLU(E·W1ᵀ + b1)·W2ᵀ + b2 → [L, P]."""
     return F.linear(F.gelu(F.linear(E, W1, b1)), W2, b2)

@@ -142,18 +142,22 @@ def _runs_here(name: str, device_type: str) -> Backend:
     return backend
 
 
-def resolve(requested: str, device_type: str, shape: Shape = None) -> Backend:
-    """The backend that runs tensors of ``device_type`` (for a module of ``shape`` (N, K, r)) when
-    ``requested`` was asked for (module docstring). Raises BackendUnavailable naming the cause."""
-    return _resolve(requested, device_type, shape)[0]
+def resolve(requested: str, device_type: str, shape: Shape = None, dense: bool = True) -> Backend:
+    """The backend that runs tensors of ``device_type`` (for a module of ``shape`` (N, K, r), with a
+    dense base weight or not) when ``requested`` was asked for (module docstring). Raises
+    BackendUnavailable naming the cause."""
+    return _resolve(requested, device_type, shape, dense)[0]
 
 
-def _resolve(requested: str, device_type: str, shape: Shape) -> Tuple[Backend, str]:
-    """(backend, note): the note says why a module runs elsewhere than asked (rank limit)."""
+def _resolve(requested: str, device_type: str, shape: Shape, dense: bool = True) -> Tuple[Backend, str]:
+    """(backend, note): the note says why a module runs elsewhere than asked (rank limit, quantized base)."""
     check_name(requested)
     backend = _resolve_auto(device_type, shape) if requested == "auto" else _runs_here(requested, device_type)
     if shape is not None and backend.max_rank is not None and shape[2] > backend.max_rank:
         note = f"rank {shape[2]} > {backend.name}'s {backend.max_rank}: on {backend.over_rank}"
+        return _runs_here(backend.over_rank, device_type), note
+    if not dense and not backend.lowrank_only:
+        note = f"the base is quantized, {backend.name} fuses with a dense base GEMM only: on {backend.over_rank}"
         return _runs_here(backend.over_rank, device_type), note
     return backend, ""
 
@@ -227,28 +231,28 @@ class Resolver:
 
     def __init__(self, requested: str):
         self.requested = requested
-        self._cache: Dict[Tuple[str, Shape], Tuple[Backend, str]] = {}
+        self._cache: Dict[Tuple[str, Shape, bool], Tuple[Backend, str]] = {}
 
-    def get(self, device_type: str, shape: Shape = None) -> Backend:
-        hit = self._cache.get((device_type, shape))
+    def get(self, device_type: str, shape: Shape = None, dense: bool = True) -> Backend:
+        hit = self._cache.get((device_type, shape, dense))
         if hit is None:
-            hit = self._cache[(device_type, shape)] = _resolve(self.requested, device_type, shape)
+            hit = self._cache[(device_type, shape, dense)] = _resolve(self.requested, device_type, shape, dense)
         return hit[0]
 
-    def note(self, device_type: str, shape: Shape = None) -> str:
-        """Why this shape runs elsewhere than asked ("" when it does not); after ``get``."""
-        self.get(device_type, shape)
-        return self._cache[(device_type, shape)][1]
+    def note(self, device_type: str, shape: Shape = None, dense: bool = True) -> str:
+        """Why this module runs elsewhere than asked ("" when it does not); after ``get``."""
+        self.get(device_type, shape, dense)
+        return self._cache[(device_type, shape, dense)][1]
 
-    def prepare(self, device_types: Iterable[str], shapes: Iterable[Shape]) -> None:
+    def prepare(self, device_types: Iterable[str], shapes: Iterable[Tuple[Shape, bool]]) -> None:
         """Resolve now (at patch time) what the first forward would: ``auto`` for every device type,
         an explicit backend where it can run (elsewhere its error comes at that device's forward,
-        as a model patched on the CPU may be moved to CUDA)."""
+        as a model patched on the CPU may be moved to CUDA). ``shapes``: (shape, dense) per module kind."""
         shapes = list(shapes)
         for device_type in device_types:
-            for shape in [None, *shapes]:
+            for shape, dense in [(None, True), *shapes]:
                 try:
-                    self.get(device_type, shape)
+                    self.get(device_type, shape, dense)
                 except BackendUnavailable:
                     if self.requested == "auto" and device_type != "cuda":
                         raise

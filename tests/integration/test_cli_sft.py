@@ -38,6 +38,22 @@ def test_sft_writes_the_adapter_metrics_and_curves(tiny, tmp_path, capsys, data)
     assert "learning rate 0.01 (--lr)" in printed and "final_answer_accuracy" in printed
 
 
+def test_sft_on_a_4bit_base_trains_the_adapter_and_saves_a_qlora_adapter(tiny, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftConfig
+
+    out = tmp_path / "run"
+    assert cli.main(_args(tiny, "prompt", out, "--load-in-4bit", "--use-dora")) == 0
+    printed = capsys.readouterr().out
+    assert "with lora + DoRA on" in printed and "(4-bit nf4, bitsandbytes)" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["load_in_4bit"] == "nf4"
+    losses = metrics["step_losses"]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # the adapter learns on the 4-bit base
+    config = PeftConfig.from_pretrained(out)
+    assert config.use_dora and config.r == 4
+
+
 @pytest.mark.parametrize("line,words", [("{oops", ":3: not valid JSON"), ('{"prompt": "q"}', "'completion' is missing")])
 def test_a_bad_file_is_one_line_naming_it_and_nothing_is_trained(tiny, tmp_path, capsys, line, words):
     bad = tmp_path / "bad.jsonl"
@@ -58,6 +74,7 @@ def test_a_bad_file_is_one_line_naming_it_and_nothing_is_trained(tiny, tmp_path,
     (["finetune", "--model", "/nonexistent/model"], "--model /nonexistent/model: no such file or directory"),
     (["finetune", "--targets-regex", "["], "--targets-regex '[' is not a valid regular expression"),
     (["finetune", "--rank", "0"], "--rank must be a positive integer, got 0"),
+    (["finetune", "--task", "sst2", "--load-in-4bit"], "--load-in-4bit applies to --task sft"),
 ])
 def test_bad_flags_are_named_before_anything_loads(argv, message, capsys):
     assert cli.main(argv) == 2

@@ -13,7 +13,8 @@ import torch
 import peftkern
 from tests.helpers.models import tiny_model, tokens
 
-METHODS = [("lora", {}), ("lora", {"dropout": 0.1}), ("tied_lora", {"joint": True,
+METHODS = [("lora", {}), ("lora", {"dropout": 0.1}), ("lora", {"use_dora": True}), ("pg_pos", {"use_dora": True}),
+           ("tied_lora", {"joint": True,
                                                                      "targets": ["q_proj", "k_proj", "v_proj"]}),
            ("vera", {}), ("pg_fixed", {}), ("pg_trainable", {}), ("pg_pos", {"generate": "AB"}),
            ("adalora", {"total_step": 10}), ("hyper_adalora", {"total_step": 10}),

@@ -95,7 +95,7 @@ def test_mlp_core_runs_through_the_adapter_backends_hypernet_op(monkeypatch):
 
     # the registry's decision for the adapter, with its hypernet kernel counting calls
     counted = dataclasses.replace(backend, hypernet_forward=counting)
-    monkeypatch.setitem(state.backends._cache, ("cpu", None), (counted, ""))
+    monkeypatch.setitem(state.backends._cache, ("cpu", None, True), (counted, ""))
     ids = tokens()
     model(input_ids=ids, labels=ids)
     slots, r = len(state.plan.slots), state.plan.rank

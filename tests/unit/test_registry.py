@@ -109,7 +109,7 @@ def test_the_backend_is_resolved_when_the_model_is_patched(fresh_log, caplog):
     said = [r.getMessage() for r in caplog.records if "backend='auto' runs cpu tensors" in r.getMessage()]
     assert len(said) == 1  # at patch time, before any forward
     shape = model.model.layers[0].self_attn.q_proj.shape
-    assert ("cpu", shape) in model.peftkern.backends._cache and ("cpu", None) in model.peftkern.backends._cache
+    assert ("cpu", shape, True) in model.peftkern.backends._cache and ("cpu", None, True) in model.peftkern.backends._cache
 
 
 @pytest.mark.skipif(registry.unavailable("triton", "cpu") is not None, reason="needs the Triton interpreter")

@@ -33,12 +33,15 @@ import torch
 from ..backend import Backend, StepOps
 from ..functions import first_order_only, new_seed
 from ..library import register
+from .torch import dora_scale_backward as _torch_dora_backward
+from .torch import dora_scale_forward as _torch_dora_forward
 
 Tensor = torch.Tensor
 
 _REQUIRED = ("adapter_forward", "adapter_backward", "shrink_forward", "shrink_backward", "expand_forward",
              "expand_backward", "hypernet_forward", "hypernet_backward", "update_importance_",
-             "gram_distances", "gram_distances_backward", "path_counts", "dropout_mask", "adapter_apply")
+             "gram_distances", "gram_distances_backward", "path_counts", "dropout_mask", "adapter_apply",
+             "dora_scale_forward", "dora_scale_backward")
 _REBUILD = "build it with `pip install --no-build-isolation -e .` (torch must be installed first)"
 
 
@@ -136,6 +139,19 @@ def hypernet_backward(dout, E, W1, W2, pre, needs):
     return list(_C.hypernet_backward(dout, E, W1, W2, pre, list(needs)))
 
 
+def dora_scale_forward(z, g, bias):
+    if z.device.type != "cpu":  # a CUDA build runs the adapter on CUDA tensors; this pass is ATen's there
+        return _torch_dora_forward(z, g, bias)
+    return _C.dora_scale_forward(z, g, bias)
+
+
+def dora_scale_backward(dy, saved, g, bias, from_output, need_g):
+    if dy.device.type != "cpu":
+        return _torch_dora_backward(dy, saved, g, bias, from_output, need_g)
+    dz, dg = _C.dora_scale_backward(dy, saved, g, bias, from_output, need_g)
+    return dz, dg
+
+
 def adapter_node(x, weight, bias, A, B, u, v, scale, dropout):
     """The adapter op as one C++ autograd node (csrc/autograd/adapter_node.cpp): the eager path.
     Its dropout seed is AdapterFunction's (``new_seed``), so both draw the same mask."""
@@ -148,6 +164,7 @@ KERNELS = register("cpp", {
     "shrink_forward": shrink_forward, "shrink_backward": shrink_backward,
     "expand_forward": expand_forward, "expand_backward": expand_backward,
     "hypernet_forward": hypernet_forward, "hypernet_backward": hypernet_backward,
+    "dora_scale_forward": dora_scale_forward, "dora_scale_backward": dora_scale_backward,
 })
 
 
@@ -202,8 +219,10 @@ STEP = StepOps(update_importance=update_importance_, gram_distances=gram_distanc
 
 
 # meta: shapes only, on the addmm path (benchmarks/bench_launches.py counts its launches there)
+# The fused kernels stream the rank-r term into the base GEMM's output: a base that is not a dense weight
+# (a 4-bit layer) has no GEMM to fuse with, and those modules run on the torch backend (registry.py).
 BACKEND = Backend.of("cpp", ("cpu",) + (("cuda",) if _C.WITH_CUDA else ()) + ("meta",), KERNELS, path=_path,
-                     dropout_mask=dropout_mask, adapter_node=adapter_node, step=STEP)
+                     dropout_mask=dropout_mask, adapter_node=adapter_node, step=STEP, lowrank_only=False)
 
 
 def build_info() -> Optional[str]:

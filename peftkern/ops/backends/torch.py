@@ -82,8 +82,12 @@ def _base(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 def adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h):
     hs = _mm(_dropped(x, dropout, seed), A.t(), scale / (1.0 - dropout))
-    y = _base(x, weight, bias)
-    y.addmm_(hs, _fold(B, _outer(u, v)).t())
+    up = _fold(B, _outer(u, v)).t()
+    if weight is None:  # the low-rank term alone (a quantized base runs elsewhere)
+        y = torch.addmm(bias, hs, up) if bias is not None else hs @ up
+    else:
+        y = _base(x, weight, bias)
+        y.addmm_(hs, up)
     return y, (hs if save_h else None), None
 
 
@@ -121,11 +125,13 @@ def _lowrank_backward(dy, x, A, B, u, v, hs, scale, dropout, seed, need_x, need_
 
 def adapter_backward(dy, x, weight, A, B, u, v, h, aux, scale, dropout, seed, needs):
     need_x, need_w, need_b, need_A, need_B, need_u, need_v = needs
-    dx = dy @ weight if need_x else None
+    dx = None
+    if need_x:
+        dx = dy @ weight if weight is not None else dy.new_zeros(dy.shape[0], A.shape[1])
     dA, dB, du, dv = _lowrank_backward(dy, x, A, B, u, v, h, scale, dropout, seed, need_x, need_A, need_u,
                                        need_B, need_v, dx)
     dw = (dy.t() @ x) if need_w else None
-    db = dy.sum(0).to(weight.dtype) if need_b else None
+    db = dy.sum(0).to(dy.dtype if weight is None else weight.dtype) if need_b else None
     return [dx, dw, db, dA, dB, du, dv]
 
 
@@ -210,11 +216,36 @@ def hypernet_backward(dout, E, W1, W2, pre, needs):
     return list(out)
 
 
+def dora_scale_forward(z, g, bias):
+    """y = g⊙z + b, in place on z (the adapter's own [M, N] output, which nothing else holds)."""
+    if bias is None:
+        return z.mul_(g)
+    return torch.addcmul(bias, z, g, out=z)
+
+
+def dora_scale_backward(dy, saved, g, bias, from_output, need_g):
+    """dz = dy⊙g; dg = Σ_m dy⊙z with z = saved, or (y − b)/g from the output y. The reduction
+    accumulates in fp32 (fp64 stays fp64)."""
+    dz = dy * g
+    dg = None
+    if need_g:
+        acc = acc_dtype(dy.dtype)
+        d, sv = dy.to(acc), saved.to(acc)
+        dg = (d * sv).sum(0)
+        if from_output:
+            if bias is not None:
+                dg = dg - bias.to(acc) * d.sum(0)
+            dg = dg / g.to(acc)
+        dg = dg.to(g.dtype)
+    return dz, dg
+
+
 KERNELS = register("torch", {
     "adapter_forward": adapter_forward, "adapter_backward": adapter_backward,
     "shrink_forward": shrink_forward, "shrink_backward": shrink_backward,
     "expand_forward": expand_forward, "expand_backward": expand_backward,
     "hypernet_forward": hypernet_forward, "hypernet_backward": hypernet_backward,
+    "dora_scale_forward": dora_scale_forward, "dora_scale_backward": dora_scale_backward,
 })
 
 

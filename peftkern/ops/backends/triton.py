@@ -31,6 +31,8 @@ import torch
 from peftkern_triton import _launch
 from peftkern_triton.adapter_backward import dy_pass, grad_a, grads_from_gt, up_factor
 from peftkern_triton.adapter_forward import lowrank_gemm
+from peftkern_triton.dora import scale_backward as dora_scale_backward
+from peftkern_triton.dora import scale_forward as dora_scale_forward
 from peftkern_triton.hypernet import hypernet_backward, hypernet_forward
 from peftkern_triton.shrink import dropout_mask
 from peftkern_triton.shrink import shrink_forward as _shrink
@@ -65,6 +67,10 @@ def adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h):
     _launch.check_same_dtype("x", x, weight=weight, bias=bias, A=A, B=B, u=u, v=v)
     f = up_factor(B, u, v, scale, _launch.acc_torch_dtype(x.dtype))
     s = int(seed)
+    if weight is None:  # the low-rank term alone (a quantized base runs elsewhere)
+        h, _ = _shrink(x, A, None, dropout=dropout, seed=s)
+        y, _ = lowrank_gemm(None, None, bias, h, f, out_dtype=x.dtype)
+        return y, (h if save_h else None), None
     if _VARIANT.get() == "in_loop":
         y, h = lowrank_gemm(x, weight, bias, None, f, a=A, store_h=save_h, out_dtype=x.dtype, dropout=dropout,
                             seed=s)
@@ -88,13 +94,14 @@ def adapter_backward(dy, x, weight, A, B, u, v, h, aux, scale, dropout, seed, ne
         if need_A:
             dA = grad_a(dh, x, out_dtype=A.dtype, dropout=dropout, seed=s)
         if need_x:
-            dx, _ = lowrank_gemm(dy, weight.t(), None, dh, A.t(), out_dtype=dy.dtype, dropout=dropout, seed=s,
+            base = (dy, weight.t()) if weight is not None else (None, None)
+            dx, _ = lowrank_gemm(*base, None, dh, A.t(), out_dtype=dy.dtype, dropout=dropout, seed=s,
                                  mask_lowrank=True)
     # An unfrozen base layer is off the fused path on purpose: plain ATen products.
     if need_w:
         dw = dy.t() @ x
     if need_b:
-        db = dy.sum(0).to(weight.dtype)
+        db = dy.sum(0).to(dy.dtype if weight is None else weight.dtype)
     return [dx, dw, db, dA, dB, du, dv]
 
 
@@ -153,6 +160,7 @@ KERNELS = register("triton", {
     "shrink_forward": shrink_forward, "shrink_backward": shrink_backward,
     "expand_forward": expand_forward, "expand_backward": expand_backward,
     "hypernet_forward": hypernet_forward, "hypernet_backward": hypernet_backward,
+    "dora_scale_forward": dora_scale_forward, "dora_scale_backward": dora_scale_backward,
 })
 
 # On the CPU the kernels run only under the interpreter (registry precheck, backends/__init__.py).

@@ -1,0 +1,105 @@
+// DoRA's column scale, forward and backward (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank
+// Adaptation"; peftkern/ops/functions.py's DoraFunction composes these with the adapter op):
+//
+//   forward    y = g⊙z + b                    g = m / ‖W0 + ΔW‖_row  [N], z = W0·x + ΔW·x  [M, N]
+//   backward   dz = dy⊙g,  dg = Σ_m dy⊙z      with z = (y − b)/g read from the output when only y was kept
+//
+// Both are one pass over [M, N]: the forward in place on the adapter's output (nothing else
+// holds it), the backward reading dy (and y or z) once and writing dz, with dg accumulated per
+// thread in the accumulation type and reduced at the end. CPU tensors of every float dtype.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "common.h"
+
+namespace peftkern {
+namespace {
+
+void check_scale(const Tensor& z, const Tensor& g, const OptTensor& bias, const char* op) {
+  TORCH_CHECK_VALUE(z.dim() == 2, "peftkern.", op, ": the output must be [M, N], got ", z.sizes());
+  detail::check_vector(g, z.size(1), op, "g");
+  detail::check_vector(bias, z.size(1), op, "bias");
+  detail::check_same(z, g, op, "g");
+  detail::check_same(z, bias, op, "bias");
+  TORCH_CHECK_VALUE(z.device().is_cpu(), "peftkern.", op, ": CPU tensors only, got ", z.device());
+}
+
+// rows per task: enough work per task to amortise the split, and whole rows
+int64_t grain(int64_t N) { return std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(N, 1)); }
+
+}  // namespace
+
+Tensor dora_scale_forward(const Tensor& z, const Tensor& g, const OptTensor& bias) {
+  check_scale(z, g, bias, "dora_scale_forward");
+  Tensor y = z.is_contiguous() ? z : z.contiguous();  // in place on the adapter's own output
+  const Tensor gc = g.contiguous();
+  const OptTensor bc = detail::contiguous(bias);
+  const int64_t M = y.size(0), N = y.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "peftkern.dora_scale_forward", [&] {
+    using O = at::opmath_type<scalar_t>;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    const scalar_t* bp = detail::ptr_or_null<scalar_t>(bc);
+    at::parallel_for(0, M, grain(N), [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        scalar_t* row = yp + m * N;
+        if (bp != nullptr) {
+          for (int64_t n = 0; n < N; ++n) row[n] = static_cast<scalar_t>(O(gp[n]) * O(row[n]) + O(bp[n]));
+        } else {
+          for (int64_t n = 0; n < N; ++n) row[n] = static_cast<scalar_t>(O(gp[n]) * O(row[n]));
+        }
+      }
+    });
+  });
+  return y;
+}
+
+std::tuple<Tensor, OptTensor> dora_scale_backward(const Tensor& dy, const Tensor& saved, const Tensor& g,
+                                                  const OptTensor& bias, bool from_output, bool need_g) {
+  check_scale(dy, g, bias, "dora_scale_backward");
+  TORCH_CHECK_VALUE(saved.sizes() == dy.sizes(), "peftkern.dora_scale_backward: the saved output has shape ",
+                    saved.sizes(), " but dy has ", dy.sizes());
+  detail::check_same(dy, saved, "dora_scale_backward", "saved");
+  const Tensor dyc = dy.contiguous(), sc = saved.contiguous(), gc = g.contiguous();
+  const OptTensor bc = detail::contiguous(bias);
+  const int64_t M = dy.size(0), N = dy.size(1);
+  Tensor dz = at::empty_like(dyc);
+  OptTensor dg;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "peftkern.dora_scale_backward", [&] {
+    using O = at::opmath_type<scalar_t>;
+    const scalar_t* d = dyc.data_ptr<scalar_t>();
+    const scalar_t* s = sc.data_ptr<scalar_t>();
+    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    const scalar_t* bp = detail::ptr_or_null<scalar_t>(bc);
+    scalar_t* out = dz.data_ptr<scalar_t>();
+    const int threads = at::get_num_threads();
+    std::vector<O> partial(need_g ? static_cast<size_t>(threads) * N : 0, O(0));
+    at::parallel_for(0, M, grain(N), [&](int64_t begin, int64_t end) {
+      O* acc = need_g ? partial.data() + static_cast<size_t>(at::get_thread_num()) * N : nullptr;
+      for (int64_t m = begin; m < end; ++m) {
+        const scalar_t* dr = d + m * N;
+        const scalar_t* sr = s + m * N;
+        scalar_t* orow = out + m * N;
+        for (int64_t n = 0; n < N; ++n) {
+          orow[n] = static_cast<scalar_t>(O(dr[n]) * O(gp[n]));
+          if (acc != nullptr) acc[n] += O(dr[n]) * (O(sr[n]) - (from_output && bp != nullptr ? O(bp[n]) : O(0)));
+        }
+      }
+    });
+    if (need_g) {
+      Tensor result = at::empty({N}, g.options());
+      scalar_t* rp = result.data_ptr<scalar_t>();
+      for (int64_t n = 0; n < N; ++n) {
+        O total = 0;
+        for (int t = 0; t < threads; ++t) total += partial[static_cast<size_t>(t) * N + n];
+        rp[n] = static_cast<scalar_t>(from_output ? total / O(gp[n]) : total);
+      }
+      dg = result;
+    }
+  });
+  return {dz, dg};
+}
+
+}  // namespace peftkern

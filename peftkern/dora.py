@@ -1,0 +1,179 @@
+"""DoRA's magnitude and weight norm (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation").
+
+    y = m ⊙ (W0·x + ΔW·x) / ‖W0 + ΔW‖_row + b,      ΔW = s·Λv·B·Λu·A (any factor source)
+
+m ∈ R^N is trained, one vector per adapted module, initialised to ‖W0 + ΔW‖_row at patch time
+(‖W0‖_row: every method starts at ΔW = 0), as PEFT does. The norm is a constant in the backward
+(DoRA §4.3), so only g = m / ‖·‖ carries a gradient, to m.
+
+**The norm without W0 + ΔW.** With B' = Λv·B·Λu ([N, r]) and ΔW = s·B'·A,
+
+    ‖W0 + ΔW‖²_row = ‖W0‖²_row + 2s·rowsum(B' ⊙ (W0·Aᵀ)) + s²·rowsum((B'·(A·Aᵀ)) ⊙ B')
+
+‖W0‖²_row is computed once per base weight (again only if W0 changes, e.g. by a merge); the rest
+needs one [N, K]·[K, r] product and [N, r]-sized work, never an [N, K] temporary (PEFT forms
+W0 + s·BA, and BA from an identity pushed through the adapter, on every forward). Everything is
+in fp32 (fp64 for fp64 weights); a bf16 base weight is converted in row chunks.
+
+*Cancellation bound.* Each of the three terms is a sum of products, computed in precision u
+(fp32: 2⁻²⁴) with error at most γ·(its absolute value), γ ≈ (K + r + 2)·u (the standard dot-product
+bound, Higham §3.1). By Cauchy–Schwarz their absolute values add up to at most
+(‖W0_n‖ + ‖ΔW_n‖)², so with t = ‖W0_n + ΔW_n‖²
+
+    |t̂ − t| ≤ γ·(‖W0_n‖ + ‖ΔW_n‖)²,   and the norm's relative error ≤ (γ/2)·(‖W0_n‖ + ‖ΔW_n‖)² / t.
+
+While the adapter is a correction (‖ΔW_n‖ ≪ ‖W0_n‖) that is about γ/2: 2·10⁻⁵ for K = 576 in fp32.
+It grows only where ΔW nearly cancels a row of W0 (t ≪ ‖W0_n‖²), where the dense norm would be
+the one to trust; ``norm_error_bound`` gives the bound per row, and tests check it in fp64 and fp32,
+rows with BA ≈ −W0 included. t̂ is clamped at 0 before the square root.
+
+**When it is recomputed.** Per module, the norm is kept with a key of the versions and storage of
+W0, A, B, u and v (host integers, no device sync) and recomputed only when one of them changed:
+once per optimizer step in training, and gradient accumulation and checkpoint recomputation reuse
+it. Generated factors (PG) are new tensors each forward, so it is recomputed per forward there.
+Under torch.compile it is computed in the graph every time (version counters are not traceable).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+ROW_CHUNK = 4096  # rows of a low-precision W0 converted to fp32 at a time
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _folded_B(B: Tensor, u: Optional[Tensor], v: Optional[Tensor]) -> Tensor:
+    out = B if v is None else B * v[:, None]
+    return out if u is None else out * u[None, :]
+
+
+def row_norms_sq(weight: Tensor) -> Tensor:
+    """‖W0‖²_row [N] in fp32 (fp64 for fp64), converting a low-precision weight in row chunks."""
+    acc = _acc(weight.dtype)
+    if weight.dtype == acc:
+        return (weight * weight).sum(1)
+    return torch.cat([c.to(acc).pow(2).sum(1) for c in weight.split(ROW_CHUNK)]) if weight.shape[0] else \
+        weight.new_zeros(0, dtype=acc)
+
+
+def _w0_at(weight: Tensor, A: Tensor) -> Tensor:
+    """W0·Aᵀ [N, r] in the accumulation dtype."""
+    acc = _acc(weight.dtype)
+    a = A.to(acc)
+    if weight.dtype == acc:
+        return weight @ a.t()
+    return torch.cat([c.to(acc) @ a.t() for c in weight.split(ROW_CHUNK)]) if weight.shape[0] else \
+        weight.new_zeros(0, A.shape[0], dtype=acc)
+
+
+@torch.no_grad()
+def weight_norm(weight: Tensor, A: Tensor, B: Tensor, u: Optional[Tensor], v: Optional[Tensor], scale: float,
+                w0_sq: Optional[Tensor] = None) -> Tensor:
+    """‖W0 + s·Λv·B·Λu·A‖ per row [N] (module docstring), in the accumulation dtype. ``w0_sq`` is
+    ``row_norms_sq(weight)`` when known."""
+    acc = _acc(weight.dtype)
+    w0_sq = row_norms_sq(weight) if w0_sq is None else w0_sq.to(acc)
+    Bf = _folded_B(B.to(acc), None if u is None else u.to(acc), None if v is None else v.to(acc))
+    a = A.to(acc)
+    cross = (Bf * _w0_at(weight, A)).sum(1)
+    square = ((Bf @ (a @ a.t())) * Bf).sum(1)
+    return (w0_sq + 2.0 * scale * cross + scale * scale * square).clamp_min(0).sqrt()
+
+
+@torch.no_grad()
+def norm_error_bound(weight: Tensor, A: Tensor, B: Tensor, u: Optional[Tensor], v: Optional[Tensor],
+                     scale: float) -> Tensor:
+    """The per-row bound on |‖W0 + ΔW‖² computed − exact| of ``weight_norm`` (module docstring)."""
+    acc = _acc(weight.dtype)
+    unit = torch.finfo(acc).eps / 2
+    gamma = (weight.shape[1] + A.shape[0] + 2) * unit
+    delta = scale * (_folded_B(B.to(acc), None if u is None else u.to(acc), None if v is None else v.to(acc))
+                     @ A.to(acc))
+    return gamma * (row_norms_sq(weight).sqrt() + torch.linalg.vector_norm(delta, dim=1)) ** 2
+
+
+def _key(*tensors: Optional[Tensor]) -> tuple:
+    return tuple((t._version, t.data_ptr(), t.dtype) if t is not None else None for t in tensors)
+
+
+class Magnitudes(nn.Module):
+    """DoRA's trained magnitudes, one [N] vector per adapted module, and the norm cache.
+
+    Held by the adapter state as ``state.dora`` when the model was patched with ``use_dora=True``:
+    saved with the adapter, counted, trained like every other adapter parameter. The parameters are
+    named ``lora_magnitude_vector.<slot>``, PEFT's name, because tools select DoRA's magnitudes by
+    it: TRL's SFTTrainer casts a quantized model's trainable parameters to bf16 except those, whose
+    small updates bf16 would round away."""
+
+    def __init__(self, sizes: List[int], device=None, dtype=None):
+        super().__init__()
+        self.lora_magnitude_vector = nn.ParameterList(nn.Parameter(torch.ones(n, device=device, dtype=dtype)) for n in sizes)
+        self._norms: Dict[int, Tuple[tuple, Tensor]] = {}
+        self._w0: Dict[int, Tuple[tuple, Tensor]] = {}
+        self.merged_norms: Dict[int, Tensor] = {}  # the norm each merged module was merged with (for unmerge)
+
+    @property
+    def m(self) -> nn.ParameterList:
+        """The magnitudes, m[slot] [N] (DoRA's m)."""
+        return self.lora_magnitude_vector
+
+    @torch.no_grad()
+    def initialize(self, slot: int, weight: Tensor, A: Tensor, B: Tensor, u: Optional[Tensor], v: Optional[Tensor],
+                   scale: float) -> None:
+        """m = ‖W0 + ΔW‖_row, as PEFT's DoRA layer starts."""
+        if self.m[slot].is_meta:
+            return
+        self.m[slot].copy_(weight_norm(weight, A, B, u, v, scale))
+
+    def norm(self, slot: int, weight: Tensor, A: Tensor, B: Tensor, u: Optional[Tensor], v: Optional[Tensor],
+             scale: float, dense=None) -> Tensor:
+        """‖W0 + ΔW‖_row of ``slot`` [N], detached, cached while W0 and the factors are unchanged.
+
+        ``weight`` is the module's weight, which keys the cache; ``dense`` () -> W0 [N, K] when that
+        weight is not W0 itself (a 4-bit layer's packed weight: dequantized only on a recompute)."""
+        if torch.compiler.is_compiling():
+            return weight_norm(weight if dense is None else dense(), A, B, u, v, scale)
+        w0_key = _key(weight)
+        have = self._w0.get(slot)
+        w0 = None
+        if have is None or have[0] != w0_key:
+            w0 = weight.detach() if dense is None else dense()
+            have = self._w0[slot] = (w0_key, row_norms_sq(w0))
+        key = (w0_key, _key(A, B, u, v), scale)
+        cached = self._norms.get(slot)
+        if cached is None or cached[0] != key:
+            w0 = w0 if w0 is not None else (weight.detach() if dense is None else dense())
+            cached = self._norms[slot] = (key, weight_norm(w0, A, B, u, v, scale, have[1]))
+        return cached[1]
+
+    @torch.no_grad()
+    def merge(self, slot: int, weight: Tensor, delta: Tensor, norm: Tensor) -> None:
+        """W0 ← g⊙(W0 + ΔW), g = m/‖W0 + ΔW‖ (Linear layout [N, K], in place); keeps the norm for unmerge."""
+        g = (self.m[slot].detach().to(norm.dtype) / norm).to(weight.dtype)
+        weight.add_(delta.to(weight.dtype)).mul_(g[:, None])
+        self.merged_norms[slot] = norm.clone()
+
+    @torch.no_grad()
+    def unmerge(self, slot: int, weight: Tensor, delta: Tensor) -> None:
+        """W0 ← W/g − ΔW with the norm the merge used: exact to rounding."""
+        norm = self.merged_norms.pop(slot)
+        g = (self.m[slot].detach().to(norm.dtype) / norm).to(weight.dtype)
+        weight.div_(g[:, None]).sub_(delta.to(weight.dtype))
+
+    def __getstate__(self):  # a copy recomputes its norms: cached tensors belong to the original's storage
+        return {**self.__dict__, "_norms": {}, "_w0": {}}
+
+
+def supports(method) -> bool:
+    """Whether DoRA applies to a method: a magnitude per module needs a factor source whose ΔW is a
+    fixed low-rank product (not AdaLoRA's budgeted SVD, which PEFT does not combine with DoRA)."""
+    return bool(getattr(method, "dora", False))
+
+
+__all__ = ["Magnitudes", "weight_norm", "norm_error_bound", "row_norms_sq", "supports"]

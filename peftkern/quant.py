@@ -1,0 +1,184 @@
+"""Quantized base layers (QLoRA, Dettmers et al. 2023): bitsandbytes' 4-bit (NF4, FP4) and 8-bit Linears.
+
+A model loaded the transformers way (``from_pretrained(..., quantization_config=
+BitsAndBytesConfig(load_in_4bit=True, ...))``) keeps its targets as ``bitsandbytes.nn.Linear4bit``
+(or ``Linear8bitLt``). peftkern adapts them as it adapts any Linear, with two differences:
+
+* the frozen base product is bitsandbytes' own op (``bitsandbytes.matmul_4bit`` with the layer's
+  packed weight and quantization state; the 8-bit layer's forward), and the adapter's low-rank
+  term is peftkern's kernels (``weight=None``: the term alone), added to it. The base stays
+  4-bit in memory: no dequantized copy is kept;
+* what needs W0 itself dequantizes it on the spot and drops it: DoRA's row norms (once per
+  optimizer step), merging (``unpatch(merge=True)`` dequantizes, merges in fp32 and leaves a
+  full-precision Linear; ``requantize=True`` quantizes the merged weight back and reports
+  each layer's error).
+
+The base op is called directly, not through the layer's ``forward``: bitsandbytes 0.50 on a
+CPU with AVX-512 BF16 repacks a 4-bit layer for its bf16 inference kernel in place at the first
+eval-mode, no-grad forward, after which no gradient reaches an adapter (PEFT's neither): its
+kernel has no backward. Patching turns the repacking off for every 4-bit layer of the model, the
+ones not adapted included, and unpacks a layer already repacked (``keep_trainable``).
+
+bitsandbytes is an optional dependency (``pip install peftkern[quant]``, 0.49 or newer),
+imported only when a model holds such a layer.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+log = logging.getLogger("peftkern")
+
+MIN_VERSION = (0, 49)
+INSTALL = "pip install 'peftkern[quant]'  (bitsandbytes >= 0.49)"
+KINDS = {"Linear4bit": "4bit", "Linear8bitLt": "8bit"}  # bitsandbytes' class names (and their subclasses)
+DEVICES = {"4bit": ("cpu", "cuda", "xpu"), "8bit": ("cpu", "cuda", "xpu")}  # where bitsandbytes runs them
+
+
+def kind(module: nn.Module) -> Optional[str]:
+    """"4bit" / "8bit" for a bitsandbytes quantized Linear (without importing bitsandbytes), else None."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("bitsandbytes") and cls.__name__ in KINDS:
+            return KINDS[cls.__name__]
+    return None
+
+
+def features(module: nn.Module) -> Tuple[int, int]:
+    """(in, out) of a quantized Linear: its packed weight's shape says nothing about them."""
+    return int(module.in_features), int(module.out_features)
+
+
+def bnb():
+    """bitsandbytes, checked: ImportError naming the extra to install when missing or too old."""
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise ImportError(f"this model has bitsandbytes-quantized layers, and bitsandbytes is not importable "
+                          f"({exc}); {INSTALL}") from None
+    version = tuple(int(p) for p in bitsandbytes.__version__.split(".")[:2] if p.isdigit())
+    if version < MIN_VERSION:
+        raise ImportError(f"bitsandbytes {bitsandbytes.__version__} is too old for peftkern's 4-bit support; "
+                          f"{INSTALL}")
+    return bitsandbytes
+
+
+def check(module: nn.Module, path: str) -> str:
+    """The module's kind, after checking bitsandbytes and the device it sits on (ValueError/ImportError)."""
+    k = kind(module)
+    bnb()
+    device = next((p.device.type for p in module.parameters()), "cpu")
+    if device not in DEVICES[k] and device != "meta":
+        raise ValueError(f"{path} is a bitsandbytes {k} layer on {device}, where bitsandbytes does not run it; "
+                         f"devices: {', '.join(DEVICES[k])}")
+    return k
+
+
+def keep_trainable(model: nn.Module) -> int:
+    """Keep every 4-bit layer of ``model`` differentiable (module docstring): bitsandbytes' in-place CPU
+    repacking is turned off, and a layer already repacked (an eval-mode no-grad forward before
+    patching) is unpacked: its inference kernel has no backward, so even a layer that is not adapted
+    would stop the gradient of every adapter before it, and layers whose output width is not a
+    multiple of its block fail outright. Returns how many layers it changed (their inference kernel
+    is bitsandbytes' generic one from now on)."""
+    changed = unpacked = 0
+    for module in model.modules():
+        if kind(module) != "4bit":
+            continue
+        repacked = getattr(module.weight.quant_state, "packing_format_for_cpu", False)
+        if repacked or getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            if repacked:
+                _unpacked_state(module)
+                unpacked += 1
+            changed += 1
+    if unpacked:  # the repacking stores the block scales in bf16: unpacking cannot give the lost bits back
+        log.warning("peftkern: %d 4-bit layers had been repacked by bitsandbytes for CPU inference (an eval-mode "
+                    "forward without gradients before patching); unpacked them, but their block scales keep the "
+                    "bf16 rounding the repacking applied (weights within ~0.4%%). Patch before the first such "
+                    "forward to keep the checkpoint's weights exactly", unpacked)
+    if changed:
+        log.info("peftkern: bitsandbytes' CPU repacking (an inference kernel without a backward) is off for %d "
+                 "4-bit layers", changed)
+    return changed
+
+
+def _unpacked_state(module: nn.Module):
+    """(packed weight, quant_state) in bitsandbytes' portable layout, undoing its CPU repacking."""
+    weight = module.weight
+    state = weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        state = weight.quant_state
+    return weight, state
+
+
+def base_forward(module: nn.Module, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+    """The frozen base product of a bitsandbytes layer, bitsandbytes' op, in x's dtype (and differentiable
+    in x). 4-bit: ``matmul_4bit`` in the layer's compute dtype (module docstring); 8-bit: its forward."""
+    if kind(module) == "8bit":
+        y = module(x)
+        if not with_bias and module.bias is not None:
+            y = y - module.bias.to(y.dtype)
+        return y
+    lib = bnb()
+    weight, state = _unpacked_state(module)
+    compute = module.compute_dtype or x.dtype
+    bias = module.bias.to(compute) if with_bias and module.bias is not None else None
+    return lib.matmul_4bit(x.to(compute), weight, bias=bias, quant_state=state).to(x.dtype)
+
+
+@torch.no_grad()
+def dequantized(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W0 [N, K] of a quantized layer, dequantized now (a temporary: nothing keeps it)."""
+    if kind(module) == "8bit":
+        eye = torch.eye(module.in_features, device=module.weight.device, dtype=torch.float16)
+        return base_forward(module, eye, with_bias=False).t().to(dtype)
+    lib = bnb()
+    weight, state = _unpacked_state(module)
+    return lib.functional.dequantize_4bit(weight.data, state).to(dtype)
+
+
+@torch.no_grad()
+def requantized(module: nn.Module, merged: torch.Tensor) -> Tuple[nn.Module, float]:
+    """A new 4-bit layer of ``module``'s settings holding ``merged`` [N, K], and the relative error
+    ‖Q(W) − W‖/‖W‖ of that quantization."""
+    lib = bnb()
+    if kind(module) != "4bit":
+        raise ValueError("merging back into a quantized layer is supported for 4-bit layers only")
+    state = module.weight.quant_state
+    new = lib.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                            compute_dtype=module.compute_dtype, quant_type=state.quant_type,
+                            compress_statistics=bool(state.nested), device="cpu")
+    params = {"weight": merged.detach().to("cpu", torch.float32)}
+    if module.bias is not None:
+        params["bias"] = module.bias.detach().to("cpu", torch.float32)
+    new.load_state_dict(params)
+    new = new.to(module.weight.device)  # quantizes on the move, as bitsandbytes does
+    error = float((dequantized(new) - merged.float()).norm() / merged.float().norm().clamp_min(1e-30))
+    return new, error
+
+
+def full_precision(module: nn.Module, merged: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
+    """A plain nn.Linear holding ``merged`` [N, K] (and the layer's bias) in ``dtype``."""
+    out = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                    device=merged.device, dtype=dtype)
+    with torch.no_grad():
+        out.weight.copy_(merged.to(dtype))
+        if module.bias is not None:
+            out.bias.copy_(module.bias.to(dtype))
+    out.requires_grad_(False)
+    return out
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype bitsandbytes computes the layer in (its compute dtype; bf16 for 8-bit is its input's)."""
+    return getattr(module, "compute_dtype", None) or torch.float32
+
+
+__all__ = ["kind", "features", "check", "keep_trainable", "base_forward", "dequantized", "requantized", "full_precision", "bnb",
+           "compute_dtype", "INSTALL"]

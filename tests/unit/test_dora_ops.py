@@ -1,0 +1,173 @@
+"""DoRA's op on every backend against the plain-torch reference (PEFT's formula): the forward and every
+gradient (x, A, B, u, v, m through g, bias), odd and empty shapes, fp64 gradcheck, dropout with the
+same mask, bf16; and the weight norm's expansion against the dense norm, within its stated bound,
+rows where ΔW cancels W0 included."""
+import pytest
+import torch
+
+from peftkern import dora
+from peftkern.ops import reference
+from peftkern.ops.functions import BoundOps
+from tests.helpers import opcheck
+
+BACKENDS = [pytest.param(n, marks=pytest.mark.skipif(opcheck.available_backend(n) is None, reason=f"{n} unavailable"))
+            for n in ("torch", "cpp", "triton")]
+SHAPES = [(7, 9, 5, 3), (1, 33, 17, 4), (37, 64, 48, 8), (5, 2, 70, 1)]
+
+
+def _inputs(M, K, N, r, dtype=torch.float32, bias=True, uv=True, lead=(), seed=0):
+    t = opcheck.make_inputs(M, K, N, r, dtype=dtype, bias=bias, u=uv, v=uv, lead=lead, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # a trained adapter: B ≠ 0
+        t["B"].copy_(0.3 * torch.randn(t["B"].shape, generator=g).to(dtype))
+    m = (torch.rand(N, generator=g) + 0.5).to(dtype).requires_grad_(True)
+    return t, m
+
+
+def _ours(ops, t, m, dropout=0.0):
+    norm = dora.weight_norm(t["weight"].detach(), t["A"].detach(), t["B"].detach(),
+                            None if t["u"] is None else t["u"].detach(), None if t["v"] is None else t["v"].detach(),
+                            0.5)
+    g = (m / norm.to(m.dtype))
+    return ops.dora_adapter(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], g, 0.5, dropout)
+
+
+def _grads(y, tensors, seed=3):
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+    y.backward(dy)
+    out = {n: t.grad.clone() for n, t in tensors.items() if t is not None and t.grad is not None}
+    for t in tensors.values():
+        if t is not None:
+            t.grad = None
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("M,K,N,r", SHAPES)
+@pytest.mark.parametrize("bias,uv", [(True, True), (False, False)])
+def test_forward_and_every_gradient_match_the_reference(backend, M, K, N, r, bias, uv):
+    ops = BoundOps(opcheck.available_backend(backend))
+    t, m = _inputs(M, K, N, r, bias=bias, uv=uv, lead=(2,) if M == 7 else ())
+    tensors = {**t, "m": m}
+    y = _ours(ops, t, m)
+    got = _grads(y, tensors)
+    want_y = reference.dora_adapter(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], 0.5, m)
+    want = _grads(want_y, tensors)
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+    assert got.keys() == want.keys() and {"x", "A", "B", "m"} <= got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_is_peft_formula_with_the_same_mask(backend):
+    ops = BoundOps(opcheck.available_backend(backend))
+    t, m = _inputs(19, 33, 17, 4, lead=(2,))
+    tensors = {**t, "m": m}
+    torch.manual_seed(11)
+    y = _ours(ops, t, m, dropout=0.3)
+    got = _grads(y, tensors)
+    torch.manual_seed(11)  # the mask is drawn from torch's generator, as nn.Dropout's
+    keep = (torch.rand(t["x"].reshape(-1, 33).shape) >= 0.3).to(t["x"].dtype).reshape(t["x"].shape)
+    want_y = reference.dora_adapter(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], 0.5, m, keep, 0.3)
+    want = _grads(want_y, tensors)
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_gradcheck_fp64(backend, dropout):
+    ops = BoundOps(opcheck.available_backend(backend))
+    t, _ = _inputs(5, 7, 6, 2, dtype=torch.float64)
+    names = ["x", "A", "B", "u", "v", "bias"]
+
+    def f(x, A, B, u, v, bias, g):
+        torch.manual_seed(5)  # the same dropout mask in every evaluation
+        return ops.dora_adapter(x, t["weight"], bias, A, B, u, v, g, 0.5, dropout)
+
+    g = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_(True)
+    assert torch.autograd.gradcheck(f, [t[n] for n in names] + [g])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_shapes(backend):
+    ops = BoundOps(opcheck.available_backend(backend))
+    for M, K, N in ((0, 9, 5), (4, 9, 0)):
+        t, m = _inputs(M, K, N, 2) if N else (opcheck.make_inputs(M, K, N, 2), torch.ones(0, requires_grad=True))
+        y = _ours(ops, t, m)
+        assert y.shape == (M, N)
+        y.sum().backward()
+        assert t["A"].grad.shape == t["A"].shape
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_bf16_agrees_with_fp32(backend):
+    ops = BoundOps(opcheck.available_backend(backend))
+    t, m = _inputs(37, 64, 48, 8)
+    y32 = _ours(ops, t, m)
+    tb = {k: (None if v is None else v.detach().bfloat16().requires_grad_(v.requires_grad)) for k, v in t.items()}
+    mb = m.detach().bfloat16().requires_grad_(True)
+    yb = _ours(ops, tb, mb)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), y32.detach(), rtol=3e-2, atol=3e-2)
+    yb.float().sum().backward()
+    assert mb.grad.dtype == torch.bfloat16 and torch.isfinite(mb.grad.float()).all()
+
+
+def test_the_output_may_not_be_modified_in_place_and_says_so():
+    """DoRA's backward reads its output (the one pass over dy needs z = (y − b)/g): an in-place change
+    of the output is caught by torch's version check, not silently wrong."""
+    ops = BoundOps(opcheck.available_backend("torch"))
+    t, m = _inputs(5, 7, 6, 2)
+    y = _ours(ops, t, m)
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+# --- the norm -------------------------------------------------------------------------------------------------
+
+
+def _factors(N, K, r, dtype, seed=0, cancel_rows=()):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(N, K, generator=g, dtype=torch.float64)
+    A = torch.randn(r, K, generator=g, dtype=torch.float64) / K ** 0.5
+    B = torch.randn(N, r, generator=g, dtype=torch.float64)
+    u, v = torch.rand(r, generator=g, dtype=torch.float64) + 0.5, torch.rand(N, generator=g, dtype=torch.float64) + 0.5
+    s = 0.5
+    for n in cancel_rows:  # ΔW_n ≈ −W0_n: W0's row made (almost) the negative of the adapter's
+        delta = s * (v[n] * (B[n] * u)) @ A
+        W[n] = -delta * (1 + 1e-4)
+    return [t.to(dtype) for t in (W, A, B, u, v)], s
+
+
+def test_the_expansion_equals_the_dense_norm_in_fp64():
+    (W, A, B, u, v), s = _factors(40, 64, 8, torch.float64)
+    got = dora.weight_norm(W, A, B, u, v, s)
+    torch.testing.assert_close(got, reference.dora_norm(W, A, B, u, v, s), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_error_stays_within_the_stated_bound_where_the_adapter_cancels_the_base(dtype):
+    (W, A, B, u, v), s = _factors(40, 576, 8, dtype, cancel_rows=(0, 7, 19))
+    exact = reference.dora_norm(W.double(), A.double(), B.double(), u.double(), v.double(), s) ** 2
+    got = dora.weight_norm(W, A, B, u, v, s).double() ** 2
+    bound = dora.norm_error_bound(W, A, B, u, v, s).double()
+    assert torch.all((got - exact).abs() <= bound), ((got - exact).abs() / bound).max()
+    relative = ((got.sqrt() - exact.sqrt()).abs() / exact.sqrt())
+    if dtype == torch.float32:  # the ordinary rows: about γ/2, as the docstring says
+        ordinary = torch.ones(40, dtype=torch.bool)
+        ordinary[[0, 7, 19]] = False
+        assert relative[ordinary].max() < 1e-5
+        stated = bound / exact  # the bound on t's relative error: large exactly where ΔW cancels W0
+        assert stated[~ordinary].min() > 1e3 * stated[ordinary].max()
+
+
+def test_a_low_precision_weight_is_converted_in_row_chunks(monkeypatch):
+    (W, A, B, u, v), s = _factors(10, 32, 4, torch.float32)
+    monkeypatch.setattr(dora, "ROW_CHUNK", 3)
+    got = dora.weight_norm(W.bfloat16(), A, B, u, v, s)
+    want = reference.dora_norm(W.bfloat16().double(), A.double(), B.double(), u.double(), v.double(), s)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

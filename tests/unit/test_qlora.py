@@ -1,0 +1,267 @@
+"""A 4-bit base (QLoRA: a transformers model loaded with ``BitsAndBytesConfig(load_in_4bit=True)``).
+
+Every method, with and without DoRA, computes on the 4-bit model what it computes on a full-precision
+twin that holds the dequantized weights (logits and every adapter gradient); PEFT's LoRA and DoRA on the
+same 4-bit model give the same logits and gradients; the packed weights never change and never get a
+gradient; the adapter trains, checkpoints, saves and loads (ours, PEFT's, on a 4-bit or a
+full-precision base); merging is refused in place and done by ``unpatch(merge=True)``; and what cannot
+work raises a clear error before the model is touched.
+"""
+import copy
+import logging
+
+import pytest
+import torch
+
+import peftkern
+from peftkern import quant
+from peftkern.methods import registry as methods
+from tests.helpers.adapters import options_for, perturb
+from tests.helpers.models import tiny_model, tokens
+from tests.helpers.quantized import load_4bit, quantized_layers, tiny_4bit
+
+TOL = dict(rtol=1e-4, atol=1e-5)  # bitsandbytes' fp32 4-bit matmul vs torch's on the same dequantized weight
+CASES = [(m, False, {}) for m in methods.names()] + [(m, True, {}) for m in methods.names() if methods.get(m).dora]
+CASES += [("tied_lora", False, {"joint": True})]
+
+
+@pytest.fixture(scope="module")
+def base4(tmp_path_factory):
+    return tiny_4bit(tmp_path_factory.mktemp("qlora"))
+
+
+def _packed(model):
+    return {n: m.weight.detach().clone() for n, m in model.named_modules() if quant.kind(m)}
+
+
+def _pair(base4, method, use_dora=False, **extra):
+    m4, twin, _ = base4
+    kw = dict(rank=4, use_dora=use_dora, **options_for(method), **extra)
+    q = peftkern.patch(copy.deepcopy(m4), method, **kw)
+    r = peftkern.patch(copy.deepcopy(twin), method, **kw)
+    perturb(q)
+    r.peftkern.load_state_dict(q.peftkern.state_dict())
+    return q, r
+
+
+@pytest.mark.parametrize("method,use_dora,extra", CASES,
+                         ids=[f"{m}{'-dora' if d else ''}{'-joint' if e else ''}" for m, d, e in CASES])
+def test_every_method_on_a_4bit_base_matches_its_dequantized_twin(base4, method, use_dora, extra):
+    q, r = _pair(base4, method, use_dora, **extra)
+    before = _packed(q)
+    ids = tokens()
+    out_q, out_r = q(input_ids=ids, labels=ids), r(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out_q.logits, out_r.logits, **TOL)
+    out_q.loss.backward()
+    out_r.loss.backward()
+    grads = 0
+    for (name, a), (_, b) in zip(q.peftkern.named_parameters(), r.peftkern.named_parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, **TOL, msg=name)
+            grads += 1
+    assert grads > 0
+    for name, m in q.named_modules():
+        if quant.kind(m):
+            assert m.weight.grad is None and torch.equal(m.weight, before[name]), name
+    assert all("4bit base by bitsandbytes" in row["path"] for row in peftkern.explain(q).rows)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_same_logits_and_gradients_as_peft_qlora(base4, use_dora):
+    from peft import LoraConfig, get_peft_model
+
+    m4 = base4[0]
+    targets = ["q_proj", "v_proj", "up_proj"]
+    peft = get_peft_model(copy.deepcopy(m4), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                        use_dora=use_dora))
+    ours = peftkern.patch(copy.deepcopy(m4), "lora", rank=4, alpha=8, targets=targets, use_dora=use_dora)
+    # PEFT's layers call the 4-bit layer's forward, whose CPU repacking (see peftkern.quant) fails on
+    # these narrow layers and would stop its gradients: turned off for PEFT as patching turns it off for us
+    quant.keep_trainable(peft)
+    modules = dict(peft.named_modules())
+    with torch.no_grad():
+        for p in peft.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+        for s in ours.peftkern.plan.slots:
+            layer, f = modules["base_model.model." + s.path], ours.peftkern.factors(s.index)
+            f.A.copy_(layer.lora_A["default"].weight)
+            f.B.copy_(layer.lora_B["default"].weight)
+            if use_dora:
+                ours.peftkern.dora.m[s.index].copy_(layer.lora_magnitude_vector["default"].weight)
+    ids = tokens()
+    a, b = peft(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    torch.testing.assert_close(b.logits, a.logits, **TOL)
+    a.loss.backward()
+    b.loss.backward()
+    for s in ours.peftkern.plan.slots:
+        layer, f = modules["base_model.model." + s.path], ours.peftkern.factors(s.index)
+        pairs = [(layer.lora_A["default"].weight.grad, f.A.grad), (layer.lora_B["default"].weight.grad, f.B.grad)]
+        if use_dora:
+            pairs.append((layer.lora_magnitude_vector["default"].weight.grad, ours.peftkern.dora.m[s.index].grad))
+        for want, got in pairs:
+            torch.testing.assert_close(got, want, **TOL)
+
+
+def test_magnitudes_start_at_the_dequantized_row_norms(base4):
+    m4, twin, _ = base4
+    model = peftkern.patch(copy.deepcopy(m4), "lora", use_dora=True)
+    q = model.model.layers[1].self_attn.q_proj
+    torch.testing.assert_close(model.peftkern.dora.m[q.slot], quant.dequantized(q.base_layer).norm(dim=1))
+
+
+def test_an_eval_forward_first_does_not_stop_training(tmp_path, caplog):
+    """bitsandbytes' CPU repacking at the first eval-mode no-grad forward (see peftkern.quant) must not cut the
+    adapter off: a layer repacked before patching is unpacked, and patching turns the repacking off. Layers
+    64 wide: bitsandbytes' repacking fails outright on narrower ones."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=97)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    m4 = load_4bit(tmp_path)
+    weights = {n: quant.dequantized(m) for n, m in m4.named_modules() if quant.kind(m)}
+    ids = tokens()
+    with torch.no_grad():  # before patching: repacks, on a CPU with AVX-512 BF16
+        m4(input_ids=ids)
+    repacked = sum(bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False))
+                   for m in m4.modules() if quant.kind(m))
+    with caplog.at_level(logging.WARNING, logger="peftkern"):
+        model = peftkern.patch(m4, "pg_pos", rank=4)
+    assert (f"{repacked} 4-bit layers had been repacked" in caplog.text) == bool(repacked)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    # B starts at 0, so the step-1 gradient reaches B (of every layer, through the o_proj and MLP layers
+    # that are not adapted) and not yet the hypernetwork generating A
+    assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in model.peftkern.B)
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules())
+    for n, m in model.named_modules():
+        if quant.kind(m):
+            assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False), n
+            # the repacking stored the block scales in bf16 (bitsandbytes' rounding; patching logs it)
+            torch.testing.assert_close(quant.dequantized(m), weights[n.replace(".base_layer", "")], rtol=8e-3, atol=1e-6)
+
+
+def test_the_trainer_trains_a_4bit_model_with_gradient_checkpointing_and_resumes(base4, tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    ids = tokens(batch=8, seq=12, seed=3)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+    def run(out, steps, resume=None):
+        model = peftkern.patch(copy.deepcopy(base4[0]), "lora", rank=4)
+        args = TrainingArguments(out, max_steps=steps, per_device_train_batch_size=4, learning_rate=3e-2,
+                                 gradient_checkpointing=True, save_steps=2, logging_steps=1, report_to=[],
+                                 use_cpu=True, bf16=False, seed=0, data_seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.train(resume_from_checkpoint=resume)
+        return model, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    before = _packed(base4[0])
+    full, losses = run(tmp_path / "a", 6)
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(before[n.replace(".base_layer", "")], m.weight) for n, m in full.named_modules()
+               if quant.kind(m))
+    resumed, _ = run(tmp_path / "b", 6)  # the same run again, then resumed from its step-4 checkpoint
+    again, _ = run(tmp_path / "b", 6, resume=str(tmp_path / "b" / "checkpoint-4"))
+    for a, b in zip(resumed.peftkern.parameters(), again.peftkern.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_saved_adapter_loads_on_4bit_and_full_precision_bases(base4, tmp_path):
+    from peft import PeftModel
+
+    m4, twin, directory = base4
+    model = peftkern.patch(copy.deepcopy(m4), "lora", rank=4, use_dora=True)
+    perturb(model)
+    ids = tokens()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+
+    mine = peftkern.load(load_4bit(directory), tmp_path / "adapter")  # native files, on a fresh 4-bit load
+    plain4 = load_4bit(directory)
+    quant.keep_trainable(plain4)  # bitsandbytes' CPU repacking fails on these narrow layers (see above)
+    theirs = PeftModel.from_pretrained(plain4, tmp_path / "adapter")  # PEFT, on 4-bit
+    on_twin = PeftModel.from_pretrained(copy.deepcopy(twin), tmp_path / "adapter")  # PEFT, full precision
+    with torch.no_grad():
+        torch.testing.assert_close(mine(input_ids=ids).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(theirs(input_ids=ids).logits, want, **TOL)
+        torch.testing.assert_close(on_twin(input_ids=ids).logits, want, **TOL)
+
+
+def test_merge_is_refused_in_place_and_unpatch_merges_into_full_precision(base4, caplog):
+    q, r = _pair(base4, "lora", use_dora=True)
+    ids = tokens()
+    with torch.no_grad():
+        want = r(input_ids=ids).logits
+    with pytest.raises(ValueError, match=r"quantized base .*unpatch\(model, merge=True\)"):
+        peftkern.merge(q)
+    assert not any(m.merged for m in q.modules() if isinstance(m, peftkern.AdaptedLinear))
+    with pytest.raises(ValueError, match="requantize=True applies to unpatch"):
+        peftkern.unpatch(copy.deepcopy(q), requantize=True)
+    with caplog.at_level(logging.WARNING, logger="peftkern"):
+        plain = peftkern.unpatch(copy.deepcopy(q), merge=True)  # lora's default targets: q, v of 3 layers
+    assert "merged 6 quantized layers into full-precision Linears" in caplog.text
+    layer = plain.model.layers[0].self_attn.q_proj
+    assert type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, want, **TOL)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="peftkern"):
+        again = peftkern.unpatch(q, merge=True, requantize=True)
+    assert "requantized 6 4-bit layers" in caplog.text
+    assert quant.kind(again.model.layers[0].self_attn.q_proj) == "4bit"
+    with torch.no_grad():  # 4-bit rounding of the merged weights: close to the trained model, not equal
+        drift = (again(input_ids=ids).logits - want).abs().max()
+    assert 0 < drift < 0.5
+
+
+def test_only_the_4bit_layers_that_are_targets_are_adapted(base4):
+    m4 = base4[0]
+    model = peftkern.patch(copy.deepcopy(m4), "lora", rank=4, targets=["q_proj"])
+    kinds = {n: m.quantized for n, m in model.named_modules() if isinstance(m, peftkern.AdaptedLinear)}
+    assert kinds and set(kinds.values()) == {"4bit"} and all(n.endswith("q_proj") for n in kinds)
+    assert len(quantized_layers(model)) == len(quantized_layers(m4))  # the rest stay 4-bit, untouched
+
+
+def test_missing_bitsandbytes_is_named_with_its_install_command(base4, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_bnb(name, *args, **kwargs):
+        if name == "bitsandbytes" or name.startswith("bitsandbytes."):
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    model = copy.deepcopy(base4[0])
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    with pytest.raises(ImportError, match=r"peftkern\[quant\]"):
+        peftkern.patch(model, "lora")
+    monkeypatch.undo()
+    assert peftkern.AdaptedLinear not in {type(m) for m in model.modules()}
+
+
+def test_a_4bit_layer_on_a_device_bitsandbytes_cannot_run_is_refused(base4, monkeypatch):
+    monkeypatch.setitem(quant.DEVICES, "4bit", ("cuda",))
+    model = copy.deepcopy(base4[0])
+    with pytest.raises(ValueError, match=r"bitsandbytes 4bit layer on cpu.*devices: cuda"):
+        peftkern.patch(model, "lora")
+    assert not any(isinstance(m, peftkern.AdaptedLinear) for m in model.modules())
+
+
+def test_the_quantized_flag_for_the_trainer_comes_and_goes_with_the_adapter(base4):
+    model = peftkern.patch(copy.deepcopy(base4[0]), "lora")
+    assert model._hf_peft_config_loaded
+    peftkern.unpatch(model)
+    assert not model._hf_peft_config_loaded
+    plain = peftkern.patch(tiny_model("llama"), "lora")  # not quantized: not marked
+    assert not plain._hf_peft_config_loaded
