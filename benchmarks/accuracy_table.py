@@ -60,11 +60,18 @@ class Row:
     method: str
     options: Dict = field(default_factory=dict)
     alpha: Optional[float] = None  # None: the method's default
+    use_dora: bool = False
+
+    @property
+    def key(self) -> str:
+        """What ``--rows`` selects it by: the method, "+dora" for its DoRA row."""
+        return self.method + ("+dora" if self.use_dora else "")
 
 
 LEFT_ALPHA = 16.0
 ROWS = (
     Row("LoRA (A_L B_L)", "lora", alpha=LEFT_ALPHA),
+    Row("DoRA (LoRA A_L B_L + magnitude)", "lora", alpha=LEFT_ALPHA, use_dora=True),
     Row("LoRA, A frozen (A_F B_L)", "lora", {"train": "B"}, alpha=LEFT_ALPHA),
     Row("PG-Fixed (A_H B_L)", "pg_fixed", alpha=LEFT_ALPHA),
     Row("PG-Trainable (A_H B_L)", "pg_trainable", alpha=LEFT_ALPHA),
@@ -94,14 +101,15 @@ BUDGETS = {
 def _config(row: Row, task: str, lr: float, seed: int, budget: Budget, data_dir: str, model: str, out: Path,
             progress: bool) -> train.RunConfig:
     return train.RunConfig(model=model, task=task, data_dir=data_dir, method=row.method, options=dict(row.options),
-                           rank=8, alpha=row.alpha, lr=lr, batch_size=budget.batch_size, epochs=budget.epochs[task],
+                           rank=8, alpha=row.alpha, use_dora=row.use_dora,
+                           lr=lr, batch_size=budget.batch_size, epochs=budget.epochs[task],
                            max_length=budget.max_length, max_train_samples=budget.train_samples[task],
                            max_eval_samples=budget.eval_samples, seed=seed, split_dev=True, progress=progress,
                            group_by_length=True, output_dir=str(out / f"{task}-{_slug(row.label)}-{lr:g}-{seed}"))
 
 
 # the configuration fields that decide a run's result (a finished run with equal values is reused)
-_SAME_RUN = ("model", "task", "data_dir", "method", "options", "rank", "alpha", "lr", "batch_size", "epochs",
+_SAME_RUN = ("model", "task", "data_dir", "method", "options", "rank", "alpha", "use_dora", "lr", "batch_size", "epochs",
              "max_length", "max_train_samples", "max_eval_samples", "seed", "split_dev", "group_by_length")
 
 
@@ -209,7 +217,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="100,482,584", help="at least 3 for the README (default: LEFT's first 3)")
     ap.add_argument("--tasks", default="sst2,mrpc")
     ap.add_argument("--select-task", default="sst2", help="the task whose held-out split chooses each row's rate")
-    ap.add_argument("--rows", default="", help="comma-separated methods to run (default: every row)")
+    ap.add_argument("--rows", default="", help="comma-separated methods to run, lora+dora for DoRA's row "
+                    "(default: every row)")
+    ap.add_argument("--name", default="", help="the results' file name (default: accuracy_table[_<budget>])")
     ap.add_argument("--data-dir", default=DEFAULT_GLUE, help="GLUE TSV layout (default: shared/data/glue)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--runs-dir", default=str(HERE.parent / "runs" / "accuracy_table"),
@@ -222,8 +232,8 @@ def main(argv=None) -> int:
     budget = BUDGETS[args.budget]
     model = train.default_model()
     wanted = set(args.rows.split(",")) - {""}
-    rows = [r for r in ROWS if r.method in set(peftkern.methods()) and (not wanted or r.method in wanted)]
-    name = "accuracy_table" if args.budget == "full" else f"accuracy_table_{args.budget}"
+    rows = [r for r in ROWS if r.method in set(peftkern.methods()) and (not wanted or r.key in wanted)]
+    name = args.name or ("accuracy_table" if args.budget == "full" else f"accuracy_table_{args.budget}")
     baselines = {t: majority(t, args.data_dir, budget) for t in tasks}
     select = args.select_task if args.select_task in tasks else tasks[0]
     records = []

@@ -52,10 +52,14 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
 
 import peftkern  # noqa: E402
+import peftkern.quant  # noqa: E402
 
-TARGETS = ["q_proj", "v_proj"]
+TARGET_SETS = {"qv": ["q_proj", "v_proj"],
+               "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+TARGETS = list(TARGET_SETS["qv"])  # --targets sets it (module-level: the providers read it when they build)
 
 
 # --- the model and the batch -----------------------------------------------------------------
@@ -145,11 +149,13 @@ def make_floor(base, args) -> Runner:
     return Runner(model, None)
 
 
-def make_ours(method: str, backend: str) -> Callable:
+def make_ours(method: str, backend: str, **extra) -> Callable:
     def make(base, args) -> Runner:
         model = sharing_copy(base)
         if method == "lora":
-            peftkern.patch(model, "lora", rank=args.rank, targets=TARGETS, alpha=args.alpha, backend=backend)
+            peftkern.patch(model, "lora", rank=args.rank, targets=TARGETS, alpha=args.alpha, backend=backend, **extra)
+        elif method == "pg_pos":
+            peftkern.patch(model, "pg_pos", rank=args.rank, targets=TARGETS, backend=backend)
         elif method == "vera":
             peftkern.patch(model, "vera", rank=args.vera_rank, targets=TARGETS, backend=backend)
         else:
@@ -164,14 +170,14 @@ def make_ours(method: str, backend: str) -> Callable:
 ADALORA_SCHEDULE = dict(tinit=0, tfinal=0, deltaT=1, total_step=100_000)
 
 
-def make_peft(method: str) -> Callable:
+def make_peft(method: str, **extra) -> Callable:
     def make(base, args) -> Runner:
         import peft
 
         model = sharing_copy(base)
         if method == "lora":
             cfg = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS, lora_dropout=0.0,
-                                  bias="none", task_type="CAUSAL_LM")
+                                  bias="none", task_type="CAUSAL_LM", **extra)
         elif method == "vera":
             cfg = peft.VeraConfig(r=args.vera_rank, target_modules=TARGETS, vera_dropout=0.0, d_initial=0.1,
                                   projection_prng_key=0, task_type="CAUSAL_LM")
@@ -194,6 +200,7 @@ class Provider:
     method: str  # what it is compared with: ratios of overheads pair ours and PEFT's by method
     impl: str  # "floor", "peftkern-cpp", "peftkern-torch", "peft"
     make: Callable
+    base: str = "fp32"  # "4bit": the same weights, the decoder's Linears bitsandbytes NF4 (QLoRA)
 
 
 PROVIDERS = [
@@ -205,6 +212,15 @@ PROVIDERS = [
     Provider("vera_peft", "vera", "peft", make_peft("vera")),
     Provider("adalora_cpp", "adalora", "peftkern-cpp", make_ours("adalora", "cpp")),
     Provider("adalora_peft", "adalora", "peft", make_peft("adalora")),
+    Provider("dora", "dora", "peftkern", make_ours("lora", "auto", use_dora=True)),
+    Provider("dora_peft", "dora", "peft", make_peft("lora", use_dora=True)),
+    # QLoRA: the base's decoder Linears NF4 (double quantization, fp32 compute), its own floor
+    Provider("floor_4bit", "-", "floor", make_floor, "4bit"),
+    Provider("qlora", "lora", "peftkern", make_ours("lora", "auto"), "4bit"),
+    Provider("qlora_peft", "lora", "peft", make_peft("lora"), "4bit"),
+    Provider("qlora_dora", "dora", "peftkern", make_ours("lora", "auto", use_dora=True), "4bit"),
+    Provider("qlora_dora_peft", "dora", "peft", make_peft("lora", use_dora=True), "4bit"),
+    Provider("qlora_pg_pos", "pg_pos", "peftkern", make_ours("pg_pos", "auto"), "4bit"),
 ]
 BY_NAME = {p.name: p for p in PROVIDERS}
 
@@ -262,8 +278,21 @@ def child_memory(args, name: str) -> Dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def quantized_base(base: torch.nn.Module) -> torch.nn.Module:
+    """The base with its decoder Linears as bitsandbytes NF4 layers (a copy; the embeddings stay fp32)."""
+    from common import to_4bit
+
+    model = copy.deepcopy(base)
+    to_4bit(model.model.layers, torch.float32)
+    peftkern.quant.keep_trainable(model)  # PEFT's too: bitsandbytes' CPU repacking has no backward
+    return model.train()
+
+
 def run_child(args) -> None:
     base = build_base(args)
+    if BY_NAME[args.child].base == "4bit":  # the fp32 weights go: the model in memory is the 4-bit one
+        base = quantized_base(base)
+        gc.collect()
     ids = batch(args)
     runner = BY_NAME[args.child].make(base, args)
     gc.collect()
@@ -322,18 +351,20 @@ def machine() -> Dict[str, str]:
 def summarise(providers: List[Provider], times: Dict[str, List[float]], runners: Dict[str, Runner],
               memory: Dict[str, Dict[str, float]]) -> List[Dict[str, object]]:
     med = {n: statistics.median(t) for n, t in times.items()}
-    floor = med.get("floor")
-    peft_overhead = {p.method: med[p.name] - floor for p in providers if p.impl == "peft" and floor is not None}
+    floors = {p.base: med[p.name] for p in providers if p.impl == "floor"}
+    peft_overhead = {(p.method, p.base): med[p.name] - floors[p.base] for p in providers
+                     if p.impl == "peft" and p.base in floors}
     rows = []
     for p in providers:
         m = med[p.name]
+        floor = floors.get(p.base)
         q1, q3 = (statistics.quantiles(times[p.name], n=4)[0::2] if len(times[p.name]) >= 2 else (m, m))
-        row = {"provider": p.name, "method": p.method, "impl": p.impl, "median_ms": round(m * 1e3, 1),
+        row = {"provider": p.name, "method": p.method, "impl": p.impl, "base": p.base, "median_ms": round(m * 1e3, 1),
                "iqr_ms": f"{q1 * 1e3:.1f}-{q3 * 1e3:.1f}", "reps": len(times[p.name])}
         if floor:
             row["ratio_to_floor"] = round(m / floor, 4)
             row["overhead_ms"] = round((m - floor) * 1e3, 1)
-            po = peft_overhead.get(p.method)
+            po = peft_overhead.get((p.method, p.base))
             row["overhead_vs_peft"] = round((m - floor) / po, 3) if po and p.impl != "peft" and po > 0 else ""
         if p.name in memory:
             row["peak_rss_mb"] = round(memory[p.name]["peak_rss_mb"], 1)
@@ -347,8 +378,8 @@ def summarise(providers: List[Provider], times: Dict[str, List[float]], runners:
 def write_results(args, rows, info) -> str:
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, "bench_cpu_step" + ("_quick" if args.quick else "")
-                        + ("_cpuclock" if args.clock == "cpu" else ""))
-    cols = ["provider", "method", "impl", "median_ms", "iqr_ms", "reps", "ratio_to_floor", "overhead_ms",
+                        + ("_cpuclock" if args.clock == "cpu" else "") + (f"_{args.tag}" if args.tag else ""))
+    cols = ["provider", "method", "impl", "base", "median_ms", "iqr_ms", "reps", "ratio_to_floor", "overhead_ms",
             "overhead_vs_peft", "peak_rss_mb", "peak_minus_model_mb", "cpp_paths"]
     cols = [c for c in cols if any(c in r for r in rows)]
     with open(stem + ".csv", "w", newline="") as f:
@@ -367,7 +398,10 @@ def write_results(args, rows, info) -> str:
              "per provider; medians; one step = forward + backward + optimizer step (+ allocation for AdaLoRA); "
              f"clock: {args.clock} ({'elapsed time' if args.clock == 'wall' else 'process CPU time'})",
              "- floor: all weights frozen, input embeddings require grad (backward through every layer), "
-             "no adapter, no optimizer"]
+             "no adapter, no optimizer; floor_4bit the same on the 4-bit base, which the 4-bit rows are "
+             "compared with",
+             "- 4bit: the decoder's Linears as bitsandbytes NF4 layers (double quantization, fp32 compute), "
+             "the same weights quantized; PEFT's rows on the same 4-bit model"]
     lines.append("- command: `" + " ".join(["python", "benchmarks/bench_cpu_step.py"] + args.argv) + "`")
     lines += [f"- {k}: {v}" for k, v in info.items()]
     if any("peak_rss_mb" in r for r in rows):
@@ -396,6 +430,8 @@ def parse(argv=None):
     ap.add_argument("--batch", type=int)
     ap.add_argument("--seq", type=int)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--targets", choices=sorted(TARGET_SETS), default="qv", help="q_proj, v_proj (default) or every "
+                    "Linear of the decoder")
     ap.add_argument("--vera-rank", type=int, default=128, help="VeRA's r (at most 192: v_proj's width with GQA)")
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--reps", type=int)
@@ -408,6 +444,7 @@ def parse(argv=None):
     ap.add_argument("--providers", default=",".join(p.name for p in PROVIDERS))
     ap.add_argument("--memory", action="store_true", help="also measure peak RSS, one fresh subprocess per provider")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument("--tag", default="", help="appended to the results' file names (one file per configuration)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -420,9 +457,10 @@ def parse(argv=None):
         print("warning: --clock cpu with more than one thread also counts OpenMP's spin-waiting", file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
+    TARGETS[:] = TARGET_SETS[args.targets]
     # What a memory subprocess needs to rebuild the same model and batch.
     args.passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-                        ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "batch", "seq", "rank",
+                        ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "batch", "seq", "rank", "targets",
                          "vera_rank", "alpha", "reps", "warmup", "seed", "threads")]
     return args
 
@@ -434,9 +472,11 @@ def main(argv=None) -> None:
         return
     t_start = time.perf_counter()
     providers = available([n for n in args.providers.split(",") if n])
-    base = build_base(args)
+    bases = {"fp32": build_base(args)}
+    if any(p.base == "4bit" for p in providers):
+        bases["4bit"] = quantized_base(bases["fp32"])
     ids = batch(args)
-    runners = {p.name: p.make(base, args) for p in providers}
+    runners = {p.name: p.make(bases[p.base], args) for p in providers}
     times = time_interleaved(runners, ids, args.reps, args.warmup, CLOCKS[args.clock])
     memory = {p.name: child_memory(args, p.name) for p in providers} if args.memory else {}
     info = machine()

@@ -37,6 +37,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 TARGETS = {"qv": ["q_proj", "v_proj"],
            "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
@@ -60,26 +61,28 @@ class Setup:
                            num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
                            attn_implementation="sdpa")
 
-    def base(self):
+    def base(self, quantized: bool = False):
+        """The frozen model; ``quantized``: its decoder Linears as bitsandbytes NF4 layers (double
+        quantization, computing in the setup's dtype), QLoRA's base, the same weights quantized."""
         from transformers import LlamaForCausalLM
 
         torch.manual_seed(0)
         with torch.device(self.device):
             model = LlamaForCausalLM(self.config()).to(self.dtype)
+        if quantized:
+            from common import to_4bit
+
+            to_4bit(model.model.layers, self.dtype, self.device)
         for p in model.parameters():
             p.requires_grad_(False)
         return model.train()
-
-    @property
-    def total_steps(self) -> int:
-        return self.steps + self.warmup + 2
 
 
 # A provider builds (model, allocate(step) or None) from the setup.
 Provider = Callable[[Setup], tuple]
 
 
-def ours(method: str, targets: str, compile: bool = False, **options) -> Provider:
+def ours(method: str, targets: str, compile: bool = False, quantized: bool = False, **options) -> Provider:
     def build(s: Setup):
         import peftkern
 
@@ -89,12 +92,12 @@ def ours(method: str, targets: str, compile: bool = False, **options) -> Provide
             opts["total_step"] = s.total_steps
         if s.quick and "rank" in opts:
             opts["rank"] = min(opts["rank"], 16)  # the --quick model is 64 wide
-        model = peftkern.patch(s.base(), method, targets=TARGETS[targets], **opts)
+        model = peftkern.patch(s.base(quantized), method, targets=TARGETS[targets], **opts)
         return (torch.compile(model) if compile else model), None
     return build
 
 
-def theirs(kind: str, targets: str, **options) -> Provider:
+def theirs(kind: str, targets: str, quantized: bool = False, **options) -> Provider:
     def build(s: Setup):
         import peft
 
@@ -105,7 +108,7 @@ def theirs(kind: str, targets: str, **options) -> Provider:
         opts["vera_dropout" if kind == "vera" else "lora_dropout"] = 0.0
         if kind == "adalora":
             opts["total_step"] = s.total_steps
-        model = peft.get_peft_model(s.base(), config(target_modules=TARGETS[targets], **opts))
+        model = peft.get_peft_model(s.base(quantized), config(target_modules=TARGETS[targets], **opts))
         allocate = (lambda step: model.base_model.update_and_allocate(step)) if kind == "adalora" else None
         return model, allocate
     return build
@@ -133,6 +136,17 @@ PROVIDERS: Dict[str, Optional[Provider]] = {
     "pk_tied_lora_qv_cpp": ours("tied_lora", "qv", backend="cpp"),
     "pk_vera_qv_cpp": ours("vera", "qv", rank=256, backend="cpp"),
     "pk_lora_qv_compiled": ours("lora", "qv", rank=16, compile=True),
+    # DoRA, and QLoRA (the decoder's Linears NF4): bitsandbytes' base op + our low-rank term (auto),
+    # the fused kernel (triton: W0's 4-bit tiles dequantized in the adapter's GEMM), PEFT on the same base
+    "pk_dora_qv": ours("lora", "qv", rank=16, use_dora=True),
+    "peft_dora_qv": theirs("lora", "qv", r=16, lora_alpha=16, use_dora=True),
+    "pk_qlora_qv": ours("lora", "qv", quantized=True, rank=16),
+    "pk_qlora_qv_triton": ours("lora", "qv", quantized=True, rank=16, backend="triton"),
+    "peft_qlora_qv": theirs("lora", "qv", quantized=True, r=16, lora_alpha=16),
+    "pk_qlora_all": ours("lora", "all", quantized=True, rank=16),
+    "pk_qlora_all_triton": ours("lora", "all", quantized=True, rank=16, backend="triton"),
+    "peft_qlora_all": theirs("lora", "all", quantized=True, r=16, lora_alpha=16),
+    "pk_pg_pos_qlora_qv": ours("pg_pos", "qv", quantized=True),
 }
 DEFAULT = [name for name in PROVIDERS if name != "pk_lora_qv_compiled"]
 

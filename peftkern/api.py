@@ -310,10 +310,12 @@ def explain(model: nn.Module) -> Explanation:
             form += ", one C++ autograd node"  # functions.adapter's eager path for this backend
         if state.dora is not None:  # the one place DoRA's dataflow is named (layer.py, ops.functions.dora_adapter)
             form = "DoRA: fused adapter, column scale g = m/‖W0 + ΔW‖ in one pass each way"
-        if m.quantized is not None:  # layer._quantized_forward: the base is bitsandbytes' op
+        if m.quantized is not None:  # layer._quantized_forward: the base is bitsandbytes' op, or fused
             form = f"{m.quantized} base by bitsandbytes + low-rank term"
             if state.dora is not None:
                 form += ", DoRA's column scale by torch ops"
+            elif m.quantized == "4bit" and ops is not None and ops.fuses_4bit:
+                form = "4bit base fused: W0 dequantized tile by tile in the adapter's GEMM"
             kernels = f"{backend.split(' ')[0]} kernels"
         row = {"module": path, "shape": f"{m.in_features}->{m.out_features}", "rank": state.effective_rank(m.slot),
                "backend": backend, "requested": m.backend,

@@ -117,7 +117,8 @@ class AdaptedLinear(nn.Module):
 
     def _quantized_forward(self, x: Tensor) -> Tensor:
         """A bitsandbytes base (quant.py): its own op for W0·x, the adapter's kernels for the low-rank term
-        (weight=None), added; with DoRA the column scale over both, by torch ops."""
+        (weight=None), added; with DoRA the column scale over both, by torch ops. A backend that
+        ``fuses_4bit`` (triton) computes a 4-bit base and the adapter in one kernel instead."""
         base = self.base_layer
         if self._state.disabled:
             return quant.base_forward(base, x)
@@ -136,8 +137,12 @@ class AdaptedLinear(nn.Module):
             f = _cast(f, dtype) if f.A.dtype != dtype else f
             dropout = self._state.plan.dropout if self.training else 0.0
             dora = self._state.dora
-            delta = functions.adapter(x, None, None, f.A, f.B, f.u, f.v, f.scale, dropout,
-                                      backend=self.ops(device_type))
+            ops = self.ops(device_type)
+            if dora is None and self.quantized == "4bit" and ops.fuses_4bit:  # one kernel: W0 read packed
+                bias = None if base.bias is None else base.bias.to(dtype)
+                return functions.adapter_4bit(x, quant.packed_4bit(base), bias, f.A, f.B, f.u, f.v, f.scale, dropout,
+                                              backend=ops)
+            delta = functions.adapter(x, None, None, f.A, f.B, f.u, f.v, f.scale, dropout, backend=ops)
             if dora is None:
                 return quant.base_forward(base, x) + delta
             norm = dora.norm(self.slot, base.weight, f.A, f.B, f.u, f.v, f.scale, dense=self.dense_weight)

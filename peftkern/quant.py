@@ -132,6 +132,18 @@ def base_forward(module: nn.Module, x: torch.Tensor, with_bias: bool = True) -> 
     return lib.matmul_4bit(x.to(compute), weight, bias=bias, quant_state=state).to(x.dtype)
 
 
+def packed_4bit(module: nn.Module) -> tuple:
+    """A 4-bit layer's W0 as the fused kernels read it: (packed, absmax, code, absmax2, code2, offset,
+    blocksize, blocksize2), bitsandbytes' own tensors (no copy; absmax2, code2, offset None without
+    double quantization; offset a one-element tensor, read on the device). Layout:
+    ``reference.dequantize_4bit``."""
+    weight, state = _unpacked_state(module)
+    nested = bool(state.nested)
+    s2 = state.state2 if nested else None
+    return (weight.data, state.absmax, state.code, s2.absmax if nested else None, s2.code if nested else None,
+            state.offset.reshape(1) if nested else None, int(state.blocksize), int(s2.blocksize) if nested else 1)
+
+
 @torch.no_grad()
 def dequantized(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W0 [N, K] of a quantized layer, dequantized now (a temporary: nothing keeps it)."""
@@ -180,5 +192,6 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     return getattr(module, "compute_dtype", None) or torch.float32
 
 
-__all__ = ["kind", "features", "check", "keep_trainable", "base_forward", "dequantized", "requantized", "full_precision", "bnb",
+__all__ = ["kind", "features", "check", "keep_trainable", "base_forward", "packed_4bit", "dequantized", "requantized",
+           "full_precision", "bnb",
            "compute_dtype", "INSTALL"]

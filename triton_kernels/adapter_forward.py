@@ -7,6 +7,10 @@ This single kernel serves every "big" product of the adapter, by passing strides
     backward dx  dx[M,K] = dy·W0 + dh·A    = dy·(W0ᵀ)ᵀ + dh·(Aᵀ)ᵀ            (w := W0ᵀ, f := Aᵀ views)
     shrink dx    dx[M,K] = dh·A             (HAS_BASE = False: no main loop)
 
+The base weight is a dense tensor, or (``W_4BIT``) a bitsandbytes 4-bit W0 whose tiles are
+dequantized in registers as the K-loop reaches them (weight4bit.py): QLoRA's base GEMM with
+the adapter in the same launch, and no dequantized copy of W0 anywhere.
+
 Two ways to get h for the forward, one flag, ``FUSE_SHRINK``:
   (a) in-loop:      h = x·Aᵀ accumulated inside the K-loop from the x tile already in
                     registers; every N-block recomputes it, the pid_n == 0 blocks store it.
@@ -27,6 +31,7 @@ import triton.language as tl
 
 from . import _launch
 from ._launch import dropout_keep
+from .weight4bit import Weight4bit, dequant_tile
 
 Tensor = torch.Tensor
 
@@ -34,8 +39,10 @@ Tensor = torch.Tensor
 @triton.jit
 def _lowrank_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, a_ptr, f_ptr, y_ptr, hout_ptr,
+    q_ptr, qabs_ptr, qcode_ptr, qabs2_ptr, qcode2_ptr, qoff_ptr, Q_BLOCK, Q_BLOCK2,
     M, N, K, R, M_BUCKET, seed, p, inv,
     sxm, sxk, swn, swk, shm, shr, sar, sak, sfn, sfr, sym, syn, shom, shor,
+    W_4BIT: tl.constexpr, NESTED: tl.constexpr,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, FUSE_SHRINK: tl.constexpr,
     STORE_H: tl.constexpr, MASK_INPUT: tl.constexpr, MASK_LOWRANK: tl.constexpr,
     DOT_DT: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
@@ -72,7 +79,12 @@ def _lowrank_gemm_kernel(
             k_ok = ks < K
             xt = tl.load(x_rows + ks[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(DOT_DT)
             if HAS_BASE:
-                wt = tl.load(w_cols + ks[:, None] * swk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                if W_4BIT:  # swn, swk: element strides over W0's flat order (weight4bit.py)
+                    flat = cols64[None, :] * swn + ks[:, None].to(tl.int64) * swk
+                    wt = dequant_tile(q_ptr, qabs_ptr, qcode_ptr, qabs2_ptr, qcode2_ptr, qoff_ptr, flat,
+                                      k_ok[:, None] & n_ok[None, :], Q_BLOCK, Q_BLOCK2, NESTED)
+                else:
+                    wt = tl.load(w_cols + ks[:, None] * swk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = tl.dot(xt, wt.to(DOT_DT), acc, input_precision=PREC, out_dtype=ACC_DT)
             if FUSE_SHRINK:
                 at = tl.load(a_ptr + ranks[None, :] * sar + ks[:, None] * sak, mask=k_ok[:, None] & r_ok[None, :],
@@ -116,27 +128,31 @@ _GEMM = _launch.Launcher(
                      (128, 128, 32, 8, 4, 4), (128, 64, 32, 8, 4, 4), (64, 128, 32, 8, 4, 4),
                      (64, 64, 64, 8, 4, 3), (64, 64, 32, 8, 4, 2)],  # the last one fits BLOCK_R = 128
                     ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")),
-    key=("M_BUCKET", "N", "K", "BLOCK_R", "HAS_BASE", "FUSE_SHRINK"),
+    key=("M_BUCKET", "N", "K", "BLOCK_R", "HAS_BASE", "FUSE_SHRINK", "W_4BIT"),
     fallback={"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
 )
 
 
-def lowrank_gemm(x: Optional[Tensor], w: Optional[Tensor], bias: Optional[Tensor], h: Optional[Tensor],
+def lowrank_gemm(x: Optional[Tensor], w, bias: Optional[Tensor], h: Optional[Tensor],
                  f: Optional[Tensor], *, out_dtype: torch.dtype, a: Optional[Tensor] = None,
                  store_h: bool = False, dropout: float = 0.0, seed: int = 0,
                  mask_lowrank: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
     """y[M, N] = x[M, K]·w[N, K]ᵀ (+ bias[N]) + h[M, R]·f[N, R]ᵀ over strided 2-D views.
 
-    x/w may be None (no base product), h/f may be None (no low-rank term). With ``a``
+    x/w may be None (no base product), h/f may be None (no low-rank term); w may be a
+    ``Weight4bit`` (a bitsandbytes 4-bit W0 or its transpose, dequantized tile by tile). With ``a``
     [R, K] given and ``h`` None, h = D(x)·aᵀ is computed in the K-loop (variant a) and, if
     ``store_h``, returned as the second value (dtype ``out_dtype``). ``mask_lowrank``
     applies the dropout mask of (seed, p) to the low-rank term of y instead (dx's D').
     """
     fuse = a is not None and h is None
     has_base = w is not None
+    w4 = w if isinstance(w, Weight4bit) else None
+    if w4 is not None:
+        w = None
     has_lowrank = f is not None
     M = x.shape[0] if x is not None else h.shape[0]
-    N = w.shape[0] if has_base else f.shape[0]
+    N = (w4 or w).shape[0] if has_base else f.shape[0]
     K = x.shape[1] if x is not None else 0
     R = f.shape[1] if has_lowrank else 1
     device = (x if x is not None else h).device
@@ -144,13 +160,17 @@ def lowrank_gemm(x: Optional[Tensor], w: Optional[Tensor], bias: Optional[Tensor
     h_out = torch.empty(M, R, device=device, dtype=out_dtype) if fuse and store_h else None
     dummy = y  # never dereferenced: the constexpr flags compile its uses away
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    q = (w4.packed, w4.absmax, w4.code, *((w4.absmax2, w4.code2, w4.offset) if w4.nested else (dummy,) * 3),
+         w4.blocksize, w4.blocksize2) if w4 is not None else (dummy,) * 6 + (1, 1)
     _GEMM(grid,
-          x if x is not None else dummy, w if has_base else dummy, _launch.vec(bias) if bias is not None else dummy,
+          x if x is not None else dummy, w if w is not None else dummy,
+          _launch.vec(bias) if bias is not None else dummy,
           h if h is not None else dummy, a if fuse else dummy, f if has_lowrank else dummy, y,
-          h_out if h_out is not None else dummy,
+          h_out if h_out is not None else dummy, *q,
           M, N, K, R, _launch.m_bucket(M), seed, float(dropout), 1.0 / (1.0 - dropout),
-          *_launch.strides(x), *_launch.strides(w), *_launch.strides(h), *_launch.strides(a if fuse else None),
-          *_launch.strides(f), *_launch.strides(y), *_launch.strides(h_out),
+          *_launch.strides(x), *(w4.strides if w4 is not None else _launch.strides(w)), *_launch.strides(h),
+          *_launch.strides(a if fuse else None), *_launch.strides(f), *_launch.strides(y), *_launch.strides(h_out),
+          W_4BIT=w4 is not None, NESTED=w4 is not None and w4.nested,
           HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, FUSE_SHRINK=fuse,
           STORE_H=h_out is not None, MASK_INPUT=fuse and dropout > 0, MASK_LOWRANK=mask_lowrank and dropout > 0,
           BLOCK_R=_launch.block_r(R), **_launch.dot_meta(out_dtype))

@@ -24,13 +24,15 @@ import sys
 from typing import Dict, List, Tuple
 
 ACC_POINTERS = {"f_ptr", "gt_ptr", "du_ptr", "dh_ptr", "da_ptr", "z_ptr", "dg_ptr"}  # fp32 scratch (fp64 for fp64)
+# a bitsandbytes 4-bit weight's state (weight4bit.py): packed codes, absmax (8-bit when nested), code books
+QUANT_POINTERS = {"q_ptr": "u8", "qcode_ptr": "fp32", "qabs2_ptr": "fp32", "qcode2_ptr": "fp32", "qoff_ptr": "fp32"}
 FLOAT_ARGS = {"p", "inv"}
 INT64_ARGS = {"seed"}
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in): H100/H200, A100
 
 # (module, kernel attribute, flag combinations); BLOCK_R 128 is the largest rank the kernels take
 KERNELS: List[Tuple[str, str, List[Dict[str, object]]]] = [
-    ("adapter_forward", "_GEMM", [
+    ("adapter_forward", "_GEMM", [{**dense, **flags} for dense in [dict(W_4BIT=False, NESTED=False)] for flags in [
         dict(HAS_BASE=True, HAS_BIAS=True, HAS_LOWRANK=True, FUSE_SHRINK=False, STORE_H=False, MASK_INPUT=False,
              MASK_LOWRANK=False, BLOCK_R=16),
         dict(HAS_BASE=True, HAS_BIAS=True, HAS_LOWRANK=True, FUSE_SHRINK=True, STORE_H=True, MASK_INPUT=True,
@@ -40,7 +42,11 @@ KERNELS: List[Tuple[str, str, List[Dict[str, object]]]] = [
         dict(HAS_BASE=False, HAS_BIAS=False, HAS_LOWRANK=True, FUSE_SHRINK=False, STORE_H=False, MASK_INPUT=False,
              MASK_LOWRANK=True, BLOCK_R=16),
         dict(HAS_BASE=True, HAS_BIAS=False, HAS_LOWRANK=False, FUSE_SHRINK=False, STORE_H=False, MASK_INPUT=False,
-             MASK_LOWRANK=False, BLOCK_R=16)]),
+             MASK_LOWRANK=False, BLOCK_R=16)]] + [  # QLoRA fused: the 4-bit W0's forward and its dx
+        dict(W_4BIT=True, NESTED=True, HAS_BASE=True, HAS_BIAS=False, HAS_LOWRANK=True, FUSE_SHRINK=True, STORE_H=True,
+             MASK_INPUT=True, MASK_LOWRANK=False, BLOCK_R=128),
+        dict(W_4BIT=True, NESTED=False, HAS_BASE=True, HAS_BIAS=False, HAS_LOWRANK=True, FUSE_SHRINK=False,
+             STORE_H=False, MASK_INPUT=False, MASK_LOWRANK=True, BLOCK_R=16)]),
     ("shrink", "_SHRINK", [dict(HAS_U=True, STORE_H=True, DROPOUT=True, BLOCK_R=16),
                            dict(HAS_U=False, STORE_H=True, DROPOUT=False, BLOCK_R=128)]),
     ("adapter_backward", "_DY_PASS", [dict(HAS_U=True, COMPUTE_DH=True, COMPUTE_GT=True, COMPUTE_DU=True, BLOCK_R=32),
@@ -56,13 +62,17 @@ KERNELS: List[Tuple[str, str, List[Dict[str, object]]]] = [
 ]
 
 
-def signature(kernel, io: str, acc: str) -> Dict[str, str]:
+def signature(kernel, io: str, acc: str, flags: Dict[str, object]) -> Dict[str, str]:
     """Argument types by the kernels' naming convention (pointers, the dropout seed and rates, int sizes)."""
     sig = {}
     for name in kernel.plain.arg_names:
         if name in kernel.constexpr_names:
             continue
-        if name.endswith("_ptr"):
+        if name == "qabs_ptr":
+            sig[name] = "*u8" if flags.get("NESTED") else "*fp32"
+        elif name in QUANT_POINTERS:
+            sig[name] = "*" + QUANT_POINTERS[name]
+        elif name.endswith("_ptr"):
             sig[name] = "*" + (acc if name in ACC_POINTERS else io)
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
@@ -93,16 +103,17 @@ def main(argv=None) -> int:
     failures = 0
     for module, attr, flag_sets in KERNELS:
         kernel = getattr(importlib.import_module(f"peftkern_triton.{module}"), attr)
-        if args.quick:
-            flag_sets = [max(flag_sets, key=lambda f: f.get("BLOCK_R", 0))]
+        if args.quick:  # the largest rank block (the tightest shared memory), of each weight format
+            flag_sets = [max((f for f in flag_sets if f.get("W_4BIT") == w4), key=lambda f: f.get("BLOCK_R", 0))
+                         for w4 in dict.fromkeys(f.get("W_4BIT") for f in flag_sets)]
         configs = kernel.tuned.configs
         for io in dtypes:
             acc = "fp64" if io == "fp64" else "fp32"
             dot = {"DOT_DT": tl_types[io], "ACC_DT": tl_types[acc], "PREC": "ieee"}
-            sig = signature(kernel, io, acc)
             for arch in archs:
                 target, limit = GPUTarget("cuda", arch, 32), SHARED_LIMIT.get(arch, 101376)
                 for flags in flag_sets:
+                    sig = signature(kernel, io, acc, flags)
                     constexprs = {k: v for k, v in {**flags, **dot}.items() if k in kernel.constexpr_names}
                     what = f"{kernel.name} {io} sm{arch} {flags}"
                     try:

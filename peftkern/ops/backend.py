@@ -33,6 +33,15 @@ empty placeholder, library.py).
 ``weight`` may be None in the adapter kernels of a backend that declares ``lowrank_only``: the
 base product then runs elsewhere (a quantized base layer), and y is the low-rank term (+ bias).
 
+Optional: the adapter over a bitsandbytes 4-bit W0 [N, K] in one launch each way (QLoRA fused),
+given as its packed state (``quant.packed_4bit``; layout in triton_kernels/weight4bit.py). A
+backend without them runs a 4-bit base as bitsandbytes' op plus the low-rank term above.
+
+    adapter_4bit_forward(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2,
+                         bias, A, B, u, v, scale, dropout, seed, save_h) -> (y, h)
+    adapter_4bit_backward(dy, x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2,
+                          A, B, u, v, h, scale, dropout, seed, needs[5]) -> (dx, dA, dB, du, dv)
+
 h is x·Aᵀ (before u; with dropout, of the kept and rescaled input), or that times a constant
 the backend's own backward expects (torch: s·x·Aᵀ), [M, r] in x's dtype, returned only when
 ``save_h`` asks for it (else None); ``aux`` is any other tensor the backend wants back in
@@ -101,6 +110,13 @@ class Backend:
     # elsewhere: a 4-bit base layer); the registry gives such modules to ``over_rank`` otherwise
     lowrank_only: bool = True
     step: Optional[StepOps] = None
+    adapter_4bit_forward: Optional[Callable] = None  # optional kernels (module docstring)
+    adapter_4bit_backward: Optional[Callable] = None
+
+    @property
+    def fuses_4bit(self) -> bool:
+        """Whether this backend computes a 4-bit base and the adapter in one kernel (else bitsandbytes + ours)."""
+        return self.adapter_4bit_forward is not None
 
     def path_for(self, N: int, K: int, r: int, dtype) -> str:
         return self.path(N, K, r, dtype) if self.path is not None else self.name

@@ -247,6 +247,47 @@ class DoraFunction(torch.autograd.Function):
         return dx, dw, db, dA, dB, du, dv, (_given(dg) if need_g else None), None, None, None
 
 
+class Adapter4bitFunction(torch.autograd.Function):
+    """The adapter over a bitsandbytes 4-bit W0 in one kernel each way (``adapter_4bit``). W0 is frozen
+    and stays packed: the backward reads the same packed state for dx = dy·W0 + D'(dh·A)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, A, B, u, v, scale, dropout, backend, w4):
+        x2 = _rows(x, A.shape[1])
+        _, _, need_A, need_B, need_u, need_v = ctx.needs_input_grad[:6]
+        want_h = need_B or need_u or need_v
+        seed = new_seed(dropout)
+        y, h = backend.adapter_4bit_forward(x2, *w4, bias, A, B, u, v, scale, dropout, seed, want_h)
+        h = _given(h)
+        ctx.save_for_backward(x2 if need_A or (want_h and h is None) else None, A, B, u, v, h,
+                              seed if dropout else None, *w4[:6])
+        ctx.w4_rest, ctx.scale, ctx.dropout, ctx.backend, ctx.x_shape = w4[6:], scale, dropout, backend, x.shape
+        return _shaped(y, x)
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, gy):
+        x2, A, B, u, v, h, seed, *w4 = ctx.saved_tensors
+        need_x, _, need_A, need_B, need_u, need_v = ctx.needs_input_grad[:6]
+        needs = [need_x, need_A, need_B, need_u, need_v]
+        dx, dA, dB, du, dv = _grads(ctx.backend.adapter_4bit_backward(
+            _rows(gy, B.shape[0]), x2, *w4, *ctx.w4_rest, A, B, u, v, h, ctx.scale, ctx.dropout, _seed(seed), needs),
+            needs)
+        if dx is not None:
+            dx = dx.view(ctx.x_shape)
+        return dx, None, dA, dB, du, dv, None, None, None, None
+
+
+def adapter_4bit(x: Tensor, w4: tuple, bias: Optional[Tensor], A: Tensor, B: Tensor, u: Optional[Tensor],
+                 v: Optional[Tensor], scale: float, dropout: float = 0.0, *, backend: Backend) -> Tensor:
+    """``adapter`` with W0 a bitsandbytes 4-bit weight (QLoRA), on a backend that ``fuses_4bit``:
+    w4 = (packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2), bitsandbytes' state
+    of W0 [N, K] (``quant.packed_4bit``; absmax2, code2, offset None without double quantization). x [..., K]
+    in the compute dtype; bias, A, B, u, v as ``adapter``; returns [..., N]. Gradients flow to x and
+    the factors, never to W0 or the bias (frozen)."""
+    return Adapter4bitFunction.apply(x, bias, A, B, u, v, float(scale), float(dropout), backend, tuple(w4))
+
+
 def dora_adapter(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, u: Optional[Tensor],
                  v: Optional[Tensor], g: Tensor, scale: float, dropout: float = 0.0, *, backend: Backend) -> Tensor:
     """DoRA (Liu et al. 2024): y = g⊙(W0·x + s·Λv·B·Λu·A·x) + b, with g = m / ‖W0 + ΔW‖_row computed by
@@ -319,6 +360,9 @@ class BoundOps:
     def dora_adapter(self, x, weight, bias, A, B, u, v, g, scale, dropout=0.0):
         return dora_adapter(x, weight, bias, A, B, u, v, g, scale, dropout, backend=self.backend)
 
+    def adapter_4bit(self, x, w4, bias, A, B, u, v, scale, dropout=0.0):
+        return adapter_4bit(x, w4, bias, A, B, u, v, scale, dropout, backend=self.backend)
 
-__all__ = ["BoundOps", "adapter", "dora_adapter", "shrink", "expand", "hypernet", "new_seed", "check_dropout",
-           "AdapterFunction", "DoraFunction", "ShrinkFunction", "ExpandFunction", "HypernetFunction"]
+
+__all__ = ["BoundOps", "adapter", "adapter_4bit", "dora_adapter", "shrink", "expand", "hypernet", "new_seed", "check_dropout",
+           "AdapterFunction", "Adapter4bitFunction", "DoraFunction", "ShrinkFunction", "ExpandFunction", "HypernetFunction"]

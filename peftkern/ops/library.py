@@ -37,7 +37,17 @@ SCHEMAS: Dict[str, str] = {
     "dora_scale_forward": "(Tensor z, Tensor g, Tensor? bias) -> Tensor",
     "dora_scale_backward": "(Tensor dy, Tensor saved, Tensor g, Tensor? bias, bool from_output, bool need_g) "
                            "-> (Tensor, Tensor)",
+    # optional (OPTIONAL): the adapter over a bitsandbytes 4-bit W0, given as its packed state
+    "adapter_4bit_forward": "(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor? absmax2, Tensor? code2, "
+                            "Tensor? offset, int blocksize, int blocksize2, Tensor? bias, Tensor A, Tensor B, Tensor? u, "
+                            "Tensor? v, float scale, float dropout, Tensor seed, bool save_h) -> (Tensor, Tensor)",
+    "adapter_4bit_backward": "(Tensor dy, Tensor? x, Tensor packed, Tensor absmax, Tensor code, Tensor? absmax2, "
+                             "Tensor? code2, Tensor? offset, int blocksize, int blocksize2, Tensor A, Tensor B, "
+                             "Tensor? u, Tensor? v, Tensor? h, float scale, float dropout, Tensor seed, bool[] needs) "
+                             "-> Tensor[]",
 }
+# kernels a backend may leave out (backend.py says what runs instead)
+OPTIONAL = frozenset({"adapter_4bit_forward", "adapter_4bit_backward"})
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -111,12 +121,27 @@ def _dora_scale_backward(dy, saved, g, bias, from_output, need_g):
     return torch.empty_like(dy, memory_format=torch.contiguous_format), (g.new_empty(g.shape) if need_g else _none(g))
 
 
+def _adapter_4bit_forward(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, bias, A, B, u, v,
+                          scale, dropout, seed, save_h):
+    M, r = x.shape[0], A.shape[0]
+    return x.new_empty(M, B.shape[0]), (x.new_empty(M, r) if save_h else _none(x))
+
+
+def _adapter_4bit_backward(dy, x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, A, B, u, v, h,
+                           scale, dropout, seed, needs):
+    M, K = dy.shape[0], A.shape[1]
+    shapes = [((M, K), dy.dtype), (A.shape, A.dtype), (B.shape, B.dtype),
+              (A.shape[:1], u.dtype if u is not None else A.dtype), (B.shape[:1], v.dtype if v is not None else B.dtype)]
+    return _grads(needs, shapes, dy)
+
+
 FAKES: Dict[str, Callable] = {
     "adapter_forward": _adapter_forward, "adapter_backward": _adapter_backward,
     "shrink_forward": _shrink_forward, "shrink_backward": _shrink_backward,
     "expand_forward": _expand_forward, "expand_backward": _expand_backward,
     "hypernet_forward": _hypernet_forward, "hypernet_backward": _hypernet_backward,
     "dora_scale_forward": _dora_scale_forward, "dora_scale_backward": _dora_scale_backward,
+    "adapter_4bit_forward": _adapter_4bit_forward, "adapter_4bit_backward": _adapter_4bit_backward,
 }
 
 _REGISTERED: Dict[str, tuple] = {}  # qualname -> (custom op, its _Forward)
@@ -146,8 +171,9 @@ class KernelOp:
 
 def register(backend: str, impls: Dict[str, Callable]) -> Dict[str, KernelOp]:
     """Define ``torch.ops.peftkern.<backend>_<kernel>`` for every kernel in ``impls`` (which must be
-    exactly the kernels of ``SCHEMAS``) and return them as ``KernelOp`` callables, by kernel name."""
-    missing, extra = sorted(set(SCHEMAS) - set(impls)), sorted(set(impls) - set(SCHEMAS))
+    the kernels of ``SCHEMAS``, the ``OPTIONAL`` ones optionally) and return them as ``KernelOp``
+    callables, by kernel name."""
+    missing, extra = sorted(set(SCHEMAS) - OPTIONAL - set(impls)), sorted(set(impls) - set(SCHEMAS))
     if missing or extra:
         raise ValueError(f"backend {backend!r}: kernels missing {missing}, unknown {extra}")
     out: Dict[str, KernelOp] = {}
@@ -187,4 +213,4 @@ class _Forward:
         return type(out)(_none(like) if t is None else t.contiguous() for t in out)
 
 
-__all__ = ["SCHEMAS", "FAKES", "KernelOp", "register", "acc_dtype"]
+__all__ = ["SCHEMAS", "OPTIONAL", "FAKES", "KernelOp", "register", "acc_dtype"]

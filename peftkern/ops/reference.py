@@ -97,6 +97,21 @@ def dora_adapter(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B
     return F.linear(x, weight, bias) + (g - 1) * F.linear(xd, weight) + g * F.linear(xd, delta)
 
 
+def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, absmax2: Optional[Tensor], code2: Optional[Tensor],
+                    offset: Optional[Tensor], blocksize: int, blocksize2: int, N: int, K: int) -> Tensor:
+    """W0 [N, K] fp32 of a bitsandbytes 4-bit weight (QLoRA, Dettmers et al. 2023, §2-3): flat element i is
+    code[nibble i]·absmax[i // blocksize], element 2j in the high nibble of byte j; with double
+    quantization absmax = code2[absmax]·absmax2[j // blocksize2] + offset."""
+    b = packed.reshape(-1).view(torch.uint8).long()
+    nibbles = torch.stack((b >> 4, b & 0xF), dim=1).reshape(-1)[:N * K]
+    if absmax2 is not None:
+        scales = (code2.float()[absmax.long()] * absmax2.float().repeat_interleave(blocksize2)[:absmax.numel()]
+                  + offset.float())
+    else:
+        scales = absmax.float()
+    return (code.float()[nibbles] * scales.repeat_interleave(blocksize)[:N * K]).reshape(N, K)
+
+
 def hypernet(E: Tensor, W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor) -> Tensor:
     """LEFT's γ for every layer at once: GeLU(E·W1ᵀ + b1)·W2ᵀ + b2 → [L, P]."""
     return F.linear(F.gelu(F.linear(E, W1, b1)), W2, b2)

@@ -108,24 +108,29 @@ def load(name: str) -> Backend:
     return backend
 
 
-def cuda_policy() -> Dict[Tuple[int, int, int], str]:
-    """{(N, K, r): backend name} from a verified GPU run, or {} (module docstring)."""
+def cuda_policy(dense: bool = True) -> Dict[Tuple[int, int, int], str]:
+    """{(N, K, r): backend name} from a verified GPU run, or {} (module docstring), for modules with a
+    dense base weight, or (``dense=False``) a 4-bit one: entries with ``"base": "4bit"``, measured
+    on their own, since a 4-bit base runs another kernel (the fused QLoRA GEMM)."""
     if not CUDA_POLICY.is_file():
         return {}
     data = json.loads(CUDA_POLICY.read_text())
     if not data.get("verified"):
         return {}
-    return {tuple(entry["shape"]): entry["backend"] for entry in data.get("shapes", [])}
+    base = "dense" if dense else "4bit"
+    return {tuple(entry["shape"]): entry["backend"] for entry in data.get("shapes", [])
+            if entry.get("base", "dense") == base}
 
 
-def auto_choice(device_type: str, shape: Shape = None) -> Tuple[str, ...]:
-    """auto's candidates for ``device_type`` (and a module shape), first choice first."""
+def auto_choice(device_type: str, shape: Shape = None, dense: bool = True) -> Tuple[str, ...]:
+    """auto's candidates for ``device_type`` (and a module shape, its base dense or quantized), first
+    choice first."""
     ranked = sorted((spec.auto.get(device_type, spec.auto.get("*")), i, name)
                     for i, (name, spec) in enumerate(_SPECS.items())
                     if spec.auto.get(device_type, spec.auto.get("*")) is not None)
     order = tuple(name for _, _, name in ranked)
     if device_type == "cuda" and shape is not None:
-        chosen = cuda_policy().get(tuple(shape))
+        chosen = cuda_policy(dense).get(tuple(shape))
         if chosen in _SPECS and _SPECS[chosen].policy:
             return (chosen, *(n for n in order if n != chosen))
     return order
@@ -152,7 +157,7 @@ def resolve(requested: str, device_type: str, shape: Shape = None, dense: bool =
 def _resolve(requested: str, device_type: str, shape: Shape, dense: bool = True) -> Tuple[Backend, str]:
     """(backend, note): the note says why a module runs elsewhere than asked (rank limit, quantized base)."""
     check_name(requested)
-    backend = _resolve_auto(device_type, shape) if requested == "auto" else _runs_here(requested, device_type)
+    backend = _resolve_auto(device_type, shape, dense) if requested == "auto" else _runs_here(requested, device_type)
     if shape is not None and backend.max_rank is not None and shape[2] > backend.max_rank:
         note = f"rank {shape[2]} > {backend.name}'s {backend.max_rank}: on {backend.over_rank}"
         return _runs_here(backend.over_rank, device_type), note
@@ -162,8 +167,8 @@ def _resolve(requested: str, device_type: str, shape: Shape, dense: bool = True)
     return backend, ""
 
 
-def _resolve_auto(device_type: str, shape: Shape) -> Backend:
-    candidates = auto_choice(device_type, shape)
+def _resolve_auto(device_type: str, shape: Shape, dense: bool = True) -> Backend:
+    candidates = auto_choice(device_type, shape, dense)
     causes = []
     for name in candidates:
         try:

@@ -5,8 +5,6 @@ import pytest
 import torch
 import transformers as T
 
-from .models import tiny_model
-
 bnb = pytest.importorskip("bitsandbytes")
 
 
@@ -19,11 +17,20 @@ def load_4bit(directory, quant_type: str = "nf4", double_quant: bool = True, com
     return T.AutoModelForCausalLM.from_pretrained(directory, quantization_config=config, device_map="cpu").eval()
 
 
-def tiny_4bit(tmp_path, family: str = "llama", **kw):
-    """(4-bit model, full-precision model holding the 4-bit model's weights dequantized, the saved dir)."""
+def tiny_llama_64(seed: int = 0) -> torch.nn.Module:
+    """A tiny Llama whose layers are 64 and 128 wide: bitsandbytes 0.50's CPU kernels assume a layer's
+    input width is a multiple of the 4-bit block (64), and compute narrower layers with one block's
+    scale for several (or fail, when repacking); real models' widths are multiples of it."""
+    torch.manual_seed(seed)
+    config = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=97)
+    return T.AutoModelForCausalLM.from_config(config).eval()
 
-    directory = tmp_path / f"{family}-base"
-    base = tiny_model(family)
+
+def tiny_4bit(tmp_path, **kw):
+    """(4-bit model, full-precision model holding the 4-bit model's weights dequantized, the saved dir)."""
+    directory = tmp_path / "llama-base"
+    base = tiny_llama_64()
     base.save_pretrained(directory)
     m4 = load_4bit(directory, **kw)
     return m4, dequantized_twin(m4, base), directory
@@ -46,3 +53,21 @@ def quantized_layers(model: torch.nn.Module):
     from peftkern import quant
 
     return [name for name, module in model.named_modules() if quant.kind(module)]
+
+
+def assert_matches_twin(q: torch.nn.Module, r: torch.nn.Module, ids: torch.Tensor, tol: dict,
+                        grad_tol: dict = None) -> int:
+    """The patched 4-bit model ``q`` and its patched twin ``r`` (same adapter values) give close logits
+    and, after a backward of the LM loss, close gradients for every adapter parameter (None where the
+    other's is None). Returns how many gradients were compared."""
+    out_q, out_r = q(input_ids=ids, labels=ids), r(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out_q.logits, out_r.logits, **tol)
+    out_q.loss.backward()
+    out_r.loss.backward()
+    compared = 0
+    for (name, a), (_, b) in zip(q.peftkern.named_parameters(), r.peftkern.named_parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, **(grad_tol or tol), msg=name)
+            compared += 1
+    return compared

@@ -18,7 +18,7 @@ from peftkern import quant
 from peftkern.methods import registry as methods
 from tests.helpers.adapters import options_for, perturb
 from tests.helpers.models import tiny_model, tokens
-from tests.helpers.quantized import load_4bit, quantized_layers, tiny_4bit
+from tests.helpers.quantized import assert_matches_twin, load_4bit, quantized_layers, tiny_4bit, tiny_llama_64
 
 TOL = dict(rtol=1e-4, atol=1e-5)  # bitsandbytes' fp32 4-bit matmul vs torch's on the same dequantized weight
 CASES = [(m, False, {}) for m in methods.names()] + [(m, True, {}) for m in methods.names() if methods.get(m).dora]
@@ -49,22 +49,43 @@ def _pair(base4, method, use_dora=False, **extra):
 def test_every_method_on_a_4bit_base_matches_its_dequantized_twin(base4, method, use_dora, extra):
     q, r = _pair(base4, method, use_dora, **extra)
     before = _packed(q)
-    ids = tokens()
-    out_q, out_r = q(input_ids=ids, labels=ids), r(input_ids=ids, labels=ids)
-    torch.testing.assert_close(out_q.logits, out_r.logits, **TOL)
-    out_q.loss.backward()
-    out_r.loss.backward()
-    grads = 0
-    for (name, a), (_, b) in zip(q.peftkern.named_parameters(), r.peftkern.named_parameters()):
-        assert (a.grad is None) == (b.grad is None), name
-        if a.grad is not None:
-            torch.testing.assert_close(a.grad, b.grad, **TOL, msg=name)
-            grads += 1
-    assert grads > 0
+    assert assert_matches_twin(q, r, tokens(), TOL) > 0
     for name, m in q.named_modules():
         if quant.kind(m):
             assert m.weight.grad is None and torch.equal(m.weight, before[name]), name
     assert all("4bit base by bitsandbytes" in row["path"] for row in peftkern.explain(q).rows)
+
+
+SETTINGS = [  # (load_4bit options, tolerance): bf16 compute rounds the base product; fp16 too
+    (dict(quant_type="fp4", double_quant=False), TOL),
+    (dict(quant_type="nf4", compute=torch.bfloat16), dict(rtol=2e-2, atol=2e-2)),
+    (dict(quant_type="nf4", compute=torch.float16), dict(rtol=5e-3, atol=5e-3)),
+]
+
+
+@pytest.mark.parametrize("kw,tol", SETTINGS, ids=["fp4", "nf4-bf16", "nf4-fp16"])
+@pytest.mark.parametrize("method", ["lora", "pg_pos"])
+def test_fp4_and_other_compute_dtypes(tmp_path, kw, tol, method):
+    m4, twin, _ = tiny_4bit(tmp_path, **kw)
+    q, r = _pair((m4, twin, None), method)
+    assert assert_matches_twin(q, r, tokens(), tol) > 0
+
+
+@pytest.mark.parametrize("method", ["lora", "pg_pos"])
+def test_8bit_layers(tmp_path, method):
+    """LLM.int8 quantizes the activations too: the twin (dequantized weights, float activations) agrees
+    to that rounding, not to fp32's."""
+    import transformers as T
+
+    from tests.helpers.quantized import dequantized_twin
+
+    base = tiny_llama_64()
+    base.save_pretrained(tmp_path)
+    m8 = T.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=T.BitsAndBytesConfig(load_in_8bit=True),
+                                                device_map="cpu")
+    q, r = _pair((m8, dequantized_twin(m8, base), None), method)
+    assert {m.quantized for m in q.modules() if isinstance(m, peftkern.AdaptedLinear)} == {"8bit"}
+    assert assert_matches_twin(q, r, tokens(), dict(rtol=2e-2, atol=1e-2), dict(rtol=5e-2, atol=5e-3)) > 0
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
@@ -76,8 +97,8 @@ def test_same_logits_and_gradients_as_peft_qlora(base4, use_dora):
     peft = get_peft_model(copy.deepcopy(m4), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                         use_dora=use_dora))
     ours = peftkern.patch(copy.deepcopy(m4), "lora", rank=4, alpha=8, targets=targets, use_dora=use_dora)
-    # PEFT's layers call the 4-bit layer's forward, whose CPU repacking (see peftkern.quant) fails on
-    # these narrow layers and would stop its gradients: turned off for PEFT as patching turns it off for us
+    # PEFT's layers call the 4-bit layer's forward, whose CPU repacking at an eval-mode no-grad forward
+    # (see peftkern.quant) would stop its gradients: turned off for PEFT as patching turns it off for us
     quant.keep_trainable(peft)
     modules = dict(peft.named_modules())
     with torch.no_grad():
@@ -113,15 +134,8 @@ def test_magnitudes_start_at_the_dequantized_row_norms(base4):
 
 def test_an_eval_forward_first_does_not_stop_training(tmp_path, caplog):
     """bitsandbytes' CPU repacking at the first eval-mode no-grad forward (see peftkern.quant) must not cut the
-    adapter off: a layer repacked before patching is unpacked, and patching turns the repacking off. Layers
-    64 wide: bitsandbytes' repacking fails outright on narrower ones."""
-    import transformers as T
-
-    torch.manual_seed(0)
-    config = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=97)
-    T.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    m4 = load_4bit(tmp_path)
+    adapter off: a layer repacked before patching is unpacked, and patching turns the repacking off."""
+    m4 = tiny_4bit(tmp_path)[0]
     weights = {n: quant.dequantized(m) for n, m in m4.named_modules() if quant.kind(m)}
     ids = tokens()
     with torch.no_grad():  # before patching: repacks, on a CPU with AVX-512 BF16
@@ -187,7 +201,7 @@ def test_saved_adapter_loads_on_4bit_and_full_precision_bases(base4, tmp_path):
 
     mine = peftkern.load(load_4bit(directory), tmp_path / "adapter")  # native files, on a fresh 4-bit load
     plain4 = load_4bit(directory)
-    quant.keep_trainable(plain4)  # bitsandbytes' CPU repacking fails on these narrow layers (see above)
+    quant.keep_trainable(plain4)  # bitsandbytes' CPU repacking would cut PEFT's gradients (see above)
     theirs = PeftModel.from_pretrained(plain4, tmp_path / "adapter")  # PEFT, on 4-bit
     on_twin = PeftModel.from_pretrained(copy.deepcopy(twin), tmp_path / "adapter")  # PEFT, full precision
     with torch.no_grad():
@@ -207,8 +221,8 @@ def test_merge_is_refused_in_place_and_unpatch_merges_into_full_precision(base4,
     with pytest.raises(ValueError, match="requantize=True applies to unpatch"):
         peftkern.unpatch(copy.deepcopy(q), requantize=True)
     with caplog.at_level(logging.WARNING, logger="peftkern"):
-        plain = peftkern.unpatch(copy.deepcopy(q), merge=True)  # lora's default targets: q, v of 3 layers
-    assert "merged 6 quantized layers into full-precision Linears" in caplog.text
+        plain = peftkern.unpatch(copy.deepcopy(q), merge=True)  # lora's default targets: q, v of 2 layers
+    assert "merged 4 quantized layers into full-precision Linears" in caplog.text
     layer = plain.model.layers[0].self_attn.q_proj
     assert type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32
     with torch.no_grad():
@@ -217,7 +231,7 @@ def test_merge_is_refused_in_place_and_unpatch_merges_into_full_precision(base4,
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="peftkern"):
         again = peftkern.unpatch(q, merge=True, requantize=True)
-    assert "requantized 6 4-bit layers" in caplog.text
+    assert "requantized 4 4-bit layers" in caplog.text
     assert quant.kind(again.model.layers[0].self_attn.q_proj) == "4bit"
     with torch.no_grad():  # 4-bit rounding of the merged weights: close to the trained model, not equal
         drift = (again(input_ids=ids).logits - want).abs().max()

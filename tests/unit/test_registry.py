@@ -42,6 +42,12 @@ def test_a_verified_policy_picks_triton_only_for_its_shapes(tmp_path, monkeypatc
     monkeypatch.setattr(registry, "CUDA_POLICY", policy)
     assert registry.auto_choice("cuda", (2048, 2048, 16)) == ("triton", "torch")
     assert registry.auto_choice("cuda", (256, 2048, 16)) == ("torch",)
+    # a 4-bit base runs the fused QLoRA kernel: a dense entry says nothing about it, a "4bit" entry does
+    assert registry.auto_choice("cuda", (2048, 2048, 16), dense=False) == ("torch",)
+    policy.write_text(json.dumps({"verified": True, "shapes": [{"shape": [2048, 2048, 16], "backend": "triton",
+                                                                "base": "4bit"}]}))
+    assert registry.auto_choice("cuda", (2048, 2048, 16), dense=False) == ("triton", "torch")
+    assert registry.auto_choice("cuda", (2048, 2048, 16)) == ("torch",)
     policy.write_text(json.dumps({"verified": False, "shapes": [{"shape": [2048, 2048, 16], "backend": "triton"}]}))
     assert registry.auto_choice("cuda", (2048, 2048, 16)) == ("torch",)  # an unverified run decides nothing
 

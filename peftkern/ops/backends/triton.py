@@ -8,6 +8,8 @@ Dataflow (the torch kernels', on Triton):
               dx = dy·W0 + D'(dh·A)                                  1 GEMM, low-rank term in the epilogue
               dA = dhᵀ·D(x)                                          1 skinny pass over x
               dB = s·v⊙Gt,  dv = s·Σ_j B⊙Gt                          [N, r] torch ops
+    4-bit W0  the same launches, W0's tiles dequantized in the GEMMs' K-loops (QLoRA fused; the
+              optional adapter_4bit kernels of the contract)
 
 Forward variant (``with forward_variant(name):``, for the calls inside the block):
   "prior_shrink" (default): a skinny shrink kernel writes h, the GEMM reads it in its
@@ -36,6 +38,7 @@ from peftkern_triton.dora import scale_forward as dora_scale_forward
 from peftkern_triton.hypernet import hypernet_backward, hypernet_forward
 from peftkern_triton.shrink import dropout_mask
 from peftkern_triton.shrink import shrink_forward as _shrink
+from peftkern_triton.weight4bit import Weight4bit
 
 from ..backend import Backend
 from ..library import register
@@ -64,7 +67,9 @@ def current_forward_variant() -> str:
 
 
 def adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h):
-    _launch.check_same_dtype("x", x, weight=weight, bias=bias, A=A, B=B, u=u, v=v)
+    """``weight``: W0 [N, K], None (the low-rank term alone), or a ``Weight4bit`` (adapter_4bit_forward)."""
+    dense = weight if isinstance(weight, torch.Tensor) else None
+    _launch.check_same_dtype("x", x, weight=dense, bias=bias, A=A, B=B, u=u, v=v)
     f = up_factor(B, u, v, scale, _launch.acc_torch_dtype(x.dtype))
     s = int(seed)
     if weight is None:  # the low-rank term alone (a quantized base runs elsewhere)
@@ -78,6 +83,24 @@ def adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h):
         h, _ = _shrink(x, A, None, dropout=dropout, seed=s)
         y, _ = lowrank_gemm(x, weight, bias, h, f, out_dtype=x.dtype)
     return y, (h if save_h and h is not None else None), None
+
+
+def adapter_4bit_forward(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, bias, A, B, u, v,
+                         scale, dropout, seed, save_h):
+    """The adapter over a 4-bit W0 (QLoRA fused): W0's tiles dequantized in the GEMM's K-loop."""
+    _launch.check_same_dtype("x", x, bias=bias, A=A, B=B, u=u, v=v)
+    w4 = Weight4bit.of(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, B.shape[0], x.shape[1])
+    y, h, _ = adapter_forward(x, w4, bias, A, B, u, v, scale, dropout, seed, save_h)
+    return y, h
+
+
+def adapter_4bit_backward(dy, x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, A, B, u, v, h,
+                          scale, dropout, seed, needs):
+    need_x, need_A, need_B, need_u, need_v = needs
+    w4 = Weight4bit.of(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, B.shape[0], A.shape[1])
+    dx, _, _, dA, dB, du, dv = adapter_backward(dy, x, w4, A, B, u, v, h, None, scale, dropout, seed,
+                                                [need_x, False, False, need_A, need_B, need_u, need_v])
+    return [dx, dA, dB, du, dv]
 
 
 def adapter_backward(dy, x, weight, A, B, u, v, h, aux, scale, dropout, seed, needs):
@@ -161,6 +184,7 @@ KERNELS = register("triton", {
     "expand_forward": expand_forward, "expand_backward": expand_backward,
     "hypernet_forward": hypernet_forward, "hypernet_backward": hypernet_backward,
     "dora_scale_forward": dora_scale_forward, "dora_scale_backward": dora_scale_backward,
+    "adapter_4bit_forward": adapter_4bit_forward, "adapter_4bit_backward": adapter_4bit_backward,
 })
 
 # On the CPU the kernels run only under the interpreter (registry precheck, backends/__init__.py).
