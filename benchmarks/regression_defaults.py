@@ -55,8 +55,12 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "regression_defaults.jsonl"
     runs = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
-    # seed-major: a run cut short has every method at the first seeds
-    plan = [(m, s, "mean") for s in SEEDS for m in args.methods.split(",")]
+    # the bar first (lora and pg_pos, every seed), then seed-major: a run cut short has every
+    # method at the first seeds
+    methods = args.methods.split(",")
+    first = [m for m in ("lora", "pg_pos") if m in methods]
+    plan = [(m, s, "mean") for m in first for s in SEEDS]
+    plan += [(m, s, "mean") for s in SEEDS for m in methods if m not in first]
     if args.ablation:
         plan = [(m, s, "zero") for m in ("lora", "pg_pos") for s in SEEDS] + plan
     for method, seed, head in plan:

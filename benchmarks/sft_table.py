@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("--held", type=int, default=48)
     p.add_argument("--test", type=int, default=80)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--select-only", action="store_true", help="only the rate selection runs (held-out loss)")
     p.add_argument("--render", action="store_true", help="only rewrite the .md table from the .jsonl runs")
     p.add_argument("--note", default="", help="a line about the machine's load, written under the table")
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
                 table.write_text(_table(runs, methods, lrs, args))
         scored = {r["lr"]: r["metrics"]["eval_loss"] for r in have(method=method, phase="select") if r["lr"] in lrs}
         chosen[method] = min(scored, key=scored.get)
-    for method in methods:
+    for method in [] if args.select_only else methods:
         for seed in SEEDS[:1] if args.quick else SEEDS:
             if not have(method=method, lr=chosen[method], seed=seed, phase="test"):
                 record({**_run(args, method, chosen[method], seed, train, test, True), "phase": "test"})

@@ -256,7 +256,11 @@ def _plan_from_config(model: nn.Module, config: Dict[str, Any], backend: str) ->
         raise ValueError(f"{CONFIG_NAME}: 'options' must be an object, got {config['options']!r}")
     saved = config["slots"]
     paths = [s["path"] for s in saved]
-    blocks = config.get("blocks")  # checked first: a smaller model lacks the deep blocks' modules too
+    names = {name for name, _ in model.named_modules()}
+    if paths and not any(path in names for path in paths):  # another architecture: say that, not a block count
+        raise ValueError(f"none of the adapter's {len(paths)} modules exists in this model (the first: {paths[0]!r}): "
+                         "it was saved for another architecture")
+    blocks = config.get("blocks")  # checked next: a smaller model lacks the deep blocks' modules too
     if blocks is not None and blocks != _block_count(model):
         raise ValueError(f"the adapter was saved for a model with {blocks} blocks; this one has {_block_count(model)}")
     common = dict(dropout=config.get("dropout", 0.0), use_rslora=config.get("use_rslora", False),

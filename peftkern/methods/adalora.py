@@ -41,7 +41,7 @@ from .. import checks
 from ..factors import Factors, Plan
 from ..ops import importance
 from . import allocator as alloc
-from .registry import DEMO_LR, LearningRates, Method, register
+from .registry import Method, rates, register
 from .svd import SVDOptions, SVDState, normal, orthogonality_from_distances, resolve_rank
 
 Tensor = torch.Tensor
@@ -178,5 +178,4 @@ register(Method("adalora", "AdaLoRA: SVD triple P·Λ·Q per module, importance-
                 AdaLoraOptions, _builder, default_alpha=lambda r: 8.0,
                 paper="Zhang et al. 2023 (AdaLoRA); PEFT's AdaLoraConfig defaults",
                 resolve_rank=resolve_rank, training_length="total_step", rslora=False,
-                lr=LearningRates(1e-5, "HyperAdaLoRA Implementation Details (its AdaLoRA baseline)",
-                                 DEMO_LR["adalora"])))
+                lr=rates("adalora", 1e-5, "HyperAdaLoRA Implementation Details (its AdaLoRA baseline)")))

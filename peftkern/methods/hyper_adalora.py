@@ -54,7 +54,7 @@ from ..factors import Factors, Plan
 from ..hypernets.pass_cache import PassCache
 from ..hypernets.state_update import CORES, StateUpdateNet
 from . import allocator as alloc
-from .registry import DEMO_LR, LearningRates, Method, register
+from .registry import Method, rates, register
 from .svd import SVDOptions, SVDState, normal, orthogonality, renamed, resolve_rank
 
 Tensor = torch.Tensor
@@ -230,4 +230,4 @@ register(Method("hyper_adalora", "HyperAdaLoRA: P, Λ, Q generated from per-slot
                 default_alpha=lambda r: 8.0,
                 paper="HyperAdaLoRA: Accelerating LoRA Rank Allocation with Hypernetwork in Training, eqs. 4-7",
                 resolve_rank=resolve_rank, training_length="total_step", rslora=False,
-                lr=LearningRates(1e-5, "HyperAdaLoRA Implementation Details", DEMO_LR["hyper_adalora"])))
+                lr=rates("hyper_adalora", 1e-5, "HyperAdaLoRA Implementation Details")))

@@ -55,7 +55,7 @@ from .. import checks
 from ..factors import AdapterState, Factors, Plan
 from ..hypernets.generator import LayerGenerator, group_layers, hypernet_op, row_size, unpack_rows
 from ..hypernets.pass_cache import PassCache
-from .registry import DEMO_LR, LearningRates, Method, register
+from .registry import Method, rates, register
 
 Tensor = torch.Tensor
 
@@ -255,4 +255,4 @@ for _name, _summary in (
         ("pg_pos", "LEFT PG-Pos: trained layer embeddings + fixed sinusoidal layer positions feed the hypernetwork")):
     # alpha 16 at every rank, as LEFT Table 6
     register(Method(_name, _summary, PGOptions, PGState, default_alpha=lambda r: 16.0, paper=_PAPER,
-                    dora=True, lr=LearningRates(5e-5, "LEFT Table 6", DEMO_LR[_name])))
+                    dora=True, lr=rates(_name, 5e-5, "LEFT Table 6")))

@@ -80,6 +80,26 @@ DEFAULT_RANK = 8  # patch(rank=None) means this, for every method
 DEMO_LR = {"lora": 1e-2, "tied_lora": 1e-2, "vera": 2e-2, "pg_fixed": 1e-2, "pg_trainable": 1e-2, "pg_pos": 5e-3,
            "adalora": 2e-2, "hyper_adalora": 2e-2}
 
+# --task sft's default rate per method (one epoch of batch 8 on a causal LM), with its source: chosen on
+# held-out GSM8K training problems with SmolLM2-135M-Instruct for the four methods of Tied-LoRA's
+# generative comparison (benchmarks/results/sft_table.md); the others take their family's rate, and say so
+_SFT_TABLE = "chosen on 48 held-out GSM8K training problems with SmolLM2-135M-Instruct (benchmarks/results/sft_table.md)"
+SFT_LR = {
+    "lora": (1e-2, _SFT_TABLE), "tied_lora": (1e-2, _SFT_TABLE), "vera": (1e-2, _SFT_TABLE),
+    "pg_pos": (1e-2, _SFT_TABLE),
+    "pg_fixed": (1e-2, "pg_pos's SFT rate (the same generator; not measured for this method)"),
+    "pg_trainable": (1e-2, "pg_pos's SFT rate (the same generator; not measured for this method)"),
+    "adalora": (1e-2, "lora's SFT rate (not measured for this method)"),
+    "hyper_adalora": (1e-2, "lora's SFT rate (not measured for this method)"),
+}
+
+
+def rates(name: str, paper: float, paper_source: str) -> "LearningRates":
+    """A method's LearningRates: the paper's as given, the short budget's and SFT's from the tables above."""
+    sft, sft_source = SFT_LR[name]
+    return LearningRates(paper, paper_source, DEMO_LR[name], sft=sft, sft_source=sft_source)
+
+
 _METHODS: Dict[str, Method] = {}
 
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..factors import AdapterState, Factors, JointGroup, Plan, register_optional
-from .registry import DEMO_LR, LearningRates, Method, register
+from .registry import Method, rates, register
 
 Tensor = torch.Tensor
 
@@ -259,10 +259,10 @@ def _builder(plan: Plan) -> TiedState:
 
 register(Method("lora", "LoRA: per-module A (Kaiming) and B (zero), both trained", LoraOptions, _builder,
                 default_alpha=lambda r: 8.0, paper="Hu et al. 2021; PEFT defaults", per_module_rank=True,
-                dora=True, lr=LearningRates(5e-5, "LEFT Table 6, the paper's LoRA baseline", DEMO_LR["lora"])))
+                dora=True, lr=rates("lora", 5e-5, "LEFT Table 6, the paper's LoRA baseline")))
 register(Method("tied_lora", "Tied-LoRA: A/B tied across layers, any of A, B, u, v trained (Table 1)",
                 TiedLoraOptions, _builder, default_alpha=lambda r: float(r), paper="Tied-LoRA eq. (1), Table 1",
-                dora=True, lr=LearningRates(1e-4, "Tied-LoRA §4, its higher rate", DEMO_LR["tied_lora"])))
+                dora=True, lr=rates("tied_lora", 1e-4, "Tied-LoRA §4, its higher rate")))
 register(Method("vera", "VeRA: frozen shared random A, B from a seed; u, v trained", VeraOptions, _builder,
                 default_alpha=lambda r: float(r), paper="VeRA; Tied-LoRA Table 1 row 8",
-                dora=True, lr=LearningRates(1e-4, "Tied-LoRA §4 (VeRA is its Table 1 row 8)", DEMO_LR["vera"])))
+                dora=True, lr=rates("vera", 1e-4, "Tied-LoRA §4 (VeRA is its Table 1 row 8)")))

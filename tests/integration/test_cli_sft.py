@@ -38,6 +38,18 @@ def test_sft_writes_the_adapter_metrics_and_curves(tiny, tmp_path, capsys, data)
     assert "learning rate 0.01 (--lr)" in printed and "final_answer_accuracy" in printed
 
 
+def test_sft_without_a_learning_rate_takes_the_methods_sft_rate_and_learns(tiny, tmp_path, capsys):
+    from peftkern.methods import registry
+
+    out = tmp_path / "run"
+    argv = [a for a in _args(tiny, "prompt", out, "--method", "pg_pos") if a not in ("--lr", "1e-2")]
+    assert cli.main(argv) == 0
+    rate, source = registry.default_lr("pg_pos", "sft")
+    assert f"learning rate {rate:g} ({source})" in capsys.readouterr().out
+    losses = json.loads((out / "metrics.json").read_text())["step_losses"]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
 def test_sft_on_a_4bit_base_trains_the_adapter_and_saves_a_qlora_adapter(tiny, tmp_path, capsys):
     pytest.importorskip("bitsandbytes")
     from peft import PeftConfig

@@ -231,7 +231,7 @@ def test_a_loaded_peft_adapter_trains(tmp_path):
 
 
 @pytest.mark.parametrize("change,words", [
-    ({"use_dora": True}, ["use_dora=True", "does not implement"]),
+    ({"use_dora": True}, ["use_dora is True", "lora_magnitude_vector"]),  # DoRA without its magnitudes
     ({"bias": "all"}, ["bias='all'"]),
     ({"layers_to_transform": [0]}, ["layers_to_transform=[0]"]),
     ({"frobnicate": 1}, ["does not know", "frobnicate"]),
