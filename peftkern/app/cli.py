@@ -38,9 +38,10 @@ SHORT = {"epochs": 3, "batch_size": 32, "max_length": 128, "group_by_length": Tr
 PAPER = {"epochs": None, "batch_size": None, "max_length": 128, "group_by_length": False}  # None: the task's
 DEMO = {**SHORT, "max_length": 64}  # the shipped SST-2 sample: short phrases
 DEMO_TASK = "sst2"
-COMMON = {"weight_decay": 0.01, "rank": 8}
+COMMON = {"weight_decay": 0.01, "max_grad_norm": 1.0, "warmup_ratio": 0.0, "rank": 8}
 SFT_TASK = "sft"
-GLUE_ONLY = ("data_dir", "split_dev", "group_by_length", "weight_decay", "save_every", "resume", "budget")
+GLUE_ONLY = ("data_dir", "split_dev", "group_by_length", "weight_decay", "max_grad_norm",
+             "warmup_ratio", "head_lr", "save_every", "resume", "budget")
 SFT_ONLY = ("data", "eval_data", "eval_generate", "max_new_tokens", "gradient_checkpointing", "packing", "precision",
             "load_in_4bit")
 
@@ -171,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     glue.add_argument("--split-dev", action="store_true", help="LEFT's protocol: split train 9:1 into train/dev, "
                       "choose the epoch on dev, report the official dev set as the test set")
     glue.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {COMMON['weight_decay']})")
+    glue.add_argument("--max-grad-norm", type=float, metavar="NORM", help="clip the gradient's global norm to NORM "
+                      f"before each update (default {COMMON['max_grad_norm']:g}, the HF Trainer's; 0: no clipping)")
+    glue.add_argument("--head-lr", type=float, metavar="LR", help="learning rate of the task head that the "
+                      "checkpoint lacks (default: --lr)")
+    glue.add_argument("--warmup-ratio", type=float, metavar="F", help="the fraction of the steps over which the "
+                      f"learning rate rises from 0 (default {COMMON['warmup_ratio']:g})")
     glue.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
                       help="batch examples of similar length together (less padding, faster); default on, "
                       "off with --budget paper")
@@ -248,7 +255,10 @@ def run_config(args) -> "RunConfig":
     task = DEMO_TASK if args.task is None else args.task
     method = args.method
     if values["lr"] is None:
-        values["lr"], lr_source = registry.default_lr(method, "paper" if budget == "paper" else "demo")
+        from .glue import get_task
+
+        short = "regression" if get_task(task).is_regression else "demo"
+        values["lr"], lr_source = registry.default_lr(method, "paper" if budget == "paper" else short)
     else:
         lr_source = "--lr"
     return RunConfig(lr_source=lr_source, alpha=args.alpha,
@@ -258,7 +268,7 @@ def run_config(args) -> "RunConfig":
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, split_dev=args.split_dev,
         seed=PAPER_SEEDS[0] if args.seed is None else args.seed,
         output_dir=args.output_dir or str(Path("runs") / f"{task}-{method}"), progress=not args.no_progress,
-        save_every=args.save_every, resume=args.resume, **values)
+        save_every=args.save_every, resume=args.resume, head_lr=args.head_lr, **values)
 
 
 def sft_config(args):
@@ -394,6 +404,8 @@ def cmd_methods(args) -> int:
         if spec.lr is not None:
             print(f"{pad}lr, paper budget {spec.lr.paper:g} ({spec.lr.paper_source})")
             print(f"{pad}lr, short budget (the default) {spec.lr.demo:g} ({spec.lr.demo_source})")
+            if spec.lr.regression != spec.lr.demo:
+                print(f"{pad}lr, short budget on regression tasks {spec.lr.regression:g} ({spec.lr.regression_source})")
             if spec.lr.sft is not None:
                 print(f"{pad}lr, --task sft {spec.lr.sft:g} ({spec.lr.sft_source})")
     return 0
