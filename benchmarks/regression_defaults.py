@@ -46,6 +46,7 @@ def _run(cfg) -> dict:
     method, seed, head = cfg.method, cfg.seed, cfg.regression_head
     r = train.finetune(cfg)
     return {"method": method, "seed": seed, "head": head, "pearson": r.value, "lr": cfg.lr,
+            "max_grad_norm": cfg.max_grad_norm or None,
             "epochs": [round(e["eval_metric"], 4) for e in r.epochs], "seconds": r.seconds,
             "train": r.sizes["train"], "eval": r.sizes["eval"]}
 
@@ -73,8 +74,9 @@ def main(argv=None) -> int:
         plan = [(m, s, "zero") for m in ("lora", "pg_pos") for s in SEEDS] + plan
     for method, seed, head in plan:
         cfg = _config(method, seed, args.data_dir, head)
-        if any((r["method"], r["seed"], r["head"], r["lr"]) == (method, seed, head, cfg.lr) for r in runs):
-            continue  # done at today's default rate
+        key = (method, seed, head, cfg.lr, cfg.max_grad_norm or None)
+        if any((r["method"], r["seed"], r["head"], r["lr"], r.get("max_grad_norm")) == key for r in runs):
+            continue  # done at today's defaults
         row = _run(cfg)
         runs.append(row)
         with open(log, "a") as f:
@@ -96,19 +98,19 @@ def _table(runs, note="") -> str:
              "the 4,906 test pairs; seeds 100, 482, 584 (mean ± sample std)",
              "- head: `mean`, the fresh regression head starts at the training targets' mean (the default); "
              "`zero`, at transformers' init (before the fix)", "",
-             "| method | head | lr | Pearson by seed | mean ± std | bar |", "|---|---|---:|---|---:|---|"]
-    keys = list(dict.fromkeys((r["method"], r["head"], r["lr"]) for r in runs))
-    for method, head, lr in keys:
-        rs = sorted((r for r in runs if (r["method"], r["head"], r["lr"]) == (method, head, lr)),
+             "| method | head | lr | clip | Pearson by seed | mean ± std | bar |", "|---|---|---:|---|---|---:|---|"]
+    keys = list(dict.fromkeys((r["method"], r["head"], r["lr"], r.get("max_grad_norm")) for r in runs))
+    for method, head, lr, clip in keys:
+        rs = sorted((r for r in runs if (r["method"], r["head"], r["lr"], r.get("max_grad_norm")) == (method, head, lr, clip)),
                     key=lambda r: r["seed"])
         values = [r["pearson"] for r in rs]
         mean = statistics.mean(values)
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         bar = BAR.get(method, 0.60)
-        default = registry.default_lr(method, "regression")[0] == lr
+        default = registry.default_lr(method, "regression")[0] == lr and clip is None
         verdict = ("met" if mean >= bar else "missed") if head == "mean" and len(values) == len(SEEDS) else ""
-        verdict += "" if default or head != "mean" else " (not today's default rate)"
-        lines.append(f"| {method} | {head} | {rs[0]['lr']:g} | {', '.join(f'{v:.3f}' for v in values)} | "
+        verdict += "" if default or head != "mean" else " (not today's defaults)"
+        lines.append(f"| {method} | {head} | {rs[0]['lr']:g} | {clip or '-'} | {', '.join(f'{v:.3f}' for v in values)} | "
                      f"{mean:.3f} ± {std:.3f} | ≥ {bar:.2f} {verdict} |")
     if note:
         lines += ["", note]

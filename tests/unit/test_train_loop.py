@@ -77,13 +77,13 @@ def test_bad_schedule_values_are_named(field, value, words):
         config.resolved()
 
 
-def test_the_cli_passes_clipping_and_warmup_and_defaults_to_the_trainers_clipping():
+def test_the_cli_passes_clipping_and_warmup_and_neither_is_on_by_default():
     parser = cli.build_parser()
     default = cli.run_config(parser.parse_args(["finetune", "--task", "sst2", "--data-dir", "d"]))
-    assert default.max_grad_norm == 1.0 and default.warmup_ratio == 0.0
-    given = cli.run_config(parser.parse_args(["finetune", "--task", "sst2", "--data-dir", "d", "--max-grad-norm", "0",
+    assert not default.max_grad_norm and default.warmup_ratio == 0.0
+    given = cli.run_config(parser.parse_args(["finetune", "--task", "sst2", "--data-dir", "d", "--max-grad-norm", "1",
                                               "--warmup-ratio", "0.1"]))
-    assert given.max_grad_norm == 0.0 and given.warmup_ratio == 0.1
+    assert given.max_grad_norm == 1.0 and given.warmup_ratio == 0.1
 
 
 def test_sft_refuses_the_classification_loops_clipping_flag(capsys):
