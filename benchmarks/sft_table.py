@@ -113,8 +113,9 @@ def main(argv=None) -> int:
                 table.write_text(_table(runs, methods, lrs, args))
         scored = {r["lr"]: r["metrics"]["eval_loss"] for r in have(method=method, phase="select") if r["lr"] in lrs}
         chosen[method] = min(scored, key=scored.get)
-    for method in [] if args.select_only else methods:
-        for seed in SEEDS[:1] if args.quick else SEEDS:
+    # seed-major, so that a sweep cut short leaves every method at the same seeds
+    for seed in [] if args.select_only else SEEDS[:1] if args.quick else SEEDS:
+        for method in methods:
             if not have(method=method, lr=chosen[method], seed=seed, phase="test"):
                 record({**_run(args, method, chosen[method], seed, train, test, True), "phase": "test"})
                 table.write_text(_table(runs, methods, lrs, args))
