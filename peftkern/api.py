@@ -322,7 +322,9 @@ def explain(model: nn.Module) -> Explanation:
                "path": "merged (base only)" if m.merged else f"{form} ({kernels})",
                "merged": m.merged}
         if state.dora is not None:
-            row["magnitude"] = "per module, trained; norm by fp32 expansion, cached while W0, A, B, u, v are unchanged"
+            row["magnitude"] = ("per module, trained; norm: the merged weight's row norms where the C++ merged "
+                                "path forms W0 + ΔW (rank > 32, many rows), else the fp32 expansion, cached while "
+                                "W0, A, B, u, v are unchanged")
         row.update(state.describe_slot(m.slot))
         rows.append(row)
     return Explanation(rows, state.plan.method, registry.availability())

@@ -32,6 +32,11 @@ W0, A, B, u and v (host integers, no device sync) and recomputed only when one o
 once per optimizer step in training, and gradient accumulation and checkpoint recomputation reuse
 it. Generated factors (PG) are new tensors each forward, so it is recomputed per forward there.
 Under torch.compile it is computed in the graph every time (version counters are not traceable).
+
+**When it is not computed here.** The C++ backend's merged path (ranks above 32, many rows) forms
+W_eff = W0 + ΔW for its GEMM anyway; ``ops.functions.dora_adapter`` then takes the norm as W_eff's
+row norms (an [N, K] pass, no cancellation) and never asks this cache (the layer passes
+``Magnitudes.norm`` as a provider, called only on the other paths).
 """
 from __future__ import annotations
 

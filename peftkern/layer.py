@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
+import functools
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -89,26 +90,28 @@ class AdaptedLinear(nn.Module):
                              f"(shape {tuple(x.shape)}), this module takes {self.in_features}")
         device_type = x.device.type
         dora = self._state.dora
-        # DoRA's column scale g = m / ‖W0 + ΔW‖, from the master weights (the norm cached, m trained)
-        g = None if dora is None else dora.m[self.slot] / dora.norm(self.slot, weight, f.A, f.B, f.u, f.v, f.scale)
+        # DoRA's magnitude m (trained) and its norm ‖W0 + ΔW‖ from the master weights, cached; asked for
+        # only when the forward does not form W0 + ΔW itself (functions.dora_adapter)
+        magnitude = None if dora is None else (
+            dora.m[self.slot], functools.partial(dora.norm, self.slot, weight, f.A, f.B, f.u, f.v, f.scale))
         # meta (shape inference, host-overhead benchmarks) has no autocast, and asking raises
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             with torch.autocast(device_type, enabled=False):
                 return self._run(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
-                                 _cast(f, dtype), device_type, g)
+                                 _cast(f, dtype), device_type, magnitude)
         if x.dtype != weight.dtype:
             raise placement_error(self, x, f)
         if f.A.dtype != x.dtype:
             f = _cast(f, x.dtype)
-        return self._run(x, weight, bias, f, device_type, g)
+        return self._run(x, weight, bias, f, device_type, magnitude)
 
     def _run(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], f: Factors, device_type: str,
-             g: Optional[Tensor]) -> Tensor:
+             magnitude: Optional[Tuple[Tensor, Callable[[], Tensor]]]) -> Tensor:
         ops = self.ops(device_type)
         dropout = self._state.plan.dropout if self.training else 0.0
-        if g is not None:
-            return functions.dora_adapter(x, weight, bias, f.A, f.B, f.u, f.v, g.to(x.dtype), f.scale, dropout,
+        if magnitude is not None:  # DoRA: (m, the norm's provider)
+            return functions.dora_adapter(x, weight, bias, f.A, f.B, f.u, f.v, *magnitude, f.scale, dropout,
                                           backend=ops)
         if f.group is None:
             return functions.adapter(x, weight, bias, f.A, f.B, f.u, f.v, f.scale, dropout, backend=ops)

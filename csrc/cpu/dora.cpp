@@ -29,6 +29,20 @@ void check_scale(const Tensor& z, const Tensor& g, const OptTensor& bias, const 
 // rows per task: enough work per task to amortise the split, and whole rows
 int64_t grain(int64_t N) { return std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(N, 1)); }
 
+// one row of the backward: dz = dy⊙g, and acc += dy⊙(saved − b) when acc is given
+template <typename scalar_t, typename O>
+inline void row_scale_backward(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ saved,
+                               const scalar_t* __restrict__ g, const scalar_t* __restrict__ bias,
+                               scalar_t* __restrict__ dz, O* __restrict__ acc, int64_t N) {
+  for (int64_t n = 0; n < N; ++n) dz[n] = static_cast<scalar_t>(O(dy[n]) * O(g[n]));
+  if (acc == nullptr) return;
+  if (bias != nullptr) {
+    for (int64_t n = 0; n < N; ++n) acc[n] += O(dy[n]) * (O(saved[n]) - O(bias[n]));
+  } else {
+    for (int64_t n = 0; n < N; ++n) acc[n] += O(dy[n]) * O(saved[n]);
+  }
+}
+
 }  // namespace
 
 Tensor dora_scale_forward(const Tensor& z, const Tensor& g, const OptTensor& bias) {
@@ -76,16 +90,14 @@ std::tuple<Tensor, OptTensor> dora_scale_backward(const Tensor& dy, const Tensor
     scalar_t* out = dz.data_ptr<scalar_t>();
     const int threads = at::get_num_threads();
     std::vector<O> partial(need_g ? static_cast<size_t>(threads) * N : 0, O(0));
+    const bool minus_bias = from_output && bp != nullptr;
     at::parallel_for(0, M, grain(N), [&](int64_t begin, int64_t end) {
       O* acc = need_g ? partial.data() + static_cast<size_t>(at::get_thread_num()) * N : nullptr;
       for (int64_t m = begin; m < end; ++m) {
-        const scalar_t* dr = d + m * N;
-        const scalar_t* sr = s + m * N;
-        scalar_t* orow = out + m * N;
-        for (int64_t n = 0; n < N; ++n) {
-          orow[n] = static_cast<scalar_t>(O(dr[n]) * O(gp[n]));
-          if (acc != nullptr) acc[n] += O(dr[n]) * (O(sr[n]) - (from_output && bp != nullptr ? O(bp[n]) : O(0)));
-        }
+        // restrict-qualified rows and the branches outside the n loop let the compiler
+        // vectorise it: with dz and the fp32 accumulator possibly aliasing dy (all float),
+        // GCC kept it scalar, ten times slower than the pass without dg.
+        row_scale_backward<scalar_t, O>(d + m * N, s + m * N, gp, minus_bias ? bp : nullptr, out + m * N, acc, N);
       }
     });
     if (need_g) {

@@ -191,16 +191,21 @@ class HypernetFunction(torch.autograd.Function):
 
 class DoraFunction(torch.autograd.Function):
     """DoRA on any backend's kernels (``dora_adapter``). Without dropout: the adapter forward's
-    z = W0·x + ΔW·x (no bias) is scaled in place, y = g⊙z + b, and y is saved; the backward's one
-    pass over dy gives dz = dy⊙g and dg = Σ_m dy⊙(y − b)/g, and the adapter backward runs on dz.
+    z = W0·x + ΔW·x (no bias) is scaled in place, y = g⊙z + b with g = m / norm, and y is saved;
+    the backward's one pass over dy gives dz = dy⊙g and dg = Σ_m dy⊙(y − b)/g, then dm = dg / norm
+    (the norm a constant, DoRA §4.3), and the adapter backward runs on dz.
     With dropout (training), PEFT's formula y = g⊙(W0·D(x) + ΔW·D(x)) + b + W0·(x − D(x)): D(x)
     is formed (the mask drawn like nn.Dropout's, kept as bool), z is saved, and a second base GEMM
-    adds W0·(x − D(x)), as PEFT's own DoRA does."""
+    adds W0·(x − D(x)), as PEFT's own DoRA does.
+
+    ``norm`` is ‖W0 + ΔW‖_row [N], or a callable that returns it: it is called only when the
+    backend did not hand back the merged weight W_eff = W0 + ΔW (``Backend.aux_is_merged_weight``),
+    whose row norms are the norm for an [N, K] pass instead of the expansion's [N, K]·[K, r] product."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, u, v, g, scale, dropout, backend):
+    def forward(ctx, x, weight, bias, A, B, u, v, m, norm, scale, dropout, backend):
         x2 = _rows(x, weight.shape[1])
-        need_x, need_w, _, need_A, need_B, need_u, need_v, need_g = ctx.needs_input_grad[:8]
+        need_x, need_w, _, need_A, need_B, need_u, need_v, need_m = ctx.needs_input_grad[:8]
         want_h = need_B or need_u or need_v
         keep = None
         xd = x2
@@ -209,26 +214,31 @@ class DoraFunction(torch.autograd.Function):
             xd = x2 * keep / (1.0 - dropout)
         z, h, aux = backend.adapter_forward(xd, weight, None, A, B, u, v, scale, 0.0, _NO_SEED, want_h)
         h, aux = _given(h), _given(aux)
+        if callable(norm):
+            merged = aux is not None and backend.aux_is_merged_weight
+            norm = torch.linalg.vector_norm(aux, dim=1).detach() if merged else norm()
+        norm = norm.detach().to(torch.promote_types(m.dtype, norm.dtype))  # g in fp32 for a bf16 m
+        g = (m.detach().to(norm.dtype) / norm).to(x2.dtype)
         if keep is None:
             y = backend.dora_scale_forward(z, g, bias)
-            saved = y if need_g else None
+            saved = y if need_m else None
         else:
-            saved = z if need_g else None
-            y = backend.dora_scale_forward(z.clone() if need_g else z, g, bias)
+            saved = z if need_m else None
+            y = backend.dora_scale_forward(z.clone() if need_m else z, g, bias)
             y = y.addmm_(x2 - xd, weight.t())
         keep_x = need_A or need_w or (want_h and h is None) or keep is not None
-        ctx.save_for_backward(x2 if keep_x else None, weight, A, B, u, v, h, aux, g, bias, saved, keep)
-        ctx.scale, ctx.dropout, ctx.backend, ctx.x_shape = scale, dropout, backend, x.shape
+        ctx.save_for_backward(x2 if keep_x else None, weight, A, B, u, v, h, aux, g, bias, saved, keep, norm)
+        ctx.scale, ctx.dropout, ctx.backend, ctx.x_shape, ctx.m_dtype = scale, dropout, backend, x.shape, m.dtype
         return _shaped(y, x)
 
     @staticmethod
     @first_order_only
     def backward(ctx, gy):
-        x2, weight, A, B, u, v, h, aux, g, bias, saved, keep = ctx.saved_tensors
-        need_x, need_w, need_b, need_A, need_B, need_u, need_v, need_g = ctx.needs_input_grad[:8]
+        x2, weight, A, B, u, v, h, aux, g, bias, saved, keep, norm = ctx.saved_tensors
+        need_x, need_w, need_b, need_A, need_B, need_u, need_v, need_m = ctx.needs_input_grad[:8]
         dy = _rows(gy, weight.shape[0])
         dz, dg = ctx.backend.dora_scale_backward(dy, saved if saved is not None else dy, g, bias,
-                                                 keep is None, need_g)
+                                                 keep is None, need_m)
         p = ctx.dropout
         xd = x2 if keep is None or x2 is None else x2 * keep / (1.0 - p)
         needs = [need_x, need_w, False, need_A, need_B, need_u, need_v]
@@ -244,7 +254,9 @@ class DoraFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.view(ctx.x_shape)
         db = dy.sum(0).to(weight.dtype) if need_b else None
-        return dx, dw, db, dA, dB, du, dv, (_given(dg) if need_g else None), None, None, None
+        dg = _given(dg) if need_m else None  # None: no rows, so no gradient
+        dm = None if dg is None else (dg.to(norm.dtype) / norm).to(ctx.m_dtype)
+        return dx, dw, db, dA, dB, du, dv, dm, None, None, None, None
 
 
 class Adapter4bitFunction(torch.autograd.Function):
@@ -289,13 +301,19 @@ def adapter_4bit(x: Tensor, w4: tuple, bias: Optional[Tensor], A: Tensor, B: Ten
 
 
 def dora_adapter(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, u: Optional[Tensor],
-                 v: Optional[Tensor], g: Tensor, scale: float, dropout: float = 0.0, *, backend: Backend) -> Tensor:
-    """DoRA (Liu et al. 2024): y = g⊙(W0·x + s·Λv·B·Λu·A·x) + b, with g = m / ‖W0 + ΔW‖_row computed by
-    the caller (the norm a constant, §4.3; g carries m's gradient). With dropout in training, PEFT's
-    formula (``reference.dora_adapter``). Shapes as ``adapter``, plus g [N] in x's dtype; returns
-    [..., N]. The output is saved for the backward: modifying it in place makes the backward raise
-    (torch's version check), where ``adapter``'s output may be modified."""
-    return DoraFunction.apply(x, weight, bias, A, B, u, v, g, float(scale), float(dropout), backend)
+                 v: Optional[Tensor], m: Tensor, norm, scale: float, dropout: float = 0.0, *,
+                 backend: Backend) -> Tensor:
+    """DoRA (Liu et al. 2024, eq. 5): y = g⊙(W0·x + s·Λv·B·Λu·A·x) + b, g = m / ‖W0 + ΔW‖_row, the norm
+    a constant in the backward (§4.3; m gets the gradient). With dropout in training, PEFT's formula
+    (``reference.dora_adapter``). Shapes as ``adapter``, plus m [N] (any float dtype; its gradient in
+    it) and ``norm``: ‖W0 + ΔW‖_row [N] (``dora.weight_norm``), or a zero-argument callable returning it,
+    called only when the backend's forward did not form W_eff = W0 + ΔW itself (the C++ merged path
+    at ranks above 32 does; its row norms then serve, exact to the rounding of W_eff). Returns
+    [..., N] in x's dtype. The output is saved for the backward: modifying it in place makes the
+    backward raise (torch's version check), where ``adapter``'s output may be modified."""
+    if callable(norm) and torch.compiler.is_compiling():  # a custom op's fake aux promises no W_eff
+        norm = norm()
+    return DoraFunction.apply(x, weight, bias, A, B, u, v, m, norm, float(scale), float(dropout), backend)
 
 
 def adapter(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, u: Optional[Tensor],
@@ -357,8 +375,8 @@ class BoundOps:
     def hypernet(self, E, W1, b1, W2, b2):
         return hypernet(E, W1, b1, W2, b2, backend=self.backend)
 
-    def dora_adapter(self, x, weight, bias, A, B, u, v, g, scale, dropout=0.0):
-        return dora_adapter(x, weight, bias, A, B, u, v, g, scale, dropout, backend=self.backend)
+    def dora_adapter(self, x, weight, bias, A, B, u, v, m, norm, scale, dropout=0.0):
+        return dora_adapter(x, weight, bias, A, B, u, v, m, norm, scale, dropout, backend=self.backend)
 
     def adapter_4bit(self, x, w4, bias, A, B, u, v, scale, dropout=0.0):
         return adapter_4bit(x, w4, bias, A, B, u, v, scale, dropout, backend=self.backend)

@@ -28,8 +28,7 @@ def _ours(ops, t, m, dropout=0.0):
     norm = dora.weight_norm(t["weight"].detach(), t["A"].detach(), t["B"].detach(),
                             None if t["u"] is None else t["u"].detach(), None if t["v"] is None else t["v"].detach(),
                             0.5)
-    g = (m / norm.to(m.dtype))
-    return ops.dora_adapter(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], g, 0.5, dropout)
+    return ops.dora_adapter(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], m, norm, 0.5, dropout)
 
 
 def _grads(y, tensors, seed=3):
@@ -83,12 +82,13 @@ def test_gradcheck_fp64(backend, dropout):
     t, _ = _inputs(5, 7, 6, 2, dtype=torch.float64)
     names = ["x", "A", "B", "u", "v", "bias"]
 
-    def f(x, A, B, u, v, bias, g):
+    def f(x, A, B, u, v, bias, m):
         torch.manual_seed(5)  # the same dropout mask in every evaluation
-        return ops.dora_adapter(x, t["weight"], bias, A, B, u, v, g, 0.5, dropout)
+        return ops.dora_adapter(x, t["weight"], bias, A, B, u, v, m, norm, 0.5, dropout)
 
-    g = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_(True)
-    assert torch.autograd.gradcheck(f, [t[n] for n in names] + [g])
+    m = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_(True)
+    norm = torch.rand(6, dtype=torch.float64) + 0.5  # a constant (DoRA §4.3): m's gradient is through g = m / norm
+    assert torch.autograd.gradcheck(f, [t[n] for n in names] + [m])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -125,6 +125,37 @@ def test_the_output_may_not_be_modified_in_place_and_says_so():
     y.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("path,provider_calls", [("merged", 0), ("fused", 1)])
+def test_the_cpp_merged_path_takes_the_norm_from_its_merged_weight(path, provider_calls):
+    """At ranks above 32 the C++ merged path forms W_eff = W0 + ΔW anyway: its row norms are DoRA's norm,
+    so the expansion's [N, K]·[K, r] product is skipped (the provider is not called) and the result
+    is the reference's; on another path the provider gives the norm."""
+    if opcheck.available_backend("cpp") is None:
+        pytest.skip("cpp unavailable")
+    from peftkern.ops.backends import cpp
+
+    ops = BoundOps(opcheck.available_backend("cpp"))
+    t, m = _inputs(70, 24, 20, 40, bias=True, uv=True)
+    calls = []
+
+    def provider():
+        calls.append(1)
+        return dora.weight_norm(t["weight"].detach(), t["A"].detach(), t["B"].detach(), t["u"].detach(),
+                                t["v"].detach(), 0.5)
+
+    tensors = {**t, "m": m}
+    with cpp.forced_path(path):
+        y = ops.dora_adapter(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], m, provider, 0.5)
+        got = _grads(y, tensors)
+    assert len(calls) == provider_calls
+    want_y = reference.dora_adapter(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], 0.5, m)
+    want = _grads(want_y, tensors)
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+    assert {"x", "A", "B", "u", "v", "m"} <= got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 # --- the norm -------------------------------------------------------------------------------------------------

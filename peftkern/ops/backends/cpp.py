@@ -222,7 +222,8 @@ STEP = StepOps(update_importance=update_importance_, gram_distances=gram_distanc
 # The fused kernels stream the rank-r term into the base GEMM's output: a base that is not a dense weight
 # (a 4-bit layer) has no GEMM to fuse with, and those modules run on the torch backend (registry.py).
 BACKEND = Backend.of("cpp", ("cpu",) + (("cuda",) if _C.WITH_CUDA else ()) + ("meta",), KERNELS, path=_path,
-                     dropout_mask=dropout_mask, adapter_node=adapter_node, step=STEP, lowrank_only=False)
+                     dropout_mask=dropout_mask, adapter_node=adapter_node, step=STEP, lowrank_only=False,
+                     aux_is_merged_weight=True)
 
 
 def build_info() -> Optional[str]:
