@@ -13,6 +13,9 @@ training step on it: forward, backward, optimizer step (and AdaLoRA's allocation
     vera_cpp       peftkern vera, backend="cpp"        vera_peft      PEFT VeRA
     adalora_cpp    peftkern adalora (when registered)  adalora_peft   PEFT AdaLoRA
                    (allocation every step: tinit=0, deltaT=1)
+    dora           peftkern lora with use_dora=True (auto)  dora_peft      PEFT's DoRA
+    dora_scaled    ours with DoRA's column scale on every call, never folded into W0 (the
+                   route many-token calls took before the fold; peftkern.ops.functions.dora_folds)
 
 All providers share the same frozen base weights (one copy in memory) and are timed
 interleaved, in a rotating order, over several repetitions; the tables report medians,
@@ -107,9 +110,18 @@ class Runner:
     track_paths: bool = False
     paths: Dict[str, int] = field(default_factory=dict)
     steps: int = 0
+    fold_rows_per_feature: Optional[float] = None  # our DoRA's route threshold for this runner's steps
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
-        return train_step(self, {"input_ids": ids, "labels": ids})
+        if self.fold_rows_per_feature is None:
+            return train_step(self, {"input_ids": ids, "labels": ids})
+        from peftkern.ops import functions
+
+        default, functions.FOLD_MIN_ROWS_PER_FEATURE = functions.FOLD_MIN_ROWS_PER_FEATURE, self.fold_rows_per_feature
+        try:
+            return train_step(self, {"input_ids": ids, "labels": ids})
+        finally:
+            functions.FOLD_MIN_ROWS_PER_FEATURE = default
 
     def collect_paths(self) -> None:
         if not self.track_paths:
@@ -149,7 +161,7 @@ def make_floor(base, args) -> Runner:
     return Runner(model, None)
 
 
-def make_ours(method: str, backend: str, **extra) -> Callable:
+def make_ours(method: str, backend: str, fold_rows_per_feature: Optional[float] = None, **extra) -> Callable:
     def make(base, args) -> Runner:
         model = sharing_copy(base)
         if method == "lora":
@@ -161,7 +173,7 @@ def make_ours(method: str, backend: str, **extra) -> Callable:
         else:
             peftkern.patch(model, "adalora", rank=args.rank, targets=TARGETS, alpha=args.alpha, backend=backend,
                            **ADALORA_SCHEDULE)
-        return Runner(model, _adamw(model), track_paths=backend == "cpp")
+        return Runner(model, _adamw(model), track_paths=backend == "cpp", fold_rows_per_feature=fold_rows_per_feature)
 
     return make
 
@@ -214,6 +226,8 @@ PROVIDERS = [
     Provider("adalora_peft", "adalora", "peft", make_peft("adalora")),
     Provider("dora", "dora", "peftkern", make_ours("lora", "auto", use_dora=True)),
     Provider("dora_peft", "dora", "peft", make_peft("lora", use_dora=True)),
+    # our DoRA with the column scale on every call (never folded into W0): the fold's side by side
+    Provider("dora_scaled", "dora", "peftkern", make_ours("lora", "auto", float("inf"), use_dora=True)),
     # QLoRA: the base's decoder Linears NF4 (double quantization, fp32 compute), its own floor
     Provider("floor_4bit", "-", "floor", make_floor, "4bit"),
     Provider("qlora", "lora", "peftkern", make_ours("lora", "auto"), "4bit"),

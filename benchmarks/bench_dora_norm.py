@@ -6,7 +6,7 @@ denominator, recomputed when W0 or the factors change: once per optimizer step).
     PEFT 0.21 (``peft.tuners.lora.dora.DoraLinearLayer.get_weight_norm``): forms ΔW = s·B·A [N, K]
               and W0 + ΔW [N, K], then the row norms: two N×K temporaries, 3 N×K passes.
     peftkern  (``peftkern.dora.weight_norm``): the expansion ‖W0‖² + 2s⟨W0·Aᵀ, B⟩ + s²‖B·A‖², in fp32:
-              W0·Aᵀ [N, r] is one pass over W0, ‖B·A‖² = rowsum(B·(A·Aᵀ) ⊙ B) is r-sized work, and
+              W0·Aᵀ [N, r] (formed as (A·W0ᵀ)ᵀ) is one pass over W0, ‖B·A‖² = rowsum(B·(A·Aᵀ) ⊙ B) is r-sized work, and
               ‖W0‖² is cached while W0 is unchanged (frozen: computed once), so a step costs one
               skinny GEMM over W0 and no N×K temporary.
 

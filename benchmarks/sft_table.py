@@ -44,7 +44,10 @@ sys.path.insert(0, str(HERE.parent))
 from peftkern.app import sft  # noqa: E402
 
 DATA = HERE.parent / "peftkern" / "data" / "gsm8k"
+# the table's methods (the claim's rows) and their options; the other methods can be run by name
+# for their --task sft rate (--select-only --name sft_rates)
 METHODS = {"lora": {}, "tied_lora": {"tie": "AB", "train": "ABuv"}, "vera": {}, "pg_pos": {}}
+OTHERS = {"pg_fixed": {}, "pg_trainable": {}, "adalora": {}, "hyper_adalora": {}}
 SEEDS = (100, 482, 584)
 
 
@@ -55,7 +58,7 @@ def _subset(path: Path, start: int, n: int, out: Path) -> str:
 
 
 def _run(args, method, lr, seed, data, eval_data, generate) -> dict:
-    cfg = sft.SFTConfig(data=data, eval_data=eval_data, method=method, options=dict(METHODS[method]), rank=8, lr=lr,
+    cfg = sft.SFTConfig(data=data, eval_data=eval_data, method=method, options=dict({**METHODS, **OTHERS}[method]), rank=8, lr=lr,
                         lr_source="sft_table", epochs=1, batch_size=8, max_length=384, eval_generate=generate,
                         max_new_tokens=160, seed=seed, progress=False, output_dir=None)
     r = sft.finetune_sft(cfg)
@@ -80,12 +83,17 @@ def main(argv=None) -> int:
     p.add_argument("--render", action="store_true", help="only rewrite the .md table from the .jsonl runs")
     p.add_argument("--note", default="", help="a line about the machine's load, written under the table")
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--name", default="sft_table", help="results/NAME.md and NAME.jsonl")
     args = p.parse_args(argv)
     methods, lrs = args.methods.split(","), [float(x) for x in args.lrs.split(",")]
     if args.quick:
         methods, lrs, args.train, args.test = methods[:1], lrs[:1], 16, 4
     args.out.mkdir(parents=True, exist_ok=True)
-    log = args.out / ("sft_table_quick.jsonl" if args.quick else "sft_table.jsonl")
+    bad = [m for m in methods if m not in {**METHODS, **OTHERS}]
+    if bad:
+        p.error(f"unknown method(s) {bad}; choose from {sorted({**METHODS, **OTHERS})}")
+    name = args.name + ("_quick" if args.quick else "")
+    log = args.out / f"{name}.jsonl"
     runs = _done(log)
     tmp = Path(tempfile.mkdtemp(prefix="sft-table-"))
     train = _subset(DATA / "train.jsonl", 0, args.train, tmp / "train.jsonl")
@@ -101,7 +109,7 @@ def main(argv=None) -> int:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
 
-    table = args.out / ("sft_table_quick.md" if args.quick else "sft_table.md")
+    table = args.out / f"{name}.md"
     if args.render:
         table.write_text(_table(runs, methods, lrs, args))
         return 0
@@ -145,8 +153,9 @@ def _table(runs, methods, lrs, args) -> str:
         tests = [r for r in runs if r["method"] == method and r["phase"] == "test"]
         by_rate = ", ".join(f"{k:g}: {v:.3f}" for k, v in sorted(select.items()))
         if not tests:  # rates chosen (or being chosen), test runs still to come
-            best = f"{min(select, key=select.get):g}" if len(select) == len(lrs) else "…"
-            lines.append(f"| {method} | | {by_rate} | {best} | not run yet | | | |")
+            best = f"{min(select, key=select.get):g}" if select and (args.select_only or len(select) == len(lrs)) else "…"
+            pending = "rate only (--select-only)" if args.select_only else "not run yet"
+            lines.append(f"| {method} | | {by_rate} | {best} | {pending} | | | |")
             continue
         lr = tests[0]["lr"]
         loss = _mean_std([r["metrics"]["eval_loss"] for r in tests])

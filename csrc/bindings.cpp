@@ -57,7 +57,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dora_scale_forward", &dora_scale_forward, "DoRA: y = g * z + bias, in place on z", py::arg("z"),
         py::arg("g"), py::arg("bias"));
   m.def("dora_scale_backward", &dora_scale_backward, "DoRA: (dy * g, sum over rows of dy * z)", py::arg("dy"),
-        py::arg("saved"), py::arg("g"), py::arg("bias"), py::arg("from_output"), py::arg("need_g"));
+        py::arg("saved"), py::arg("g"), py::arg("bias"), py::arg("from_output"), py::arg("need_g"),
+        py::arg("need_dz"));
 
   m.def("update_importance_", &update_importance_, "AdaLoRA importance update of every tensor, in place",
         py::arg("params"), py::arg("grads"), py::arg("exp_avg_ipt"), py::arg("exp_avg_unc"), py::arg("beta1"),

@@ -91,11 +91,13 @@ std::vector<OptTensor> hypernet_backward(const Tensor& dout, const Tensor& E, co
                                          const Tensor& pre, std::vector<bool> needs);
 
 // --- DoRA's column scale (dora.cpp) ---------------------------------------------------------
-// forward: y = g⊙z + bias, in place on z [M, N] (returned). backward: (dz = dy⊙g, dg = Σ_m dy⊙z or None),
-// with z = (saved − bias)/g when `from_output` (saved is y), else z = saved.
+// forward: y = g⊙z + bias, in place on z [M, N] (returned). backward: (dz = dy⊙g or None, dg = Σ_m dy⊙z
+// or None), with z = (saved − bias)/g when `from_output` (saved is y), else z = saved; dz only when
+// `need_dz` (a caller that folded g into the weight reduces dg alone: a read of dy and y, no write).
 Tensor dora_scale_forward(const Tensor& z, const Tensor& g, const OptTensor& bias);
-std::tuple<Tensor, OptTensor> dora_scale_backward(const Tensor& dy, const Tensor& saved, const Tensor& g,
-                                                  const OptTensor& bias, bool from_output, bool need_g);
+std::tuple<OptTensor, OptTensor> dora_scale_backward(const Tensor& dy, const Tensor& saved, const Tensor& g,
+                                                     const OptTensor& bias, bool from_output, bool need_g,
+                                                     bool need_dz);
 
 // --- AdaLoRA (importance.cpp, orthogonality.cpp) -------------------------------------------
 // The importance scores of every tensor, in place (CPU tensors; CUDA ones take torch's foreach ops).

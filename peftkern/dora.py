@@ -68,12 +68,15 @@ def row_norms_sq(weight: Tensor) -> Tensor:
 
 
 def _w0_at(weight: Tensor, A: Tensor) -> Tensor:
-    """W0·Aᵀ [N, r] in the accumulation dtype."""
+    """W0·Aᵀ [N, r] in the accumulation dtype (a transposed view).
+
+    Formed as (A·W0ᵀ)ᵀ: the GEMM's output is then [r, N], wide, where W0·Aᵀ's [N, r] is r columns
+    wide and vectorises poorly (1.5-2× slower on the CPU at r = 8, N×K = 1536×576, one thread)."""
     acc = _acc(weight.dtype)
     a = A.to(acc)
     if weight.dtype == acc:
-        return weight @ a.t()
-    return torch.cat([c.to(acc) @ a.t() for c in weight.split(ROW_CHUNK)]) if weight.shape[0] else \
+        return (a @ weight.t()).t()
+    return torch.cat([a @ c.to(acc).t() for c in weight.split(ROW_CHUNK)], dim=1).t() if weight.shape[0] else \
         weight.new_zeros(0, A.shape[0], dtype=acc)
 
 

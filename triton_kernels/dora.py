@@ -36,7 +36,7 @@ def _scale_kernel(y_ptr, g_ptr, b_ptr, M, N, sym, syn, HAS_BIAS: tl.constexpr, A
 
 @triton.jit
 def _scale_backward_kernel(dy_ptr, s_ptr, g_ptr, b_ptr, dz_ptr, dg_ptr, M, N, sdm, sdn, ssm, ssn, szm, szn,
-                           NEED_G: tl.constexpr, SUB_BIAS: tl.constexpr, ACC_DT: tl.constexpr,
+                           NEED_G: tl.constexpr, NEED_DZ: tl.constexpr, SUB_BIAS: tl.constexpr, ACC_DT: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -44,9 +44,10 @@ def _scale_backward_kernel(dy_ptr, s_ptr, g_ptr, b_ptr, dz_ptr, dg_ptr, M, N, sd
     mask = (rows < M)[:, None] & n_ok[None, :]
     rows64 = rows.to(tl.int64)
     dy = tl.load(dy_ptr + rows64[:, None] * sdm + cols[None, :] * sdn, mask=mask, other=0.0).to(ACC_DT)
-    g = tl.load(g_ptr + cols, mask=n_ok, other=0.0).to(ACC_DT)
-    tl.store(dz_ptr + rows64[:, None] * szm + cols[None, :] * szn, (dy * g[None, :]).to(dz_ptr.dtype.element_ty),
-             mask=mask)
+    if NEED_DZ:
+        g = tl.load(g_ptr + cols, mask=n_ok, other=0.0).to(ACC_DT)
+        tl.store(dz_ptr + rows64[:, None] * szm + cols[None, :] * szn, (dy * g[None, :]).to(dz_ptr.dtype.element_ty),
+                 mask=mask)
     if NEED_G:
         s = tl.load(s_ptr + rows64[:, None] * ssm + cols[None, :] * ssn, mask=mask, other=0.0).to(ACC_DT)
         if SUB_BIAS:
@@ -76,19 +77,20 @@ def scale_forward(z: Tensor, g: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 
 def scale_backward(dy: Tensor, saved: Tensor, g: Tensor, bias: Optional[Tensor], from_output: bool,
-                   need_g: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """(dz, dg): dz = dy⊙g; dg = Σ_m dy⊙z, z = (saved − b)/g if ``from_output`` else saved."""
+                   need_g: bool, need_dz: bool = True) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(dz, dg): dz = dy⊙g (None unless ``need_dz``: the pass then only reads); dg = Σ_m dy⊙z,
+    z = (saved − b)/g if ``from_output`` else saved."""
     _launch.check_same_dtype("dy", dy, saved=saved, g=g, bias=bias)
     M, N = dy.shape
-    dz = torch.empty_like(dy, memory_format=torch.contiguous_format)
+    dz = torch.empty_like(dy, memory_format=torch.contiguous_format) if need_dz else None
     acc = _launch.acc_torch_dtype(dy.dtype)
     dg = torch.zeros(N, device=dy.device, dtype=acc) if need_g else None
     if M and N:
         _SCALE_BWD(_grid(M, N), dy, saved, _launch.vec(g),
-                   _launch.vec(bias) if bias is not None else _launch.unused(dy), dz,
+                   _launch.vec(bias) if bias is not None else _launch.unused(dy), dz if need_dz else _launch.unused(dy),
                    dg if dg is not None else _launch.unused(dy, acc), M, N,
-                   *_launch.strides(dy), *_launch.strides(saved), *_launch.strides(dz),
-                   NEED_G=need_g, SUB_BIAS=from_output and bias is not None,
+                   *_launch.strides(dy), *_launch.strides(saved), *_launch.strides(dz if need_dz else dy),
+                   NEED_G=need_g, NEED_DZ=need_dz, SUB_BIAS=from_output and bias is not None,
                    ACC_DT=_launch.dot_meta(dy.dtype)["ACC_DT"])
     if dg is not None:
         if from_output:

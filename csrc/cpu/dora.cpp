@@ -6,7 +6,9 @@
 //
 // Both are one pass over [M, N]: the forward in place on the adapter's output (nothing else
 // holds it), the backward reading dy (and y or z) once and writing dz, with dg accumulated per
-// thread in the accumulation type and reduced at the end. CPU tensors of every float dtype.
+// thread in the accumulation type and reduced at the end. Without dz (`need_dz` false: the caller
+// folded g into W0 and v, so the adapter's backward takes dy itself) the backward only reads.
+// CPU tensors of every float dtype.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -34,7 +36,8 @@ template <typename scalar_t, typename O>
 inline void row_scale_backward(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ saved,
                                const scalar_t* __restrict__ g, const scalar_t* __restrict__ bias,
                                scalar_t* __restrict__ dz, O* __restrict__ acc, int64_t N) {
-  for (int64_t n = 0; n < N; ++n) dz[n] = static_cast<scalar_t>(O(dy[n]) * O(g[n]));
+  if (dz != nullptr)
+    for (int64_t n = 0; n < N; ++n) dz[n] = static_cast<scalar_t>(O(dy[n]) * O(g[n]));
   if (acc == nullptr) return;
   if (bias != nullptr) {
     for (int64_t n = 0; n < N; ++n) acc[n] += O(dy[n]) * (O(saved[n]) - O(bias[n]));
@@ -70,8 +73,9 @@ Tensor dora_scale_forward(const Tensor& z, const Tensor& g, const OptTensor& bia
   return y;
 }
 
-std::tuple<Tensor, OptTensor> dora_scale_backward(const Tensor& dy, const Tensor& saved, const Tensor& g,
-                                                  const OptTensor& bias, bool from_output, bool need_g) {
+std::tuple<OptTensor, OptTensor> dora_scale_backward(const Tensor& dy, const Tensor& saved, const Tensor& g,
+                                                     const OptTensor& bias, bool from_output, bool need_g,
+                                                     bool need_dz) {
   check_scale(dy, g, bias, "dora_scale_backward");
   TORCH_CHECK_VALUE(saved.sizes() == dy.sizes(), "peftkern.dora_scale_backward: the saved output has shape ",
                     saved.sizes(), " but dy has ", dy.sizes());
@@ -79,7 +83,7 @@ std::tuple<Tensor, OptTensor> dora_scale_backward(const Tensor& dy, const Tensor
   const Tensor dyc = dy.contiguous(), sc = saved.contiguous(), gc = g.contiguous();
   const OptTensor bc = detail::contiguous(bias);
   const int64_t M = dy.size(0), N = dy.size(1);
-  Tensor dz = at::empty_like(dyc);
+  Tensor dz = need_dz ? at::empty_like(dyc) : Tensor();
   OptTensor dg;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "peftkern.dora_scale_backward", [&] {
     using O = at::opmath_type<scalar_t>;
@@ -87,7 +91,7 @@ std::tuple<Tensor, OptTensor> dora_scale_backward(const Tensor& dy, const Tensor
     const scalar_t* s = sc.data_ptr<scalar_t>();
     const scalar_t* gp = gc.data_ptr<scalar_t>();
     const scalar_t* bp = detail::ptr_or_null<scalar_t>(bc);
-    scalar_t* out = dz.data_ptr<scalar_t>();
+    scalar_t* out = need_dz ? dz.data_ptr<scalar_t>() : nullptr;
     const int threads = at::get_num_threads();
     std::vector<O> partial(need_g ? static_cast<size_t>(threads) * N : 0, O(0));
     const bool minus_bias = from_output && bp != nullptr;
@@ -97,7 +101,8 @@ std::tuple<Tensor, OptTensor> dora_scale_backward(const Tensor& dy, const Tensor
         // restrict-qualified rows and the branches outside the n loop let the compiler
         // vectorise it: with dz and the fp32 accumulator possibly aliasing dy (all float),
         // GCC kept it scalar, ten times slower than the pass without dg.
-        row_scale_backward<scalar_t, O>(d + m * N, s + m * N, gp, minus_bias ? bp : nullptr, out + m * N, acc, N);
+        row_scale_backward<scalar_t, O>(d + m * N, s + m * N, gp, minus_bias ? bp : nullptr,
+                                        out != nullptr ? out + m * N : nullptr, acc, N);
       }
     });
     if (need_g) {
@@ -111,7 +116,7 @@ std::tuple<Tensor, OptTensor> dora_scale_backward(const Tensor& dy, const Tensor
       dg = result;
     }
   });
-  return {dz, dg};
+  return {need_dz ? OptTensor(dz) : OptTensor(), dg};
 }
 
 }  // namespace peftkern

@@ -27,8 +27,9 @@ empty placeholder, library.py).
     hypernet_forward(E, W1, b1, W2, b2, save) -> (out, pre)
     hypernet_backward(dout, E, W1, W2, pre, needs[5]) -> (dE, dW1, db1, dW2, db2)
     dora_scale_forward(z, g, bias) -> y = g⊙z + bias                     z [M, N], g [N]; may reuse z
-    dora_scale_backward(dy, saved, g, bias, from_output, need_g) -> (dz = dy⊙g, dg = Σ_m dy⊙z)
-        where z is ``saved``, or with ``from_output`` (``saved`` is y) z = (y − bias)/g: one pass over dy
+    dora_scale_backward(dy, saved, g, bias, from_output, need_g, need_dz) -> (dz = dy⊙g, dg = Σ_m dy⊙z)
+        where z is ``saved``, or with ``from_output`` (``saved`` is y) z = (y − bias)/g: one pass over dy;
+        dz None unless ``need_dz`` (then the pass only reads)
 
 ``weight`` may be None in the adapter kernels of a backend that declares ``lowrank_only``: the
 base product then runs elsewhere (a quantized base layer), and y is the low-rank term (+ bias).

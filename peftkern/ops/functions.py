@@ -189,11 +189,30 @@ class HypernetFunction(torch.autograd.Function):
         return (*_grads(ctx.backend.hypernet_backward(dout.contiguous(), E, W1, W2, pre, needs), needs), None)
 
 
+# DoRA's column scale folded into the weight when the tokens are many: g⊙(W0·x + s·v⊙B·(u⊙A·x)) =
+# (g⊙W0)·x + s·(g⊙v)⊙B·(u⊙A·x), so the adapter's own kernels compute y with no [M, N] pass, and its
+# backward takes dy itself (dx = dy·(g⊙W0)) with no dz. Each direction then forms g⊙W0, an [N, K]
+# pass, in place of [M, N] passes (the forward's in-place scale; the backward's write of dz, kept:
+# its read for dg). Counting elements moved, forward 2NK against 2MN, backward 2NK against MN:
+# both gain once M ≥ 2K, the rule below (DoraFunction).
+FOLD_MIN_ROWS_PER_FEATURE = 2
+
+
+def dora_folds(M: int, K: int, dropout: float) -> bool:
+    """Whether DoRA folds its column scale into W0 and v for an [M, K] input (the comment above).
+    Never with dropout, whose PEFT formula applies W0 to the undropped x."""
+    return not dropout and M >= FOLD_MIN_ROWS_PER_FEATURE * K
+
+
 class DoraFunction(torch.autograd.Function):
-    """DoRA on any backend's kernels (``dora_adapter``). Without dropout: the adapter forward's
-    z = W0·x + ΔW·x (no bias) is scaled in place, y = g⊙z + b with g = m / norm, and y is saved;
-    the backward's one pass over dy gives dz = dy⊙g and dg = Σ_m dy⊙(y − b)/g, then dm = dg / norm
-    (the norm a constant, DoRA §4.3), and the adapter backward runs on dz.
+    """DoRA on any backend's kernels (``dora_adapter``). Two routes without dropout, picked by
+    ``dora_folds``; both save y and find dg = Σ_m dy⊙(y − b)/g by one read of dy and y, then
+    dm = dg / norm (the norm a constant, DoRA §4.3):
+      - folded (many tokens): g is folded into W0 and v, y = adapter(x; g⊙W0, b, A, B, u, g⊙v), and
+        the backward runs the adapter's backward on dy with g⊙W0 formed again (dW0 and dv scaled
+        back by g);
+      - scaled: the adapter forward's z = W0·x + ΔW·x (no bias) is scaled in place, y = g⊙z + b,
+        and the backward's one pass over dy gives dz = dy⊙g with dg; the adapter backward runs on dz.
     With dropout (training), PEFT's formula y = g⊙(W0·D(x) + ΔW·D(x)) + b + W0·(x − D(x)): D(x)
     is formed (the mask drawn like nn.Dropout's, kept as bool), z is saved, and a second base GEMM
     adds W0·(x − D(x)), as PEFT's own DoRA does.
@@ -212,23 +231,33 @@ class DoraFunction(torch.autograd.Function):
         if dropout:
             keep = torch.rand_like(x2) >= dropout
             xd = x2 * keep / (1.0 - dropout)
-        z, h, aux = backend.adapter_forward(xd, weight, None, A, B, u, v, scale, 0.0, _NO_SEED, want_h)
-        h, aux = _given(h), _given(aux)
-        if callable(norm):
-            merged = aux is not None and backend.aux_is_merged_weight
-            norm = torch.linalg.vector_norm(aux, dim=1).detach() if merged else norm()
-        norm = norm.detach().to(torch.promote_types(m.dtype, norm.dtype))  # g in fp32 for a bf16 m
-        g = (m.detach().to(norm.dtype) / norm).to(x2.dtype)
-        if keep is None:
-            y = backend.dora_scale_forward(z, g, bias)
+        folded = dora_folds(x2.shape[0], x2.shape[1], dropout)
+        if folded:
+            norm = _gain(norm() if callable(norm) else norm, m)  # before the GEMM: g is in its weight
+            g = (m.detach().to(norm.dtype) / norm).to(x2.dtype)
+            y, h, aux = backend.adapter_forward(x2, weight * g[:, None], bias, A, B, u, g if v is None else v * g,
+                                                scale, 0.0, _NO_SEED, want_h)
+            h, aux = _given(h), _given(aux)
             saved = y if need_m else None
         else:
-            saved = z if need_m else None
-            y = backend.dora_scale_forward(z.clone() if need_m else z, g, bias)
-            y = y.addmm_(x2 - xd, weight.t())
+            z, h, aux = backend.adapter_forward(xd, weight, None, A, B, u, v, scale, 0.0, _NO_SEED, want_h)
+            h, aux = _given(h), _given(aux)
+            if callable(norm):
+                merged = aux is not None and backend.aux_is_merged_weight
+                norm = torch.linalg.vector_norm(aux, dim=1).detach() if merged else norm()
+            norm = _gain(norm, m)
+            g = (m.detach().to(norm.dtype) / norm).to(x2.dtype)
+            if keep is None:
+                y = backend.dora_scale_forward(z, g, bias)
+                saved = y if need_m else None
+            else:
+                saved = z if need_m else None
+                y = backend.dora_scale_forward(z.clone() if need_m else z, g, bias)
+                y = y.addmm_(x2 - xd, weight.t())
         keep_x = need_A or need_w or (want_h and h is None) or keep is not None
         ctx.save_for_backward(x2 if keep_x else None, weight, A, B, u, v, h, aux, g, bias, saved, keep, norm)
         ctx.scale, ctx.dropout, ctx.backend, ctx.x_shape, ctx.m_dtype = scale, dropout, backend, x.shape, m.dtype
+        ctx.folded = folded
         return _shaped(y, x)
 
     @staticmethod
@@ -237,8 +266,10 @@ class DoraFunction(torch.autograd.Function):
         x2, weight, A, B, u, v, h, aux, g, bias, saved, keep, norm = ctx.saved_tensors
         need_x, need_w, need_b, need_A, need_B, need_u, need_v, need_m = ctx.needs_input_grad[:8]
         dy = _rows(gy, weight.shape[0])
+        if ctx.folded:
+            return DoraFunction._folded_backward(ctx, dy, x2, weight, A, B, u, v, h, aux, g, bias, saved, norm)
         dz, dg = ctx.backend.dora_scale_backward(dy, saved if saved is not None else dy, g, bias,
-                                                 keep is None, need_m)
+                                                 keep is None, need_m, True)
         p = ctx.dropout
         xd = x2 if keep is None or x2 is None else x2 * keep / (1.0 - p)
         needs = [need_x, need_w, False, need_A, need_B, need_u, need_v]
@@ -257,6 +288,32 @@ class DoraFunction(torch.autograd.Function):
         dg = _given(dg) if need_m else None  # None: no rows, so no gradient
         dm = None if dg is None else (dg.to(norm.dtype) / norm).to(ctx.m_dtype)
         return dx, dw, db, dA, dB, du, dv, dm, None, None, None, None
+
+    @staticmethod
+    def _folded_backward(ctx, dy, x2, weight, A, B, u, v, h, aux, g, bias, saved, norm):
+        """The folded route's backward: dg by a read of dy and y (no dz), then the adapter's backward
+        on dy with g⊙W0 and g⊙v, whose dW0 and dv are g times the gradients it gives."""
+        need_x, need_w, need_b, need_A, need_B, need_u, need_v, need_m = ctx.needs_input_grad[:8]
+        dg = None
+        if need_m:
+            _, dg = ctx.backend.dora_scale_backward(dy, saved, g, bias, True, True, False)
+            dg = _given(dg)  # None: no rows, so no gradient
+        needs = [need_x, need_w, False, need_A, need_B, need_u, need_v]
+        grads = _grads(ctx.backend.adapter_backward(
+            dy, x2, weight * g[:, None] if need_x or need_w else weight, A, B, u, g if v is None else v * g, h, aux,
+            ctx.scale, 0.0, _NO_SEED, needs), needs)
+        dx, dw, _, dA, dB, du, dv = grads
+        dx = None if dx is None else dx.view(ctx.x_shape)
+        dw = None if dw is None else dw * g[:, None]
+        dv = None if dv is None else dv * g
+        db = dy.sum(0).to(weight.dtype) if need_b else None
+        dm = None if dg is None else (dg.to(norm.dtype) / norm).to(ctx.m_dtype)
+        return dx, dw, db, dA, dB, du, dv, dm, None, None, None, None
+
+
+def _gain(norm: Tensor, m: Tensor) -> Tensor:
+    """The detached norm in the dtype g is formed in: fp32 at least when m is bf16."""
+    return norm.detach().to(torch.promote_types(m.dtype, norm.dtype))
 
 
 class Adapter4bitFunction(torch.autograd.Function):
@@ -308,7 +365,8 @@ def dora_adapter(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B
     (``reference.dora_adapter``). Shapes as ``adapter``, plus m [N] (any float dtype; its gradient in
     it) and ``norm``: ‖W0 + ΔW‖_row [N] (``dora.weight_norm``), or a zero-argument callable returning it,
     called only when the backend's forward did not form W_eff = W0 + ΔW itself (the C++ merged path
-    at ranks above 32 does; its row norms then serve, exact to the rounding of W_eff). Returns
+    at ranks above 32 does; its row norms then serve, exact to the rounding of W_eff) or when g is
+    folded into W0 (``dora_folds``: it is needed before the GEMM). Returns
     [..., N] in x's dtype. The output is saved for the backward: modifying it in place makes the
     backward raise (torch's version check), where ``adapter``'s output may be modified."""
     if callable(norm) and torch.compiler.is_compiling():  # a custom op's fake aux promises no W_eff

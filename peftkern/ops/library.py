@@ -35,8 +35,8 @@ SCHEMAS: Dict[str, str] = {
     "hypernet_forward": "(Tensor E, Tensor W1, Tensor? b1, Tensor W2, Tensor? b2, bool save) -> (Tensor, Tensor)",
     "hypernet_backward": "(Tensor dout, Tensor E, Tensor W1, Tensor W2, Tensor pre, bool[] needs) -> Tensor[]",
     "dora_scale_forward": "(Tensor z, Tensor g, Tensor? bias) -> Tensor",
-    "dora_scale_backward": "(Tensor dy, Tensor saved, Tensor g, Tensor? bias, bool from_output, bool need_g) "
-                           "-> (Tensor, Tensor)",
+    "dora_scale_backward": "(Tensor dy, Tensor saved, Tensor g, Tensor? bias, bool from_output, bool need_g, "
+                           "bool need_dz) -> (Tensor, Tensor)",
     # optional (OPTIONAL): the adapter over a bitsandbytes 4-bit W0, given as its packed state
     "adapter_4bit_forward": "(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor? absmax2, Tensor? code2, "
                             "Tensor? offset, int blocksize, int blocksize2, Tensor? bias, Tensor A, Tensor B, Tensor? u, "
@@ -117,8 +117,9 @@ def _dora_scale_forward(z, g, bias):
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
-def _dora_scale_backward(dy, saved, g, bias, from_output, need_g):
-    return torch.empty_like(dy, memory_format=torch.contiguous_format), (g.new_empty(g.shape) if need_g else _none(g))
+def _dora_scale_backward(dy, saved, g, bias, from_output, need_g, need_dz):
+    return (torch.empty_like(dy, memory_format=torch.contiguous_format) if need_dz else _none(dy),
+            g.new_empty(g.shape) if need_g else _none(g))
 
 
 def _adapter_4bit_forward(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, bias, A, B, u, v,

@@ -1,6 +1,6 @@
 """Smoke tests of the benchmark tooling that the pytest-benchmark suites do not cover:
-memory_profile.py's LEFT table and memory child in-process on the tiny shape, and targets.py's
-PASS / MISS logic on results files written here."""
+memory_profile.py's LEFT table and memory child in-process on the tiny shape, targets.py's
+PASS / MISS logic on results files written here, and bench_dora_route.py's route switch."""
 import json
 import os
 import sys
@@ -10,6 +10,7 @@ import pytest
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
 sys.path.insert(0, BENCH)
 
+import bench_dora_route  # noqa: E402
 import memory_profile  # noqa: E402
 import targets  # noqa: E402
 import torch  # noqa: E402
@@ -63,3 +64,12 @@ def test_targets_missing_files_are_no_data(tmp_path):
     checks = targets.step_checks(str(tmp_path / "nope.json")) + targets.csv_checks(str(tmp_path), "")
     assert len(checks) == 4 and all(c[3] is None for c in checks)
     assert "NO DATA" in targets.render(checks)
+
+
+def test_the_dora_route_bench_times_every_route_and_restores_the_rule():
+    from peftkern.ops import functions
+
+    before = functions.FOLD_MIN_ROWS_PER_FEATURE
+    medians = bench_dora_route.measure(16, 24, 64, 4, 2)
+    assert set(medians) == {"lora", "scaled", "folded"} and all(t > 0 for t in medians.values())
+    assert functions.FOLD_MIN_ROWS_PER_FEATURE == before

@@ -6,13 +6,21 @@ import pytest
 import torch
 
 from peftkern import dora
-from peftkern.ops import reference
+from peftkern.ops import functions, reference
 from peftkern.ops.functions import BoundOps
 from tests.helpers import opcheck
 
 BACKENDS = [pytest.param(n, marks=pytest.mark.skipif(opcheck.available_backend(n) is None, reason=f"{n} unavailable"))
             for n in ("torch", "cpp", "triton")]
 SHAPES = [(7, 9, 5, 3), (1, 33, 17, 4), (37, 64, 48, 8), (5, 2, 70, 1)]
+ROUTES = ["scaled", "folded"]  # DoRA's two routes (functions.dora_folds), each forced on every shape
+
+
+@pytest.fixture(params=ROUTES)
+def route(request, monkeypatch):
+    """Force the folded route (g in W0 and v) or the scaled one (a column scale each way)."""
+    monkeypatch.setattr(functions, "FOLD_MIN_ROWS_PER_FEATURE", 0 if request.param == "folded" else float("inf"))
+    return request.param
 
 
 def _inputs(M, K, N, r, dtype=torch.float32, bias=True, uv=True, lead=(), seed=0):
@@ -44,7 +52,7 @@ def _grads(y, tensors, seed=3):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("M,K,N,r", SHAPES)
 @pytest.mark.parametrize("bias,uv", [(True, True), (False, False)])
-def test_forward_and_every_gradient_match_the_reference(backend, M, K, N, r, bias, uv):
+def test_forward_and_every_gradient_match_the_reference(backend, M, K, N, r, bias, uv, route):
     ops = BoundOps(opcheck.available_backend(backend))
     t, m = _inputs(M, K, N, r, bias=bias, uv=uv, lead=(2,) if M == 7 else ())
     tensors = {**t, "m": m}
@@ -77,7 +85,7 @@ def test_dropout_is_peft_formula_with_the_same_mask(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
-def test_gradcheck_fp64(backend, dropout):
+def test_gradcheck_fp64(backend, dropout, route):
     ops = BoundOps(opcheck.available_backend(backend))
     t, _ = _inputs(5, 7, 6, 2, dtype=torch.float64)
     names = ["x", "A", "B", "u", "v", "bias"]
@@ -92,7 +100,7 @@ def test_gradcheck_fp64(backend, dropout):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_shapes(backend):
+def test_empty_shapes(backend, route):
     ops = BoundOps(opcheck.available_backend(backend))
     for M, K, N in ((0, 9, 5), (4, 9, 0)):
         t, m = _inputs(M, K, N, 2) if N else (opcheck.make_inputs(M, K, N, 2), torch.ones(0, requires_grad=True))
@@ -103,7 +111,7 @@ def test_empty_shapes(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_bf16_agrees_with_fp32(backend):
+def test_bf16_agrees_with_fp32(backend, route):
     ops = BoundOps(opcheck.available_backend(backend))
     t, m = _inputs(37, 64, 48, 8)
     y32 = _ours(ops, t, m)
@@ -116,7 +124,7 @@ def test_bf16_agrees_with_fp32(backend):
     assert mb.grad.dtype == torch.bfloat16 and torch.isfinite(mb.grad.float()).all()
 
 
-def test_the_output_may_not_be_modified_in_place_and_says_so():
+def test_the_output_may_not_be_modified_in_place_and_says_so(route):
     """DoRA's backward reads its output (the one pass over dy needs z = (y − b)/g): an in-place change
     of the output is caught by torch's version check, not silently wrong."""
     ops = BoundOps(opcheck.available_backend("torch"))
@@ -127,11 +135,14 @@ def test_the_output_may_not_be_modified_in_place_and_says_so():
         y.sum().backward()
 
 
-@pytest.mark.parametrize("path,provider_calls", [("merged", 0), ("fused", 1)])
-def test_the_cpp_merged_path_takes_the_norm_from_its_merged_weight(path, provider_calls):
+@pytest.mark.parametrize("route,path,provider_calls", [("scaled", "merged", 0), ("scaled", "fused", 1),
+                                                       ("folded", "merged", 1), ("folded", "fused", 1)])
+def test_the_cpp_merged_path_takes_the_norm_from_its_merged_weight(route, path, provider_calls, monkeypatch):
     """At ranks above 32 the C++ merged path forms W_eff = W0 + ΔW anyway: its row norms are DoRA's norm,
     so the expansion's [N, K]·[K, r] product is skipped (the provider is not called) and the result
-    is the reference's; on another path the provider gives the norm."""
+    is the reference's; on another path the provider gives the norm. The folded route needs g before
+    the GEMM (its merged weight is g⊙W_eff), so it always asks the provider."""
+    monkeypatch.setattr(functions, "FOLD_MIN_ROWS_PER_FEATURE", 0 if route == "folded" else float("inf"))
     if opcheck.available_backend("cpp") is None:
         pytest.skip("cpp unavailable")
     from peftkern.ops.backends import cpp
@@ -156,6 +167,35 @@ def test_the_cpp_merged_path_takes_the_norm_from_its_merged_weight(path, provide
     assert {"x", "A", "B", "u", "v", "m"} <= got.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_route_rule_folds_only_many_tokens_without_dropout():
+    assert functions.dora_folds(1152, 576, 0.0) and not functions.dora_folds(1151, 576, 0.0)
+    assert not functions.dora_folds(10 ** 6, 576, 0.1)  # PEFT's dropout formula needs W0 on the undropped x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_folded_route_makes_no_output_sized_pass_of_its_own(backend, monkeypatch):
+    """Folded, the forward calls no column scale and the backward asks the scale pass for dg alone
+    (need_dz false): no [M, N] tensor is written beyond the adapter's own output and dx."""
+    be = opcheck.available_backend(backend)
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            value = getattr(be, name)
+            if name.startswith("dora_scale"):
+                return lambda *a: calls.append((name, a[-1])) or value(*a)
+            return value
+
+    monkeypatch.setattr(functions, "FOLD_MIN_ROWS_PER_FEATURE", 0)
+    t, m = _inputs(37, 64, 48, 8)
+    y = BoundOps(Spy()).dora_adapter(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], m,
+                                     lambda: dora.weight_norm(t["weight"].detach(), t["A"].detach(), t["B"].detach(),
+                                                              t["u"].detach(), t["v"].detach(), 0.5), 0.5)
+    y.sum().backward()
+    assert calls == [("dora_scale_backward", False)]
+    assert m.grad is not None and t["x"].grad is not None
 
 
 # --- the norm -------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def _args(kernel, needs, dropout):
         "hypernet_forward": (E, W1, b1, W2, b2, True),
         "hypernet_backward": (torch.randn(4, 10), E, W1, W2, E @ W1.t() + b1, needs[:5]),
         "dora_scale_forward": (torch.randn(7, 5), torch.rand(5) + 0.5, b),
-        "dora_scale_backward": (dy, torch.randn(7, 5), torch.rand(5) + 0.5, b, dropout == 0.0, needs[5]),
+        "dora_scale_backward": (dy, torch.randn(7, 5), torch.rand(5) + 0.5, b, dropout == 0.0, needs[5], needs[6]),
         "adapter_4bit_forward": (x, *w4, b, A, B, u, v, 0.5, dropout, seed, True),
         "adapter_4bit_backward": (dy, x, *w4, A, B, u, v, h, 0.5, dropout, seed, needs[:5]),
     }[kernel]

@@ -145,11 +145,10 @@ def dora_scale_forward(z, g, bias):
     return _C.dora_scale_forward(z, g, bias)
 
 
-def dora_scale_backward(dy, saved, g, bias, from_output, need_g):
+def dora_scale_backward(dy, saved, g, bias, from_output, need_g, need_dz):
     if dy.device.type != "cpu":
-        return _torch_dora_backward(dy, saved, g, bias, from_output, need_g)
-    dz, dg = _C.dora_scale_backward(dy, saved, g, bias, from_output, need_g)
-    return dz, dg
+        return _torch_dora_backward(dy, saved, g, bias, from_output, need_g, need_dz)
+    return _C.dora_scale_backward(dy, saved, g, bias, from_output, need_g, need_dz)
 
 
 def adapter_node(x, weight, bias, A, B, u, v, scale, dropout):

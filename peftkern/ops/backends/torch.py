@@ -223,10 +223,10 @@ def dora_scale_forward(z, g, bias):
     return torch.addcmul(bias, z, g, out=z)
 
 
-def dora_scale_backward(dy, saved, g, bias, from_output, need_g):
-    """dz = dy⊙g; dg = Σ_m dy⊙z with z = saved, or (y − b)/g from the output y. The reduction
-    accumulates in fp32 (fp64 stays fp64)."""
-    dz = dy * g
+def dora_scale_backward(dy, saved, g, bias, from_output, need_g, need_dz=True):
+    """dz = dy⊙g (None unless ``need_dz``); dg = Σ_m dy⊙z with z = saved, or (y − b)/g from the output
+    y. The reduction accumulates in fp32 (fp64 stays fp64)."""
+    dz = dy * g if need_dz else None
     dg = None
     if need_g:
         acc = acc_dtype(dy.dtype)
