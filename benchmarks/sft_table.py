@@ -138,7 +138,9 @@ def _mean_std(values):
 def _table(runs, methods, lrs, args) -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=HERE).stdout.strip()
-    lines = ["# SFT on GSM8K: SmolLM2-135M-Instruct, Tied-LoRA's generative claim", "",
+    title = ("--task sft's learning rates: held-out GSM8K loss, SmolLM2-135M-Instruct" if args.select_only else
+             "SFT on GSM8K: SmolLM2-135M-Instruct, Tied-LoRA's generative claim")
+    lines = [f"# {title}", "",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}; "
              f"machine: {platform.machine()} CPU, 2 cores; `python benchmarks/sft_table.py`",
              f"- budget: {args.train} GSM8K training problems, one epoch of batch 8, 384 tokens, q_proj and v_proj, "
@@ -155,7 +157,8 @@ def _table(runs, methods, lrs, args) -> str:
         if not tests:  # rates chosen (or being chosen), test runs still to come
             best = f"{min(select, key=select.get):g}" if select and (args.select_only or len(select) == len(lrs)) else "…"
             pending = "rate only (--select-only)" if args.select_only else "not run yet"
-            lines.append(f"| {method} | | {by_rate} | {best} | {pending} | | | |")
+            params = next((f"{r['trainable']:,}" for r in runs if r["method"] == method), "")
+            lines.append(f"| {method} | {params} | {by_rate} | {best} | {pending} | | | |")
             continue
         lr = tests[0]["lr"]
         loss = _mean_std([r["metrics"]["eval_loss"] for r in tests])
