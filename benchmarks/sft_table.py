@@ -11,15 +11,15 @@ parameters. Here, with the same budget for every method:
     budget    one epoch of batch 8 (12 steps), 384 tokens (3% of the problems are cut short),
               bf16 autocast where native, AdamW (linear decay, no weight decay), completion-only
               loss, TRL's SFTTrainer. Planned for about two hours on the 2 cores at TRL's ~20 s
-              per step; measured on the shared 2 cores (2026-12-03) a step took 45-68 s, a
-              selection run 12-16 minutes, so the whole table (4 methods × 3 rates + 12 test
-              runs with generation) takes about 8 hours there
+              per step; measured on the shared 2 cores (2026-12-03/04, two runs side by side, one
+              thread each) a step took 27-34 s (45-68 s beside more jobs), a run 9-16 minutes,
+              and the whole table (12 selection runs + 12 test runs with generation) about 4.5 hours
     rate      per method, the one of --lrs with the lowest held-out loss (seed 100)
     seeds     100, 482, 584 at that rate
     reported  test loss (and perplexity), final-answer accuracy (the number after ####, greedy
               decoding, at most 160 new tokens), trained parameters, seconds per step
 
-    python benchmarks/sft_table.py                 # the table (about 8 hours on the shared 2 cores)
+    python benchmarks/sft_table.py                 # the table (about 4.5 hours on the shared 2 cores)
     python benchmarks/sft_table.py --select-only --methods vera --lrs 2e-3,1e-2   # rates only
     python benchmarks/sft_table.py --quick         # one method, one rate, 16 steps: checks the script
 

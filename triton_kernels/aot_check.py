@@ -58,7 +58,7 @@ KERNELS: List[Tuple[str, str, List[Dict[str, object]]]] = [
     ("hypernet", "_FWD", [dict(STORE_Z=True)]),
     ("hypernet", "_BWD", [dict(COMPUTE_DW2=True, COMPUTE_DB2=True, COMPUTE_DH=True)]),
     ("dora", "_SCALE", [dict(HAS_BIAS=True)]),
-    ("dora", "_SCALE_BWD", [dict(NEED_G=True, SUB_BIAS=True)]),
+    ("dora", "_SCALE_BWD", [dict(NEED_G=True, NEED_DZ=True, SUB_BIAS=True), dict(NEED_G=True, NEED_DZ=False, SUB_BIAS=True)]),
 ]
 
 
