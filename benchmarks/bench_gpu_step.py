@@ -120,6 +120,21 @@ PROVIDERS: Dict[str, Optional[Provider]] = {
     "peft_lora_qv": theirs("lora", "qv", r=16, lora_alpha=16),
     "pk_lora_all": ours("lora", "all", rank=16),
     "peft_lora_all": theirs("lora", "all", r=16, lora_alpha=16),
+    # DoRA, and QLoRA (the decoder's Linears NF4): bitsandbytes' base op + our low-rank term (auto),
+    # the fused kernel (triton: W0's 4-bit tiles dequantized in the adapter's GEMM), PEFT on the same base
+    # (early in the table: a run cut short by its time limit still measures them)
+    "pk_dora_qv": ours("lora", "qv", rank=16, use_dora=True),
+    "peft_dora_qv": theirs("lora", "qv", r=16, lora_alpha=16, use_dora=True),
+    "pk_dora_all": ours("lora", "all", rank=16, use_dora=True),
+    "peft_dora_all": theirs("lora", "all", r=16, lora_alpha=16, use_dora=True),
+    "pk_dora_qv_triton": ours("lora", "qv", rank=16, use_dora=True, backend="triton"),
+    "pk_qlora_qv": ours("lora", "qv", quantized=True, rank=16),
+    "pk_qlora_qv_triton": ours("lora", "qv", quantized=True, rank=16, backend="triton"),
+    "peft_qlora_qv": theirs("lora", "qv", quantized=True, r=16, lora_alpha=16),
+    "pk_qlora_all": ours("lora", "all", quantized=True, rank=16),
+    "pk_qlora_all_triton": ours("lora", "all", quantized=True, rank=16, backend="triton"),
+    "peft_qlora_all": theirs("lora", "all", quantized=True, r=16, lora_alpha=16),
+    "pk_pg_pos_qlora_qv": ours("pg_pos", "qv", quantized=True),
     "pk_pg_pos_qv": ours("pg_pos", "qv"),
     "pk_tied_lora_qv": ours("tied_lora", "qv"),
     "pk_vera_qv": ours("vera", "qv", rank=256),
@@ -136,17 +151,6 @@ PROVIDERS: Dict[str, Optional[Provider]] = {
     "pk_tied_lora_qv_cpp": ours("tied_lora", "qv", backend="cpp"),
     "pk_vera_qv_cpp": ours("vera", "qv", rank=256, backend="cpp"),
     "pk_lora_qv_compiled": ours("lora", "qv", rank=16, compile=True),
-    # DoRA, and QLoRA (the decoder's Linears NF4): bitsandbytes' base op + our low-rank term (auto),
-    # the fused kernel (triton: W0's 4-bit tiles dequantized in the adapter's GEMM), PEFT on the same base
-    "pk_dora_qv": ours("lora", "qv", rank=16, use_dora=True),
-    "peft_dora_qv": theirs("lora", "qv", r=16, lora_alpha=16, use_dora=True),
-    "pk_qlora_qv": ours("lora", "qv", quantized=True, rank=16),
-    "pk_qlora_qv_triton": ours("lora", "qv", quantized=True, rank=16, backend="triton"),
-    "peft_qlora_qv": theirs("lora", "qv", quantized=True, r=16, lora_alpha=16),
-    "pk_qlora_all": ours("lora", "all", quantized=True, rank=16),
-    "pk_qlora_all_triton": ours("lora", "all", quantized=True, rank=16, backend="triton"),
-    "peft_qlora_all": theirs("lora", "all", quantized=True, r=16, lora_alpha=16),
-    "pk_pg_pos_qlora_qv": ours("pg_pos", "qv", quantized=True),
 }
 DEFAULT = [name for name in PROVIDERS if name != "pk_lora_qv_compiled"]
 
