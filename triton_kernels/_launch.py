@@ -9,7 +9,7 @@ Two execution modes:
     ``tl.dot`` is wrong, so tiles are cast to fp32 (fp64 stays fp64) before every dot.
     tests/test_triton_autotune.py runs the autotuned path too, with a stub benchmarker.
 
-Two faults of the first GPU run are excluded here by construction, not by care:
+Three faults of GPU runs are excluded here by construction, not by care:
 
 * **Aliased reset arguments.** ``triton.autotune(reset_to_zero=...)`` zeroes the named
   arguments before every config it benchmarks and before the chosen one runs. A launcher
@@ -18,6 +18,12 @@ Two faults of the first GPU run are excluded here by construction, not by care:
   refuses, at every launch, a reset argument that overlaps any other argument, and
   launchers pass ``unused(...)``, a fresh scratch tensor, for reset arguments they do
   not need.
+* **In-place outputs benchmarked repeatedly.** The autotuner runs every config on the
+  same arguments, so a kernel that writes over its input (DoRA's column scale: y = g⊙z + b
+  over z) applied itself once per config: the second GPU run (2026-12-04) got a fixed
+  point b/(1 − g) in every row, and infinities where g > 1. ``Launcher`` takes
+  ``restore_value`` (the autotuner then saves those arguments before benchmarking and
+  restores them after each config) and every in-place launcher names its output there.
 * **Configs that do not fit the device.** ``Launcher`` prunes, before autotuning, every
   config whose compiled shared memory exceeds the device's per-block limit
   (``resources``: the real compiler's figure for that config, flags and dtypes, cached).
@@ -200,20 +206,24 @@ class Launcher:
 
     ``grid`` is always a function of the meta-parameters (as for ``triton.autotune``), so
     launchers do not care which path runs. ``reset_to_zero`` names accumulator arguments
-    (atomics); see the module docstring for the two guarantees this class adds.
+    (atomics); ``restore_value`` names arguments the kernel writes over in place (restored
+    after each benchmarked config); see the module docstring for the guarantees this class adds.
     """
 
     def __init__(self, fn, name: str, configs: Sequence[triton.Config], key: Sequence[str],
-                 fallback: Dict[str, int], reset_to_zero: Optional[Sequence[str]] = None):
+                 fallback: Dict[str, int], reset_to_zero: Optional[Sequence[str]] = None,
+                 restore_value: Optional[Sequence[str]] = None):
         self.name = name
         self.plain = fn
         self.fallback = dict(fallback)
         self.reset_to_zero = tuple(reset_to_zero or ())
+        self.restore_value = tuple(restore_value or ())
         self.constexpr_names = _constexpr_names(fn)
         bad = [c for c in configs if c.num_warps > MAX_WARPS]
         if bad:
             raise ValueError(f"{name}: configs with more than {MAX_WARPS} warps could exceed a block's registers: {bad}")
         self.tuned = triton.autotune(list(configs), key=list(key), reset_to_zero=list(self.reset_to_zero) or None,
+                                     restore_value=list(self.restore_value) or None,
                                      prune_configs_by={"early_config_prune": self._prune})(fn)
 
     def _prune(self, configs, named_args, **kwargs):

@@ -56,7 +56,9 @@ def _scale_backward_kernel(dy_ptr, s_ptr, g_ptr, b_ptr, dz_ptr, dg_ptr, M, N, sd
 
 
 _CONFIGS = _launch.configs([(32, 128, 4, 2), (64, 64, 4, 2), (16, 256, 4, 2), (64, 128, 8, 2)], ("BLOCK_M", "BLOCK_N"))
-_SCALE = _launch.Launcher(_scale_kernel, "dora_scale", _CONFIGS, key=("N",), fallback={"BLOCK_M": 16, "BLOCK_N": 32})
+# in place (y over z): the autotuner must restore z after each config it tries (_launch's docstring)
+_SCALE = _launch.Launcher(_scale_kernel, "dora_scale", _CONFIGS, key=("N",), fallback={"BLOCK_M": 16, "BLOCK_N": 32},
+                          restore_value=("y_ptr",))
 _SCALE_BWD = _launch.Launcher(_scale_backward_kernel, "dora_scale_backward", _CONFIGS, key=("N",),
                               fallback={"BLOCK_M": 16, "BLOCK_N": 32}, reset_to_zero=("dg_ptr",))
 

@@ -20,7 +20,8 @@ from tests.helpers import opcheck
 
 pytestmark = pytest.mark.gpu
 TOL = {torch.float32: 5e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
-SHAPES = [(300, 257, 129, 4), (1024, 576, 1536, 16), (2048, 1536, 576, 64)]
+# odd shapes in both dtypes, a model-sized one in bf16 (kept few: the tier must fit gpu_check.sh's limit)
+CASES = [(300, 257, 129, 4, torch.bfloat16), (300, 257, 129, 4, torch.float32), (2048, 1536, 576, 64, torch.bfloat16)]
 DEVICE = os.environ.get("PEFTKERN_GPU_TEST_DEVICE", "cuda")  # "cpu" checks this file's logic without a GPU
 
 
@@ -45,8 +46,7 @@ def route(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("M,K,N,r", SHAPES)
+@pytest.mark.parametrize("M,K,N,r,dtype", CASES)
 @pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
 def test_dora_forward_and_every_gradient(backend, M, K, N, r, dtype, route):
     ops = BoundOps(_on_device(backend))
@@ -90,7 +90,7 @@ def _state(W, quant_type, nested, blocksize=64):
 
 
 @pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("nf4", False), ("fp4", True)])
-@pytest.mark.parametrize("N,K", [(37, 64), (1536, 576), (5, 300)])
+@pytest.mark.parametrize("N,K", [(37, 64), (1536, 576)])
 def test_reference_dequantization_is_bitsandbytes_own_on_device(quant_type, nested, N, K):
     w4, want = _state(torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16), quant_type, nested)
     got = reference.dequantize_4bit(*w4, N, K)
@@ -98,9 +98,9 @@ def test_reference_dequantization_is_bitsandbytes_own_on_device(quant_type, nest
     assert _rel(got, want) < 1e-2  # bf16 storage of the same products
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
-@pytest.mark.parametrize("M,K,N,r", [(7, 64, 37, 3), (300, 576, 129, 8), (2048, 576, 1536, 16)])
+@pytest.mark.parametrize("M,K,N,r,dtype", [(7, 64, 37, 3, torch.float32), (300, 576, 129, 8, torch.bfloat16),
+                                           (2048, 576, 1536, 16, torch.bfloat16)])
 def test_fused_4bit_kernel_forward_and_every_gradient(M, K, N, r, quant_type, nested, dtype):
     tk = pytest.importorskip("peftkern.ops.backends.triton")
     ops = BoundOps(tk.BACKEND)
@@ -136,7 +136,7 @@ def test_dora_model_step_on_device_matches_the_cpu(backend):
     _assert_like_the_cpu("lora", {"use_dora": True}, backend)
 
 
-@pytest.mark.parametrize("method", ["lora", "pg_pos", "vera"])
+@pytest.mark.parametrize("method", ["lora", "pg_pos"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_4bit_model_step_on_device_matches_its_dequantized_twin(method, backend, tmp_path):
     """A tiny Llama quantized to NF4 on CUDA (bf16 compute), patched, against its dequantized bf16 twin
