@@ -45,15 +45,20 @@ def test_reference_dequantization_is_bitsandbytes_own(quant_type, nested, N, K):
 @pytest.mark.parametrize("M,K,N,r", SHAPES)
 def test_forward_and_every_gradient_match_the_reference_on_the_dequantized_weight(M, K, N, r, quant_type, nested,
                                                                                     variant):
+    with tk.forward_variant(variant):
+        assert_matches_reference(M, K, N, r, quant_type, nested)
+
+
+def assert_matches_reference(M, K, N, r, quant_type, nested, bias=True):
+    """The fused 4-bit op against the reference adapter on the dequantized W0: output, every gradient."""
     torch.manual_seed(0)
     w4, W = _state(torch.randn(N, K), quant_type, nested)
     x, A, B = torch.randn(M, K), torch.randn(r, K), torch.randn(N, r)
-    u, v, bias = torch.randn(r), torch.randn(N), torch.randn(N)
+    u, v, b = torch.randn(r), torch.randn(N), (torch.randn(N) if bias else None)
     ours = [t.clone().requires_grad_(True) for t in (x, A, B, u, v)]
     refs = [t.clone().requires_grad_(True) for t in (x, A, B, u, v)]
-    with tk.forward_variant(variant):
-        y = ops.adapter_4bit(ours[0], w4, bias, *ours[1:], 0.7)
-    want = reference.adapter(refs[0], W, bias, refs[1], refs[2], refs[3], refs[4], 0.7)
+    y = ops.adapter_4bit(ours[0], w4, b, *ours[1:], 0.7)
+    want = reference.adapter(refs[0], W, b, refs[1], refs[2], refs[3], refs[4], 0.7)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     dy = torch.randn_like(y)
     y.backward(dy)

@@ -100,37 +100,15 @@ def test_an_aliased_reset_argument_is_refused():
 def test_dora_through_the_autotuner(autotuned, route, monkeypatch):
     """DoRA's column scale writes y over z in place: every config the autotuner tries must start
     from the same z (the second GPU run's fault: the scale applied once per config)."""
-    from peftkern.ops import functions, reference
-    from tests.unit.test_dora_ops import _grads, _inputs, _ours
+    from peftkern.ops import functions
+    from tests.unit.test_dora_ops import _inputs, assert_matches_reference
 
     monkeypatch.setattr(functions, "FOLD_MIN_ROWS_PER_FEATURE", 0 if route == "folded" else float("inf"))
-    t, m = _inputs(19, 33, 17, 4)
-    tensors = {**t, "m": m}
-    y = _ours(ops, t, m)
-    got = _grads(y, tensors)
-    want_y = reference.dora_adapter(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], 0.5, m)
-    want = _grads(want_y, tensors)
-    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
-    assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_matches_reference(ops, *_inputs(19, 33, 17, 4))
 
 
 def test_4bit_adapter_through_the_autotuner(autotuned):
     pytest.importorskip("bitsandbytes")
-    from peftkern.ops import reference
-    from tests.triton.test_triton_4bit import _state
+    from tests.triton.test_triton_4bit import assert_matches_reference
 
-    torch.manual_seed(0)
-    w4, W = _state(torch.randn(17, 64), "nf4", True)
-    x, A, B, u, v = (torch.randn(19, 64), torch.randn(4, 64), torch.randn(17, 4), torch.randn(4), torch.randn(17))
-    ours = [t.clone().requires_grad_(True) for t in (x, A, B, u, v)]
-    refs = [t.clone().requires_grad_(True) for t in (x, A, B, u, v)]
-    y = ops.adapter_4bit(ours[0], w4, None, *ours[1:], 0.7)
-    want = reference.adapter(refs[0], W, None, *refs[1:], 0.7)
-    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    want.backward(dy)
-    for name, a, b in zip("xABuv", ours, refs):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4, msg=name)
+    assert_matches_reference(19, 64, 17, 4, "nf4", True, bias=False)
