@@ -12,8 +12,9 @@
 #   3. run the project's GPU step benchmark (benchmarks/bench_gpu_step.py);
 #   4. write everything, with the device, date and commit, under $OUT (default
 #      benchmarks/results/gpu/<date>-<commit>/): versions.txt, gpu_tests.log, gpu_step.jsonl,
-#      gpu_step.md, profile_<provider>.txt (one profiled step of the floor, pk_lora_qv and
-#      peft_lora_qv: which kernels take the time), summary.md.
+#      gpu_step.md, profile_<provider>.txt (one profiled step of our DoRA and PEFT's on all linear
+#      layers, and of our LoRA: which kernels take the time), summary.md: 8 files, the most a
+#      lent machine returns.
 #
 #   benchmarks/gpu_check.sh              on a GPU machine (the commit from PEFTKERN_COMMIT or git)
 #   benchmarks/gpu_check.sh --dry-run    anywhere: checks the script itself (tests collected, the
@@ -67,8 +68,9 @@ if [ $DRY = 0 ]; then
   tests_rc=$?
   grep -E "^FAIL|^E  |passed|failed" "$OUTDIR/gpu_tests.log" | grep -v " PASSED" | tail -60
   echo "== GPU step benchmark (limit ${BENCH_LIMIT}s)"
-  # then one profiled step each of the floor, our LoRA and PEFT's (after the table, so a cut-off loses no row)
-  timeout "$BENCH_LIMIT" $PY benchmarks/bench_gpu_step.py --out "$OUTDIR" --profile floor,pk_lora_qv,peft_lora_qv 2>&1 | tail -40
+  # then one profiled step each of our DoRA and PEFT's (ours was 1.10-1.17x PEFT's on 2026-12-04: where
+  # does it go?) and of our LoRA (after the table, so a cut-off loses no row)
+  timeout "$BENCH_LIMIT" $PY benchmarks/bench_gpu_step.py --out "$OUTDIR" --profile pk_dora_all,peft_dora_all,pk_lora_qv 2>&1 | tail -40
   bench_rc=${PIPESTATUS[0]}
 else
   echo "== dry run: the GPU tests are collected (they skip without CUDA), the benchmark runs --quick on the CPU"

@@ -234,7 +234,7 @@ class DoraFunction(torch.autograd.Function):
         folded = dora_folds(x2.shape[0], x2.shape[1], dropout)
         if folded:
             norm = _gain(norm() if callable(norm) else norm, m)  # before the GEMM: g is in its weight
-            g = (m.detach().to(norm.dtype) / norm).to(x2.dtype)
+            g = torch.div(m.detach(), norm).to(x2.dtype)  # in norm's dtype (_gain): fp32 at least
             y, h, aux = backend.adapter_forward(x2, weight * g[:, None], bias, A, B, u, g if v is None else v * g,
                                                 scale, 0.0, _NO_SEED, want_h)
             h, aux = _given(h), _given(aux)
@@ -246,7 +246,7 @@ class DoraFunction(torch.autograd.Function):
                 merged = aux is not None and backend.aux_is_merged_weight
                 norm = torch.linalg.vector_norm(aux, dim=1).detach() if merged else norm()
             norm = _gain(norm, m)
-            g = (m.detach().to(norm.dtype) / norm).to(x2.dtype)
+            g = torch.div(m.detach(), norm).to(x2.dtype)  # in norm's dtype (_gain): fp32 at least
             if keep is None:
                 y = backend.dora_scale_forward(z, g, bias)
                 saved = y if need_m else None
@@ -286,7 +286,7 @@ class DoraFunction(torch.autograd.Function):
             dx = dx.view(ctx.x_shape)
         db = dy.sum(0).to(weight.dtype) if need_b else None
         dg = _given(dg) if need_m else None  # None: no rows, so no gradient
-        dm = None if dg is None else (dg.to(norm.dtype) / norm).to(ctx.m_dtype)
+        dm = None if dg is None else torch.div(dg, norm).to(ctx.m_dtype)
         return dx, dw, db, dA, dB, du, dv, dm, None, None, None, None
 
     @staticmethod
@@ -307,7 +307,7 @@ class DoraFunction(torch.autograd.Function):
         dw = None if dw is None else dw * g[:, None]
         dv = None if dv is None else dv * g
         db = dy.sum(0).to(weight.dtype) if need_b else None
-        dm = None if dg is None else (dg.to(norm.dtype) / norm).to(ctx.m_dtype)
+        dm = None if dg is None else torch.div(dg, norm).to(ctx.m_dtype)
         return dx, dw, db, dA, dB, du, dv, dm, None, None, None, None
 
 

@@ -229,13 +229,15 @@ def dora_scale_backward(dy, saved, g, bias, from_output, need_g, need_dz=True):
     dz = dy * g if need_dz else None
     dg = None
     if need_g:
-        acc = acc_dtype(dy.dtype)
-        d, sv = dy.to(acc), saved.to(acc)
-        dg = (d * sv).sum(0)
+        # one conversion: the product promotes ``saved`` inside its kernel (bf16·bf16 is exact in
+        # fp32); in-place updates after it. Each op is a launch on a GPU, where DoRA steps are
+        # bound by launching them.
+        d = dy.to(acc_dtype(dy.dtype))
+        dg = (d * saved).sum(0)
         if from_output:
             if bias is not None:
-                dg = dg - bias.to(acc) * d.sum(0)
-            dg = dg / g.to(acc)
+                dg.sub_(d.sum(0) * bias)
+            dg.div_(g)
         dg = dg.to(g.dtype)
     return dz, dg
 
