@@ -22,7 +22,8 @@ def _keep_threads():
 
 
 @pytest.mark.parametrize("ours,theirs", [("pk_lora_qv", "peft_lora_qv"), ("pk_lora_all", "peft_lora_all"),
-                                         ("pk_vera_qv", "peft_vera_qv")])
+                                         ("pk_vera_qv", "peft_vera_qv"), ("pk_dora_qv", "peft_dora_qv"),
+                                         ("pk_dora_all", "peft_dora_all")])
 def test_a_step_launches_fewer_kernels_than_peft(ours, theirs):
     mine, peft = bench_launches.count(ours, layers=2), bench_launches.count(theirs, layers=2)
     assert mine["counted_on"] == peft["counted_on"] == "meta"  # no host read of a device value either
