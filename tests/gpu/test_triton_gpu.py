@@ -31,7 +31,7 @@ def test_adapter_half_precision(M, K, N, r, dtype, variant):
     opcheck.compare_adapter(ops.adapter, M, K, N, r, dtype=dtype, device="cuda")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16])  # fp16 by the shape tests: the tier must fit gpu_check's limit
 @pytest.mark.parametrize("trained", SUBSETS)
 @pytest.mark.parametrize("bias,u,v", [(True, True, True), (False, False, False), (True, False, True)])
 def test_adapter_trained_subsets(trained, bias, u, v, dtype):
@@ -39,7 +39,7 @@ def test_adapter_trained_subsets(trained, bias, u, v, dtype):
                             trained=trained)
 
 
-@pytest.mark.parametrize("M,K,N,r", SHAPES[:4])
+@pytest.mark.parametrize("M,K,N,r", SHAPES[2:4])
 def test_adapter_fp32_ieee(M, K, N, r, variant):
     opcheck.compare_adapter(ops.adapter, M, K, N, r, dtype=torch.float32, device="cuda")
 
