@@ -124,6 +124,7 @@ def build(p: Plan) -> AdapterState:
             raise ValueError("use_dora needs one down-projection per module, but joint=True shares one per layer; "
                              "use one or the other")
         state.dora = Magnitudes([s.out_features for s in p.slots], device=p.device, dtype=p.dtype)
+        state.dora.batch_norms = not state.generators()  # generated factors are new tensors each forward
     resolve_backends(state)
     return state
 

@@ -1,0 +1,88 @@
+"""DoRA's norms of same-shaped modules in one batched computation (``dora.weight_norms``, used by
+``Magnitudes.norm`` from a model's second forward on): equal to the per-module norm in fp64 and
+fp32, with and without Λu/Λv, a factor shared by every module included; in a model, the first
+stale module refreshes every stale module of its shape in one call, the model's outputs and every
+gradient equal those with batching off, and generated factors, copies and 4-bit bases stay per
+module."""
+import copy
+
+import pytest
+import torch
+
+import peftkern
+from peftkern import dora
+from tests.helpers.models import tiny_model, tokens
+
+
+def _modules(G, N, K, r, dtype, uv, shared_A=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    A0 = rnd(r, K)
+    out = []
+    for _ in range(G):
+        out.append((rnd(N, K), A0 if shared_A else rnd(r, K), 0.3 * rnd(N, r), rnd(r) if uv else None,
+                    rnd(N) if uv else None))
+    return out
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6), (torch.bfloat16, 2e-6)])
+@pytest.mark.parametrize("uv", [True, False])
+@pytest.mark.parametrize("shared_A", [False, True])
+def test_batched_norms_equal_the_per_module_norm(dtype, tol, uv, shared_A):
+    mods = _modules(4, 37, 23, 3, dtype, uv, shared_A)
+    w0_sq = torch.stack([dora.row_norms_sq(w) for w, *_ in mods])
+    got = dora.weight_norms(*(list(t) for t in zip(*mods)), 0.7, w0_sq)
+    want = torch.stack([dora.weight_norm(*m, 0.7) for m in mods])
+    assert got.shape == (4, 37) and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def _trained_step(model, lr=0.05):
+    """One forward/backward and an SGD step: every factor and magnitude changes in place, as in training."""
+    ids = tokens()
+    model(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        for p in model.peftkern.parameters():
+            if p.grad is not None:
+                p.add_(-lr * p.grad)
+                p.grad = None
+
+
+def _dora_model(method="lora", **options):
+    torch.manual_seed(0)
+    return peftkern.patch(tiny_model("llama").double(), method, rank=4, targets=["q_proj", "k_proj", "v_proj"],
+                          use_dora=True, backend="torch", **options).train()
+
+
+def test_a_model_refreshes_each_shape_in_one_call_and_matches_per_module_norms(monkeypatch):
+    batched = _dora_model()
+    single = copy.deepcopy(batched)
+    single.peftkern.dora.batch_norms = False
+    for model in (batched, single):
+        _trained_step(model)  # the first forward registers every module; the step makes every norm stale
+    calls = []
+    real = dora.weight_norms
+    monkeypatch.setattr(dora, "weight_norms", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    ids = tokens()
+    out_b, out_s = batched(input_ids=ids, labels=ids), single(input_ids=ids, labels=ids)
+    layers = len(batched.model.layers)
+    # q_proj is 32 -> 32 and k_proj, v_proj are 32 -> 16 in the tiny Llama: two shapes, k and v together
+    assert sorted(calls) == [layers, 2 * layers], calls
+    torch.testing.assert_close(out_b.logits, out_s.logits, rtol=1e-12, atol=1e-12)
+    out_b.loss.backward()
+    out_s.loss.backward()
+    for (name, a), (_, b) in zip(batched.peftkern.named_parameters(), single.peftkern.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_generated_factors_and_copies_are_not_batched():
+    pg = _dora_model("pg_pos")
+    assert pg.peftkern.dora.batch_norms is False  # new tensors each forward: batching would compute twice
+    model = _dora_model()
+    _trained_step(model)
+    assert len(model.peftkern.dora._sources) == len(model.peftkern.plan.slots)
+    twin = copy.deepcopy(model)  # its sources are its own weights, registered again by its own forwards
+    assert twin.peftkern.dora._sources == {} and twin.peftkern.dora.batch_norms
