@@ -255,7 +255,9 @@ class DoraFunction(torch.autograd.Function):
                 y = backend.dora_scale_forward(z.clone() if need_m else z, g, bias)
                 y = y.addmm_(x2 - xd, weight.t())
         keep_x = need_A or need_w or (want_h and h is None) or keep is not None
-        ctx.save_for_backward(x2 if keep_x else None, weight, A, B, u, v, h, aux, g, bias, saved, keep, norm)
+        # the folded backward divides by m itself (_folded_backward), the scaled one by the norm
+        last = m.detach().to(x2.dtype) if folded else norm
+        ctx.save_for_backward(x2 if keep_x else None, weight, A, B, u, v, h, aux, g, bias, saved, keep, last)
         ctx.scale, ctx.dropout, ctx.backend, ctx.x_shape, ctx.m_dtype = scale, dropout, backend, x.shape, m.dtype
         ctx.folded = folded
         return _shaped(y, x)
@@ -263,11 +265,12 @@ class DoraFunction(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, gy):
-        x2, weight, A, B, u, v, h, aux, g, bias, saved, keep, norm = ctx.saved_tensors
+        x2, weight, A, B, u, v, h, aux, g, bias, saved, keep, last = ctx.saved_tensors
         need_x, need_w, need_b, need_A, need_B, need_u, need_v, need_m = ctx.needs_input_grad[:8]
         dy = _rows(gy, weight.shape[0])
         if ctx.folded:
-            return DoraFunction._folded_backward(ctx, dy, x2, weight, A, B, u, v, h, aux, g, bias, saved, norm)
+            return DoraFunction._folded_backward(ctx, dy, x2, weight, A, B, u, v, h, aux, g, bias, saved, last)
+        norm = last
         dz, dg = ctx.backend.dora_scale_backward(dy, saved if saved is not None else dy, g, bias,
                                                  keep is None, need_m, True)
         p = ctx.dropout
@@ -290,14 +293,19 @@ class DoraFunction(torch.autograd.Function):
         return dx, dw, db, dA, dB, du, dv, dm, None, None, None, None
 
     @staticmethod
-    def _folded_backward(ctx, dy, x2, weight, A, B, u, v, h, aux, g, bias, saved, norm):
-        """The folded route's backward: dg by a read of dy and y (no dz), then the adapter's backward
-        on dy with g⊙W0 and g⊙v, whose dW0 and dv are g times the gradients it gives."""
+    def _folded_backward(ctx, dy, x2, weight, A, B, u, v, h, aux, g, bias, saved, m):
+        """The folded route's backward: dm by a read of dy and y (no dz), then the adapter's backward
+        on dy with g⊙W0 and g⊙v, whose dW0 and dv are g times the gradients it gives.
+
+        dm = Σ_rows dy⊙z / norm with z = (y − b)/g, and g·norm = m: so the scale pass divides by m
+        (``m``: m in y's dtype) and gives dm itself, two launches fewer than dg then dg/norm. g is
+        m/norm rounded to y's dtype, so this differs from dg/norm by that one rounding (2⁻⁹ in bf16,
+        below m's own bf16 rounding; 2⁻²⁴ in fp32)."""
         need_x, need_w, need_b, need_A, need_B, need_u, need_v, need_m = ctx.needs_input_grad[:8]
-        dg = None
+        dm = None
         if need_m:
-            _, dg = ctx.backend.dora_scale_backward(dy, saved, g, bias, True, True, False)
-            dg = _given(dg)  # None: no rows, so no gradient
+            _, dm = ctx.backend.dora_scale_backward(dy, saved, m, bias, True, True, False)
+            dm = _given(dm)  # None: no rows, so no gradient
         needs = [need_x, need_w, False, need_A, need_B, need_u, need_v]
         grads = _grads(ctx.backend.adapter_backward(
             dy, x2, weight * g[:, None] if need_x or need_w else weight, A, B, u, g if v is None else v * g, h, aux,
@@ -307,7 +315,7 @@ class DoraFunction(torch.autograd.Function):
         dw = None if dw is None else dw * g[:, None]
         dv = None if dv is None else dv * g
         db = dy.sum(0).to(weight.dtype) if need_b else None
-        dm = None if dg is None else torch.div(dg, norm).to(ctx.m_dtype)
+        dm = None if dm is None else dm.to(ctx.m_dtype)
         return dx, dw, db, dA, dB, du, dv, dm, None, None, None, None
 
 
