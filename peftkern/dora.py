@@ -141,6 +141,13 @@ def _plain(*tensors: Optional[Tensor]) -> bool:
     return all(t is None or type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
 
 
+def _alive(*tensors: Optional[Tensor]) -> bool:
+    """Whether each tensor still has its storage. FSDP2 hands a module its unsharded parameters (plain
+    tensors) in its forward and frees their storage afterwards: another module's last inputs may then
+    be such a freed tensor, which only its own forward refills."""
+    return all(t is None or t.numel() == 0 or t.untyped_storage().nbytes() > 0 for t in tensors)
+
+
 class Magnitudes(nn.Module):
     """DoRA's trained magnitudes, one [N] vector per adapted module, and the norm cache.
 
@@ -218,7 +225,7 @@ class Magnitudes(nn.Module):
         mine = signature(self._sources[slot])
         stale = [slot]
         for other, inputs in self._sources.items():
-            if other == slot or signature(inputs) != mine:
+            if other == slot or signature(inputs) != mine or not _alive(*inputs[:5]):
                 continue
             cached = self._norms.get(other)
             if cached is None or cached[0] != (_key(inputs[0]), _key(*inputs[1:5]), inputs[5]):

@@ -118,6 +118,14 @@ def _pattern(name: str, pattern: Optional[Mapping[str, Any]], slots: Sequence[Sl
 
 def build(p: Plan) -> AdapterState:
     """Create the method's state for a plan, with its backends resolved. Touches no model."""
+    state = new_state(p)
+    resolve_backends(state)
+    return state
+
+
+def new_state(p: Plan) -> AdapterState:
+    """The method's state for a plan, with DoRA's magnitudes when the plan asks for them (the one place
+    that makes a state: patching and the copies a sharded model's save takes); backends unresolved."""
     state = methods.get(p.method).build(p)
     if p.use_dora:
         if getattr(p.options, "joint", False):
@@ -125,7 +133,6 @@ def build(p: Plan) -> AdapterState:
                              "use one or the other")
         state.dora = Magnitudes([s.out_features for s in p.slots], device=p.device, dtype=p.dtype)
         state.dora.batch_norms = not state.generators()  # generated factors are new tensors each forward
-    resolve_backends(state)
     return state
 
 

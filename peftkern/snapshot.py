@@ -26,9 +26,9 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
+from . import patching
 from .factors import STATE_ATTR, AdapterState, state_of
 from .heads import trained_modules, trained_outside_adapter
-from .methods import registry as methods
 
 Tensor = torch.Tensor
 
@@ -86,7 +86,7 @@ def take(model: nn.Module, state_dict: Optional[Mapping[str, Tensor]] = None) ->
 def _copy_of(state: AdapterState, values: Dict[str, Tensor]) -> AdapterState:
     """A fresh CPU state of the same plan holding ``values`` (and the live allocator's state)."""
     plan = dataclasses.replace(state.plan, device=torch.device("cpu"))
-    copy = methods.get(plan.method).build(plan)
+    copy = patching.new_state(plan)  # with DoRA's magnitudes where the plan has them
     copy.load_state_dict(values, strict=True)
     allocator = state.rank_allocator()
     if allocator is not None:

@@ -33,6 +33,7 @@ LABELS = torch.tensor([0, 1, 1, 0])
 # adalora: init_r 4 -> target 2 over a 6-step schedule whose budgeting runs during the 4 steps trained here
 CASES = {
     "lora": dict(method="lora"),
+    "lora+dora": dict(method="lora", use_dora=True),  # the magnitudes' norms batched across modules
     "tied_lora": dict(method="tied_lora"),
     "pg_pos": dict(method="pg_pos"),
     "adalora": dict(method="adalora", init_r=4, tinit=1, tfinal=1, deltaT=1, total_step=6),
@@ -76,7 +77,14 @@ def _result(model):
     return out
 
 
-FSDP_CASES = [(m, mode) for m in ("lora", "pg_pos") for mode in ("root", "per_block")]
+FSDP_CASES = [(m, mode) for m in ("lora", "pg_pos", "lora+dora") for mode in ("root", "per_block")]
+
+
+def _patch(model, method):
+    """``method``, or "lora+dora": LoRA with DoRA's magnitudes (whose batched norms must not read another
+    block's parameters, which FSDP2 frees outside that block's forward)."""
+    name, _, extra = method.partition("+")
+    return peftkern.patch(model, name, rank=4, backend="torch", use_dora=extra == "dora")
 
 
 def _full(t):
@@ -121,7 +129,7 @@ def _fsdp_case(method, mode, rank, world, out_dir):
     from torch.distributed.fsdp import fully_shard
 
     model = tiny_model("llama", "cls", seed=0)
-    peftkern.patch(model, method, rank=4, backend="torch")
+    _patch(model, method)
     if mode == "per_block":
         for block in model.model.layers:
             fully_shard(block)
@@ -222,7 +230,7 @@ def test_adalora_allocation_identical_on_every_rank(ranks):
 def test_fsdp2_matches_one_process_on_the_global_batch(ranks, method, mode):
     got = [r[f"fsdp2 {method} {mode}"] for r in ranks]
     model = tiny_model("llama", "cls", seed=0)
-    peftkern.patch(model, method, rank=4, backend="torch")
+    _patch(model, method)
     logits = _train_with_evals(model, 0, 1)
     single = _fsdp_result(model)
     assert not torch.equal(logits[0], logits[1]), "the last step changed nothing: the eval check would be vacuous"
