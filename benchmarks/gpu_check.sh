@@ -16,6 +16,12 @@
 #      layers, and of our LoRA: which kernels take the time), summary.md: 8 files, the most a
 #      lent machine returns.
 #
+# The lent H200's image has torch, triton, transformers and peft but not bitsandbytes (the QLoRA
+# tests skip and its step rows error without it). The 2026-12-04 run carried the wheel
+# (bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl, 43 MB, under the ignored .whl/) and began:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+# and named the commit (the machine gets no .git): PEFTKERN_COMMIT=<sha> bash benchmarks/gpu_check.sh
+#
 #   benchmarks/gpu_check.sh              on a GPU machine (the commit from PEFTKERN_COMMIT or git)
 #   benchmarks/gpu_check.sh --dry-run    anywhere: checks the script itself (tests collected, the
 #                                        benchmark's --quick mode on the CPU); measures nothing
