@@ -45,7 +45,8 @@ row norms (an [N, K] pass, no cancellation) and never asks this cache (the layer
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import contextlib
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -141,6 +142,11 @@ def _plain(*tensors: Optional[Tensor]) -> bool:
     return all(t is None or type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
 
 
+def _signature(inputs: tuple) -> tuple:
+    """What modules batched together share: the shapes, dtypes and device of (weight, A, B, u, v), and scale."""
+    return tuple((t.shape, t.dtype, t.device) if t is not None else None for t in inputs[:5]) + inputs[5:]
+
+
 def _alive(*tensors: Optional[Tensor]) -> bool:
     """Whether each tensor still has its storage. FSDP2 hands a module its unsharded parameters (plain
     tensors) in its forward and frees their storage afterwards: another module's last inputs may then
@@ -163,12 +169,15 @@ class Magnitudes(nn.Module):
         self._norms: Dict[int, Tuple[tuple, Tensor]] = {}
         self._w0: Dict[int, Tuple[tuple, Tensor]] = {}
         self.merged_norms: Dict[int, Tensor] = {}  # the norm each merged module was merged with (for unmerge)
-        # Batched norms: each module's last inputs (its weight and factor tensors, updated in place by
-        # the optimizer), so that the first module of a shape to find its norm stale refreshes every
-        # stale module of that shape in one batched computation. Off for generated factors (new
-        # tensors each forward: patching sets it), which would only be computed twice.
+        # Batched norms: each module registers how to read its current inputs (weakly), so that the
+        # first module of a shape to find its norm stale refreshes every stale module of that shape
+        # in one batched computation. Off for generated factors (new tensors each forward: patching
+        # sets it), which would only be computed twice.
         self.batch_norms = True
-        self._sources: Dict[int, tuple] = {}
+        self._sources: Dict[int, Callable] = {}  # slot -> weak reference to its inputs' provider
+        self._groups: Dict[tuple, Set[int]] = {}  # signature -> slots
+        self._slot_group: Dict[int, tuple] = {}
+        self._solo: Set[tuple] = set()  # groups whose other modules could not be read from outside
 
     @property
     def m(self) -> nn.ParameterList:
@@ -184,26 +193,32 @@ class Magnitudes(nn.Module):
         self.m[slot].copy_(weight_norm(weight, A, B, u, v, scale))
 
     def norm(self, slot: int, weight: Tensor, A: Tensor, B: Tensor, u: Optional[Tensor], v: Optional[Tensor],
-             scale: float, dense=None) -> Tensor:
+             scale: float, dense=None, source: Optional[Callable[[], Optional[Callable[[], tuple]]]] = None) -> Tensor:
         """‖W0 + ΔW‖_row of ``slot`` [N], detached, cached while W0 and the factors are unchanged.
 
         ``weight`` is the module's weight, which keys the cache; ``dense`` () -> W0 [N, K] when that
-        weight is not W0 itself (a 4-bit layer's packed weight: dequantized only on a recompute)."""
+        weight is not W0 itself (a 4-bit layer's packed weight: dequantized only on a recompute).
+        ``source``: a weak reference (``weakref.WeakMethod``) to a function giving the module's
+        current (weight, A, B, u, v, scale), through which a stale same-shaped module refreshes this
+        one's norm with its own (``_stale_alike``); held weakly, so no tensor outlives its module."""
         if torch.compiler.is_compiling():
             return weight_norm(weight if dense is None else dense(), A, B, u, v, scale)
         key = (_key(weight), _key(A, B, u, v), scale)
         cached = self._norms.get(slot)
         if cached is not None and cached[0] == key:
             return cached[1]
-        if dense is None and self.batch_norms and _plain(weight, A, B, u, v):
-            self._sources[slot] = (weight, A, B, u, v, scale)
-            stale = self._stale_alike(slot)
-            if len(stale) > 1:
-                self._refresh(stale)
-                return self._norms[slot][1]
-        w0, w0_sq = self._w0_sq(slot, weight, dense)
-        w0 = w0 if w0 is not None else (weight.detach() if dense is None else dense())
-        self._norms[slot] = (key, weight_norm(w0, A, B, u, v, scale, w0_sq))
+        # under inference mode too, cache normal tensors: an inference tensor cached now could not be
+        # saved for a later training step's backward
+        with torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext():
+            inputs = (weight, A, B, u, v, scale)
+            if dense is None and source is not None and self.batch_norms and _plain(weight, A, B, u, v):
+                stale = self._stale_alike(slot, inputs, source)
+                if len(stale) > 1:
+                    self._refresh(stale)
+                    return self._norms[slot][1]
+            w0, w0_sq = self._w0_sq(slot, weight, dense)
+            w0 = w0 if w0 is not None else (weight.detach() if dense is None else dense())
+            self._norms[slot] = (key, weight_norm(w0, A, B, u, v, scale, w0_sq))
         return self._norms[slot][1]
 
     def _w0_sq(self, slot: int, weight: Tensor, dense=None) -> Tuple[Optional[Tensor], Tensor]:
@@ -216,29 +231,42 @@ class Magnitudes(nn.Module):
             have = self._w0[slot] = (w0_key, row_norms_sq(w0))
         return w0, have[1]
 
-    def _stale_alike(self, slot: int) -> List[int]:
-        """The modules whose last inputs have ``slot``'s shapes, dtypes, device and scale and whose
-        cached norm is stale, ``slot`` first."""
-        def signature(inputs):
-            return tuple((t.shape, t.dtype, t.device) if t is not None else None for t in inputs[:5]) + inputs[5:]
-
-        mine = signature(self._sources[slot])
-        stale = [slot]
-        for other, inputs in self._sources.items():
-            if other == slot or signature(inputs) != mine or not _alive(*inputs[:5]):
+    def _stale_alike(self, slot: int, inputs: tuple, source) -> List[Tuple[int, tuple]]:
+        """[(slot, inputs)] first, then every module of the same group (shapes, dtypes, device, scale)
+        whose current inputs are readable here and whose cached norm is stale. A group in which no
+        other module was readable (FSDP2 per-block shards, offloaded blocks) stops being searched."""
+        sig = _signature(inputs)
+        if self._slot_group.get(slot) != sig:  # first call, or the module moved or changed dtype
+            old = self._slot_group.pop(slot, None)
+            if old is not None:
+                self._groups[old].discard(slot)
+            self._groups.setdefault(sig, set()).add(slot)
+            self._slot_group[slot] = sig
+        self._sources[slot] = source
+        found = [(slot, inputs)]
+        if sig in self._solo:
+            return found
+        readable = 0
+        for other in self._groups[sig]:
+            get = self._sources[other]() if other != slot else None
+            theirs = get() if get is not None else None
+            if theirs is None or not _plain(*theirs[:5]) or not _alive(*theirs[:5]) or _signature(theirs) != sig:
                 continue
+            readable += 1
             cached = self._norms.get(other)
-            if cached is None or cached[0] != (_key(inputs[0]), _key(*inputs[1:5]), inputs[5]):
-                stale.append(other)
-        return stale
+            if cached is None or cached[0] != (_key(theirs[0]), _key(*theirs[1:5]), theirs[5]):
+                found.append((other, theirs))
+        if readable == 0 and len(self._groups[sig]) > 1:
+            self._solo.add(sig)
+        return found
 
-    def _refresh(self, slots: List[int]) -> None:
-        """Recompute the norms of ``slots`` (alike: ``_stale_alike``) from their last inputs, batched."""
-        inputs = [self._sources[s] for s in slots]
-        w0_sq = torch.stack([self._w0_sq(s, inp[0])[1] for s, inp in zip(slots, inputs)])
+    def _refresh(self, stale: List[Tuple[int, tuple]]) -> None:
+        """Recompute the norms of ``stale`` ([(slot, inputs)] of one group), batched."""
+        inputs = [inp for _, inp in stale]
+        w0_sq = torch.stack([self._w0_sq(s, inp[0])[1] for s, inp in stale])
         norms = weight_norms([inp[0].detach() for inp in inputs], *([inp[i] for inp in inputs] for i in range(1, 5)),
                              inputs[0][5], w0_sq)
-        for i, (s, inp) in enumerate(zip(slots, inputs)):
+        for i, (s, inp) in enumerate(stale):
             self._norms[s] = ((_key(inp[0]), _key(*inp[1:5]), inp[5]), norms[i])
 
     @torch.no_grad()
@@ -256,7 +284,8 @@ class Magnitudes(nn.Module):
         weight.div_(g[:, None]).sub_(delta.to(weight.dtype))
 
     def __getstate__(self):  # a copy recomputes its norms: cached tensors belong to the original's storage
-        return {**self.__dict__, "_norms": {}, "_w0": {}, "_sources": {}}
+        return {**self.__dict__, "_norms": {}, "_w0": {}, "_sources": {}, "_groups": {}, "_slot_group": {},
+                "_solo": set()}
 
 
 def supports(method) -> bool:

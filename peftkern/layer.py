@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -71,6 +72,12 @@ class AdaptedLinear(nn.Module):
         w = self.base_layer.weight
         return w.t() if self.transposed else w
 
+    def dora_inputs(self) -> tuple:
+        """(W0 [N, K], A, B, u, v, scale): DoRA's norm inputs as this module's forward passes them now,
+        read by a same-shaped module that refreshes every stale norm of its shape at once."""
+        f = self._state.factors(self.slot)
+        return self.base_weight(), f.A, f.B, f.u, f.v, f.scale
+
     def forward(self, x: Tensor) -> Tensor:
         """x [..., K] -> [..., N] in x's dtype (under autocast: the autocast dtype).
 
@@ -93,7 +100,9 @@ class AdaptedLinear(nn.Module):
         # DoRA's magnitude m (trained) and its norm ‖W0 + ΔW‖ from the master weights, cached; asked for
         # only when the forward does not form W0 + ΔW itself (functions.dora_adapter)
         magnitude = None if dora is None else (
-            dora.m[self.slot], functools.partial(dora.norm, self.slot, weight, f.A, f.B, f.u, f.v, f.scale))
+            dora.m[self.slot], functools.partial(dora.norm, self.slot, weight, f.A, f.B, f.u, f.v, f.scale,
+                                                 source=None if torch.compiler.is_compiling()  # (no cache there)
+                                                 else weakref.WeakMethod(self.dora_inputs)))
         # meta (shape inference, host-overhead benchmarks) has no autocast, and asking raises
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)

@@ -86,3 +86,40 @@ def test_generated_factors_and_copies_are_not_batched():
     assert len(model.peftkern.dora._sources) == len(model.peftkern.plan.slots)
     twin = copy.deepcopy(model)  # its sources are its own weights, registered again by its own forwards
     assert twin.peftkern.dora._sources == {} and twin.peftkern.dora.batch_norms
+
+
+def test_no_replaced_weight_outlives_its_module():
+    """The batching reads other modules' inputs through weak references to them: a weight replaced
+    (load_state_dict with assign, a move, a cast) is not kept alive by the norm cache."""
+    import gc
+    import weakref
+
+    model = _dora_model()
+    _trained_step(model)
+    base = model.model.layers[0].self_attn.q_proj.base_layer
+    old = weakref.ref(base.weight)
+    base.load_state_dict({k: v.detach().clone() for k, v in base.state_dict().items()}, assign=True)
+    gc.collect()
+    assert old() is None
+    _trained_step(model)  # and the next steps read the new weight
+    ids = tokens()
+    single = copy.deepcopy(model)
+    single.peftkern.dora.batch_norms = False
+    torch.testing.assert_close(model(input_ids=ids).logits, single(input_ids=ids).logits, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [True, False])
+@pytest.mark.parametrize("one_module", [False, True])
+def test_a_forward_under_inference_mode_does_not_break_the_next_training_step(batch, one_module):
+    """A norm first computed under torch.inference_mode (Lightning's validation) is cached as a normal
+    tensor, which the next training step's backward may save."""
+    model = _dora_model()
+    model.peftkern.dora.batch_norms = batch
+    _trained_step(model)
+    with torch.inference_mode():
+        if one_module:
+            model.model.layers[0].self_attn.q_proj(torch.randn(2, 32, dtype=torch.float64))
+        else:
+            model(input_ids=tokens())
+    _trained_step(model)
+    assert all(p.grad is None for p in model.peftkern.parameters())  # the step ran and applied its gradients
