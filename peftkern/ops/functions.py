@@ -234,7 +234,7 @@ class DoraFunction(torch.autograd.Function):
         folded = dora_folds(x2.shape[0], x2.shape[1], dropout)
         if folded:
             norm = _gain(norm() if callable(norm) else norm, m)  # before the GEMM: g is in its weight
-            g = torch.div(m.detach(), norm).to(x2.dtype)  # in norm's dtype (_gain): fp32 at least
+            g = _ratio(m.detach(), norm, x2.dtype)
             y, h, aux = backend.adapter_forward(x2, weight * g[:, None], bias, A, B, u, g if v is None else v * g,
                                                 scale, 0.0, _NO_SEED, want_h)
             h, aux = _given(h), _given(aux)
@@ -246,7 +246,7 @@ class DoraFunction(torch.autograd.Function):
                 merged = aux is not None and backend.aux_is_merged_weight
                 norm = torch.linalg.vector_norm(aux, dim=1).detach() if merged else norm()
             norm = _gain(norm, m)
-            g = torch.div(m.detach(), norm).to(x2.dtype)  # in norm's dtype (_gain): fp32 at least
+            g = _ratio(m.detach(), norm, x2.dtype)
             if keep is None:
                 y = backend.dora_scale_forward(z, g, bias)
                 saved = y if need_m else None
@@ -317,6 +317,12 @@ class DoraFunction(torch.autograd.Function):
         db = dy.sum(0).to(weight.dtype) if need_b else None
         dm = None if dm is None else dm.to(ctx.m_dtype)
         return dx, dw, db, dA, dB, du, dv, dm, None, None, None, None
+
+
+def _ratio(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """a / b computed in their promoted dtype (the norm's: fp32 at least) and rounded once to ``dtype``,
+    in one kernel: the division writes ``dtype`` itself (a launch fewer than a division, then .to)."""
+    return torch.div(a, b, out=torch.empty(b.shape, dtype=dtype, device=b.device))
 
 
 def _gain(norm: Tensor, m: Tensor) -> Tensor:

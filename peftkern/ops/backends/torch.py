@@ -237,8 +237,9 @@ def dora_scale_backward(dy, saved, g, bias, from_output, need_g, need_dz=True):
         if from_output:
             if bias is not None:
                 dg.sub_(d.sum(0) * bias)
-            dg.div_(g)
-        dg = dg.to(g.dtype)
+            dg = torch.div(dg, g, out=torch.empty_like(g))  # in fp32, written in g's dtype: one launch
+        else:
+            dg = dg.to(g.dtype)
     return dz, dg
 
 
