@@ -147,6 +147,13 @@ def _signature(inputs: tuple) -> tuple:
     return tuple((t.shape, t.dtype, t.device) if t is not None else None for t in inputs[:5]) + inputs[5:]
 
 
+def _alive(*tensors: Optional[Tensor]) -> bool:
+    """Whether each tensor still has its storage. FSDP2 hands a module its unsharded parameters (plain
+    tensors) in its forward and frees their storage afterwards: another module's last inputs may then
+    be such a freed tensor, which only its own forward refills."""
+    return all(t is None or t.numel() == 0 or t.untyped_storage().nbytes() > 0 for t in tensors)
+
+
 class Magnitudes(nn.Module):
     """DoRA's trained magnitudes, one [N] vector per adapted module, and the norm cache.
 
@@ -243,8 +250,7 @@ class Magnitudes(nn.Module):
         for other in self._groups[sig]:
             get = self._sources[other]() if other != slot else None
             theirs = get() if get is not None else None
-            # outside its forward an FSDP2 module's parameters are DTensor shards: not plain, skipped
-            if theirs is None or not _plain(*theirs[:5]) or _signature(theirs) != sig:
+            if theirs is None or not _plain(*theirs[:5]) or not _alive(*theirs[:5]) or _signature(theirs) != sig:
                 continue
             readable += 1
             cached = self._norms.get(other)

@@ -289,7 +289,7 @@ class DoraFunction(torch.autograd.Function):
             dx = dx.view(ctx.x_shape)
         db = dy.sum(0).to(weight.dtype) if need_b else None
         dg = _given(dg) if need_m else None  # None: no rows, so no gradient
-        dm = None if dg is None else _ratio(dg, norm, ctx.m_dtype)
+        dm = None if dg is None else torch.div(dg, norm).to(ctx.m_dtype)
         return dx, dw, db, dA, dB, du, dv, dm, None, None, None, None
 
     @staticmethod
