@@ -10,7 +10,11 @@ the dequantizing bitsandbytes op), at the same data, rate and seed as the SFT ta
               the same pipeline, so the table separates what quantization costs from what training recovers
 
     python benchmarks/qlora_sft.py                  # about 45 minutes on 2 cores
+    python benchmarks/qlora_sft.py --seeds 100 482 584 --methods lora   # more seeds (10-13 min a run)
     python benchmarks/qlora_sft.py --render         # rewrite the .md from the .jsonl
+
+With more than one seed, the table gives each loss as mean ± sample standard deviation over the
+seeds, and NF4 − full as the mean of each seed's difference (the same seed for both bases).
 
 Writes results/qlora_sft.{md,jsonl} (each run appended as it finishes; a rerun skips what is there).
 """
@@ -20,6 +24,7 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,9 +47,9 @@ def _subset(path: Path, start: int, n: int, out: Path) -> str:
     return str(out)
 
 
-def _run(method: str, quant, train: str, held: str) -> dict:
+def _run(method: str, quant, train: str, held: str, seed: int) -> dict:
     cfg = sft.SFTConfig(data=train, eval_data=held, method="lora" if method == "untrained" else method, rank=8,
-                        lr=1e-2, lr_source="qlora_sft", epochs=1, batch_size=8, max_length=384, seed=100,
+                        lr=1e-2, lr_source="qlora_sft", epochs=1, batch_size=8, max_length=384, seed=seed,
                         progress=False, output_dir=None, load_in_4bit=quant)
     if method == "untrained":  # evaluate only: the same pipeline, no step taken
         from trl import SFTTrainer
@@ -53,33 +58,63 @@ def _run(method: str, quant, train: str, held: str) -> dict:
             r = sft.finetune_sft(cfg)
     else:
         r = sft.finetune_sft(cfg)
-    return {"method": method, "load_in_4bit": quant, "eval_loss": r.config["metrics"]["eval_loss"],
+    return {"method": method, "load_in_4bit": quant, "seed": seed, "eval_loss": r.config["metrics"]["eval_loss"],
             "step_seconds": r.config["step_seconds"], "trainable": r.trainable["adapter"], "seconds": r.seconds,
-            "precision": r.config["precision"], "how": "benchmarks/qlora_sft.py"}
+            "precision": r.config["precision"], "how": f"benchmarks/qlora_sft.py at {_commit()}, "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}"}
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=HERE).stdout.strip()
+
+
+def _seed(r: dict) -> int:
+    return r.get("seed", 100)  # the first runs (2026-12-04) predate the field; all were seed 100
+
+
+def _cell(losses) -> str:
+    if not losses:
+        return "not run"
+    if len(losses) == 1:
+        return f"{losses[0]:.3f}"
+    return f"{statistics.mean(losses):.3f} ± {statistics.stdev(losses):.3f} (n={len(losses)})"
 
 
 def _table(rows) -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip()
-    get = {(r["method"], r["load_in_4bit"]): r for r in rows}
+    by = {}
+    for r in rows:
+        by.setdefault((r["method"], r["load_in_4bit"]), {})[_seed(r)] = r
+    seeds = sorted({_seed(r) for r in rows})
     lines = ["# QLoRA on SmolLM2-135M-Instruct: GSM8K held-out loss, 4-bit base beside full precision", "",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}; "
+             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {_commit()}; "
              f"machine: {platform.machine()} CPU, 2 cores; `python benchmarks/qlora_sft.py`",
              "- budget: GSM8K training problems 0-95, one epoch of batch 8 (12 steps), 384 tokens, q_proj and v_proj, "
-             "rank 8, rate 1e-2, seed 100, TRL SFTTrainer, completion-only loss, bf16 autocast; held-out: "
-             "training problems 900-947", "",
-             "| method | adapter params | held-out loss, full precision | held-out loss, NF4 base | NF4 − full |",
-             "|---|---:|---:|---:|---:|"]
+             f"rank 8, rate 1e-2, seeds {', '.join(map(str, seeds))} (each row says which ran), TRL SFTTrainer, "
+             "completion-only loss, bf16 autocast; held-out: training problems 900-947",
+             "- with several seeds: mean ± sample standard deviation; NF4 − full is the mean of each seed's "
+             "difference, over the seeds run on both bases", "",
+             "| method | adapter params | seeds | held-out loss, full precision | held-out loss, NF4 base | NF4 − full |",
+             "|---|---:|---|---:|---:|---:|"]
     for method in METHODS:
-        full, q = get.get((method, None)), get.get((method, "nf4"))
-        if full is None and q is None:
+        full, q = by.get((method, None), {}), by.get((method, "nf4"), {})
+        if not full and not q:
             continue
-        params = "0 (the base)" if method == "untrained" else f"{(full or q)['trainable']:,}"
-        diff = f"{q['eval_loss'] - full['eval_loss']:+.3f}" if full and q else ""
-        cell = [f"{r['eval_loss']:.3f}" if r else "not run" for r in (full, q)]
-        lines.append(f"| {method} | {params} | {cell[0]} | {cell[1]} | {diff} |")
+        any_run = next(iter((full or q).values()))
+        params = "0 (the base)" if method == "untrained" else f"{any_run['trainable']:,}"
+        both = sorted(set(full) & set(q))
+        diffs = [q[s]["eval_loss"] - full[s]["eval_loss"] for s in both]
+        diff = ""
+        if len(diffs) == 1:
+            diff = f"{diffs[0]:+.3f}"
+        elif diffs:
+            diff = f"{statistics.mean(diffs):+.3f} ± {statistics.stdev(diffs):.3f}"
+        ran = sorted(set(full) | set(q))
+        lines.append(f"| {method} | {params} | {', '.join(map(str, ran))} | "
+                     f"{_cell([full[s]['eval_loss'] for s in sorted(full)])} | "
+                     f"{_cell([q[s]['eval_loss'] for s in sorted(q)])} | {diff} |")
     lines += ["", "Where each row came from:", ""]
-    lines += [f"- {r['method']}, {r['load_in_4bit'] or 'full precision'}: {r['how']}" for r in rows]
+    lines += [f"- {r['method']}, {r['load_in_4bit'] or 'full precision'}, seed {_seed(r)}: {r['how']}" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -87,18 +122,24 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--render", action="store_true", help="only rewrite the .md table from the .jsonl runs")
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--seeds", type=int, nargs="+", default=[100])
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
     log, table = args.out / "qlora_sft.jsonl", args.out / "qlora_sft.md"
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     if not args.render:
         tmp = Path(tempfile.mkdtemp(prefix="qlora-sft-"))
         train = _subset(DATA / "train.jsonl", 0, 96, tmp / "train.jsonl")
         held = _subset(DATA / "train.jsonl", 900, 48, tmp / "held.jsonl")
-        for method in METHODS:
-            for quant in BASES.values():
-                if any(r["method"] == method and r["load_in_4bit"] == quant for r in rows):
-                    continue
-                rows.append(_run(method, quant, train, held))
+        for seed in args.seeds:
+            for method in args.methods:
+                if method == "untrained" and seed != args.seeds[0]:
+                    continue  # no step taken: the seed changes nothing
+                for quant in BASES.values():
+                    if any(r["method"] == method and r["load_in_4bit"] == quant and _seed(r) == seed for r in rows):
+                        continue
+                    rows.append(_run(method, quant, train, held, seed))
                 with open(log, "a") as f:
                     f.write(json.dumps(rows[-1]) + "\n")
                 table.write_text(_table(rows))
