@@ -140,9 +140,9 @@ def main(argv=None) -> int:
                     if any(r["method"] == method and r["load_in_4bit"] == quant and _seed(r) == seed for r in rows):
                         continue
                     rows.append(_run(method, quant, train, held, seed))
-                with open(log, "a") as f:
-                    f.write(json.dumps(rows[-1]) + "\n")
-                table.write_text(_table(rows))
+                    with open(log, "a") as f:
+                        f.write(json.dumps(rows[-1]) + "\n")
+                    table.write_text(_table(rows))
     table.write_text(_table(rows))
     return 0
 
