@@ -34,6 +34,9 @@ once per optimizer step in training, and gradient accumulation and checkpoint re
 it. The first module of a shape to find its norm stale recomputes every stale module of that shape
 (same N, K, r, dtype, device, scale) in one batched computation (``weight_norms``): on a GPU a
 step is bound by launching kernels, and this takes the norm's 11 launches per module to about 2.
+The column scale g = m / norm the forward needs is kept beside the norm (``gain``), keyed also on m's
+version and the dtype asked for, and formed for the whole group in the same refresh: one division
+per shape instead of one per module.
 Generated factors (PG) are new tensors each forward, so their norm is recomputed per forward and
 per module there; so are 4-bit bases and FSDP2 shards, which a module reads only in its forward.
 Under torch.compile it is computed in the graph every time (version counters are not traceable).
@@ -50,6 +53,8 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
+
+from .ops.functions import ratio as _ratio
 
 Tensor = torch.Tensor
 ROW_CHUNK = 4096  # rows of a low-precision W0 converted to fp32 at a time
@@ -73,13 +78,23 @@ def row_norms_sq(weight: Tensor) -> Tensor:
         weight.new_zeros(0, dtype=acc)
 
 
-def _w0_at(weight: Tensor, a: Tensor) -> Tensor:
-    """W0·Aᵀ [N, r] in the accumulation dtype (a transposed view), ``a`` = A in that dtype.
+# Devices whose GEMM takes bf16/fp16 inputs with an fp32 output (``torch.mm(..., out_dtype=torch.float32)``,
+# cuBLAS accumulating in fp32): W0·Aᵀ then needs no fp32 copy of W0. meta, for the launch counts.
+HALF_IN_FP32_OUT = frozenset({"cuda", "xpu", "meta"})
+
+
+def _w0_at(weight: Tensor, a: Tensor, A: Optional[Tensor] = None) -> Tensor:
+    """W0·Aᵀ [N, r] in the accumulation dtype (a transposed view), ``a`` = A in that dtype, ``A`` itself.
 
     Formed as (A·W0ᵀ)ᵀ: the GEMM's output is then [r, N], wide, where W0·Aᵀ's [N, r] is r columns
-    wide and vectorises poorly (1.5-2× slower on the CPU at r = 8, N×K = 1536×576, one thread)."""
+    wide and vectorises poorly (1.5-2× slower on the CPU at r = 8, N×K = 1536×576, one thread).
+    A bf16/fp16 W0 with A of its dtype, where the GEMM can write fp32 (``HALF_IN_FP32_OUT``): one GEMM
+    with exact products and an fp32 sum, no converted copy of W0 (a launch and N·K·4 bytes fewer)."""
     if weight.dtype == a.dtype:
         return (a @ weight.t()).t()
+    if A is not None and A.dtype == weight.dtype and weight.device.type in HALF_IN_FP32_OUT \
+            and a.dtype == torch.float32:
+        return torch.mm(A, weight.t(), out_dtype=torch.float32).t()
     if weight.shape[0] <= ROW_CHUNK:  # one chunk: no split and cat (each an op, a launch on a GPU)
         return (a @ weight.to(a.dtype).t()).t()
     return torch.cat([a @ c.to(a.dtype).t() for c in weight.split(ROW_CHUNK)], dim=1).t()
@@ -96,8 +111,14 @@ def weight_norm(weight: Tensor, A: Tensor, B: Tensor, u: Optional[Tensor], v: Op
     a = A.to(acc)
     # the cross and square terms in one [N, r] product: rowsum(B' ⊙ (2s·W0Aᵀ + s²·B'·AAᵀ)); fewer
     # ops matter on a GPU, where a DoRA step at the TinyLlama shape is bound by launching them
-    t = torch.addmm(_w0_at(weight, a), Bf, a @ a.t(), beta=2.0 * scale, alpha=scale * scale)
+    t = torch.addmm(_w0_at(weight, a, A), Bf, a @ a.t(), beta=2.0 * scale, alpha=scale * scale)
     return (Bf * t).sum(1).add_(w0_sq).clamp_min_(0).sqrt_()
+
+
+def _stacked(tensors: List[Tensor], dtype: torch.dtype) -> Tensor:
+    """torch.stack(tensors) converted to ``dtype`` by the stack itself (one launch, not two)."""
+    t = tensors[0]
+    return torch.stack(tensors, out=torch.empty((len(tensors), *t.shape), dtype=dtype, device=t.device))
 
 
 @torch.no_grad()
@@ -109,13 +130,13 @@ def weight_norms(weights: List[Tensor], As: List[Tensor], Bs: List[Tensor], us: 
     The same formula in batched products: 13 + 2G launches on a GPU instead of 11G (W0·Aᵀ stays
     one product per module: the W0s are separate tensors)."""
     acc = _acc(weights[0].dtype)
-    a = torch.stack(As).to(acc)  # [G, r, K]
-    Bf = torch.stack(Bs).to(acc)  # [G, N, r]
+    a = _stacked(As, acc)  # [G, r, K]
+    Bf = _stacked(Bs, acc)  # [G, N, r]
     if vs[0] is not None:
         Bf = Bf * torch.stack(vs).to(acc)[:, :, None]
     if us[0] is not None:
         Bf = Bf * torch.stack(us).to(acc)[:, None, :]
-    w0_at = torch.stack([_w0_at(w, a[i]) for i, w in enumerate(weights)])  # [G, N, r]
+    w0_at = torch.stack([_w0_at(w, a[i], As[i]) for i, w in enumerate(weights)])  # [G, N, r]
     t = torch.baddbmm(w0_at, Bf, a @ a.transpose(1, 2), beta=2.0 * scale, alpha=scale * scale)
     return (Bf * t).sum(2).add_(w0_sq).clamp_min_(0).sqrt_()
 
@@ -130,6 +151,15 @@ def norm_error_bound(weight: Tensor, A: Tensor, B: Tensor, u: Optional[Tensor], 
     delta = scale * (_folded_B(B.to(acc), None if u is None else u.to(acc), None if v is None else v.to(acc))
                      @ A.to(acc))
     return gamma * (row_norms_sq(weight).sqrt() + torch.linalg.vector_norm(delta, dim=1)) ** 2
+
+
+def _same_gain(cached: Optional[Tuple[tuple, Tensor]], norm: Tensor, m: Tensor, dtype: torch.dtype) -> bool:
+    """Whether a cached g was formed from this very norm tensor (the cached one: a recomputed norm is
+    a new tensor), m at its current version, and in ``dtype``."""
+    if cached is None:
+        return False
+    (n, version, ptr, dt), _ = cached
+    return n is norm and version == m._version and ptr == m.data_ptr() and dt == dtype
 
 
 def _key(*tensors: Optional[Tensor]) -> tuple:
@@ -167,6 +197,7 @@ class Magnitudes(nn.Module):
         super().__init__()
         self.lora_magnitude_vector = nn.ParameterList(nn.Parameter(torch.ones(n, device=device, dtype=dtype)) for n in sizes)
         self._norms: Dict[int, Tuple[tuple, Tensor]] = {}
+        self._gains: Dict[int, Tuple[tuple, Tensor]] = {}  # slot -> (key, g = m / norm in the dtype asked)
         self._w0: Dict[int, Tuple[tuple, Tensor]] = {}
         self.merged_norms: Dict[int, Tensor] = {}  # the norm each merged module was merged with (for unmerge)
         # Batched norms: each module registers how to read its current inputs (weakly), so that the
@@ -193,14 +224,16 @@ class Magnitudes(nn.Module):
         self.m[slot].copy_(weight_norm(weight, A, B, u, v, scale))
 
     def norm(self, slot: int, weight: Tensor, A: Tensor, B: Tensor, u: Optional[Tensor], v: Optional[Tensor],
-             scale: float, dense=None, source: Optional[Callable[[], Optional[Callable[[], tuple]]]] = None) -> Tensor:
+             scale: float, dense=None, source: Optional[Callable[[], Optional[Callable[[], tuple]]]] = None,
+             gain_dtype: Optional[torch.dtype] = None) -> Tensor:
         """‖W0 + ΔW‖_row of ``slot`` [N], detached, cached while W0 and the factors are unchanged.
 
         ``weight`` is the module's weight, which keys the cache; ``dense`` () -> W0 [N, K] when that
         weight is not W0 itself (a 4-bit layer's packed weight: dequantized only on a recompute).
         ``source``: a weak reference (``weakref.WeakMethod``) to a function giving the module's
         current (weight, A, B, u, v, scale), through which a stale same-shaped module refreshes this
-        one's norm with its own (``_stale_alike``); held weakly, so no tensor outlives its module."""
+        one's norm with its own (``_stale_alike``); held weakly, so no tensor outlives its module.
+        ``gain_dtype``: a batched refresh also forms the refreshed modules' g in it (``gain``)."""
         if torch.compiler.is_compiling():
             return weight_norm(weight if dense is None else dense(), A, B, u, v, scale)
         key = (_key(weight), _key(A, B, u, v), scale)
@@ -214,12 +247,30 @@ class Magnitudes(nn.Module):
             if dense is None and source is not None and self.batch_norms and _plain(weight, A, B, u, v):
                 stale = self._stale_alike(slot, inputs, source)
                 if len(stale) > 1:
-                    self._refresh(stale)
+                    self._refresh(stale, gain_dtype)
                     return self._norms[slot][1]
             w0, w0_sq = self._w0_sq(slot, weight, dense)
             w0 = w0 if w0 is not None else (weight.detach() if dense is None else dense())
             self._norms[slot] = (key, weight_norm(w0, A, B, u, v, scale, w0_sq))
         return self._norms[slot][1]
+
+    def gain(self, slot: int, weight: Tensor, A: Tensor, B: Tensor, u: Optional[Tensor], v: Optional[Tensor],
+             scale: float, dtype: torch.dtype, dense=None,
+             source: Optional[Callable[[], Optional[Callable[[], tuple]]]] = None) -> Tuple[Tensor, Tensor]:
+        """(‖W0 + ΔW‖_row [N], g = m / that norm [N] in ``dtype``), both detached; arguments as ``norm``.
+
+        g is the division in the norm's dtype (fp32 at least) rounded once to ``dtype``, and is cached
+        while the norm, m (its version) and ``dtype`` are unchanged. A batched refresh of the norms
+        (``norm``) forms every refreshed module's g in the same dtype with one division."""
+        norm = self.norm(slot, weight, A, B, u, v, scale, dense, source, gain_dtype=dtype)
+        m = self.m[slot]
+        if torch.compiler.is_compiling():
+            return norm, _ratio(m.detach(), norm, dtype)
+        cached = self._gains.get(slot)
+        if not _same_gain(cached, norm, m, dtype):
+            with torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext():
+                cached = self._gains[slot] = ((norm, m._version, m.data_ptr(), dtype), _ratio(m.detach(), norm, dtype))
+        return norm, cached[1]
 
     def _w0_sq(self, slot: int, weight: Tensor, dense=None) -> Tuple[Optional[Tensor], Tensor]:
         """(W0 if it had to be read, ‖W0‖²_row): the row norms are cached per base weight."""
@@ -260,14 +311,20 @@ class Magnitudes(nn.Module):
             self._solo.add(sig)
         return found
 
-    def _refresh(self, stale: List[Tuple[int, tuple]]) -> None:
-        """Recompute the norms of ``stale`` ([(slot, inputs)] of one group), batched."""
+    def _refresh(self, stale: List[Tuple[int, tuple]], gain_dtype: Optional[torch.dtype] = None) -> None:
+        """Recompute the norms of ``stale`` ([(slot, inputs)] of one group), batched; with ``gain_dtype``,
+        their g = m / norm too (one division for the group, when their m share a dtype and device)."""
         inputs = [inp for _, inp in stale]
         w0_sq = torch.stack([self._w0_sq(s, inp[0])[1] for s, inp in stale])
         norms = weight_norms([inp[0].detach() for inp in inputs], *([inp[i] for inp in inputs] for i in range(1, 5)),
                              inputs[0][5], w0_sq)
         for i, (s, inp) in enumerate(stale):
             self._norms[s] = ((_key(inp[0]), _key(*inp[1:5]), inp[5]), norms[i])
+        ms = [self.m[s] for s, _ in stale]
+        if gain_dtype is not None and len({(m.dtype, m.device) for m in ms}) == 1 and ms[0].device == norms.device:
+            gains = _ratio(torch.stack([m.detach() for m in ms]), norms, gain_dtype)
+            for i, (s, _) in enumerate(stale):
+                self._gains[s] = ((self._norms[s][1], ms[i]._version, ms[i].data_ptr(), gain_dtype), gains[i])
 
     @torch.no_grad()
     def merge(self, slot: int, weight: Tensor, delta: Tensor, norm: Tensor) -> None:
@@ -284,8 +341,8 @@ class Magnitudes(nn.Module):
         weight.div_(g[:, None]).sub_(delta.to(weight.dtype))
 
     def __getstate__(self):  # a copy recomputes its norms: cached tensors belong to the original's storage
-        return {**self.__dict__, "_norms": {}, "_w0": {}, "_sources": {}, "_groups": {}, "_slot_group": {},
-                "_solo": set()}
+        return {**self.__dict__, "_norms": {}, "_gains": {}, "_w0": {}, "_sources": {}, "_groups": {},
+                "_slot_group": {}, "_solo": set()}
 
 
 def supports(method) -> bool:

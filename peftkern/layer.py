@@ -96,24 +96,30 @@ class AdaptedLinear(nn.Module):
             raise ValueError(f"{self._state.plan.slots[self.slot].path}: the input has {x.shape[-1]} features "
                              f"(shape {tuple(x.shape)}), this module takes {self.in_features}")
         device_type = x.device.type
-        dora = self._state.dora
-        # DoRA's magnitude m (trained) and its norm ‖W0 + ΔW‖ from the master weights, cached; asked for
-        # only when the forward does not form W0 + ΔW itself (functions.dora_adapter)
-        magnitude = None if dora is None else (
-            dora.m[self.slot], functools.partial(dora.norm, self.slot, weight, f.A, f.B, f.u, f.v, f.scale,
-                                                 source=None if torch.compiler.is_compiling()  # (no cache there)
-                                                 else weakref.WeakMethod(self.dora_inputs)))
         # meta (shape inference, host-overhead benchmarks) has no autocast, and asking raises
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
+            magnitude = self._magnitude(weight, f, dtype)
             with torch.autocast(device_type, enabled=False):
                 return self._run(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
                                  _cast(f, dtype), device_type, magnitude)
         if x.dtype != weight.dtype:
             raise placement_error(self, x, f)
+        magnitude = self._magnitude(weight, f, x.dtype)
         if f.A.dtype != x.dtype:
             f = _cast(f, x.dtype)
         return self._run(x, weight, bias, f, device_type, magnitude)
+
+    def _magnitude(self, weight: Tensor, f: Factors, dtype: torch.dtype) -> Optional[Tuple[Tensor, Callable]]:
+        """DoRA's magnitude m (trained) and the provider of (its norm ‖W0 + ΔW‖ from the master weights,
+        g = m / norm in the compute ``dtype``), both cached; asked for only when the forward does not
+        form W0 + ΔW itself (functions.dora_adapter). None without DoRA."""
+        dora = self._state.dora
+        if dora is None:
+            return None
+        return dora.m[self.slot], functools.partial(
+            dora.gain, self.slot, weight, f.A, f.B, f.u, f.v, f.scale, dtype,
+            source=None if torch.compiler.is_compiling() else weakref.WeakMethod(self.dora_inputs))  # (no cache there)
 
     def _run(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], f: Factors, device_type: str,
              magnitude: Optional[Tuple[Tensor, Callable[[], Tensor]]]) -> Tensor:

@@ -29,7 +29,7 @@ it may nn.Linear's.
 from __future__ import annotations
 
 import functools
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -233,20 +233,20 @@ class DoraFunction(torch.autograd.Function):
             xd = x2 * keep / (1.0 - dropout)
         folded = dora_folds(x2.shape[0], x2.shape[1], dropout)
         if folded:
-            norm = _gain(norm() if callable(norm) else norm, m)  # before the GEMM: g is in its weight
-            g = _ratio(m.detach(), norm, x2.dtype)
-            y, h, aux = backend.adapter_forward(x2, weight * g[:, None], bias, A, B, u, g if v is None else v * g,
-                                                scale, 0.0, _NO_SEED, want_h)
+            norm, g = _norm_gain(norm, m, x2.dtype)  # before the GEMM: g is in its weight
+            # g rides on B itself when there is no v (LoRA): the backward reads g⊙B as the forward
+            # did, and scales dB by g, one launch fewer than scaling B and the gradient by a v = g
+            B, v = (B * g[:, None], None) if v is None else (B, v * g)
+            y, h, aux = backend.adapter_forward(x2, weight * g[:, None], bias, A, B, u, v, scale, 0.0, _NO_SEED,
+                                                want_h)
             h, aux = _given(h), _given(aux)
             saved = y if need_m else None
         else:
             z, h, aux = backend.adapter_forward(xd, weight, None, A, B, u, v, scale, 0.0, _NO_SEED, want_h)
             h, aux = _given(h), _given(aux)
-            if callable(norm):
-                merged = aux is not None and backend.aux_is_merged_weight
-                norm = torch.linalg.vector_norm(aux, dim=1).detach() if merged else norm()
-            norm = _gain(norm, m)
-            g = _ratio(m.detach(), norm, x2.dtype)
+            if callable(norm) and aux is not None and backend.aux_is_merged_weight:
+                norm = torch.linalg.vector_norm(aux, dim=1).detach()
+            norm, g = _norm_gain(norm, m, x2.dtype)
             if keep is None:
                 y = backend.dora_scale_forward(z, g, bias)
                 saved = y if need_m else None
@@ -260,6 +260,7 @@ class DoraFunction(torch.autograd.Function):
         ctx.save_for_backward(x2 if keep_x else None, weight, A, B, u, v, h, aux, g, bias, saved, keep, last)
         ctx.scale, ctx.dropout, ctx.backend, ctx.x_shape, ctx.m_dtype = scale, dropout, backend, x.shape, m.dtype
         ctx.folded = folded
+        ctx.v_given = v is not None  # the folded route's v is g⊙v, or None with g⊙B in B
         return _shaped(y, x)
 
     @staticmethod
@@ -289,13 +290,14 @@ class DoraFunction(torch.autograd.Function):
             dx = dx.view(ctx.x_shape)
         db = dy.sum(0).to(weight.dtype) if need_b else None
         dg = _given(dg) if need_m else None  # None: no rows, so no gradient
-        dm = None if dg is None else torch.div(dg, norm).to(ctx.m_dtype)
+        dm = None if dg is None else ratio(dg, norm, ctx.m_dtype)
         return dx, dw, db, dA, dB, du, dv, dm, None, None, None, None
 
     @staticmethod
     def _folded_backward(ctx, dy, x2, weight, A, B, u, v, h, aux, g, bias, saved, m):
         """The folded route's backward: dm by a read of dy and y (no dz), then the adapter's backward
-        on dy with g⊙W0 and g⊙v, whose dW0 and dv are g times the gradients it gives.
+        on dy with g⊙W0 and the forward's g⊙v (or g⊙B, ``B`` here, when there is no v), whose dW0
+        and dv (dB) are g times the gradients it gives.
 
         dm = Σ_rows dy⊙z / norm with z = (y − b)/g, and g·norm = m: so the scale pass divides by m
         (``m``: m in y's dtype) and gives dm itself, two launches fewer than dg then dg/norm. g is
@@ -308,26 +310,41 @@ class DoraFunction(torch.autograd.Function):
             dm = _given(dm)  # None: no rows, so no gradient
         needs = [need_x, need_w, False, need_A, need_B, need_u, need_v]
         grads = _grads(ctx.backend.adapter_backward(
-            dy, x2, weight * g[:, None] if need_x or need_w else weight, A, B, u, g if v is None else v * g, h, aux,
+            dy, x2, weight * g[:, None] if need_x or need_w else weight, A, B, u, v, h, aux,
             ctx.scale, 0.0, _NO_SEED, needs), needs)
         dx, dw, _, dA, dB, du, dv = grads
         dx = None if dx is None else dx.view(ctx.x_shape)
         dw = None if dw is None else dw * g[:, None]
-        dv = None if dv is None else dv * g
+        if ctx.v_given:
+            dv = None if dv is None else dv * g
+        else:
+            dB = None if dB is None else dB * g[:, None]
         db = dy.sum(0).to(weight.dtype) if need_b else None
         dm = None if dm is None else dm.to(ctx.m_dtype)
         return dx, dw, db, dA, dB, du, dv, dm, None, None, None, None
 
 
-def _ratio(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+def ratio(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     """a / b computed in their promoted dtype (the norm's: fp32 at least) and rounded once to ``dtype``,
     in one kernel: the division writes ``dtype`` itself (a launch fewer than a division, then .to)."""
     return torch.div(a, b, out=torch.empty(b.shape, dtype=dtype, device=b.device))
 
 
+def _norm_gain(norm, m: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(the detached norm, g = m / norm in ``dtype``) from ``dora_adapter``'s ``norm``: a tensor, or a
+    provider returning the norm or (norm, g), as ``Magnitudes.gain`` does from its cache."""
+    got = norm() if callable(norm) else norm
+    if isinstance(got, tuple):
+        return got
+    got = _gain(got, m)
+    return got, ratio(m.detach(), got, dtype)
+
+
 def _gain(norm: Tensor, m: Tensor) -> Tensor:
-    """The detached norm in the dtype g is formed in: fp32 at least when m is bf16."""
-    return norm.detach().to(torch.promote_types(m.dtype, norm.dtype))
+    """The detached norm in the dtype g is formed in: fp32 at least (the division promotes to m's
+    dtype if wider). Decided on the host: torch.promote_types would be one more dispatched op."""
+    norm = norm.detach()
+    return norm if norm.dtype.itemsize >= 4 else norm.float()
 
 
 class Adapter4bitFunction(torch.autograd.Function):
@@ -385,6 +402,7 @@ def dora_adapter(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B
     backward raise (torch's version check), where ``adapter``'s output may be modified."""
     if callable(norm) and torch.compiler.is_compiling():  # a custom op's fake aux promises no W_eff
         norm = norm()
+        norm = norm[0] if isinstance(norm, tuple) else norm
     return DoraFunction.apply(x, weight, bias, A, B, u, v, m, norm, float(scale), float(dropout), backend)
 
 

@@ -71,6 +71,28 @@ def test_dora_forward_and_every_gradient(backend, M, K, N, r, dtype, route):
         assert _rel(ours.grad, ref.grad) < TOL[dtype], (name, _rel(ours.grad, ref.grad))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K,r", [(257, 129, 4), (5632, 2048, 16)])
+def test_dora_norm_of_a_half_weight_keeps_the_fp32_bound(N, K, r, dtype):
+    """A bf16/fp16 W0 on CUDA: W0·Aᵀ is one GEMM writing fp32 (``dora.HALF_IN_FP32_OUT``), per module
+    and batched; its squared norms stay within the fp32 bound of the fp64 norm of the same weights."""
+    g = torch.Generator().manual_seed(2)
+    mods = [(torch.randn(N, K, generator=g), torch.randn(r, K, generator=g) * K ** -0.5,
+             0.3 * torch.randn(N, r, generator=g)) for _ in range(3)]
+    dev = [tuple(t.to(DEVICE, dtype) for t in mod) for mod in mods]
+    exact = [tuple(t.double() for t in mod) for mod in dev]
+    single = torch.stack([dora.weight_norm(*mod, None, None, 0.5) for mod in dev])
+    batched = dora.weight_norms(*([mod[i] for mod in dev] for i in range(3)), [None] * 3, [None] * 3, 0.5,
+                                torch.stack([dora.row_norms_sq(mod[0]) for mod in dev]))
+    for got in (single, batched):
+        assert got.dtype == torch.float32 and got.device.type == DEVICE
+        for i, mod in enumerate(exact):
+            want = dora.weight_norm(*(t.cpu() for t in mod), None, None, 0.5)
+            bound = dora.norm_error_bound(*(t.cpu().float() for t in mod), None, None, 0.5).double()  # fp32's
+            err = (got[i].double().cpu() ** 2 - want ** 2).abs()
+            assert (err <= bound).all(), float((err / bound).max())
+
+
 F = None
 
 

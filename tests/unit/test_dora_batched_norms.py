@@ -123,3 +123,53 @@ def test_a_forward_under_inference_mode_does_not_break_the_next_training_step(ba
             model(input_ids=tokens())
     _trained_step(model)
     assert all(p.grad is None for p in model.peftkern.parameters())  # the step ran and applied its gradients
+
+
+def test_g_is_cached_per_norm_m_version_and_dtype():
+    """``Magnitudes.gain``: g = m / norm rounded once to the dtype asked, reused while the norm, m and
+    the dtype are unchanged, formed again when m alone changes (an optimizer step on m only)."""
+    (w, A, B, _, _), = _modules(1, 9, 7, 2, torch.float32, uv=False)
+    mags = dora.Magnitudes([9])
+    mags.initialize(0, w, A, B, None, None, 0.5)
+    with torch.no_grad():
+        mags.m[0].mul_(torch.linspace(0.5, 1.5, 9))
+    norm, g = mags.gain(0, w, A, B, None, None, 0.5, torch.float32)
+    torch.testing.assert_close(norm, dora.weight_norm(w, A, B, None, None, 0.5), rtol=0, atol=0)
+    torch.testing.assert_close(g, mags.m[0].detach() / norm, rtol=0, atol=0)
+    assert mags.gain(0, w, A, B, None, None, 0.5, torch.float32)[1] is g  # cached
+    _, g16 = mags.gain(0, w, A, B, None, None, 0.5, torch.bfloat16)
+    assert g16.dtype == torch.bfloat16 and torch.equal(g16, (mags.m[0].detach() / norm).bfloat16())
+    with torch.no_grad():
+        mags.m[0].mul_(2.0)  # m changes, the factors do not: the norm stays cached, g does not
+    norm2, g2 = mags.gain(0, w, A, B, None, None, 0.5, torch.float32)
+    assert norm2 is norm
+    torch.testing.assert_close(g2, 2.0 * g, rtol=0, atol=0)
+    assert not g2.requires_grad and not norm2.requires_grad
+
+
+def test_a_refresh_forms_each_shapes_g_in_one_division(monkeypatch):
+    model = _dora_model()
+    _trained_step(model)
+    mags = model.peftkern.dora
+    calls = []
+    real = dora._ratio
+    monkeypatch.setattr(dora, "_ratio", lambda a, b, dt: calls.append(tuple(a.shape)) or real(a, b, dt))
+    model(input_ids=tokens())
+    layers = len(model.model.layers)
+    assert sorted(calls) == [(layers, 32), (2 * layers, 16)], calls  # q_proj's shape, then k_proj's and v_proj's
+    for slot, (_, g) in mags._gains.items():
+        norm = mags._norms[slot][1]
+        torch.testing.assert_close(g, mags.m[slot].detach() / norm, rtol=0, atol=0)
+
+
+def test_g_follows_m_changed_alone_in_a_model():
+    model = _dora_model()
+    _trained_step(model)
+    ids = tokens()
+    model(input_ids=ids)  # the norms and every g cached
+    with torch.no_grad():
+        for m in model.peftkern.dora.m:
+            m.mul_(1.5)
+    fresh = copy.deepcopy(model)  # a copy starts with no cache
+    assert fresh.peftkern.dora._gains == {}
+    torch.testing.assert_close(model(input_ids=ids).logits, fresh(input_ids=ids).logits, rtol=1e-12, atol=1e-12)

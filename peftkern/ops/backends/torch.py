@@ -229,14 +229,17 @@ def dora_scale_backward(dy, saved, g, bias, from_output, need_g, need_dz=True):
     dz = dy * g if need_dz else None
     dg = None
     if need_g:
-        # one conversion: the product promotes ``saved`` inside its kernel (bf16·bf16 is exact in
-        # fp32); in-place updates after it. Each op is a launch on a GPU, where DoRA steps are
-        # bound by launching them.
-        d = dy.to(acc_dtype(dy.dtype))
-        dg = (d * saved).sum(0)
+        # Each op is a launch on a GPU, where DoRA steps are bound by launching them. bf16 (fp32's
+        # range) multiplies in its own dtype, each product rounded once (2⁻⁹, as PEFT's bf16 DoRA
+        # rounds), and the sum accumulates in fp32: two launches and a [M, N] bf16 temporary, where
+        # converting dy first costs a third launch and two fp32 ones. fp16 converts first: its
+        # products of small gradients would fall below its range.
+        acc = acc_dtype(dy.dtype)
+        d = dy if dy.dtype == torch.bfloat16 else dy.to(acc)
+        dg = torch.sum(d * saved, 0, dtype=acc)
         if from_output:
             if bias is not None:
-                dg.sub_(d.sum(0) * bias)
+                dg.sub_(torch.sum(d, 0, dtype=acc) * bias)
             dg = torch.div(dg, g, out=torch.empty_like(g))  # in fp32, written in g's dtype: one launch
         else:
             dg = dg.to(g.dtype)
