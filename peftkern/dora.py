@@ -33,7 +33,8 @@ W0, A, B, u and v (host integers, no device sync) and recomputed only when one o
 once per optimizer step in training, and gradient accumulation and checkpoint recomputation reuse
 it. The first module of a shape to find its norm stale recomputes every stale module of that shape
 (same N, K, r, dtype, device, scale) in one batched computation (``weight_norms``): on a GPU a
-step is bound by launching kernels, and this takes the norm's 11 launches per module to about 2.
+step is bound by launching kernels, and this takes the norm's 11 launches per module to about 2
+(1 where the GEMM writes fp32 from bf16 inputs, ``HALF_IN_FP32_OUT``).
 The column scale g = m / norm the forward needs is kept beside the norm (``gain``), keyed also on m's
 version and the dtype asked for, and formed for the whole group in the same refresh: one division
 per shape instead of one per module.
