@@ -309,8 +309,8 @@ def explain(model: nn.Module) -> Explanation:
         if not f_group and ops is not None and ops.adapter_node is not None and state.dora is None:
             form += ", one C++ autograd node"  # functions.adapter's eager path for this backend
         if state.dora is not None:  # the one place DoRA's dataflow is named (layer.py, ops.functions.dora_adapter)
-            form = ("DoRA: fused adapter with g = m/‖W0 + ΔW‖ folded into W0 and v when the tokens number at least "
-                    "twice the input features, else a column scale in one pass each way")
+            form = ("DoRA: fused adapter with g = m/‖W0 + ΔW‖ folded into W0 and v (B without v) when the tokens "
+                    "number at least twice the input features, else a column scale in one pass each way")
         if m.quantized is not None:  # layer._quantized_forward: the base is bitsandbytes' op, or fused
             form = f"{m.quantized} base by bitsandbytes + low-rank term"
             if state.dora is not None:
@@ -323,9 +323,12 @@ def explain(model: nn.Module) -> Explanation:
                "path": "merged (base only)" if m.merged else f"{form} ({kernels})",
                "merged": m.merged}
         if state.dora is not None:
+            refresh = ("refreshed for every module of one shape together" if state.dora.batch_norms and not m.quantized
+                       else "per module" if not state.dora.batch_norms else "per module (a quantized base)")
             row["magnitude"] = ("per module, trained; norm: the merged weight's row norms where the C++ merged "
                                 "path forms W0 + ΔW (rank > 32, many rows) and g is not folded, else the fp32 "
-                                "expansion, cached while W0, A, B, u, v are unchanged")
+                                "expansion, cached while W0, A, B, u, v are unchanged (g = m/norm also while m is), "
+                                f"{refresh}")
         row.update(state.describe_slot(m.slot))
         rows.append(row)
     return Explanation(rows, state.plan.method, registry.availability())

@@ -208,7 +208,7 @@ class DoraFunction(torch.autograd.Function):
     """DoRA on any backend's kernels (``dora_adapter``). Two routes without dropout, picked by
     ``dora_folds``; both save y and find dg = Σ_m dy⊙(y − b)/g by one read of dy and y, then
     dm = dg / norm (the norm a constant, DoRA §4.3):
-      - folded (many tokens): g is folded into W0 and v, y = adapter(x; g⊙W0, b, A, B, u, g⊙v), and
+      - folded (many tokens): g is folded into W0 and v (into B without v), y = adapter(x; g⊙W0, b, A, B, u, g⊙v), and
         the backward runs the adapter's backward on dy with g⊙W0 formed again (dW0 and dv scaled
         back by g);
       - scaled: the adapter forward's z = W0·x + ΔW·x (no bias) is scaled in place, y = g⊙z + b,
