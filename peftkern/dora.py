@@ -28,16 +28,21 @@ It grows only where ΔW nearly cancels a row of W0 (t ≪ ‖W0_n‖²), where t
 the one to trust; ``norm_error_bound`` gives the bound per row, and tests check it in fp64 and fp32,
 rows with BA ≈ −W0 included. t̂ is clamped at 0 before the square root.
 
-**When it is recomputed.** Per module, the norm is kept with a key of the versions and storage of
-W0, A, B, u and v (host integers, no device sync) and recomputed only when one of them changed:
-once per optimizer step in training, and gradient accumulation and checkpoint recomputation reuse
-it. The first module of a shape to find its norm stale recomputes every stale module of that shape
+**When it is recomputed.** Per module, the norm is kept with a stamp of W0, A, B, u and v (each
+tensor's identity, held weakly, its version counter, storage and dtype: host values, no device
+sync) and of the number of optimizer steps taken so far, and recomputed only when one of them
+changed: once per optimizer step in training, and gradient accumulation and checkpoint
+recomputation reuse it. The step count comes from a global ``torch.optim`` step hook, because a
+fused optimizer (``fused=True``: HF Trainer's and TRL's default ``adamw_torch_fused``) updates
+parameters without bumping their version counters. A change made outside both (through ``.data``,
+or by a kernel that bypasses the dispatcher) is not seen until the next optimizer step.
+The first module of a shape to find its norm stale recomputes every stale module of that shape
 (same N, K, r, dtype, device, scale) in one batched computation (``weight_norms``): on a GPU a
 step is bound by launching kernels, and this takes the norm's 11 launches per module to about 2
 (1 where the GEMM writes fp32 from bf16 inputs, ``HALF_IN_FP32_OUT``).
-The column scale g = m / norm the forward needs is kept beside the norm (``gain``), keyed also on m's
-version and the dtype asked for, and formed for the whole group in the same refresh: one division
-per shape instead of one per module.
+The column scale g = m / norm the forward needs is kept beside the norm (``gain``), stamped also with
+m and the dtype asked for, and formed for the whole group in the same refresh: one division per
+shape instead of one per module.
 Generated factors (PG) are new tensors each forward, so their norm is recomputed per forward and
 per module there; so are 4-bit bases and FSDP2 shards, which a module reads only in its forward.
 Under torch.compile it is computed in the graph every time (version counters are not traceable).
@@ -50,10 +55,12 @@ row norms (an [N, K] pass, no cancellation) and never asks this cache (the layer
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .ops.functions import ratio as _ratio
 
@@ -154,17 +161,71 @@ def norm_error_bound(weight: Tensor, A: Tensor, B: Tensor, u: Optional[Tensor], 
     return gamma * (row_norms_sq(weight).sqrt() + torch.linalg.vector_norm(delta, dim=1)) ** 2
 
 
-def _same_gain(cached: Optional[Tuple[tuple, Tensor]], norm: Tensor, m: Tensor, dtype: torch.dtype) -> bool:
-    """Whether a cached g was formed from this very norm tensor (the cached one: a recomputed norm is
-    a new tensor), m at its current version, and in ``dtype``."""
+# Optimizer steps taken so far, by any torch.optim.Optimizer (module docstring: fused optimizers do
+# not bump version counters). Counted by a global step hook, registered with the first Magnitudes.
+_STEPS = [0]
+_HOOK: list = []
+
+
+def _stepped(optimizer, args, kwargs) -> None:
+    _STEPS[0] += 1
+
+
+def _count_optimizer_steps() -> None:
+    if not _HOOK:
+        _HOOK.append(register_optimizer_step_post_hook(_stepped))
+
+
+def _stamp(*tensors: Optional[Tensor]) -> Optional[tuple]:
+    """What a cached value was computed from: per tensor its identity (a weak reference to it, or to
+    the tensor it views: factors may be slices of a shared tensor, new view objects each forward),
+    version counter, storage and dtype. None when a tensor keeps no version counter (an inference
+    tensor): such inputs are never cached."""
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+        elif t.is_inference():
+            return None
+        else:
+            out.append((weakref.ref(t if t._base is None else t._base), t._version, t.data_ptr(), t.dtype))
+    return tuple(out)
+
+
+def _matches(stamp: Optional[tuple], tensors) -> bool:
+    """Whether ``tensors`` are the very tensors ``stamp`` was taken of, unchanged: a tensor that died,
+    or a new one at its address (a replaced parameter), never matches."""
+    if stamp is None or len(stamp) != len(tensors):
+        return False
+    for st, t in zip(stamp, tensors):
+        if st is None or t is None:
+            if st is not t:
+                return False
+        elif st[0]() is not (t if t._base is None else t._base) or st[1] != t._version or st[2] != t.data_ptr() \
+                or st[3] != t.dtype:
+            return False
+    return True
+
+
+def _norm_stamp(weight: Tensor, A: Tensor, B: Tensor, u: Optional[Tensor], v: Optional[Tensor], scale: float):
+    return _STEPS[0], _stamp(weight, A, B, u, v), scale
+
+
+def _norm_fresh(cached, inputs: tuple) -> bool:
+    """Whether a cached (stamp, norm) was computed from ``inputs`` (weight, A, B, u, v, scale) as they are."""
     if cached is None:
         return False
-    (n, version, ptr, dt), _ = cached
-    return n is norm and version == m._version and ptr == m.data_ptr() and dt == dtype
+    step, stamp, scale = cached[0]
+    return step == _STEPS[0] and scale == inputs[5] and _matches(stamp, inputs[:5])
 
 
-def _key(*tensors: Optional[Tensor]) -> tuple:
-    return tuple((t._version, t.data_ptr(), t.dtype) if t is not None else None for t in tensors)
+def _gain_fresh(cached, norm: Tensor, m: Tensor, dtype: torch.dtype) -> bool:
+    """Whether a cached g was formed from this very norm tensor (a recomputed norm is a new tensor), m
+    as it is, and in ``dtype``."""
+    if cached is None:
+        return False
+    n, stamp, dt = cached[0]
+    return n is norm and dt == dtype and _matches(stamp, (m,))
 
 
 def _plain(*tensors: Optional[Tensor]) -> bool:
@@ -196,6 +257,7 @@ class Magnitudes(nn.Module):
 
     def __init__(self, sizes: List[int], device=None, dtype=None):
         super().__init__()
+        _count_optimizer_steps()
         self.lora_magnitude_vector = nn.ParameterList(nn.Parameter(torch.ones(n, device=device, dtype=dtype)) for n in sizes)
         self._norms: Dict[int, Tuple[tuple, Tensor]] = {}
         self._gains: Dict[int, Tuple[tuple, Tensor]] = {}  # slot -> (key, g = m / norm in the dtype asked)
@@ -237,14 +299,14 @@ class Magnitudes(nn.Module):
         ``gain_dtype``: a batched refresh also forms the refreshed modules' g in it (``gain``)."""
         if torch.compiler.is_compiling():
             return weight_norm(weight if dense is None else dense(), A, B, u, v, scale)
-        key = (_key(weight), _key(A, B, u, v), scale)
+        inputs = (weight, A, B, u, v, scale)
         cached = self._norms.get(slot)
-        if cached is not None and cached[0] == key:
+        if _norm_fresh(cached, inputs):
             return cached[1]
+        key = _norm_stamp(*inputs)
         # under inference mode too, cache normal tensors: an inference tensor cached now could not be
         # saved for a later training step's backward
         with torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext():
-            inputs = (weight, A, B, u, v, scale)
             if dense is None and source is not None and self.batch_norms and _plain(weight, A, B, u, v):
                 stale = self._stale_alike(slot, inputs, source)
                 if len(stale) > 1:
@@ -268,19 +330,20 @@ class Magnitudes(nn.Module):
         if torch.compiler.is_compiling():
             return norm, _ratio(m.detach(), norm, dtype)
         cached = self._gains.get(slot)
-        if not _same_gain(cached, norm, m, dtype):
+        if not _gain_fresh(cached, norm, m, dtype):
             with torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext():
-                cached = self._gains[slot] = ((norm, m._version, m.data_ptr(), dtype), _ratio(m.detach(), norm, dtype))
+                cached = self._gains[slot] = ((norm, _stamp(m), dtype), _ratio(m.detach(), norm, dtype))
         return norm, cached[1]
 
     def _w0_sq(self, slot: int, weight: Tensor, dense=None) -> Tuple[Optional[Tensor], Tensor]:
         """(W0 if it had to be read, ‖W0‖²_row): the row norms are cached per base weight."""
-        w0_key = _key(weight)
         have = self._w0.get(slot)
+        # a frozen W0 changes only in place (a merge): its version says so; a trained one also by steps
+        step = _STEPS[0] if weight.requires_grad else None
         w0 = None
-        if have is None or have[0] != w0_key:
+        if have is None or have[0][0] != step or not _matches(have[0][1], (weight,)):
             w0 = weight.detach() if dense is None else dense()
-            have = self._w0[slot] = (w0_key, row_norms_sq(w0))
+            have = self._w0[slot] = ((step, _stamp(weight)), row_norms_sq(w0))
         return w0, have[1]
 
     def _stale_alike(self, slot: int, inputs: tuple, source) -> List[Tuple[int, tuple]]:
@@ -306,7 +369,7 @@ class Magnitudes(nn.Module):
                 continue
             readable += 1
             cached = self._norms.get(other)
-            if cached is None or cached[0] != (_key(theirs[0]), _key(*theirs[1:5]), theirs[5]):
+            if not _norm_fresh(cached, theirs):
                 found.append((other, theirs))
         if readable == 0 and len(self._groups[sig]) > 1:
             self._solo.add(sig)
@@ -320,12 +383,12 @@ class Magnitudes(nn.Module):
         norms = weight_norms([inp[0].detach() for inp in inputs], *([inp[i] for inp in inputs] for i in range(1, 5)),
                              inputs[0][5], w0_sq)
         for i, (s, inp) in enumerate(stale):
-            self._norms[s] = ((_key(inp[0]), _key(*inp[1:5]), inp[5]), norms[i])
+            self._norms[s] = (_norm_stamp(*inp), norms[i])
         ms = [self.m[s] for s, _ in stale]
         if gain_dtype is not None and len({(m.dtype, m.device) for m in ms}) == 1 and ms[0].device == norms.device:
             gains = _ratio(torch.stack([m.detach() for m in ms]), norms, gain_dtype)
             for i, (s, _) in enumerate(stale):
-                self._gains[s] = ((self._norms[s][1], ms[i]._version, ms[i].data_ptr(), gain_dtype), gains[i])
+                self._gains[s] = ((self._norms[s][1], _stamp(ms[i]), gain_dtype), gains[i])
 
     @torch.no_grad()
     def merge(self, slot: int, weight: Tensor, delta: Tensor, norm: Tensor) -> None:

@@ -173,3 +173,67 @@ def test_g_follows_m_changed_alone_in_a_model():
     fresh = copy.deepcopy(model)  # a copy starts with no cache
     assert fresh.peftkern.dora._gains == {}
     torch.testing.assert_close(model(input_ids=ids).logits, fresh(input_ids=ids).logits, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("what", ["all", "m"])
+def test_a_fused_optimizer_step_refreshes_norms_and_g(what):
+    """torch's fused AdamW (HF Trainer's and TRL's default, ``adamw_torch_fused``) updates parameters
+    without bumping their version counters: the caches count optimizer steps too."""
+    model = _dora_model()
+    params = list(model.peftkern.dora.m.parameters()) if what == "m" else list(model.peftkern.parameters())
+    opt = torch.optim.AdamW(params, lr=0.05, fused=True)
+    ids = tokens()
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        version = params[0]._version
+        opt.step()
+        opt.zero_grad()
+        assert params[0]._version == version  # the fault this guards against: no version bump
+        fresh = copy.deepcopy(model)  # no cache
+        torch.testing.assert_close(model(input_ids=ids).logits, fresh(input_ids=ids).logits, rtol=1e-12, atol=1e-12)
+
+
+def test_a_cached_value_belongs_to_the_very_tensor_it_was_computed_from():
+    """A stamp matches only its own tensor (or a view of it), unchanged: a new tensor on the same
+    storage with the same version (a parameter replaced at a freed address) does not match."""
+    t = torch.randn(4, 3)
+    st = dora._stamp(t, None)
+    assert dora._matches(st, (t, None))
+    assert dora._matches(dora._stamp(t[1:], None), (t[1:], None))  # a new view object of the same tensor
+    alias = t.detach()  # another tensor: same storage, same version counter
+    assert alias.data_ptr() == t.data_ptr() and alias._version == t._version
+    assert not dora._matches(st, (alias, None))
+    assert not dora._matches(st, (t, torch.ones(1)))
+    t.add_(1.0)
+    assert not dora._matches(st, (t, None))
+    with torch.inference_mode():
+        assert dora._stamp(torch.ones(2)) is None  # no version counter: never cached
+
+
+@pytest.mark.parametrize("method", ["lora", "tied_lora"])
+def test_a_second_forward_without_a_step_reuses_the_norms(method, monkeypatch):
+    """Gradient accumulation: no optimizer step between forwards, no recompute (tied_lora's k and v
+    factors are slices of shared tensors: new view objects each forward, the same tensors)."""
+    model = _dora_model(method)
+    _trained_step(model)
+    ids = tokens()
+    model(input_ids=ids)
+    calls = []
+    monkeypatch.setattr(dora, "weight_norms", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(dora, "weight_norm", lambda *a, **k: calls.append(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert calls == []
+
+
+def test_inference_tensor_magnitudes_run_uncached():
+    """Magnitudes read and assigned under torch.inference_mode (an evaluation-only load) keep no
+    version counter: the forward runs, computing g without caching it."""
+    model = _dora_model().eval()
+    ids = tokens()
+    want = model(input_ids=ids).logits
+    with torch.inference_mode():
+        state = {k: v.clone() for k, v in model.peftkern.dora.state_dict().items()}
+        model.peftkern.dora.load_state_dict(state, assign=True)
+        assert model.peftkern.dora.m[0].is_inference()
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
