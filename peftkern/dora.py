@@ -28,14 +28,12 @@ It grows only where ΔW nearly cancels a row of W0 (t ≪ ‖W0_n‖²), where t
 the one to trust; ``norm_error_bound`` gives the bound per row, and tests check it in fp64 and fp32,
 rows with BA ≈ −W0 included. t̂ is clamped at 0 before the square root.
 
-**When it is recomputed.** Per module, the norm is kept with a stamp of W0, A, B, u and v (each
-tensor's identity, held weakly, its version counter, storage and dtype: host values, no device
-sync) and of the number of optimizer steps taken so far, and recomputed only when one of them
-changed: once per optimizer step in training, and gradient accumulation and checkpoint
-recomputation reuse it. The step count comes from a global ``torch.optim`` step hook, because a
-fused optimizer (``fused=True``: HF Trainer's and TRL's default ``adamw_torch_fused``) updates
-parameters without bumping their version counters. A change made outside both (through ``.data``,
-or by a kernel that bypasses the dispatcher) is not seen until the next optimizer step.
+**When it is recomputed.** Per module, the norm is kept with a stamp of W0, A, B, u and v and the
+number of optimizer steps taken so far (``peftkern.stamps``: identity, version counter, storage,
+dtype; host values, no device sync) and recomputed only when one of them changed: once per
+optimizer step in training, and gradient accumulation and checkpoint recomputation reuse it. The
+step count is what catches a fused optimizer (HF Trainer's and TRL's default), which bumps no
+version counter.
 The first module of a shape to find its norm stale recomputes every stale module of that shape
 (same N, K, r, dtype, device, scale) in one batched computation (``weight_norms``): on a GPU a
 step is bound by launching kernels, and this takes the norm's 11 launches per module to about 2
@@ -55,13 +53,12 @@ row norms (an [N, K] pass, no cancellation) and never asks this cache (the layer
 from __future__ import annotations
 
 import contextlib
-import weakref
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import stamps
 from .ops.functions import ratio as _ratio
 
 Tensor = torch.Tensor
@@ -161,54 +158,8 @@ def norm_error_bound(weight: Tensor, A: Tensor, B: Tensor, u: Optional[Tensor], 
     return gamma * (row_norms_sq(weight).sqrt() + torch.linalg.vector_norm(delta, dim=1)) ** 2
 
 
-# Optimizer steps taken so far, by any torch.optim.Optimizer (module docstring: fused optimizers do
-# not bump version counters). Counted by a global step hook, registered with the first Magnitudes.
-_STEPS = [0]
-_HOOK: list = []
-
-
-def _stepped(optimizer, args, kwargs) -> None:
-    _STEPS[0] += 1
-
-
-def _count_optimizer_steps() -> None:
-    if not _HOOK:
-        _HOOK.append(register_optimizer_step_post_hook(_stepped))
-
-
-def _stamp(*tensors: Optional[Tensor]) -> Optional[tuple]:
-    """What a cached value was computed from: per tensor its identity (a weak reference to it, or to
-    the tensor it views: factors may be slices of a shared tensor, new view objects each forward),
-    version counter, storage and dtype. None when a tensor keeps no version counter (an inference
-    tensor): such inputs are never cached."""
-    out = []
-    for t in tensors:
-        if t is None:
-            out.append(None)
-        elif t.is_inference():
-            return None
-        else:
-            out.append((weakref.ref(t if t._base is None else t._base), t._version, t.data_ptr(), t.dtype))
-    return tuple(out)
-
-
-def _matches(stamp: Optional[tuple], tensors) -> bool:
-    """Whether ``tensors`` are the very tensors ``stamp`` was taken of, unchanged: a tensor that died,
-    or a new one at its address (a replaced parameter), never matches."""
-    if stamp is None or len(stamp) != len(tensors):
-        return False
-    for st, t in zip(stamp, tensors):
-        if st is None or t is None:
-            if st is not t:
-                return False
-        elif st[0]() is not (t if t._base is None else t._base) or st[1] != t._version or st[2] != t.data_ptr() \
-                or st[3] != t.dtype:
-            return False
-    return True
-
-
 def _norm_stamp(weight: Tensor, A: Tensor, B: Tensor, u: Optional[Tensor], v: Optional[Tensor], scale: float):
-    return _STEPS[0], _stamp(weight, A, B, u, v), scale
+    return stamps.steps(), stamps.of(weight, A, B, u, v), scale
 
 
 def _norm_fresh(cached, inputs: tuple) -> bool:
@@ -216,7 +167,7 @@ def _norm_fresh(cached, inputs: tuple) -> bool:
     if cached is None:
         return False
     step, stamp, scale = cached[0]
-    return step == _STEPS[0] and scale == inputs[5] and _matches(stamp, inputs[:5])
+    return step == stamps.steps() and scale == inputs[5] and stamps.matches(stamp, inputs[:5])
 
 
 def _gain_fresh(cached, norm: Tensor, m: Tensor, dtype: torch.dtype) -> bool:
@@ -225,7 +176,7 @@ def _gain_fresh(cached, norm: Tensor, m: Tensor, dtype: torch.dtype) -> bool:
     if cached is None:
         return False
     n, stamp, dt = cached[0]
-    return n is norm and dt == dtype and _matches(stamp, (m,))
+    return n is norm and dt == dtype and stamps.matches(stamp, (m,))
 
 
 def _plain(*tensors: Optional[Tensor]) -> bool:
@@ -257,7 +208,6 @@ class Magnitudes(nn.Module):
 
     def __init__(self, sizes: List[int], device=None, dtype=None):
         super().__init__()
-        _count_optimizer_steps()
         self.lora_magnitude_vector = nn.ParameterList(nn.Parameter(torch.ones(n, device=device, dtype=dtype)) for n in sizes)
         self._norms: Dict[int, Tuple[tuple, Tensor]] = {}
         self._gains: Dict[int, Tuple[tuple, Tensor]] = {}  # slot -> (key, g = m / norm in the dtype asked)
@@ -332,18 +282,18 @@ class Magnitudes(nn.Module):
         cached = self._gains.get(slot)
         if not _gain_fresh(cached, norm, m, dtype):
             with torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext():
-                cached = self._gains[slot] = ((norm, _stamp(m), dtype), _ratio(m.detach(), norm, dtype))
+                cached = self._gains[slot] = ((norm, stamps.of(m), dtype), _ratio(m.detach(), norm, dtype))
         return norm, cached[1]
 
     def _w0_sq(self, slot: int, weight: Tensor, dense=None) -> Tuple[Optional[Tensor], Tensor]:
         """(W0 if it had to be read, ‖W0‖²_row): the row norms are cached per base weight."""
         have = self._w0.get(slot)
         # a frozen W0 changes only in place (a merge): its version says so; a trained one also by steps
-        step = _STEPS[0] if weight.requires_grad else None
+        step = stamps.steps() if weight.requires_grad else None
         w0 = None
-        if have is None or have[0][0] != step or not _matches(have[0][1], (weight,)):
+        if have is None or have[0][0] != step or not stamps.matches(have[0][1], (weight,)):
             w0 = weight.detach() if dense is None else dense()
-            have = self._w0[slot] = ((step, _stamp(weight)), row_norms_sq(w0))
+            have = self._w0[slot] = ((step, stamps.of(weight)), row_norms_sq(w0))
         return w0, have[1]
 
     def _stale_alike(self, slot: int, inputs: tuple, source) -> List[Tuple[int, tuple]]:
@@ -388,7 +338,7 @@ class Magnitudes(nn.Module):
         if gain_dtype is not None and len({(m.dtype, m.device) for m in ms}) == 1 and ms[0].device == norms.device:
             gains = _ratio(torch.stack([m.detach() for m in ms]), norms, gain_dtype)
             for i, (s, _) in enumerate(stale):
-                self._gains[s] = ((self._norms[s][1], _stamp(ms[i]), gain_dtype), gains[i])
+                self._gains[s] = ((self._norms[s][1], stamps.of(ms[i]), gain_dtype), gains[i])
 
     @torch.no_grad()
     def merge(self, slot: int, weight: Tensor, delta: Tensor, norm: Tensor) -> None:

@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterable, List, Optional
 import torch
 from torch import nn
 
+from .. import stamps
+
 Tensor = torch.Tensor
 
 
@@ -25,10 +27,11 @@ class PassCache:
       would be too early: under FSDP2 the root's unshard hook may run after ours, and
       the parameters would still be sharded. The pass's first ``get`` generates; the
       others reuse (the hot path: two attribute reads).
-    * Outside a pass (merge, explain, non-reentrant gradient-checkpoint recomputation)
-      the result is reused unless a ``watched`` tensor changed since (its ``_version``
-      counter or storage; no host sync). In-place changes made through ``.data`` bypass
-      the counters: call ``invalidate()`` after them.
+    * Outside a pass (merge, explain, export, non-reentrant gradient-checkpoint
+      recomputation) the result is reused unless a ``watched`` tensor changed since or an
+      optimizer stepped (``peftkern.stamps``: a fused optimizer bumps no version counter;
+      no host sync). In-place changes made through ``.data`` bypass both until the next
+      step: call ``invalidate()`` after them.
     * A new pass with ``training`` False and grad disabled reuses a result made without
       grad; any other new pass regenerates.
     * A result made without grad cannot serve a call that needs grad. Reentrant
@@ -74,13 +77,14 @@ class PassCache:
             return self.value
         if not self.in_pass and grad and (self.no_grad or self.gradless_pass) and self.value is not None:
             return _generate_plainly(generate, watched)  # reentrant recomputation: see above
-        key = tuple((t._version, t.data_ptr(), t.dtype) for t in watched())
-        valid = self.value is not None and self.key == key and not gradless
+        tensors = tuple(watched())
+        valid = (self.value is not None and self.key is not None and self.key[0] == stamps.steps()
+                 and stamps.matches(self.key[1], tensors) and not gradless)
         if valid and self.new_pass:  # a new forward: only inference may reuse the last value
             valid = self.no_grad and not training and not grad
         if not valid:
             self.value = _generate_plainly(generate, watched)
-            self.key, self.no_grad = key, not grad
+            self.key, self.no_grad = (stamps.steps(), stamps.of(*tensors)), not grad
             self.gradless_pass |= self.in_pass and not grad
         self.new_pass = False
         return self.value

@@ -9,6 +9,7 @@ import torch
 import torch.optim.optimizer as optimizer_module
 
 import peftkern
+from peftkern import stamps  # noqa: F401  (registers its one global step counter before any count here)
 from peftkern.methods.allocator import Schedule
 from tests.helpers.models import tiny_model, tokens
 from tests.helpers.sync import SyncCounter as _SyncCounter

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import peftkern
-from peftkern import dora
+from peftkern import dora, stamps
 from tests.helpers.models import tiny_model, tokens
 
 
@@ -197,17 +197,17 @@ def test_a_cached_value_belongs_to_the_very_tensor_it_was_computed_from():
     """A stamp matches only its own tensor (or a view of it), unchanged: a new tensor on the same
     storage with the same version (a parameter replaced at a freed address) does not match."""
     t = torch.randn(4, 3)
-    st = dora._stamp(t, None)
-    assert dora._matches(st, (t, None))
-    assert dora._matches(dora._stamp(t[1:], None), (t[1:], None))  # a new view object of the same tensor
+    st = stamps.of(t, None)
+    assert stamps.matches(st, (t, None))
+    assert stamps.matches(stamps.of(t[1:], None), (t[1:], None))  # a new view object of the same tensor
     alias = t.detach()  # another tensor: same storage, same version counter
     assert alias.data_ptr() == t.data_ptr() and alias._version == t._version
-    assert not dora._matches(st, (alias, None))
-    assert not dora._matches(st, (t, torch.ones(1)))
+    assert not stamps.matches(st, (alias, None))
+    assert not stamps.matches(st, (t, torch.ones(1)))
     t.add_(1.0)
-    assert not dora._matches(st, (t, None))
+    assert not stamps.matches(st, (t, None))
     with torch.inference_mode():
-        assert dora._stamp(torch.ones(2)) is None  # no version counter: never cached
+        assert stamps.of(torch.ones(2)) is None  # no version counter: never cached
 
 
 @pytest.mark.parametrize("method", ["lora", "tied_lora"])

@@ -249,6 +249,24 @@ def test_merge_after_an_optimizer_step_uses_the_new_factors():
     torch.testing.assert_close(logits(model, ids), adapted, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_merge_right_after_an_optimizer_step_uses_the_new_factors(fused):
+    """No forward between the step and the merge: the factors of the step's forward must not be
+    reused. A fused optimizer (HF Trainer's default) bumps no version counter; the step count does."""
+    import copy
+
+    model = peftkern.patch(tiny_model("llama"), "pg_pos", rank=4, generate="AB", backend="torch").train()
+    perturb(model.peftkern, 0.1)
+    ids = tokens()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, fused=fused)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    twin = copy.deepcopy(model)  # no cache
+    peftkern.unpatch(model, merge=True)
+    peftkern.unpatch(twin, merge=True)
+    torch.testing.assert_close(logits(model, ids), logits(twin, ids), rtol=0, atol=0)
+
+
 # --- initialisation, provenance, copies, unpatch ---------------------------------------------
 
 
