@@ -232,10 +232,11 @@ def dora_scale_backward(dy, saved, g, bias, from_output, need_g, need_dz=True):
         # Each op is a launch on a GPU, where DoRA steps are bound by launching them. bf16 (fp32's
         # range) multiplies in its own dtype, each product rounded once (2⁻⁹, as PEFT's bf16 DoRA
         # rounds), and the sum accumulates in fp32: two launches and a [M, N] bf16 temporary, where
-        # converting dy first costs a third launch and two fp32 ones. fp16 converts first: its
-        # products of small gradients would fall below its range.
+        # converting dy first costs a third launch and two fp32 ones. Not with a bias read out of
+        # y (Σ dy⊙y − b·Σ dy cancels where b dominates y, and would magnify those roundings), nor
+        # in fp16, whose products of small gradients would fall below its range.
         acc = acc_dtype(dy.dtype)
-        d = dy if dy.dtype == torch.bfloat16 else dy.to(acc)
+        d = dy if dy.dtype == torch.bfloat16 and not (from_output and bias is not None) else dy.to(acc)
         dg = torch.sum(d * saved, 0, dtype=acc)
         if from_output:
             if bias is not None:
