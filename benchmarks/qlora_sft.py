@@ -87,7 +87,8 @@ def _table(rows) -> str:
         by.setdefault((r["method"], r["load_in_4bit"]), {})[_seed(r)] = r
     seeds = sorted({_seed(r) for r in rows})
     lines = ["# QLoRA on SmolLM2-135M-Instruct: GSM8K held-out loss, 4-bit base beside full precision", "",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {_commit()}; "
+             f"- table written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC at commit {_commit()} "
+             "(each run's own commit and date are listed below); "
              f"machine: {platform.machine()} CPU, 2 cores; `python benchmarks/qlora_sft.py`",
              "- budget: GSM8K training problems 0-95, one epoch of batch 8 (12 steps), 384 tokens, q_proj and v_proj, "
              f"rank 8, rate 1e-2, seeds {', '.join(map(str, seeds))} (each row says which ran), TRL SFTTrainer, "
