@@ -114,6 +114,11 @@ def _unpacked_state(module: nn.Module):
 
         weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
         state = weight.quant_state
+        if not state.nested and state.absmax.dim() == 2:
+            # bitsandbytes 0.50's inverse restores the block scales' layout only with double
+            # quantization: without it they stay as the repacking left them, [K/blocksize, N] in bf16,
+            # and a layer wider than one block (K > 64) would dequantize with other rows' scales
+            state.absmax = state.absmax.t().reshape(-1).float().contiguous()
     return weight, state
 
 

@@ -132,10 +132,13 @@ def test_magnitudes_start_at_the_dequantized_row_norms(base4):
     torch.testing.assert_close(model.peftkern.dora.m[q.slot], quant.dequantized(q.base_layer).norm(dim=1))
 
 
-def test_an_eval_forward_first_does_not_stop_training(tmp_path, caplog):
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_an_eval_forward_first_does_not_stop_training(tmp_path, caplog, double_quant):
     """bitsandbytes' CPU repacking at the first eval-mode no-grad forward (see peftkern.quant) must not cut the
-    adapter off: a layer repacked before patching is unpacked, and patching turns the repacking off."""
-    m4 = tiny_4bit(tmp_path)[0]
+    adapter off: a layer repacked before patching is unpacked, and patching turns the repacking off. Without
+    double quantization the unpacked block scales are put back in their layout (bitsandbytes' inverse only
+    does so with it): down_proj, 128 wide, spans two blocks per row."""
+    m4 = tiny_4bit(tmp_path, double_quant=double_quant)[0]
     weights = {n: quant.dequantized(m) for n, m in m4.named_modules() if quant.kind(m)}
     ids = tokens()
     with torch.no_grad():  # before patching: repacks, on a CPU with AVX-512 BF16
