@@ -74,10 +74,14 @@ def unpatch(model: nn.Module, merge: bool = False, requantize: bool = False) -> 
     base weight tied to another module.
 
     A quantized base (bitsandbytes 4-bit, QLoRA) is dequantized and merged in fp32, and the
-    module becomes a full-precision ``nn.Linear`` in the layer's compute dtype (logged). With
-    ``requantize=True`` it becomes a 4-bit layer again instead, and each layer's requantization
-    error ‖Q(W) − W‖/‖W‖ is logged (a merged model in 4-bit is not the trained one: the error says
-    how far). ``requantize`` without ``merge``, or on a model without quantized layers, is an error.
+    module becomes a full-precision ``nn.Linear`` in the dtype of the model's activations (its
+    input embeddings'; the layer's compute dtype for a model without them), logged. The model then
+    saves and loads the transformers way: with no quantized layer left it is no longer marked
+    quantized, otherwise the merged layers are listed in its bitsandbytes config's
+    ``llm_int8_skip_modules``. With ``requantize=True`` each becomes a 4-bit layer again instead, and
+    each layer's requantization error ‖Q(W) − W‖/‖W‖ is logged (a merged model in 4-bit is not the
+    trained one: the error says how far). ``requantize`` without ``merge``, or on a model without
+    quantized layers, is an error.
     """
     state_of(model)
     layers = patching.adapted_modules(model)
@@ -87,15 +91,18 @@ def unpatch(model: nn.Module, merge: bool = False, requantize: bool = False) -> 
     if merge:
         _refuse_shared(model, "unpatch(merge=True)")
         errors = {}
+        dtype = hf.activation_dtype(model)
         for path, m in quantized:
-            m.base_layer, errors[path] = m.merged_quantized_base(requantize)
+            m.base_layer, errors[path] = m.merged_quantized_base(requantize, dtype)
         if quantized:
             if requantize:
                 log.warning("peftkern: merged and requantized %d 4-bit layers; relative error ‖Q(W) − W‖/‖W‖ per "
                             "layer: %s", len(errors), ", ".join(f"{p} {e:.3g}" for p, e in errors.items()))
             else:
+                stored = dtype or _compute_dtypes(quantized)
                 log.warning("peftkern: merged %d quantized layers into full-precision Linears (dequantized, merged "
-                            "in fp32); save the result as an ordinary checkpoint", len(errors))
+                            "in fp32, stored in %s); save_pretrained writes a checkpoint that from_pretrained loads",
+                            len(errors), stored)
         for _, m in layers:
             if m.quantized is None:
                 m.merge()
@@ -105,7 +112,17 @@ def unpatch(model: nn.Module, merge: bool = False, requantize: bool = False) -> 
         for _, m in layers:
             m.unmerge()
     hf.unbind(model)
-    return patching.uncommit(model, keep_heads=merge)
+    model = patching.uncommit(model, keep_heads=merge)
+    if merge and quantized and not requantize:
+        hf.after_quantized_merge(model, [path for path, _ in quantized])
+    return model
+
+
+def _compute_dtypes(quantized) -> str:
+    """The compute dtypes of quantized layers, named for a log line."""
+    from . import quant
+
+    return "/".join(sorted({str(quant.compute_dtype(m.base_layer)).replace("torch.", "") for _, m in quantized}))
 
 
 def merge(model: nn.Module) -> nn.Module:

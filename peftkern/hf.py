@@ -138,6 +138,60 @@ def unbind(model: nn.Module) -> None:
         model.__dict__.pop(ADAPTERS_FLAG, None)
 
 
+def activation_dtype(model: nn.Module):
+    """The dtype of the activations between a transformers model's layers (its input embeddings'),
+    or None: what a quantized layer merged into a plain Linear must take, since the 4-bit layer
+    cast its input to its compute dtype and its output back, and a plain Linear does not."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embed = get() if get is not None else None
+    except (AttributeError, NotImplementedError):
+        return None
+    weight = getattr(embed, "weight", None)
+    return weight.dtype if weight is not None and weight.is_floating_point() else None
+
+
+def after_quantized_merge(model: nn.Module, merged: list) -> None:
+    """After ``unpatch(merge=True)`` turned the quantized layers at the paths ``merged`` into plain
+    Linears: make ``save_pretrained`` + ``from_pretrained`` give them back as such. With no quantized
+    layer left, the model stops being quantized (transformers' own ``dequantize()`` does this);
+    otherwise every full-precision Linear (the merged ones, the output embedding) is listed in
+    ``llm_int8_skip_modules`` of its bitsandbytes config, which transformers reads to leave those
+    Linears unquantized when it loads the checkpoint."""
+    from . import quant
+
+    if not is_transformers_model(model) or not merged:
+        return
+    config = getattr(model.config, "quantization_config", None)
+    if any(quant.kind(m) for m in model.modules()):
+        if config is None:
+            return
+        # every Linear that is full precision now, not only the merged ones: a given list replaces
+        # transformers' default one (the output embedding), which would then be quantized on load
+        plain = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not quant.kind(m)]
+        if isinstance(config, dict):
+            have = config.get("llm_int8_skip_modules") or []
+            config["llm_int8_skip_modules"] = [*have, *(n for n in plain if n not in have)]
+        else:
+            have = getattr(config, "llm_int8_skip_modules", None) or []
+            config.llm_int8_skip_modules = [*have, *(n for n in plain if n not in have)]
+        log.info("peftkern: the merged layers stay full precision when the saved model is loaded again "
+                 "(llm_int8_skip_modules of its quantization config)")
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    else:
+        if config is not None:
+            del model.config.quantization_config
+        model.__dict__["is_quantized"] = False
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, flag, False):
+            setattr(model, flag, False)
+    log.info("peftkern: no quantized layer is left; the model is no longer marked quantized and saves as an "
+             "ordinary checkpoint")
+
+
 def _restorable(model: Any, directory: Any) -> bool:
     inner = unwrap(getattr(model, "module", model))
     if directory is None or not is_patched(inner):

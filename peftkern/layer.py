@@ -171,10 +171,11 @@ class AdaptedLinear(nn.Module):
 
     # --- merge / unmerge ------------------------------------------------------------
     @torch.no_grad()
-    def merged_quantized_base(self, requantize: bool) -> Tuple[nn.Module, Optional[float]]:
+    def merged_quantized_base(self, requantize: bool, dtype: Optional[torch.dtype] = None
+                              ) -> Tuple[nn.Module, Optional[float]]:
         """(the base layer with ΔW folded in, the requantization error or None): W0 dequantized, merged
-        in fp32 (DoRA: g⊙(W0 + ΔW)), then a full-precision Linear in the layer's compute dtype, or
-        with ``requantize`` a 4-bit layer again."""
+        in fp32 (DoRA: g⊙(W0 + ΔW)), then a full-precision Linear in ``dtype`` (the layer's compute
+        dtype if None), or with ``requantize`` a 4-bit layer again."""
         w0 = quant.dequantized(self.base_layer)
         delta = self._state.delta_weight(self.slot).float()
         merged = w0 + delta
@@ -184,7 +185,7 @@ class AdaptedLinear(nn.Module):
             merged = merged * (dora.m[self.slot].float() / norm)[:, None]
         if requantize:
             return quant.requantized(self.base_layer, merged)
-        return quant.full_precision(self.base_layer, merged, quant.compute_dtype(self.base_layer)), None
+        return quant.full_precision(self.base_layer, merged, dtype or quant.compute_dtype(self.base_layer)), None
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -282,3 +282,36 @@ def test_the_quantized_flag_for_the_trainer_comes_and_goes_with_the_adapter(base
     assert not model._hf_peft_config_loaded
     plain = peftkern.patch(tiny_model("llama"), "lora")  # not quantized: not marked
     assert not plain._hf_peft_config_loaded
+
+
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("targets", [None, "all-linear"])  # some 4-bit layers left (q, v adapted), or none
+def test_a_merged_4bit_model_saves_and_loads_the_transformers_way(tmp_path, targets, compute):
+    """unpatch(merge=True) of a 4-bit model: the merged Linears take the activations' dtype (the model
+    is fp32 outside its 4-bit layers, whatever their compute dtype), and save_pretrained writes a
+    checkpoint that from_pretrained loads with them still full precision."""
+    from transformers import AutoModelForCausalLM
+
+    m4, _, _ = tiny_4bit(tmp_path, compute=compute)
+    kw = {} if targets is None else {"targets": targets}
+    model = peftkern.patch(m4, "lora", rank=4, use_dora=True, **kw)
+    perturb(model)
+    ids = tokens()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    plain = peftkern.unpatch(model, merge=True)
+    assert plain.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    with torch.no_grad():
+        merged = plain(input_ids=ids).logits
+    tol = TOL if compute == torch.float32 else dict(rtol=0.05, atol=0.05)  # the 4-bit layers computed in bf16
+    torch.testing.assert_close(merged, want, **tol)
+    left = quantized_layers(plain)
+    assert bool(left) == (targets is None)
+    assert (getattr(plain.config, "quantization_config", None) is not None) == bool(left)
+    plain.save_pretrained(tmp_path / "merged")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", device_map="cpu").eval()
+    assert quantized_layers(again) == left
+    assert type(again.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    quant.keep_trainable(again)  # as in `merged`, whose patching turned off bitsandbytes' CPU repacking (bf16 scales)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, merged, rtol=1e-5, atol=1e-5)
