@@ -23,13 +23,16 @@ def integer(name: str, value: Any, minimum: int = 1, allow_none: bool = False) -
 
 def real(name: str, value: Any, low: float = float("-inf"), high: float = float("inf"), *,
          low_open: bool = False, high_open: bool = False, allow_none: bool = False) -> Optional[float]:
-    """A real number (not NaN, not a bool) in [low, high], with open ends where asked."""
+    """A real number (not NaN, not a bool) in [low, high], with open ends where asked. TypeError for a
+    value of another type, ValueError for a number outside the range (NaN included)."""
     if value is None and allow_none:
         return None
     lo, hi = "(" if low_open else "[", ")" if high_open else "]"
     what = f"{name} must be a real number in {lo}{low:g}, {high:g}{hi}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what}, got {value!r}")
+    if value != value:
+        raise ValueError(f"{what}, got {value!r}")
     below = value <= low if low_open else value < low
     above = value >= high if high_open else value > high
     if below or above:

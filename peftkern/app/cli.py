@@ -316,7 +316,7 @@ def cmd_finetune(args) -> int:
     try:
         if ctx.is_main:
             print(f"peftkern finetune: {config.task} ({'embedded SST-2 sample' if demo else config.data_dir or 'hub'})"
-                  f" with {config.method} on {config.model}"
+                  f" with {config.method}{' + DoRA' if config.use_dora else ''} on {config.model}"
                   + (f", {ctx.world_size} processes" if ctx.enabled else ""), flush=True)
             print(f"budget: {resolved.epochs} epochs of batch {resolved.batch_size}; "
                   f"learning rate {config.lr:g} ({config.lr_source})", flush=True)

@@ -17,6 +17,7 @@ natively (CUDA with bf16, a CPU with AVX-512 BF16 or AMX), else in fp32; the run
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -126,6 +127,33 @@ def _bf16(cfg: SFTConfig, device_type: str) -> bool:
 
 def finetune_sft(config: SFTConfig) -> RunResult:
     """One run (module docstring). Writes the adapter, metrics.json and curves.png to output_dir."""
+    with _library_bars(config.progress):
+        return _finetune_sft(config)
+
+
+@contextlib.contextmanager
+def _library_bars(show: bool):
+    """Without progress (``--no-progress``), also the bars that datasets and transformers print while
+    the data is tokenized and the model loaded; their previous setting is restored afterwards."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    if show:
+        yield
+        return
+    had = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if had[0]:
+            datasets.enable_progress_bars()
+        if had[1]:
+            hf_logging.enable_progress_bar()
+
+
+def _finetune_sft(config: SFTConfig) -> RunResult:
     from datasets import Dataset
     from trl import SFTConfig as TrlConfig
     from trl import SFTTrainer
