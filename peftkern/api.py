@@ -100,9 +100,8 @@ def unpatch(model: nn.Module, merge: bool = False, requantize: bool = False) -> 
                             "layer: %s", len(errors), ", ".join(f"{p} {e:.3g}" for p, e in errors.items()))
             else:
                 stored = dtype or _compute_dtypes(quantized)
-                log.warning("peftkern: merged %d quantized layers into full-precision Linears (dequantized, merged "
-                            "in fp32, stored in %s); save_pretrained writes a checkpoint that from_pretrained loads",
-                            len(errors), stored)
+                log.warning("peftkern: merged %d quantized layers into full-precision layers (dequantized, merged "
+                            "in fp32, stored in %s)", len(errors), str(stored).replace("torch.", ""))
         for _, m in layers:
             if m.quantized is None:
                 m.merge()

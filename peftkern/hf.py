@@ -168,7 +168,8 @@ def after_quantized_merge(model: nn.Module, merged: list) -> None:
             return
         # every Linear that is full precision now, not only the merged ones: a given list replaces
         # transformers' default one (the output embedding), which would then be quantized on load
-        plain = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not quant.kind(m)]
+        plain = [name for name, m in model.named_modules()
+                 if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and not quant.kind(m)]
         if isinstance(config, dict):
             have = config.get("llm_int8_skip_modules") or []
             config["llm_int8_skip_modules"] = [*have, *(n for n in plain if n not in have)]

@@ -112,13 +112,18 @@ def _unpacked_state(module: nn.Module):
     if getattr(state, "packing_format_for_cpu", False):
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
+        # The repacking left the block scales as [K/blocksize, N] in bf16. bitsandbytes 0.50's inverse
+        # restores their layout only for a double-quantized layer, and then quantizes them to 8 bits
+        # again, a second rounding (12% on a row in a test with widely spread scales). Both are
+        # replaced by the bf16 scales in the flat layout, kept unquantized (fp32: 4 bytes a block).
+        scales = state.absmax.t().reshape(-1).float()
         weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
         state = weight.quant_state
-        if not state.nested and state.absmax.dim() == 2:
-            # bitsandbytes 0.50's inverse restores the block scales' layout only with double
-            # quantization: without it they stay as the repacking left them, [K/blocksize, N] in bf16,
-            # and a layer wider than one block (K > 64) would dequantize with other rows' scales
-            state.absmax = state.absmax.t().reshape(-1).float().contiguous()
+        state.absmax = scales.contiguous()
+        if state.nested:
+            state.nested = False
+            state.state2 = None
+            state.offset = None
     return weight, state
 
 
@@ -170,7 +175,7 @@ def requantized(module: nn.Module, merged: torch.Tensor) -> Tuple[nn.Module, flo
     state = module.weight.quant_state
     new = lib.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                             compute_dtype=module.compute_dtype, quant_type=state.quant_type,
-                            compress_statistics=bool(state.nested), device="cpu")
+                            compress_statistics=bool(getattr(state, "original_nested", state.nested)), device="cpu")
     params = {"weight": merged.detach().to("cpu", torch.float32)}
     if module.bias is not None:
         params["bias"] = module.bias.detach().to("cpu", torch.float32)
@@ -180,12 +185,23 @@ def requantized(module: nn.Module, merged: torch.Tensor) -> Tuple[nn.Module, flo
     return new, error
 
 
-def full_precision(module: nn.Module, merged: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
-    """A plain nn.Linear holding ``merged`` [N, K] (and the layer's bias) in ``dtype``."""
-    out = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                    device=merged.device, dtype=dtype)
+def full_precision(module: nn.Module, merged: torch.Tensor, dtype: torch.dtype) -> nn.Module:
+    """A plain layer holding ``merged`` [N, K] (and the layer's bias) in ``dtype``: an nn.Linear, or
+    the GPT-2-style Conv1D (weight [K, N]) that transformers quantized into this layer (its
+    ``source_cls``), so that a saved checkpoint loads back into the model's own class."""
+    source = getattr(module, "source_cls", None)
+    if source is not None and source.__name__ == "Conv1D" and source is not nn.Linear:
+        out = source(module.out_features, module.in_features)  # Conv1D(nf=out, nx=in)
+        out = out.to(device=merged.device, dtype=dtype)
+        weight = merged.t()
+        if module.bias is None:  # Conv1D always has a bias
+            out.bias.data.zero_()
+    else:
+        out = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                        device=merged.device, dtype=dtype)
+        weight = merged
     with torch.no_grad():
-        out.weight.copy_(merged.to(dtype))
+        out.weight.copy_(weight.to(dtype))
         if module.bias is not None:
             out.bias.copy_(module.bias.to(dtype))
     out.requires_grad_(False)

@@ -225,7 +225,7 @@ def test_merge_is_refused_in_place_and_unpatch_merges_into_full_precision(base4,
         peftkern.unpatch(copy.deepcopy(q), requantize=True)
     with caplog.at_level(logging.WARNING, logger="peftkern"):
         plain = peftkern.unpatch(copy.deepcopy(q), merge=True)  # lora's default targets: q, v of 2 layers
-    assert "merged 4 quantized layers into full-precision Linears" in caplog.text
+    assert "merged 4 quantized layers into full-precision layers" in caplog.text
     layer = plain.model.layers[0].self_attn.q_proj
     assert type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32
     with torch.no_grad():
@@ -315,3 +315,56 @@ def test_a_merged_4bit_model_saves_and_loads_the_transformers_way(tmp_path, targ
     quant.keep_trainable(again)  # as in `merged`, whose patching turned off bitsandbytes' CPU repacking (bf16 scales)
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, merged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [r".*attn\.c_proj", "all-linear"])  # square; and non-square, nothing left 4-bit
+def test_a_merged_4bit_gpt2_keeps_its_conv1d_layers(tmp_path, targets):
+    """GPT-2's Conv1D layers, quantized by transformers into 4-bit Linears, merge back into Conv1D
+    (weight [in, out]): a checkpoint of the merged model loads into GPT-2's own classes, the same."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=97, n_positions=32)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    model = peftkern.patch(load_4bit(tmp_path / "base"), "lora", rank=4, targets=targets)
+    perturb(model)
+    ids = tokens()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    plain = peftkern.unpatch(model, merge=True)
+    layer = plain.transformer.h[0].attn.c_proj
+    assert type(layer).__name__ == "Conv1D" and layer.weight.shape == (64, 64)
+    if targets == "all-linear":
+        assert tuple(plain.transformer.h[0].attn.c_attn.weight.shape) == (64, 192)
+    with torch.no_grad():
+        merged = plain(input_ids=ids).logits
+    torch.testing.assert_close(merged, want, **TOL)
+    plain.save_pretrained(tmp_path / "merged")
+    again = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", device_map="cpu").eval()
+    quant.keep_trainable(again)  # as in `merged`, whose patching turned off bitsandbytes' CPU repacking
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, merged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_unpacking_a_repacked_layer_costs_only_the_bf16_rounding_of_its_scales(tmp_path, double_quant):
+    """Rows with widely spread scales (as trained weights have): after bitsandbytes' CPU repacking and
+    peftkern's unpacking, every row is within the bf16 rounding of its block scales (2⁻⁸ with margin);
+    bitsandbytes' own inverse quantized double-quantized scales to 8 bits again (12% off on a row)."""
+    base = tiny_llama_64()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for name, p in base.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(torch.exp(torch.randn(p.shape[0], 1, generator=g)))
+    base.save_pretrained(tmp_path / "spread")
+    m4 = load_4bit(tmp_path / "spread", double_quant=double_quant)
+    before = {n: quant.dequantized(m) for n, m in m4.named_modules() if quant.kind(m)}
+    with torch.no_grad():
+        m4(input_ids=tokens())  # repacks, on a CPU with AVX-512 BF16
+    quant.keep_trainable(m4)
+    for name, module in m4.named_modules():
+        if quant.kind(module):
+            w = before[name]
+            rows = (quant.dequantized(module) - w).norm(dim=1) / w.norm(dim=1)
+            assert rows.max() < 2 ** -8, (name, float(rows.max()))
