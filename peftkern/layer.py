@@ -122,7 +122,7 @@ class AdaptedLinear(nn.Module):
             source=None if torch.compiler.is_compiling() else weakref.WeakMethod(self.dora_inputs))  # (no cache there)
 
     def _run(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], f: Factors, device_type: str,
-             magnitude: Optional[Tuple[Tensor, Callable[[], Tensor]]]) -> Tensor:
+             magnitude: Optional[Tuple[Tensor, Callable[[], Tuple[Tensor, Tensor]]]]) -> Tensor:
         ops = self.ops(device_type)
         dropout = self._state.plan.dropout if self.training else 0.0
         if magnitude is not None:  # DoRA: (m, the norm's provider)

@@ -190,7 +190,7 @@ def full_precision(module: nn.Module, merged: torch.Tensor, dtype: torch.dtype) 
     the GPT-2-style Conv1D (weight [K, N]) that transformers quantized into this layer (its
     ``source_cls``), so that a saved checkpoint loads back into the model's own class."""
     source = getattr(module, "source_cls", None)
-    if source is not None and source.__name__ == "Conv1D" and source is not nn.Linear:
+    if source is not None and source.__name__ == "Conv1D":
         out = source(module.out_features, module.in_features)  # Conv1D(nf=out, nx=in)
         out = out.to(device=merged.device, dtype=dtype)
         weight = merged.t()

@@ -336,11 +336,11 @@ def _norm_gain(norm, m: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     got = norm() if callable(norm) else norm
     if isinstance(got, tuple):
         return got
-    got = _gain(got, m)
+    got = _gain(got)
     return got, ratio(m.detach(), got, dtype)
 
 
-def _gain(norm: Tensor, m: Tensor) -> Tensor:
+def _gain(norm: Tensor) -> Tensor:
     """The detached norm in the dtype g is formed in: fp32 at least (the division promotes to m's
     dtype if wider). Decided on the host: torch.promote_types would be one more dispatched op."""
     norm = norm.detach()
@@ -394,7 +394,8 @@ def dora_adapter(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B
     """DoRA (Liu et al. 2024, eq. 5): y = g⊙(W0·x + s·Λv·B·Λu·A·x) + b, g = m / ‖W0 + ΔW‖_row, the norm
     a constant in the backward (§4.3; m gets the gradient). With dropout in training, PEFT's formula
     (``reference.dora_adapter``). Shapes as ``adapter``, plus m [N] (any float dtype; its gradient in
-    it) and ``norm``: ‖W0 + ΔW‖_row [N] (``dora.weight_norm``), or a zero-argument callable returning it,
+    it) and ``norm``: ‖W0 + ΔW‖_row [N] (``dora.weight_norm``), or a zero-argument callable returning it
+    (or the pair (norm, g = m / norm in x's dtype), as ``Magnitudes.gain`` does from its cache),
     called only when the backend's forward did not form W_eff = W0 + ΔW itself (the C++ merged path
     at ranks above 32 does; its row norms then serve, exact to the rounding of W_eff) or when g is
     folded into W0 (``dora_folds``: it is needed before the GEMM). Returns
