@@ -136,6 +136,13 @@ PROVIDERS: Dict[str, Optional[Provider]] = {
     "peft_dora_qv": theirs("lora", "qv", r=16, lora_alpha=16, use_dora=True),
     "pk_dora_all": ours("lora", "all", rank=16, use_dora=True),
     "peft_dora_all": theirs("lora", "all", r=16, lora_alpha=16, use_dora=True),
+    # the C++ backend: its adapter, and DoRA without dropout, each one C++ autograd node (no Python in
+    # forward or backward); on CUDA only where the extension was built with CUDA (gpu_check.sh tries).
+    # Early too: DoRA on the nodes against LoRA on the node is the DoRA target's other half.
+    "pk_lora_qv_cpp": ours("lora", "qv", rank=16, backend="cpp"),
+    "pk_lora_all_cpp": ours("lora", "all", rank=16, backend="cpp"),
+    "pk_dora_qv_cpp": ours("lora", "qv", rank=16, use_dora=True, backend="cpp"),
+    "pk_dora_all_cpp": ours("lora", "all", rank=16, use_dora=True, backend="cpp"),
     "pk_dora_qv_triton": ours("lora", "qv", rank=16, use_dora=True, backend="triton"),
     "pk_qlora_qv": ours("lora", "qv", quantized=True, rank=16),
     "pk_qlora_qv_triton": ours("lora", "qv", quantized=True, rank=16, backend="triton"),
@@ -153,10 +160,6 @@ PROVIDERS: Dict[str, Optional[Provider]] = {
     "pk_hyper_adalora_qv": ours("hyper_adalora", "qv", rank=8, total_step=0),
     "pk_lora_qv_dropout": ours("lora", "qv", rank=16, dropout=0.05),
     "pk_lora_qv_triton": ours("lora", "qv", rank=16, backend="triton"),
-    # the C++ backend: its adapter is one C++ autograd node (no Python in forward or backward);
-    # on CUDA only where the extension was built with CUDA (benchmarks/gpu_check.sh tries)
-    "pk_lora_qv_cpp": ours("lora", "qv", rank=16, backend="cpp"),
-    "pk_lora_all_cpp": ours("lora", "all", rank=16, backend="cpp"),
     "pk_tied_lora_qv_cpp": ours("tied_lora", "qv", backend="cpp"),
     "pk_vera_qv_cpp": ours("vera", "qv", rank=256, backend="cpp"),
     "pk_lora_qv_compiled": ours("lora", "qv", rank=16, compile=True),

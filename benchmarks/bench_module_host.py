@@ -2,6 +2,8 @@
 
 A 64-wide Llama q_proj with 1 x 8 tokens, so arithmetic is negligible and what is measured is
 Python, autograd and dispatch per call (the per-module part of bench_launches.py's host_ms).
+The DoRA rows reuse the cached norm and g, as every forward of a training step but one does
+(no optimizer step runs here).
 Median of 9 blocks of 2,000 calls, one thread. Not a GPU figure.
 
     python benchmarks/bench_module_host.py > benchmarks/results/module_host.md
@@ -41,13 +43,15 @@ def modules():
                          num_key_value_heads=2, vocab_size=256)
     out = {}
     for backend in ("torch", "cpp"):
-        for method in ("lora", "vera"):
+        for method, dora in (("lora", False), ("vera", False), ("lora", True)):
             model = peftkern.patch(LlamaForCausalLM(config), method=method, targets=["q_proj"], rank=16,
-                                   backend=backend)
-            out[f"peftkern {method}, {backend}"] = model.model.layers[0].self_attn.q_proj
-    for kind, cfg in (("lora", peft.LoraConfig), ("vera", peft.VeraConfig)):
-        model = peft.get_peft_model(LlamaForCausalLM(config), cfg(r=16, target_modules=["q_proj"]))
-        out[f"PEFT {kind}"] = model.base_model.model.model.layers[0].self_attn.q_proj
+                                   backend=backend, use_dora=dora)
+            out[f"peftkern {method}{' + DoRA' if dora else ''}, {backend}"] = model.model.layers[0].self_attn.q_proj
+    for kind, cfg, dora in (("lora", peft.LoraConfig, False), ("vera", peft.VeraConfig, False),
+                            ("lora", peft.LoraConfig, True)):
+        extra = {"use_dora": True} if dora else {}
+        model = peft.get_peft_model(LlamaForCausalLM(config), cfg(r=16, target_modules=["q_proj"], **extra))
+        out[f"PEFT {kind}{' + DoRA' if dora else ''}"] = model.base_model.model.model.layers[0].self_attn.q_proj
     linear = nn.Linear(64, 64, bias=False).requires_grad_(False)
     out["frozen nn.Linear"] = linear
     return out

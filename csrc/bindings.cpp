@@ -41,6 +41,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adapter_apply", &adapter_apply, "the adapter as one autograd node (forward and backward in C++)",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("A"), py::arg("B"), py::arg("u"), py::arg("v"),
         py::arg("scale"), py::arg("dropout"), py::arg("seed"), py::arg("path") = int64_t(kAuto));
+  m.def("dora_apply", &dora_apply, "DoRA as one autograd node (forward and backward in C++), without dropout",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("A"), py::arg("B"), py::arg("u"), py::arg("v"),
+        py::arg("m"), py::arg("norm"), py::arg("g"), py::arg("scale"), py::arg("folded"),
+        py::arg("path") = int64_t(kAuto));
+  m.def("dora_norm_in_forward", &dora_norm_in_forward, "whether the unfolded DoRA forward gives the norm itself",
+        py::arg("M"), py::arg("N"), py::arg("K"), py::arg("r"), py::arg("like"), py::arg("path") = int64_t(kAuto));
   m.def("shrink_forward", &shrink_forward, py::arg("x"), py::arg("A"), py::arg("u"), py::arg("dropout"),
         py::arg("seed"));
   m.def("shrink_backward", &shrink_backward, py::arg("dhu"), py::arg("x"), py::arg("A"), py::arg("u"), py::arg("h"),

@@ -7,6 +7,7 @@
 # torch) and runs nothing. Needs network once, for NVIDIA's runtime wheel (headers) from PyPI.
 #
 #   csrc/check_cuda_compile.sh            # CUDA tools under ${CUDA_WHEELS:-/tmp/peftkern-cuda}
+#   FILES="csrc/autograd/dora_node.cpp" csrc/check_cuda_compile.sh   # only these sources
 #
 # A CPU wheel of torch lacks one generated header, c10/cuda/impl/cuda_cmake_macros.h; a stub
 # with the CUDA wheel's one definition stands in for it.
@@ -28,7 +29,7 @@ printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$STUB/c10/cuda/im
 INC=(-I"$STUB" -I"$TORCH/include" -I"$TORCH/include/torch/csrc/api/include" -I"$CUDA/include" -I"$PYINC")
 DEF=(-DPEFTKERN_WITH_CUDA=1 -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H -std=c++20)  # the standard cpp_extension uses for torch 2.13
 failed=0
-for f in csrc/*.cpp csrc/cpu/*.cpp csrc/autograd/*.cpp; do
+for f in ${FILES:-csrc/*.cpp csrc/cpu/*.cpp csrc/autograd/*.cpp}; do
   if g++ -c "$f" -o "$OBJ/$(basename "$f").o" "${INC[@]}" "${DEF[@]}" -O1 -fPIC -fopenmp; then
     echo "ok      $f (g++, PEFTKERN_WITH_CUDA)"; else echo "FAILED  $f"; failed=1; fi
 done

@@ -68,6 +68,18 @@ std::tuple<std::vector<OptTensor>, int64_t> adapter_backward(const Tensor& dy, c
 Tensor adapter_apply(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& A, const Tensor& B,
                      const OptTensor& u, const OptTensor& v, double scale, double dropout, int64_t seed, int64_t path);
 
+// --- DoRA as one C++ autograd node (csrc/autograd/dora_node.cpp) ----------------------------
+// y = g⊙(adapter without bias) + b, g = m / norm (functions.DoraFunction without dropout; `folded` is
+// functions.dora_folds' choice), differentiable in x, weight, bias, A, B, u, v and m. norm [N] (fp32
+// at least) and g = m / norm [N] in x's dtype, both or neither: neither only where
+// dora_norm_in_forward says the forward's merged weight gives the norm.
+Tensor dora_apply(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& A, const Tensor& B,
+                  const OptTensor& u, const OptTensor& v, const Tensor& m, const OptTensor& norm, const OptTensor& g,
+                  double scale, bool folded, int64_t path);
+// Whether the unfolded forward for these sizes keeps W_eff = W0 + ΔW (merged path, GEMM-sized rank),
+// whose row norms are DoRA's norm.
+bool dora_norm_in_forward(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& like, int64_t path);
+
 // --- joint-QKV form (shrink.cpp, expand.cpp) -------------------------------------------
 // shrink: hu = u⊙(D(x)·Aᵀ). Returns (hu, h).
 std::tuple<Tensor, Tensor> shrink_forward(const Tensor& x, const Tensor& A, const OptTensor& u, double dropout,

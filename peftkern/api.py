@@ -327,6 +327,9 @@ def explain(model: nn.Module) -> Explanation:
         if state.dora is not None:  # the one place DoRA's dataflow is named (layer.py, ops.functions.dora_adapter)
             form = ("DoRA: fused adapter with g = m/‖W0 + ΔW‖ folded into W0 and v (B without v) when the tokens "
                     "number at least twice the input features, else a column scale in one pass each way")
+            if ops is not None and ops.dora_node is not None:
+                form += ("; one C++ autograd node" + (" (a Python autograd Function while dropout applies, in "
+                                                      "training)" if state.plan.dropout else ""))
         if m.quantized is not None:  # layer._quantized_forward: the base is bitsandbytes' op, or fused
             form = f"{m.quantized} base by bitsandbytes + low-rank term"
             if state.dora is not None:

@@ -12,50 +12,23 @@
 //
 // It is the eager path only: under torch.compile the Python Function's custom ops are
 // traced instead (peftkern/ops/library.py), and the math is the same code either way.
-#include "../ops.h"
-
-#include <torch/autograd.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
+#include "node_common.h"
 
 namespace peftkern {
 namespace {
 
+using namespace node;
 using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 
 // needs_input_grad of the 7 differentiable inputs (x, weight, bias, A, B, u, v), packed in
 // the bits of an int64 so that it travels in ctx->saved_data.
 enum Need : int64_t { kX = 1, kW = 2, kBias = 4, kA = 8, kB = 16, kU = 32, kV = 64 };
 
-Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
-OptTensor optional(const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
-
-// Python's @once_differentiable for a C++ backward run with create_graph=True: the gradients
-// were computed without a graph (the saved h has none either), so differentiating them again
-// must raise, not return a wrong second derivative.
-variable_list once_differentiable(variable_list grads) {
-  variable_list fake(grads.size());
-  for (size_t i = 0; i < grads.size(); ++i)
-    if (grads[i].defined()) fake[i] = grads[i].detach().requires_grad_(true);
-  auto error = std::make_shared<torch::autograd::DelayedError>(
-      "peftkern.adapter: second derivatives (a gradient of a gradient) are not supported", fake.size());
-  return (*error)(std::move(fake));
-}
-
-// t [..., width] as [M, width]; reshape({-1, 0}) cannot infer M (0 elements fit any M), so a
-// zero width computes it (functions._rows)
-Tensor rows(const Tensor& t, int64_t width) {
-  if (width) return t.reshape({-1, width});
-  const auto lead = t.sizes().slice(0, t.dim() - 1);
-  return t.reshape({c10::multiply_integers(lead.begin(), lead.end()), 0});
-}
-
 struct AdapterNode : public torch::autograd::Function<AdapterNode> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const OptTensor& bias,
                         const Tensor& A, const Tensor& B, const OptTensor& u, const OptTensor& v, double scale,
                         double dropout, int64_t seed, int64_t path, int64_t needs) {
-    const int64_t N = weight.size(0), K = weight.size(1);
-    const Tensor x2 = rows(x, K);
+    const Tensor x2 = rows(x, weight.size(1));
     const bool want_h = needs & (kB | kU | kV);  // Gt and du read h; dx and dA do not
     [[maybe_unused]] auto [y, h, aux, ran] = adapter_forward(x2, weight, bias, A, B, u, v, scale, dropout, seed, path);
     const Tensor hs = want_h ? or_undefined(h) : Tensor();
@@ -69,21 +42,11 @@ struct AdapterNode : public torch::autograd::Function<AdapterNode> {
     ctx->saved_data["path"] = path;
     ctx->saved_data["needs"] = needs;
     ctx->saved_data["x_sizes"] = x.sizes().vec();
-    std::vector<int64_t> out = x.sizes().vec();
-    out.back() = N;
-    // not a differentiable view: a Function's output that is one may not be modified in place,
-    // and a model may do `y += ...` on a projection's output as on nn.Linear's (functions._shaped)
-    return x.dim() == 2 ? y : y.view(out).detach();
+    return shaped(y, x);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const bool create_graph = at::GradMode::is_enabled();
-    variable_list out;
-    {
-      at::NoGradGuard no_grad;
-      out = gradients(ctx, grads);
-    }
-    return create_graph ? once_differentiable(std::move(out)) : out;
+    return first_order_only([&] { return gradients(ctx, grads); }, "adapter");
   }
 
   static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
@@ -113,12 +76,8 @@ Tensor adapter_apply(const Tensor& x, const Tensor& weight, const OptTensor& bia
   TORCH_CHECK_VALUE(weight.dim() == 2, "peftkern.adapter: weight must be [N, K], got ", weight.sizes());
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight.size(1), "peftkern.adapter: x must be [..., ",
                     weight.size(1), "] for a weight of shape ", weight.sizes(), ", got ", x.sizes());
-  // needs_input_grad as the Python Function sees it (inside forward grad mode is off)
-  const bool grad = at::GradMode::is_enabled();
-  auto need = [grad](const Tensor& t, Need bit) { return grad && t.requires_grad() ? int64_t(bit) : int64_t(0); };
-  auto need_opt = [&](const OptTensor& t, Need bit) { return t.has_value() ? need(*t, bit) : int64_t(0); };
-  const int64_t needs = need(x, kX) | need(weight, kW) | need_opt(bias, kBias) | need(A, kA) | need(B, kB) |
-                        need_opt(u, kU) | need_opt(v, kV);
+  const int64_t needs = need(x, kX) | need(weight, kW) | need(bias, kBias) | need(A, kA) | need(B, kB) | need(u, kU) |
+                        need(v, kV);
   return AdapterNode::apply(x, weight, bias, A, B, u, v, scale, dropout, seed, path, needs);
 }
 

@@ -8,7 +8,9 @@
 // holds it), the backward reading dy (and y or z) once and writing dz, with dg accumulated per
 // thread in the accumulation type and reduced at the end. Without dz (`need_dz` false: the caller
 // folded g into W0 and v, so the adapter's backward takes dy itself) the backward only reads.
-// CPU tensors of every float dtype.
+// CPU tensors of every float dtype here; tensors on other devices (a CUDA build, meta) take the
+// torch backend's ATen sequence (peftkern/ops/backends/torch.py), so every caller, the DoRA node
+// included, has one entry point.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -25,7 +27,32 @@ void check_scale(const Tensor& z, const Tensor& g, const OptTensor& bias, const 
   detail::check_vector(bias, z.size(1), op, "bias");
   detail::check_same(z, g, op, "g");
   detail::check_same(z, bias, op, "bias");
-  TORCH_CHECK_VALUE(z.device().is_cpu(), "peftkern.", op, ": CPU tensors only, got ", z.device());
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The torch backend's dora_scale_forward and dora_scale_backward, op for op (its comments say why
+// bf16 multiplies in its own dtype): the same results on every device as the Python Function's.
+Tensor scale_forward_aten(const Tensor& z, const Tensor& g, const OptTensor& bias) {
+  if (!detail::has(bias)) return z.mul_(g);
+  Tensor y = z;  // a handle on z's storage: y = b + z⊙g written over z
+  return at::addcmul_out(y, *bias, z, g);
+}
+
+std::tuple<OptTensor, OptTensor> scale_backward_aten(const Tensor& dy, const Tensor& saved, const Tensor& g,
+                                                     const OptTensor& bias, bool from_output, bool need_g,
+                                                     bool need_dz) {
+  OptTensor dz = need_dz ? OptTensor(dy * g) : OptTensor();
+  if (!need_g) return {dz, OptTensor()};
+  const at::ScalarType acc = acc_type(dy.scalar_type());
+  const bool minus_bias = from_output && detail::has(bias);
+  const Tensor d = dy.scalar_type() == at::kBFloat16 && !minus_bias ? dy : dy.to(acc);
+  Tensor dg = at::sum(d * saved, {0}, false, acc);
+  if (!from_output) return {dz, OptTensor(dg.to(g.scalar_type()))};
+  if (minus_bias) dg.sub_(at::sum(d, {0}, false, acc) * *bias);
+  Tensor out = at::empty_like(g);  // the division in fp32, written in g's dtype: one launch
+  at::div_out(out, dg, g);
+  return {dz, OptTensor(out)};
 }
 
 // rows per task: enough work per task to amortise the split, and whole rows
@@ -50,6 +77,7 @@ inline void row_scale_backward(const scalar_t* __restrict__ dy, const scalar_t* 
 
 Tensor dora_scale_forward(const Tensor& z, const Tensor& g, const OptTensor& bias) {
   check_scale(z, g, bias, "dora_scale_forward");
+  if (!z.device().is_cpu()) return scale_forward_aten(z, g, bias);
   Tensor y = z.is_contiguous() ? z : z.contiguous();  // in place on the adapter's own output
   const Tensor gc = g.contiguous();
   const OptTensor bc = detail::contiguous(bias);
@@ -80,6 +108,7 @@ std::tuple<OptTensor, OptTensor> dora_scale_backward(const Tensor& dy, const Ten
   TORCH_CHECK_VALUE(saved.sizes() == dy.sizes(), "peftkern.dora_scale_backward: the saved output has shape ",
                     saved.sizes(), " but dy has ", dy.sizes());
   detail::check_same(dy, saved, "dora_scale_backward", "saved");
+  if (!dy.device().is_cpu()) return scale_backward_aten(dy, saved, g, bias, from_output, need_g, need_dz);
   const Tensor dyc = dy.contiguous(), sc = saved.contiguous(), gc = g.contiguous();
   const OptTensor bc = detail::contiguous(bias);
   const int64_t M = dy.size(0), N = dy.size(1);

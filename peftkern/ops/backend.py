@@ -103,6 +103,9 @@ class Backend:
     # as one compiled autograd node, which functions.adapter calls in eager mode instead of its
     # Python autograd.Function (same kernels, same saved tensors, less host time per call)
     adapter_node: Optional[Callable] = None
+    # (x, weight, bias, A, B, u, v, m, norm, scale) -> y: DoRA without dropout the same way, as one
+    # compiled node instead of functions.DoraFunction (``norm`` as functions.dora_adapter takes it)
+    dora_node: Optional[Callable] = None
     # the largest rank the kernels take (the whole rank in one tile); a module of a larger rank
     # is given to ``over_rank`` by the registry, which says so in explain()
     max_rank: Optional[int] = None

@@ -233,7 +233,7 @@ class DoraFunction(torch.autograd.Function):
             xd = x2 * keep / (1.0 - dropout)
         folded = dora_folds(x2.shape[0], x2.shape[1], dropout)
         if folded:
-            norm, g = _norm_gain(norm, m, x2.dtype)  # before the GEMM: g is in its weight
+            norm, g = norm_gain(norm, m, x2.dtype)  # before the GEMM: g is in its weight
             # g rides on B itself when there is no v (LoRA): the backward reads g⊙B as the forward
             # did, and scales dB by g, one launch fewer than scaling B and the gradient by a v = g
             B, v = (B * g[:, None], None) if v is None else (B, v * g)
@@ -246,7 +246,7 @@ class DoraFunction(torch.autograd.Function):
             h, aux = _given(h), _given(aux)
             if callable(norm) and aux is not None and backend.aux_is_merged_weight:
                 norm = torch.linalg.vector_norm(aux, dim=1).detach()
-            norm, g = _norm_gain(norm, m, x2.dtype)
+            norm, g = norm_gain(norm, m, x2.dtype)
             if keep is None:
                 y = backend.dora_scale_forward(z, g, bias)
                 saved = y if need_m else None
@@ -289,8 +289,7 @@ class DoraFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.view(ctx.x_shape)
         db = dy.sum(0).to(weight.dtype) if need_b else None
-        dg = _given(dg) if need_m else None  # None: no rows, so no gradient
-        dm = None if dg is None else ratio(dg, norm, ctx.m_dtype)
+        dm = ratio(dg, norm, ctx.m_dtype) if need_m else None  # [N] from every backend, [0] when N = 0
         return dx, dw, db, dA, dB, du, dv, dm, None, None, None, None
 
     @staticmethod
@@ -307,7 +306,6 @@ class DoraFunction(torch.autograd.Function):
         dm = None
         if need_m:
             _, dm = ctx.backend.dora_scale_backward(dy, saved, m, bias, True, True, False)
-            dm = _given(dm)  # None: no rows, so no gradient
         needs = [need_x, need_w, False, need_A, need_B, need_u, need_v]
         grads = _grads(ctx.backend.adapter_backward(
             dy, x2, weight * g[:, None] if need_x or need_w else weight, A, B, u, v, h, aux,
@@ -330,7 +328,7 @@ def ratio(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.div(a, b, out=torch.empty(b.shape, dtype=dtype, device=b.device))
 
 
-def _norm_gain(norm, m: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+def norm_gain(norm, m: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     """(the detached norm, g = m / norm in ``dtype``) from ``dora_adapter``'s ``norm``: a tensor, or a
     provider returning the norm or (norm, g), as ``Magnitudes.gain`` does from its cache."""
     got = norm() if callable(norm) else norm
@@ -400,10 +398,17 @@ def dora_adapter(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B
     at ranks above 32 does; its row norms then serve, exact to the rounding of W_eff) or when g is
     folded into W0 (``dora_folds``: it is needed before the GEMM). Returns
     [..., N] in x's dtype. The output is saved for the backward: modifying it in place makes the
-    backward raise (torch's version check), where ``adapter``'s output may be modified."""
-    if callable(norm) and torch.compiler.is_compiling():  # a custom op's fake aux promises no W_eff
-        norm = norm()
-        norm = norm[0] if isinstance(norm, tuple) else norm
+    backward raise (torch's version check), where ``adapter``'s output may be modified.
+
+    In eager mode without dropout a backend with a ``dora_node`` (the cpp backend) runs the op as
+    one C++ autograd node (csrc/autograd/dora_node.cpp) instead of ``DoraFunction``: the same
+    kernels, routes and saved tensors, without Python in the forward or the backward."""
+    if torch.compiler.is_compiling():
+        if callable(norm):  # a custom op's fake aux promises no W_eff
+            norm = norm()
+            norm = norm[0] if isinstance(norm, tuple) else norm
+    elif backend.dora_node is not None and not dropout:
+        return backend.dora_node(x, weight, bias, A, B, u, v, m, norm, float(scale))
     return DoraFunction.apply(x, weight, bias, A, B, u, v, m, norm, float(scale), float(dropout), backend)
 
 

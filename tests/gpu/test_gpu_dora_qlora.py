@@ -149,7 +149,7 @@ def test_fused_4bit_kernel_forward_and_every_gradient(M, K, N, r, quant_type, ne
         assert _rel(dev[name].grad, ref[name].grad) < TOL[dtype], (name, _rel(dev[name].grad, ref[name].grad))
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton", "cpp"])  # cpp: DoRA as one C++ node
 def test_dora_model_step_on_device_matches_the_cpu(backend):
     from tests.gpu.test_gpu_training import _assert_like_the_cpu
 

@@ -37,6 +37,38 @@ def test_auto_resolves_to_cpp_on_cpu_without_warning():
     assert registry.resolve("auto", "cpu") is cb.BACKEND
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_dora_model_runs_the_cpp_node_says_so_and_matches_the_torch_backend(dropout):
+    """Without dropout (and in eval) a DoRA module on the cpp backend is one C++ autograd node; with
+    dropout in training, the Python DoraFunction. explain() names which; both equal the torch
+    backend's results."""
+    ids = tokens(batch=2, seq=7)
+    runs = []
+    for backend in ("torch", "cpp"):
+        model = tiny_model("llama", seed=1)
+        peftkern.patch(model, "lora", rank=4, use_dora=True, dropout=dropout, backend=backend)
+        with torch.no_grad():
+            for p in (p for p in model.parameters() if p.requires_grad):
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        runs.append(_grads(model, ids) if not dropout else (model(input_ids=ids).logits, {}))
+        if backend == "cpp":
+            q = model.model.layers[0].self_attn.q_proj.train()
+            x = torch.randn(1, 3, q.in_features, requires_grad=True)
+            fn = type(q(x).grad_fn).__name__
+            assert fn == ("DoraFunctionBackward" if dropout else "CppFunction"), fn
+            q.eval()
+            assert type(q(x).grad_fn).__name__ == "CppFunction"  # no dropout in eval
+            path = peftkern.explain(model).rows[0]["path"]
+            assert "one C++ autograd node" in path
+            assert ("Python autograd Function while dropout applies" in path) == bool(dropout)
+    (logits_t, grads_t), (logits_c, grads_c) = runs
+    if not dropout:
+        torch.testing.assert_close(logits_c, logits_t, rtol=1e-4, atol=1e-5)
+        assert grads_c.keys() == grads_t.keys() and any("magnitude" in n for n in grads_c)
+        for name in grads_t:
+            torch.testing.assert_close(grads_c[name], grads_t[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_backend_devices_follow_the_build():
     assert cb.BACKEND.devices[0] == "cpu"
     assert ("cuda" in cb.BACKEND.devices) == bool(cb._C.WITH_CUDA)

@@ -31,17 +31,15 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import torch
 
 from ..backend import Backend, StepOps
-from ..functions import first_order_only, new_seed
+from ..functions import dora_folds, first_order_only, new_seed, norm_gain
 from ..library import register
-from .torch import dora_scale_backward as _torch_dora_backward
-from .torch import dora_scale_forward as _torch_dora_forward
 
 Tensor = torch.Tensor
 
 _REQUIRED = ("adapter_forward", "adapter_backward", "shrink_forward", "shrink_backward", "expand_forward",
              "expand_backward", "hypernet_forward", "hypernet_backward", "update_importance_",
              "gram_distances", "gram_distances_backward", "path_counts", "dropout_mask", "adapter_apply",
-             "dora_scale_forward", "dora_scale_backward")
+             "dora_scale_forward", "dora_scale_backward", "dora_apply", "dora_norm_in_forward")
 _REBUILD = "build it with `pip install --no-build-isolation -e .` (torch must be installed first)"
 
 
@@ -140,14 +138,11 @@ def hypernet_backward(dout, E, W1, W2, pre, needs):
 
 
 def dora_scale_forward(z, g, bias):
-    if z.device.type != "cpu":  # a CUDA build runs the adapter on CUDA tensors; this pass is ATen's there
-        return _torch_dora_forward(z, g, bias)
+    # CPU tensors: csrc/cpu/dora.cpp's pass; others (a CUDA build, meta): the torch backend's ATen ops, in C++
     return _C.dora_scale_forward(z, g, bias)
 
 
 def dora_scale_backward(dy, saved, g, bias, from_output, need_g, need_dz):
-    if dy.device.type != "cpu":
-        return _torch_dora_backward(dy, saved, g, bias, from_output, need_g, need_dz)
     return _C.dora_scale_backward(dy, saved, g, bias, from_output, need_g, need_dz)
 
 
@@ -156,6 +151,22 @@ def adapter_node(x, weight, bias, A, B, u, v, scale, dropout):
     Its dropout seed is AdapterFunction's (``new_seed``), so both draw the same mask."""
     seed = int(new_seed(dropout)) if dropout else 0
     return _C.adapter_apply(x, weight, bias, A, B, u, v, scale, dropout, seed, _FORCED.get())
+
+
+def dora_node(x, weight, bias, A, B, u, v, m, norm, scale):
+    """DoRA without dropout as one C++ autograd node (csrc/autograd/dora_node.cpp): the eager path.
+    ``norm`` as ``functions.dora_adapter`` takes it; a provider is asked only where the node needs
+    the norm from outside, as DoraFunction asks it (not where the merged path's W_eff gives it)."""
+    N, K = weight.shape
+    M = x.numel() // K if K else x.shape[:-1].numel()
+    path = _FORCED.get()
+    folded = dora_folds(M, K, 0.0)
+    g = None
+    if not callable(norm) or folded or not _C.dora_norm_in_forward(M, N, K, A.shape[0], x, path):
+        norm, g = norm_gain(norm, m, x.dtype)
+    else:
+        norm = None
+    return _C.dora_apply(x, weight, bias, A, B, u, v, m, norm, g, scale, folded, path)
 
 
 KERNELS = register("cpp", {
@@ -221,7 +232,7 @@ STEP = StepOps(update_importance=update_importance_, gram_distances=gram_distanc
 # The fused kernels stream the rank-r term into the base GEMM's output: a base that is not a dense weight
 # (a 4-bit layer) has no GEMM to fuse with, and those modules run on the torch backend (registry.py).
 BACKEND = Backend.of("cpp", ("cpu",) + (("cuda",) if _C.WITH_CUDA else ()) + ("meta",), KERNELS, path=_path,
-                     dropout_mask=dropout_mask, adapter_node=adapter_node, step=STEP, lowrank_only=False,
+                     dropout_mask=dropout_mask, adapter_node=adapter_node, dora_node=dora_node, step=STEP, lowrank_only=False,
                      aux_is_merged_weight=True)
 
 
