@@ -29,6 +29,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("planned_paths", &planned_paths, "(forward, backward) path the cost model picks for these sizes",
         py::arg("M"), py::arg("N"), py::arg("K"), py::arg("r"), py::arg("like"), py::arg("path") = int64_t(kAuto),
         py::arg("dropout") = false);
+  m.def("choose_unmerged", [](const at::Tensor& like, int64_t r) { return int64_t(choose_unmerged(like, r)); },
+        "the path code the cost model takes where merging is not an option", py::arg("like"), py::arg("r"));
   m.def("dropout_mask", &dropout_mask, "keep[m, k] in {0, 1} of the dropout every op here applies for (seed, p)",
         py::arg("seed"), py::arg("M"), py::arg("K"), py::arg("p"), py::arg("like"));
 

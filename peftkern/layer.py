@@ -135,7 +135,8 @@ class AdaptedLinear(nn.Module):
 
     def _quantized_forward(self, x: Tensor) -> Tensor:
         """A bitsandbytes base (quant.py): its own op for W0·x, the adapter's kernels for the low-rank term
-        (weight=None), added; with DoRA the column scale over both, by torch ops. A backend that
+        (weight=None), added; with DoRA the column scale over both, by torch ops (with dropout in training,
+        PEFT's formula: a second base product, for W0·(x − D(x))). A backend that
         ``fuses_4bit`` (triton) computes a 4-bit base and the adapter in one kernel instead."""
         base = self.base_layer
         if self._state.disabled:
@@ -160,13 +161,22 @@ class AdaptedLinear(nn.Module):
                 bias = None if base.bias is None else base.bias.to(dtype)
                 return functions.adapter_4bit(x, quant.packed_4bit(base), bias, f.A, f.B, f.u, f.v, f.scale, dropout,
                                               backend=ops)
-            delta = functions.adapter(x, None, None, f.A, f.B, f.u, f.v, f.scale, dropout, backend=ops)
             if dora is None:
-                return quant.base_forward(base, x) + delta
+                return quant.base_forward(base, x) + functions.adapter(x, None, None, f.A, f.B, f.u, f.v, f.scale,
+                                                                       dropout, backend=ops)
+            # DoRA with PEFT's dropout formula, as DoraFunction computes it on a dense base (the same mask
+            # draw): y = g⊙(W0·D(x) + ΔW·D(x)) + b + W0·(x − D(x)), a second base product where dropout applies
+            xd = x
+            if dropout:
+                keep = torch.rand_like(x) >= dropout
+                xd = x * keep / (1.0 - dropout)
             norm = dora.norm(self.slot, base.weight, f.A, f.B, f.u, f.v, f.scale, dense=self.dense_weight)
             g = (dora.m[self.slot] / norm).to(dtype)
-            z = quant.base_forward(base, x, with_bias=False) + delta
+            z = quant.base_forward(base, xd, with_bias=False) + functions.adapter(xd, None, None, f.A, f.B, f.u, f.v,
+                                                                                  f.scale, 0.0, backend=ops)
             y = z * g
+            if dropout:
+                y = y + quant.base_forward(base, x - xd, with_bias=False)
             return y if base.bias is None else y + base.bias.to(dtype)
 
     # --- merge / unmerge ------------------------------------------------------------

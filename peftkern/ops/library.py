@@ -15,7 +15,7 @@ dtype is wrong, and tests/test_ops_library.py runs ``torch.library.opcheck`` on 
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -67,7 +67,7 @@ def _adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h):
     M, r = x.shape[0], A.shape[0]
     y = x.new_empty(M, B.shape[0])
     h = x.new_empty(M, r) if save_h else _none(x)
-    return y, h, _none(x)  # aux: a backend that returns one (the C++ merged weight) is never traced with it
+    return y, h, _none(x)  # aux: a backend whose eager kernel returns one (the C++ merged weight) traces another
 
 
 def _adapter_backward(dy, x, weight, A, B, u, v, h, aux, scale, dropout, seed, needs):
@@ -170,10 +170,13 @@ class KernelOp:
         return self.impl(*args)
 
 
-def register(backend: str, impls: Dict[str, Callable]) -> Dict[str, KernelOp]:
+def register(backend: str, impls: Dict[str, Callable], traced: Optional[Dict[str, Callable]] = None
+             ) -> Dict[str, KernelOp]:
     """Define ``torch.ops.peftkern.<backend>_<kernel>`` for every kernel in ``impls`` (which must be
     the kernels of ``SCHEMAS``, the ``OPTIONAL`` ones optionally) and return them as ``KernelOp``
-    callables, by kernel name."""
+    callables, by kernel name. ``traced``: for some kernels, the implementation the custom op runs
+    (under torch.compile) in place of the eager one, where the eager one may return what the fake
+    cannot promise (the C++ merged path's outputs)."""
     missing, extra = sorted(set(SCHEMAS) - OPTIONAL - set(impls)), sorted(set(impls) - set(SCHEMAS))
     if missing or extra:
         raise ValueError(f"backend {backend!r}: kernels missing {missing}, unknown {extra}")
@@ -186,7 +189,7 @@ def register(backend: str, impls: Dict[str, Callable]) -> Dict[str, KernelOp]:
             op.register_fake(FAKES[name])
             _REGISTERED[qualname] = (op, forward)
         op, forward = _REGISTERED[qualname]
-        forward.target = impl
+        forward.target = (traced or {}).get(name, impl)
         out[name] = KernelOp(qualname, impl, op)
     return out
 

@@ -56,3 +56,26 @@ def test_opcheck(backend, kernel, needs, dropout):
     op = getattr(torch.ops.peftkern, f"{backend}_{kernel}")
     args = _args(kernel, needs, dropout)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("r", [3, 40])  # a merged forward without W_eff kept (r ≤ 32), and with it
+def test_the_cpp_adapter_op_keeps_its_fakes_promise_where_eager_would_merge(r):
+    """Eager, the cpp cost model merges W_eff = W0 + ΔW at these sizes, and that path returns no h (and,
+    at GEMM-sized ranks, W_eff as aux): not the fake's outputs, which inductor asserts (it crashed a
+    compiled training step at 128 tokens). The custom op runs the unmerged choice instead."""
+    if "cpp" not in _backends():
+        pytest.skip("no C++ extension")
+    from peftkern.ops.backends import cpp
+
+    t = opcheck.make_inputs(600, 9, 5, r)
+    args = tuple(t[n].detach() for n in ("x", "weight", "bias", "A", "B", "u", "v")) + (0.5, 0.0, new_seed(0.0), True)
+    assert cpp.planned_paths(600, 5, 9, r)[0] == "merged"
+    _, h_eager, _ = cpp.adapter_forward(*args)
+    assert h_eager is None  # what the fake could not promise
+    op = torch.ops.peftkern.cpp_adapter_forward
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    y, h, aux = op(*args)
+    assert h.shape == (600, r) and aux.numel() == 0
+    torch.testing.assert_close(y, cpp.adapter_forward(*args)[0], rtol=1e-5, atol=1e-5)
+    with cpp.forced_path("merged"), pytest.raises(ValueError, match="merged path cannot run under torch.compile"):
+        op(*args)

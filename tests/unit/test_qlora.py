@@ -56,6 +56,27 @@ def test_every_method_on_a_4bit_base_matches_its_dequantized_twin(base4, method,
     assert all("4bit base by bitsandbytes" in row["path"] for row in peftkern.explain(q).rows)
 
 
+@pytest.mark.parametrize("method", [m for m in methods.names() if methods.get(m).dora][:2])
+def test_dora_with_dropout_on_a_4bit_base_matches_its_twin(base4, method):
+    """In training, PEFT's DoRA drops out the input of the whole scaled term, W0's product included:
+    y = g⊙(W0·D(x) + ΔW·D(x)) + b + W0·(x − D(x)). The 4-bit path once scaled an undropped W0·x (its
+    output then matched neither the dense path nor PEFT's); with the same seed both draw one mask."""
+    q, r = _pair(base4, method, True, dropout=0.3)
+    q.train(), r.train()
+    ids = tokens()
+    outs = []
+    for model in (q, r):
+        torch.manual_seed(7)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        outs.append(out.logits)
+    torch.testing.assert_close(outs[0], outs[1], **TOL)
+    for (name, a), (_, b) in zip(q.peftkern.named_parameters(), r.peftkern.named_parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, **TOL, msg=name)
+
+
 SETTINGS = [  # (load_4bit options, tolerance): bf16 compute rounds the base product; fp16 too
     (dict(quant_type="fp4", double_quant=False), TOL),
     (dict(quant_type="nf4", compute=torch.bfloat16), dict(rtol=2e-2, atol=2e-2)),

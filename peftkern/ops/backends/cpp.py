@@ -12,6 +12,9 @@ call, a cost model picks one of three paths:
              (for GEMM-sized ranks the forward keeps W_eff as aux)      never with dropout
     addmm    the same order with ATen GEMMs                             bf16/fp16, CUDA tensors
 
+Under torch.compile the adapter's custom op never takes the merged path (``traced_adapter_forward``):
+its outputs (no h; W_eff kept as aux) are not the op's fake's, which inductor asserts.
+
 Dropout's mask is csrc/cpu/dropout.h's hash of (seed, position), inlined in the fused
 pass and built as a tensor (``dropout_mask``) on the addmm path: the same mask on both.
 ``path_counts()`` says which paths ran (explain() reports them); ``with forced_path(name):``
@@ -39,7 +42,7 @@ Tensor = torch.Tensor
 _REQUIRED = ("adapter_forward", "adapter_backward", "shrink_forward", "shrink_backward", "expand_forward",
              "expand_backward", "hypernet_forward", "hypernet_backward", "update_importance_",
              "gram_distances", "gram_distances_backward", "path_counts", "dropout_mask", "adapter_apply",
-             "dora_scale_forward", "dora_scale_backward", "dora_apply", "dora_norm_in_forward")
+             "dora_scale_forward", "dora_scale_backward", "dora_apply", "dora_norm_in_forward", "choose_unmerged")
 _REBUILD = "build it with `pip install --no-build-isolation -e .` (torch must be installed first)"
 
 
@@ -101,6 +104,20 @@ def adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h):
     y, h, w_eff, _ = _C.adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, int(seed), _FORCED.get())
     # h is needed by a backward that trains B, u or v; with a kept W_eff the backward forms it from x itself
     return y, (h if (save_h and h is not None) else None), w_eff
+
+
+def traced_adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h):
+    """``adapter_forward`` as torch.compile runs it (the custom op): never the merged path, whose outputs
+    (no h, W_eff as aux) the op's fake cannot promise, since which path runs depends on the sizes
+    (library._adapter_forward). The cost model's unmerged choice, or the path forced."""
+    path = _FORCED.get()
+    if path == _C.PATH_MERGED:
+        raise ValueError("the merged path cannot run under torch.compile (its outputs differ from the other "
+                         "paths'); force 'fused' or 'addmm', or 'auto'")
+    if path == _C.PATH_AUTO:
+        path = _C.choose_unmerged(x, A.shape[0])
+    y, h, _, _ = _C.adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, int(seed), path)
+    return y, (h if save_h else None), None
 
 
 def adapter_backward(dy, x, weight, A, B, u, v, h, aux, scale, dropout, seed, needs):
@@ -175,7 +192,7 @@ KERNELS = register("cpp", {
     "expand_forward": expand_forward, "expand_backward": expand_backward,
     "hypernet_forward": hypernet_forward, "hypernet_backward": hypernet_backward,
     "dora_scale_forward": dora_scale_forward, "dora_scale_backward": dora_scale_backward,
-})
+}, traced={"adapter_forward": traced_adapter_forward})
 
 
 def _path(N: int, K: int, r: int, dtype) -> str:
