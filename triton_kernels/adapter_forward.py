@@ -39,7 +39,7 @@ Tensor = torch.Tensor
 @triton.jit
 def _lowrank_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, a_ptr, f_ptr, y_ptr, hout_ptr,
-    q_ptr, qabs_ptr, qcode_ptr, qabs2_ptr, qcode2_ptr, qoff_ptr, Q_BLOCK, Q_BLOCK2,
+    q_ptr, qabs_ptr, qcode_ptr, qabs2_ptr, qcode2_ptr, qoff_ptr, Q_BLOCK: tl.constexpr, Q_BLOCK2: tl.constexpr,
     M, N, K, R, M_BUCKET, seed, p, inv,
     sxm, sxk, swn, swk, shm, shr, sar, sak, sfn, sfr, sym, syn, shom, shor,
     W_4BIT: tl.constexpr, NESTED: tl.constexpr,

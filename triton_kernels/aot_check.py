@@ -32,7 +32,10 @@ SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in): H100/H200, 
 
 # (module, kernel attribute, flag combinations); BLOCK_R 128 is the largest rank the kernels take
 KERNELS: List[Tuple[str, str, List[Dict[str, object]]]] = [
-    ("adapter_forward", "_GEMM", [{**dense, **flags} for dense in [dict(W_4BIT=False, NESTED=False)] for flags in [
+    # the 4-bit block sizes are compile-time constants: 1 for a dense W0 (what the launcher passes), and
+    # bitsandbytes' defaults (64 per absmax, 256 per nested absmax) for a 4-bit one
+    ("adapter_forward", "_GEMM", [{**dense, **flags} for dense in [dict(W_4BIT=False, NESTED=False, Q_BLOCK=1,
+                                                                         Q_BLOCK2=1)] for flags in [
         dict(HAS_BASE=True, HAS_BIAS=True, HAS_LOWRANK=True, FUSE_SHRINK=False, STORE_H=False, MASK_INPUT=False,
              MASK_LOWRANK=False, BLOCK_R=16),
         dict(HAS_BASE=True, HAS_BIAS=True, HAS_LOWRANK=True, FUSE_SHRINK=True, STORE_H=True, MASK_INPUT=True,
@@ -43,10 +46,10 @@ KERNELS: List[Tuple[str, str, List[Dict[str, object]]]] = [
              MASK_LOWRANK=True, BLOCK_R=16),
         dict(HAS_BASE=True, HAS_BIAS=False, HAS_LOWRANK=False, FUSE_SHRINK=False, STORE_H=False, MASK_INPUT=False,
              MASK_LOWRANK=False, BLOCK_R=16)]] + [  # QLoRA fused: the 4-bit W0's forward and its dx
-        dict(W_4BIT=True, NESTED=True, HAS_BASE=True, HAS_BIAS=False, HAS_LOWRANK=True, FUSE_SHRINK=True, STORE_H=True,
-             MASK_INPUT=True, MASK_LOWRANK=False, BLOCK_R=128),
-        dict(W_4BIT=True, NESTED=False, HAS_BASE=True, HAS_BIAS=False, HAS_LOWRANK=True, FUSE_SHRINK=False,
-             STORE_H=False, MASK_INPUT=False, MASK_LOWRANK=True, BLOCK_R=16)]),
+        dict(W_4BIT=True, NESTED=True, Q_BLOCK=64, Q_BLOCK2=256, HAS_BASE=True, HAS_BIAS=False, HAS_LOWRANK=True,
+             FUSE_SHRINK=True, STORE_H=True, MASK_INPUT=True, MASK_LOWRANK=False, BLOCK_R=128),
+        dict(W_4BIT=True, NESTED=False, Q_BLOCK=64, Q_BLOCK2=256, HAS_BASE=True, HAS_BIAS=False, HAS_LOWRANK=True,
+             FUSE_SHRINK=False, STORE_H=False, MASK_INPUT=False, MASK_LOWRANK=True, BLOCK_R=16)]),
     ("shrink", "_SHRINK", [dict(HAS_U=True, STORE_H=True, DROPOUT=True, BLOCK_R=16),
                            dict(HAS_U=False, STORE_H=True, DROPOUT=False, BLOCK_R=128)]),
     ("adapter_backward", "_DY_PASS", [dict(HAS_U=True, COMPUTE_DH=True, COMPUTE_GT=True, COMPUTE_DU=True, BLOCK_R=32),

@@ -58,9 +58,13 @@ class Weight4bit:
 
 
 @triton.jit
-def dequant_tile(q_ptr, abs_ptr, code_ptr, abs2_ptr, code2_ptr, offset_ptr, flat, mask, QBLOCK, QBLOCK2,
-                 NESTED: tl.constexpr):
-    """W0's elements at the int64 flat indices ``flat`` (any tile shape), fp32; 0 where ``mask`` is off."""
+def dequant_tile(q_ptr, abs_ptr, code_ptr, abs2_ptr, code2_ptr, offset_ptr, flat, mask, QBLOCK: tl.constexpr,
+                 QBLOCK2: tl.constexpr, NESTED: tl.constexpr):
+    """W0's elements at the int64 flat indices ``flat`` (any tile shape), fp32; 0 where ``mask`` is off.
+
+    The block sizes are compile-time constants (bitsandbytes' are powers of two, a few values per
+    model): the two block indices per element are then shifts, where a run-time int64 division is
+    a long instruction sequence on a GPU (unmeasured there: no GPU has run this change)."""
     byte = tl.load(q_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
     nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 0xF)
     value = tl.load(code_ptr + nibble, mask=mask, other=0.0).to(tl.float32)

@@ -81,3 +81,31 @@ def test_pruning_drops_what_does_not_fit_rank_256_as_the_first_gpu_run_crashed()
     assert max(needs) > 232448  # the crash: configs that need more than the device has
     assert kept == [i for i, n in enumerate(needs) if n <= 232448]
     assert "rank <= 128" in lines["REFUSED"]
+
+
+@needs_ptxas
+def test_the_4bit_gemm_compiles_without_64_bit_divisions():
+    """Each 4-bit weight element needs its absmax block (and, nested, that block's block): with the block
+    sizes as run-time ints those were int64 divisions in the K-loop (384 div/rem.s64 in the sm_90 PTX),
+    a long instruction sequence each on a GPU. As compile-time constants they are shifts."""
+    code = textwrap.dedent("""
+        import re
+        import triton, triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from peftkern_triton import aot_check
+        from peftkern_triton.adapter_forward import _GEMM
+        flags = dict(W_4BIT=True, NESTED=True, Q_BLOCK=64, Q_BLOCK2=256, HAS_BASE=True, HAS_BIAS=False,
+                     HAS_LOWRANK=True, FUSE_SHRINK=False, STORE_H=False, MASK_INPUT=False, MASK_LOWRANK=False,
+                     BLOCK_R=16)
+        sig = aot_check.signature(_GEMM, "bf16", "fp32", flags)
+        cfg = _GEMM.tuned.configs[0]
+        values = {**flags, "DOT_DT": tl.bfloat16, "ACC_DT": tl.float32, "PREC": "ieee", **cfg.kwargs}
+        full = {n: ("constexpr" if n in values else sig[n]) for n in _GEMM.plain.arg_names}
+        ptx = triton.compile(ASTSource(_GEMM.plain, full, values), target=GPUTarget("cuda", 90, 32),
+                             options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}).asm["ptx"]
+        print("DIV64", len(re.findall(r"\\b(?:div|rem)\\.[su]64", ptx)))
+    """)
+    proc = _compiler(["-c", code])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "DIV64 0" in proc.stdout, proc.stdout
