@@ -91,12 +91,21 @@ Path choose_forward(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& x,
 
 Path choose_backward(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& x, int64_t forced,
                      bool have_merged_weight, bool dropout) {
+  // A merged backward without the forward's W_eff rebuilds it for dx and streams the rank-r gradients
+  // on the CPU (adapter.cpp): CPU float32/float64 only. A CUDA (or meta) float32 call with many rows
+  // once chose it and ran the CPU streaming pass on device tensors.
+  const bool can_merge = have_merged_weight || detail::streams(x);
   Path p = check_forced(forced);
-  if (p != kAuto) return validate(p, x, dropout);
+  if (p != kAuto) {
+    p = validate(p, x, dropout);
+    TORCH_CHECK_VALUE(p != kMerged || can_merge, "peftkern: the merged backward needs the forward's merged weight or ",
+                      "CPU float32/float64 tensors, got ", x.scalar_type(), " on ", x.device(), "; use path 'addmm'");
+    return p;
+  }
   if (dropout) return unmerged(x, r);
   if (have_merged_weight) return kMerged;  // dx = dy·W_eff is then as cheap as the base GEMM alone
   const double fused = double(M) * double(K), merged = kMergeBackward * 2.0 * double(N) * double(K);
-  return detail::may_merge(x) && merged < fused ? kMerged : unmerged(x, r);
+  return detail::may_merge(x) && can_merge && merged < fused ? kMerged : unmerged(x, r);
 }
 
 void record_path(const char* op, bool backward, Path path) {

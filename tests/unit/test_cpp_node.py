@@ -122,3 +122,21 @@ def test_gram_distances_second_derivative_raises():
     (gP,) = torch.autograd.grad(cb.gram_distances([P], [Q]).sum(), P, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice|does not require grad"):
         gP.pow(2).sum().backward()
+
+
+def test_a_float32_call_off_the_cpu_never_streams_its_backward_on_the_cpu():
+    """Many rows in float32 make the cost model merge the forward; a merged backward without the forward's
+    W_eff (rank ≤ 32) streams its rank-r gradients with the CPU kernel, so off the CPU (CUDA; meta here
+    stands in) the backward takes the ATen GEMMs. It once ran the CPU pass on device tensors and crashed."""
+    M, K, N, r = 600, 8, 8, 4
+    assert cb.planned_paths(M, N, K, r, device="meta") == ("merged", "addmm")
+    assert cb.planned_paths(M, N, K, r) == ("merged", "merged")  # CPU float32: the streaming pass is there
+    t = {n: (None if v is None else v.detach().to("meta").requires_grad_(v.requires_grad))
+         for n, v in opcheck.make_inputs(M, K, N, r).items()}
+    y = _node(*(t[n] for n in NAMES), 0.5)
+    y.sum().backward()
+    assert t["x"].grad.shape == (M, K) and t["A"].grad.shape == (r, K)
+    with cb.forced_path("merged"):  # the node keeps the path forced at its forward for its backward
+        y = _node(*(t[n] for n in NAMES), 0.5)
+    with pytest.raises(ValueError, match="merged backward needs"):
+        y.sum().backward()

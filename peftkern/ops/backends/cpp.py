@@ -69,7 +69,10 @@ def forced_path(name: str) -> Iterator[None]:
     """Run every adapter call inside the block on one path ("auto" restores the cost model).
 
     A forced path that cannot run for the tensors (fused on bf16, merged on bf16 or with
-    dropout) raises ValueError rather than substituting another.
+    dropout) raises ValueError rather than substituting another. The C++ autograd nodes (eager
+    mode) run their backward on the path in force at their forward, even when ``backward()`` is
+    called after the block; the Python Functions (compiled graphs, DoRA with dropout) read it when
+    the backward runs. The two agree bit for bit when both directions run inside one block.
     """
     if name not in PATHS:
         raise ValueError(f"unknown path {name!r}; valid choices: {', '.join(PATHS)}")
