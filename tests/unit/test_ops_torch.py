@@ -66,3 +66,22 @@ def test_weight_and_bias_gradients_when_unfrozen():
     inp["bias"].requires_grad_(True)
     args = [inp[n] for n in ("x", "weight", "bias", "A", "B", "u", "v")]
     assert torch.autograd.gradcheck(lambda *a: ops.adapter(*a, 0.7), args)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("trained", ["xABuv", "xA", "uv"])
+def test_the_low_rank_term_alone_equals_the_adapter_over_a_zero_weight(trained, dropout):
+    """weight=None (a 4-bit base's own op computes W0·x): y and every gradient are the adapter's over a
+    zero W0, bit for bit, dropout's mask included; dx is the low-rank term's alone, not added to zeros."""
+    results = []
+    for weight in ("none", "zeros"):
+        t = opcheck.make_inputs(19, 33, 21, 4, trained=trained)
+        W = None if weight == "none" else torch.zeros_like(t["weight"])
+        torch.manual_seed(5)  # the dropout seed
+        y = ops.adapter(t["x"], W, t["bias"], t["A"], t["B"], t["u"], t["v"], 0.7, dropout)
+        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+        results.append([y] + [t[n].grad for n in ("x", "A", "B", "u", "v")])
+    for got, want in zip(*results):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert torch.equal(got, want)

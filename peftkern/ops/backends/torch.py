@@ -93,7 +93,8 @@ def adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h):
 
 def _lowrank_backward(dy, x, A, B, u, v, hs, scale, dropout, seed, need_x, need_A, need_u, need_B, need_v, dx):
     """The rank-r part of the adapter's backward (module docstring; ``hs`` = s·h, the forward's).
-    Adds the low-rank term into ``dx`` in place."""
+    Adds the low-rank term into ``dx`` in place, or makes dx of it when ``dx`` is None (no base
+    weight here: a 4-bit base's own op gives its part). Returns (dx, dA, dB, du, dv)."""
     dA = dB = du = dv = None
     c = scale / (1.0 - dropout)
     vu = _outer(u, v)
@@ -114,22 +115,21 @@ def _lowrank_backward(dy, x, A, B, u, v, hs, scale, dropout, seed, need_x, need_
             if need_A:
                 dA = (dh.t() @ (x * keep)).to(A.dtype)
             if need_x:
-                dx.addcmul_(dh @ A, keep)
+                dx = (dh @ A).mul_(keep) if dx is None else dx.addcmul_(dh @ A, keep)
         else:
             if need_A:
                 dA = (dh.t() @ x).to(A.dtype)
             if need_x:
-                dx.addmm_(dh, A)
-    return dA, dB, du, dv
+                dx = dh @ A if dx is None else dx.addmm_(dh, A)
+    return dx, dA, dB, du, dv
 
 
 def adapter_backward(dy, x, weight, A, B, u, v, h, aux, scale, dropout, seed, needs):
     need_x, need_w, need_b, need_A, need_B, need_u, need_v = needs
-    dx = None
-    if need_x:
-        dx = dy @ weight if weight is not None else dy.new_zeros(dy.shape[0], A.shape[1])
-    dA, dB, du, dv = _lowrank_backward(dy, x, A, B, u, v, h, scale, dropout, seed, need_x, need_A, need_u,
-                                       need_B, need_v, dx)
+    # without a base weight (a 4-bit base) dx is the low-rank term's alone: no zeros to add it to
+    dx = dy @ weight if need_x and weight is not None else None
+    dx, dA, dB, du, dv = _lowrank_backward(dy, x, A, B, u, v, h, scale, dropout, seed, need_x, need_A, need_u,
+                                           need_B, need_v, dx)
     dw = (dy.t() @ x) if need_w else None
     db = dy.sum(0).to(dy.dtype if weight is None else weight.dtype) if need_b else None
     return [dx, dw, db, dA, dB, du, dv]
