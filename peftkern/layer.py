@@ -117,7 +117,12 @@ class AdaptedLinear(nn.Module):
         dora = self._state.dora
         if dora is None:
             return None
-        return dora.m[self.slot], functools.partial(
+        m = dora.magnitude(self.slot)
+        if not torch.compiler.is_compiling():
+            hit = dora.cached_gain(self.slot, m, weight, f.A, f.B, f.u, f.v, f.scale, dtype)
+            if hit is not None:
+                return m, lambda: hit
+        return m, functools.partial(
             dora.gain, self.slot, weight, f.A, f.B, f.u, f.v, f.scale, dtype,
             source=None if torch.compiler.is_compiling() else weakref.WeakMethod(self.dora_inputs))  # (no cache there)
 

@@ -237,3 +237,44 @@ def test_inference_tensor_magnitudes_run_uncached():
         assert model.peftkern.dora.m[0].is_inference()
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["lora", "tied_lora", "vera"])
+def test_a_forward_with_current_norms_asks_no_provider_and_computes_the_same(method, monkeypatch):
+    """Every forward after a step's first finds its (norm, g) by a lookup (``cached_gain``), without
+    building or asking ``gain``'s provider; the output is the one the provider's path gives."""
+    model = _dora_model(method)
+    _trained_step(model)
+    ids = tokens()
+    want = model(input_ids=ids).logits  # refreshes every norm and g
+    asked = []
+    real = dora.Magnitudes.gain
+    monkeypatch.setattr(dora.Magnitudes, "gain", lambda self, *a, **k: asked.append(1) or real(self, *a, **k))
+    got = model(input_ids=ids).logits
+    assert asked == []
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.no_grad():
+        model.peftkern.dora.m[0].mul_(2.0)  # a stale g: back to the provider, for that module alone
+    model(input_ids=ids)
+    assert asked == [1]
+
+
+def test_magnitudes_and_factors_follow_replaced_parameters():
+    """The lookups read the modules' own parameter dicts: a parameter replaced by
+    ``load_state_dict(assign=True)`` is the one the forward uses, in a copy too."""
+    model = _dora_model("tied_lora")
+    _trained_step(model)
+    ids = tokens()
+    model(input_ids=ids)
+    state = {k: v.detach().clone() * 1.25 for k, v in model.peftkern.state_dict().items()}
+    twin = copy.deepcopy(model)
+    model.peftkern.load_state_dict(state, assign=True)
+    twin.peftkern.load_state_dict(state)  # copied into its existing parameters
+    mags = model.peftkern.dora
+    assert all(mags.magnitude(s) is mags.m[s] for s in range(len(mags.m)))
+    f = model.peftkern.factors(0)
+    assert f.A is model.peftkern.A or f.A._base is model.peftkern.A
+    torch.testing.assert_close(model(input_ids=ids).logits, twin(input_ids=ids).logits, rtol=1e-12, atol=1e-12)
+    copied = copy.deepcopy(model)
+    assert copied.peftkern.dora.magnitude(0) is copied.peftkern.dora.m[0]
+    assert copied.peftkern.dora.magnitude(0) is not mags.m[0]
