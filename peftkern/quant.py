@@ -157,10 +157,16 @@ def packed_4bit(module: nn.Module) -> tuple:
 @torch.no_grad()
 def dequantized(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W0 [N, K] of a quantized layer, dequantized now (a temporary: nothing keeps it)."""
-    if kind(module) == "8bit":
-        eye = torch.eye(module.in_features, device=module.weight.device, dtype=torch.float16)
-        return base_forward(module, eye, with_bias=False).t().to(dtype)
     lib = bnb()
+    if kind(module) == "8bit":
+        weight = module.weight
+        if weight.dtype != torch.int8:  # has_fp16_weights, or not yet quantized: the weight itself
+            return weight.detach().to(dtype)
+        scb = getattr(weight, "SCB", None)
+        scb = module.state.SCB if scb is None else scb
+        # bitsandbytes' own row-wise dequantization (W = CB·SCB/127 in fp32), as PEFT's: exact where
+        # pushing an identity through the layer would round W0 to its fp16 output
+        return lib.functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device)).to(dtype)
     weight, state = _unpacked_state(module)
     return lib.functional.dequantize_4bit(weight.data, state).to(dtype)
 
