@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from . import patching
+from . import patching, quant
 from . import snapshot as snapshots
 from . import targets as targets_mod
 from .factors import AdapterState, Plan
@@ -221,7 +221,7 @@ def load_peft(model: nn.Module, directory: PathLike, backend: str = "auto") -> n
         tensors = load_file(str(weights))
     except Exception as exc:  # safetensors has its own error types for each kind of damage
         raise ValueError(f"{str(weights)!r} is not a readable safetensors file: {exc}") from exc
-    pairs, heads = _split(tensors)
+    pairs, heads, bases = _split(tensors)
     dora = bool(config.get("use_dora", False))
     has_m = [("m" in ab) for ab in pairs.values()]
     if (dora and not all(has_m)) or (not dora and any(has_m)):
@@ -241,7 +241,7 @@ def load_peft(model: nn.Module, directory: PathLike, backend: str = "auto") -> n
                       alpha_pattern={re.escape(k): v for k, v in alphas.items() if v != alpha},
                       modules_to_save=list(heads) or None, use_dora=dora)
     state = patching.build(p)
-    head_values = _check_heads(model, heads)
+    head_values = _check_heads(model, heads) + _check_bases(modules, bases, pairs)
     with torch.no_grad():
         for slot in p.slots:
             f = state.factors(slot.index)
@@ -266,10 +266,13 @@ def load_peft(model: nn.Module, directory: PathLike, backend: str = "auto") -> n
     return model
 
 
-def _split(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict[str, Dict]]:
-    """{module path: {"A", "B"}} and {head module path: {param name: tensor}} from PEFT's keys."""
+def _split(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict[str, Dict],
+                                                      Dict[str, Dict[str, torch.Tensor]]]:
+    """{module path: {"A", "B"}}, {head module path: {param name: tensor}} and {adapted module path:
+    {param name: tensor}} (its base layer's own weights) from PEFT's keys."""
     pairs: Dict[str, Dict[str, torch.Tensor]] = {}
     heads: Dict[str, Dict[str, torch.Tensor]] = {}
+    bases: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         if not key.startswith(PEFT_PREFIX):
             raise ValueError(f"tensor {key!r} is not under {PEFT_PREFIX!r}: not a PEFT adapter file")
@@ -277,6 +280,12 @@ def _split(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, Dict[str, torch.
         m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name)
         if m:
             pairs.setdefault(m.group(1), {})[m.group(2)] = t
+            continue
+        # an adapted embedding or LM head's own weight: PEFT's save_embedding_layers ("auto", its default,
+        # saves it whenever the targets include embed_tokens or lm_head); loading restores it, as PEFT does
+        m = re.fullmatch(r"(.+)\.base_layer\.([^.]+)", name)
+        if m:
+            bases.setdefault(m.group(1), {})[m.group(2)] = t
             continue
         m = re.fullmatch(r"(.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?", name)  # DoRA's m, any key form
         if m:
@@ -292,7 +301,7 @@ def _split(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, Dict[str, torch.
         raise ValueError(f"module(s) {incomplete[:4]} have lora_A or lora_B but not both")
     if not pairs:
         raise ValueError("the adapter file holds no lora_A / lora_B weights")
-    return pairs, heads
+    return pairs, heads, bases
 
 
 def _check_fan_in_fan_out(config: Dict[str, Any], modules: List[nn.Module]) -> None:
@@ -318,6 +327,25 @@ def _check_heads(model: nn.Module, heads: Dict[str, Dict[str, torch.Tensor]]) ->
             if name not in own or tuple(own[name].shape) != tuple(t.shape):
                 have = tuple(own[name].shape) if name in own else "no such parameter"
                 raise ValueError(f"{module_path}.{name} is {tuple(t.shape)} in the adapter, {have} in this model")
+            out.append((own[name], t))
+    return out
+
+
+def _check_bases(modules: Dict[str, nn.Module], bases: Dict[str, Dict[str, torch.Tensor]],
+                 pairs: Dict[str, Dict[str, torch.Tensor]]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """(the model's base parameter, the saved value) for each base weight saved beside an adapted module."""
+    out = []
+    for path, params in bases.items():
+        if path not in pairs:
+            raise ValueError(f"the adapter saves {path}.base_layer's weights but adapts no module {path!r}")
+        if quant.kind(modules[path]) is not None:
+            raise ValueError(f"the adapter saves {path}'s base weights, which this model holds quantized: load it onto "
+                             "a full-precision model, or save it from PEFT with save_embedding_layers=False")
+        own = dict(modules[path].named_parameters())
+        for name, t in params.items():
+            if name not in own or tuple(own[name].shape) != tuple(t.shape):
+                have = tuple(own[name].shape) if name in own else "no such parameter"
+                raise ValueError(f"{path}.base_layer.{name} is {tuple(t.shape)} in the adapter, {have} in this model")
             out.append((own[name], t))
     return out
 

@@ -264,3 +264,30 @@ def test_load_peft_refuses_other_shapes(tmp_path):
     with pytest.raises(ValueError, match="shape"):
         peftkern.load_peft(other, tmp_path)
     assert not hasattr(other, "peftkern")
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_load_peft_reads_an_lm_head_adapter_with_its_saved_base_weight(tmp_path, use_dora):
+    """PEFT's save_embedding_layers ("auto", its default) saves an adapted lm_head's own weight beside
+    its factors (``lm_head.base_layer.weight``); load_peft restores it, as PEFT does (a review found it
+    refused such a file, naming a module_to_save)."""
+    from safetensors.torch import load_file, save_file
+
+    base, theirs = _peft_adapter(tmp_path, target_modules=["q_proj", "lm_head"], use_dora=use_dora)
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    key = "base_model.model.lm_head.base_layer.weight"
+    assert key in tensors
+    tensors[key] = tensors[key] + 0.5  # a base weight that differs from the model's: loading must restore it
+    save_file(tensors, str(file))
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    ours = peftkern.load_peft(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(ours.lm_head.base_layer.weight, tensors[key], rtol=0, atol=0)
+    ids = tokens()
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), **TOL)
+    tensors[key] = tensors[key][:, :-1].contiguous()
+    save_file(tensors, str(file))
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="lm_head.base_layer.weight"):
+        peftkern.load_peft(model, tmp_path)
+    assert not hasattr(model, "peftkern")
