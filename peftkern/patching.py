@@ -79,11 +79,19 @@ def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None
         if r > limit:
             raise ValueError(f"rank {r} is larger than {s.path} allows ({s.in_features}->{s.out_features}: "
                              f"at most {limit})")
+    to_save = targets_mod.modules_to_save(model, modules_to_save)
+    both = [s.path for s in slots if any(s.path == m or s.path.startswith(m + ".") for m in to_save)]
+    if both:
+        # an adapted module trained in full too has no single meaning (which copy does disable_adapter
+        # restore, what does merge fold into): one or the other
+        raise ValueError(f"{', '.join(both[:4])}{', ...' if len(both) > 4 else ''}: both adapted (targets) and "
+                         f"trained in full (modules_to_save {to_save}); drop it from one of them "
+                         f"(modules_to_save=[] adapts a task head instead of training it)")
     device, dtype = _param_device_dtype(model)
     p = Plan(method=method, rank=size_rank, alpha=spec.default_alpha(rank) if alpha is None else alpha,
              options=opts, slots=slots, device=device, dtype=dtype, model_type=targets_mod.model_type(model),
              backend=backend, requested_rank=requested, dropout=dropout, rank_pattern=ranks, alpha_pattern=alphas,
-             use_rslora=use_rslora, modules_to_save=targets_mod.modules_to_save(model, modules_to_save),
+             use_rslora=use_rslora, modules_to_save=to_save,
              use_dora=use_dora)
     validate = getattr(opts, "validate", None)
     if validate is not None:

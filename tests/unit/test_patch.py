@@ -223,6 +223,12 @@ def _assert_untouched(model, snap):
     (dict(method="vera", rank_pattern={"q_proj": 2}), ValueError, ["rank_pattern", "lora"]),
     (dict(method="lora", rank_pattern={"nope": 2}), ValueError, ["rank_pattern", "'nope'", "matches none"]),
     (dict(method="lora", modules_to_save=["nope"]), ValueError, ["modules_to_save", "'nope'"]),
+    # a module both adapted and trained in full (found by a review: a later load refused the save, and DoRA's
+    # disable_adapter ran a copy taken before the magnitudes were set)
+    (dict(method="lora", targets=["q_proj", "lm_head"], modules_to_save=["lm_head"], use_dora=True), ValueError,
+     ["lm_head: both adapted (targets) and trained in full", "modules_to_save=[]"]),
+    (dict(method="lora", targets=["q_proj"], modules_to_save=["layers.0.self_attn"]), ValueError,
+     ["model.layers.0.self_attn.q_proj: both adapted"]),
     (dict(method="vera", tie="A"), TypeError, ["does not take", "d_initial"]),
     (dict(method="tied_lora", tie="C"), ValueError, ["tie", "A, B"]),
     (dict(method="lora", joint=True, targets="all-linear"), ValueError, ["share their input size", "down_proj"]),
