@@ -145,6 +145,17 @@ class LayerGenerator(nn.Module):
             self.linear2.bias[start:start + length].mul_(scale)
             start += length
 
+    def _apply(self, fn, recurse=True):
+        # The positions are a function of the layer indices, not saved (a non-persistent buffer): after
+        # a move, a cast or ``to_empty`` (which leaves every buffer uninitialised, as FSDP2's and
+        # distributed checkpointing's meta-device flows do, where a load then restores only the saved
+        # tensors) they are computed again, so no flow can leave them garbage.
+        out = super()._apply(fn, recurse)
+        if self.positions is not None and not self.positions.is_meta:
+            with torch.no_grad():
+                self.positions.copy_(sinusoidal_positions(self.layers, self.positions.shape[1]))
+        return out
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # Adapters saved before out_scale existed were trained without it: load them with 1.

@@ -334,3 +334,27 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.peftkern.groups == [[0], [1], [2]]
     ids = tokens()
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=0)
+
+
+def test_positions_survive_to_empty_and_a_meta_patch():
+    """PG-Pos's sinusoidal positions are not saved (a function of the layer indices): after ``to_empty``
+    (FSDP2's and distributed checkpointing's meta-device flows) they are computed again, where they were
+    left uninitialised and a strict load passed silently (found by a review)."""
+    import transformers as T
+
+    model = peftkern.patch(tiny_model("llama"), "pg_pos", backend="torch")
+    want = {n: b.clone() for n, b in model.named_buffers() if n.endswith("positions")}
+    assert want
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.to("meta")
+    model.to_empty(device="cpu")
+    model.load_state_dict(state)
+    for n, b in model.named_buffers():
+        if n in want:
+            torch.testing.assert_close(b, want[n], rtol=0, atol=0)
+    with torch.device("meta"):
+        meta = T.LlamaForCausalLM(model.config)
+    peftkern.patch(meta, "pg_pos", backend="torch").to_empty(device="cpu")
+    for n, b in meta.named_buffers():
+        if n in want:
+            torch.testing.assert_close(b, want[n], rtol=0, atol=0)
