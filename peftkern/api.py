@@ -22,7 +22,8 @@ log = logging.getLogger("peftkern")
 def patch(model: nn.Module, method: str = "lora", rank: Optional[int] = None, targets=None, alpha: Optional[float] = None,
           backend: str = "auto", *, dropout: float = 0.0, use_rslora: bool = False,
           rank_pattern: Optional[Dict[str, int]] = None, alpha_pattern: Optional[Dict[str, float]] = None,
-          modules_to_save: Optional[List[str]] = None, use_dora: bool = False, **options: Any) -> nn.Module:
+          modules_to_save: Optional[List[str]] = None, use_dora: bool = False, autocast_adapter_dtype: bool = True,
+          **options: Any) -> nn.Module:
     """Adapt ``model`` in place with ``method`` and return it (y = W0·x + s·Λv·B·Λu·A·D(x) per target).
 
     Args:
@@ -46,6 +47,10 @@ def patch(model: nn.Module, method: str = "lora", rank: Optional[int] = None, ta
         use_dora: DoRA (Liu et al. 2024, PEFT's name): y = m ⊙ (W0 + ΔW)·x / ‖W0 + ΔW‖_row + b,
             with a trained magnitude m [N] per module starting at ‖W0‖_row. For lora, tied_lora,
             vera and the PG methods (not adalora, hyper_adalora, nor joint=True).
+        autocast_adapter_dtype: on a bf16/fp16 model, keep the adapter's weights (factors, DoRA's
+            magnitudes, hypernetworks) in fp32 and cast them to the compute dtype in each forward
+            (PEFT's name and default); False keeps them in the model's dtype, where updates below
+            2⁻⁹ (bf16) of a weight are lost. No effect on an fp32 model.
         **options: the method's options; an unknown one raises TypeError listing the valid ones.
 
     Raises TypeError / ValueError naming the problem and the valid choices, before the model
@@ -54,7 +59,7 @@ def patch(model: nn.Module, method: str = "lora", rank: Optional[int] = None, ta
     """
     p = patching.plan(model, method, rank, targets, alpha, backend, dropout=dropout, use_rslora=use_rslora,
                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, modules_to_save=modules_to_save,
-                      use_dora=use_dora, **options)
+                      use_dora=use_dora, autocast_adapter_dtype=autocast_adapter_dtype, **options)
     state = patching.build(p)
     patching.commit(model, state)
     hf.bind(model)

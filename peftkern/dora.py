@@ -88,18 +88,57 @@ def row_norms_sq(weight: Tensor) -> Tensor:
 HALF_IN_FP32_OUT = frozenset({"cuda", "xpu", "meta"})
 
 
+SPLIT_PARTS = 3  # an fp32 A as the sum of this many bf16/fp16 tensors: 3 × 8 bits carry fp32's 24
+
+
+def _mm_fp32(a: Tensor, weight: Tensor) -> Tensor:
+    """a·W0ᵀ written in fp32 from bf16/fp16 inputs (exact products, an fp32 sum): cuBLAS's own mode."""
+    return torch.mm(a, weight.t(), out_dtype=torch.float32)
+
+
+def _split(a: Tensor, dtype: torch.dtype) -> Tensor:
+    """An fp32 ``a`` [..., r, K] as ``SPLIT_PARTS`` tensors of ``dtype`` stacked along r ([..., 3r, K]): its
+    rounding, the rounding of what that left, and so on, so that they sum to ``a`` within fp32's own
+    rounding (bf16; fp16, whose range is narrower, to its smallest subnormal, 6e-8 absolute). An fp32 A
+    (the adapter's dtype on a half-precision model) then meets a bf16/fp16 W0 in one GEMM of W0's dtype,
+    with no converted copy of W0; the GEMM reads W0 once whatever its rows, and r is small."""
+    r = a.shape[-2]
+    out = torch.empty((*a.shape[:-2], SPLIT_PARTS * r, a.shape[-1]), dtype=dtype, device=a.device)
+    rest = a
+    for i in range(SPLIT_PARTS):
+        part = out[..., i * r:(i + 1) * r, :]
+        part.copy_(rest)
+        if i + 1 < SPLIT_PARTS:
+            rest = rest - part
+    return out
+
+
+def _sum_parts(p: Tensor, r: int) -> Tensor:
+    """[..., 3r, N] GEMM outputs of ``_split``'s parts -> their sum [..., r, N] (one reduction)."""
+    return p.unflatten(-2, (SPLIT_PARTS, r)).sum(-3)
+
+
+def _splits(weight: Tensor, a: Tensor, A: Optional[Tensor]) -> bool:
+    """Whether W0·Aᵀ takes ``_split``: a bf16/fp16 W0, an fp32 A, on a device whose GEMM writes fp32."""
+    return weight.dtype in (torch.bfloat16, torch.float16) and a.dtype == torch.float32 and \
+        weight.device.type in HALF_IN_FP32_OUT and (A is None or A.dtype != weight.dtype)
+
+
 def _w0_at(weight: Tensor, a: Tensor, A: Optional[Tensor] = None) -> Tensor:
     """W0·Aᵀ [N, r] in the accumulation dtype (a transposed view), ``a`` = A in that dtype, ``A`` itself.
 
     Formed as (A·W0ᵀ)ᵀ: the GEMM's output is then [r, N], wide, where W0·Aᵀ's [N, r] is r columns
     wide and vectorises poorly (1.5-2× slower on the CPU at r = 8, N×K = 1536×576, one thread).
-    A bf16/fp16 W0 with A of its dtype, where the GEMM can write fp32 (``HALF_IN_FP32_OUT``): one GEMM
-    with exact products and an fp32 sum, no converted copy of W0 (a launch and N·K·4 bytes fewer)."""
+    A bf16/fp16 W0 where the GEMM can write fp32 (``HALF_IN_FP32_OUT``): one GEMM with exact products
+    and an fp32 sum, no converted copy of W0 (a launch and N·K·4 bytes fewer): A itself when it has
+    W0's dtype, else (an fp32 A) its ``_split`` parts."""
     if weight.dtype == a.dtype:
         return (a @ weight.t()).t()
     if A is not None and A.dtype == weight.dtype and weight.device.type in HALF_IN_FP32_OUT \
             and a.dtype == torch.float32:
-        return torch.mm(A, weight.t(), out_dtype=torch.float32).t()
+        return _mm_fp32(A, weight).t()
+    if _splits(weight, a, A):
+        return _sum_parts(_mm_fp32(_split(a, weight.dtype), weight), a.shape[0]).t()
     if weight.shape[0] <= ROW_CHUNK:  # one chunk: no split and cat (each an op, a launch on a GPU)
         return (a @ weight.to(a.dtype).t()).t()
     return torch.cat([a @ c.to(a.dtype).t() for c in weight.split(ROW_CHUNK)], dim=1).t()
@@ -141,7 +180,11 @@ def weight_norms(weights: List[Tensor], As: List[Tensor], Bs: List[Tensor], us: 
         Bf = Bf * torch.stack(vs).to(acc)[:, :, None]
     if us[0] is not None:
         Bf = Bf * torch.stack(us).to(acc)[:, None, :]
-    w0_at = torch.stack([_w0_at(w, ai, Ai) for w, ai, Ai in zip(weights, a.unbind(0), As)])  # [G, N, r]
+    if _splits(weights[0], a, As[0]):  # the parts of every module's A at once: a few launches per shape
+        parts = _split(a, weights[0].dtype).unbind(0)
+        w0_at = _sum_parts(torch.stack([_mm_fp32(p, w) for w, p in zip(weights, parts)]), a.shape[1]).transpose(1, 2)
+    else:
+        w0_at = torch.stack([_w0_at(w, ai, Ai) for w, ai, Ai in zip(weights, a.unbind(0), As)])  # [G, N, r]
     t = torch.baddbmm(w0_at, Bf, a @ a.transpose(1, 2), beta=2.0 * scale, alpha=scale * scale)
     return (Bf * t).sum(2).add_(w0_sq).clamp_min_(0).sqrt_()
 

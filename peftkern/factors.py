@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from .casts import Casts
 from .ops import reference
 from .ops.registry import Resolver
 
@@ -172,6 +173,11 @@ class AdapterState(nn.Module):
         # shape) in the registry, at patch time for the model's device (ops.registry.Resolver)
         self.backends = Resolver(plan.backend)
         self.dora: Optional[nn.Module] = None  # DoRA's magnitudes (dora.Magnitudes) with use_dora=True
+        self.casts = Casts()  # the factors in a half compute dtype, where a cast need not run each forward
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("casts", Casts())  # a state pickled before casts were kept
 
     # --- the hot path -------------------------------------------------------------
     def factors(self, slot: int) -> Factors:

@@ -102,12 +102,12 @@ class AdaptedLinear(nn.Module):
             magnitude = self._magnitude(weight, f, dtype)
             with torch.autocast(device_type, enabled=False):
                 return self._run(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
-                                 _cast(f, dtype), device_type, magnitude)
+                                 self._state.casts.factors(f, dtype), device_type, magnitude)
         if x.dtype != weight.dtype:
             raise placement_error(self, x, f)
         magnitude = self._magnitude(weight, f, x.dtype)
         if f.A.dtype != x.dtype:
-            f = _cast(f, x.dtype)
+            f = self._state.casts.factors(f, x.dtype)
         return self._run(x, weight, bias, f, device_type, magnitude)
 
     def _magnitude(self, weight: Tensor, f: Factors, dtype: torch.dtype) -> Optional[Tuple[Tensor, Callable]]:
@@ -158,7 +158,7 @@ class AdaptedLinear(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext():
             x = x.to(dtype)
-            f = _cast(f, dtype) if f.A.dtype != dtype else f
+            f = self._state.casts.factors(f, dtype) if f.A.dtype != dtype else f
             dropout = self._state.plan.dropout if self.training else 0.0
             dora = self._state.dora
             ops = self.ops(device_type)
@@ -233,13 +233,6 @@ class AdaptedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, method={self._state.plan.method}, "
                 f"rank={self._state.effective_rank(self.slot)}, backend={self.backend}, merged={self.merged}")
-
-
-def _cast(f: Factors, dtype: torch.dtype) -> Factors:
-    def c(t):
-        return None if t is None else t.to(dtype)
-
-    return Factors(c(f.A), c(f.B), c(f.u), c(f.v), f.scale, f.group)
 
 
 def _where(t: Optional[Tensor]) -> str:

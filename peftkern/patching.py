@@ -38,7 +38,8 @@ def _param_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
 def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None, alpha=None,
          backend: str = "auto", *, dropout: float = 0.0, use_rslora: bool = False,
          rank_pattern: Optional[Mapping[str, int]] = None, alpha_pattern: Optional[Mapping[str, float]] = None,
-         modules_to_save: Optional[Sequence[str]] = None, use_dora: bool = False, **options) -> Plan:
+         modules_to_save: Optional[Sequence[str]] = None, use_dora: bool = False, autocast_adapter_dtype: bool = True,
+         **options) -> Plan:
     """Validate a patch request against a model; raises before anything is modified.
 
     ``rank=None`` means the default (8). Methods with a ``resolve_rank`` hook see the value
@@ -55,6 +56,8 @@ def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None
         raise TypeError(f"use_rslora must be True or False, got {use_rslora!r}")
     if not isinstance(use_dora, bool):
         raise TypeError(f"use_dora must be True or False, got {use_dora!r}")
+    if not isinstance(autocast_adapter_dtype, bool):
+        raise TypeError(f"autocast_adapter_dtype must be True or False, got {autocast_adapter_dtype!r}")
     if use_dora and not spec.dora:
         raise ValueError(f"use_dora does not apply to {method!r}: DoRA's magnitude needs a fixed low-rank ΔW, and "
                          f"{method!r} allocates its ranks on a budget (PEFT does not combine them either); methods "
@@ -88,6 +91,11 @@ def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None
                          f"trained in full (modules_to_save {to_save}); drop it from one of them "
                          f"(modules_to_save=[] adapts a task head instead of training it)")
     device, dtype = _param_device_dtype(model)
+    if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+        # PEFT's default: the adapter's own weights in fp32 on a half-precision model, cast to the compute
+        # dtype in each forward. In bf16 an update below 2⁻⁹ of a weight rounds away, so DoRA's
+        # magnitudes (updates ~lr, values ~1) would not train at all at the usual rates.
+        dtype = torch.float32
     p = Plan(method=method, rank=size_rank, alpha=spec.default_alpha(rank) if alpha is None else alpha,
              options=opts, slots=slots, device=device, dtype=dtype, model_type=targets_mod.model_type(model),
              backend=backend, requested_rank=requested, dropout=dropout, rank_pattern=ranks, alpha_pattern=alphas,

@@ -44,8 +44,9 @@ def steps() -> int:
     return _STEPS[0]
 
 
-def _root(t: Tensor) -> Tensor:
-    # factors may be slices of a shared tensor: a new view object each forward, the same tensor
+def root(t: Tensor) -> Tensor:
+    """The tensor ``t`` views (itself if none): factors may be slices of a shared tensor, a new view
+    object each forward of the same tensor."""
     return t if t._base is None else t._base
 
 
@@ -58,7 +59,7 @@ def of(*tensors: Optional[Tensor]) -> Optional[tuple]:
         elif t.is_inference():
             return None
         else:
-            out.append((weakref.ref(_root(t)), t._version, t.data_ptr(), t.dtype))
+            out.append((weakref.ref(root(t)), t._version, t.data_ptr(), t.dtype))
     return tuple(out)
 
 
@@ -71,9 +72,9 @@ def matches(stamp: Optional[tuple], tensors: Sequence[Optional[Tensor]]) -> bool
         if st is None or t is None:
             if st is not t:
                 return False
-        elif st[0]() is not _root(t) or st[1] != t._version or st[2] != t.data_ptr() or st[3] != t.dtype:
+        elif st[0]() is not root(t) or st[1] != t._version or st[2] != t.data_ptr() or st[3] != t.dtype:
             return False
     return True
 
 
-__all__ = ["steps", "of", "matches"]
+__all__ = ["steps", "of", "matches", "root"]

@@ -278,3 +278,26 @@ def test_magnitudes_and_factors_follow_replaced_parameters():
     copied = copy.deepcopy(model)
     assert copied.peftkern.dora.magnitude(0) is copied.peftkern.dora.m[0]
     assert copied.peftkern.dora.magnitude(0) is not mags.m[0]
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_an_fp32_A_meets_a_half_W0_in_split_parts_to_fp32_accuracy(monkeypatch, half):
+    """On a GPU (``HALF_IN_FP32_OUT``) an fp32 A (the adapter's dtype on a half model) and a bf16/fp16 W0
+    meet in one GEMM of W0's dtype writing fp32, A as the sum of 3 parts of that dtype: no fp32 copy of
+    W0. Emulated on the CPU (bf16/fp16 products are exact in fp32, as the GEMM's): the single and the
+    batched norm equal the fp64 norm of the same W0 to fp32's accuracy, not to half precision's."""
+    monkeypatch.setattr(dora, "HALF_IN_FP32_OUT", frozenset({"cpu"}))
+    monkeypatch.setattr(dora, "_mm_fp32", lambda a, w: a.float() @ w.float().t())
+    mods = [(w.to(half), A.float(), B.float(), None, None) for w, A, B, *_ in _modules(3, 40, 72, 5, torch.float64, False)]
+    assert dora._splits(mods[0][0], mods[0][1], mods[0][1])
+    want = torch.stack([dora.weight_norm(w.double(), A.double(), B.double(), None, None, 0.7) for w, A, B, _, _ in mods])
+    single = torch.stack([dora.weight_norm(*m, 0.7) for m in mods])
+    w0_sq = torch.stack([dora.row_norms_sq(m[0]) for m in mods])
+    batched = dora.weight_norms(*(list(col) for col in zip(*mods)), 0.7, w0_sq)
+    for got in (single, batched):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=0)
+    # one part alone (A rounded to W0's dtype) would be off by about 2^-9 of the cross term: the test sees that
+    monkeypatch.setattr(dora, "SPLIT_PARTS", 1)
+    coarse = torch.stack([dora.weight_norm(*m, 0.7) for m in mods])
+    assert not torch.allclose(coarse.double(), want, rtol=2e-6, atol=0)

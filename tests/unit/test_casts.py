@@ -1,0 +1,90 @@
+"""The adapter's fp32 factors on a bf16 model (peftkern.casts): a trained factor under autograd is cast
+in each forward (its gradient reaches the fp32 weight); a frozen one, or any under no_grad or
+inference mode, is cast once and reused until its parameter changes, an optimizer step included
+(a fused one bumps no version); views of a shared parameter are cut from its one copy; copies of a
+model start with no cached copies."""
+import copy
+
+import pytest
+import torch
+
+import peftkern
+from peftkern.casts import Casts
+from tests.helpers.models import tiny_model, tokens
+
+
+def _model(method="vera", **kw):
+    torch.manual_seed(0)
+    model = peftkern.patch(tiny_model("llama").to(torch.bfloat16), method, backend="torch",
+                           targets=["q_proj", "k_proj", "v_proj"], **kw)
+    assert {p.dtype for p in model.peftkern.parameters()} == {torch.float32}
+    return model
+
+
+def test_a_view_is_cut_from_the_cached_copy_and_equals_its_own_cast():
+    shared = torch.nn.Parameter(torch.randn(6, 10), requires_grad=False)
+    casts = Casts()
+    for view in (shared[:, :7], shared[2:5], shared.t()[3:]):
+        got = casts.cast(view, torch.bfloat16)
+        torch.testing.assert_close(got, view.to(torch.bfloat16), rtol=0, atol=0)
+    assert len(casts._copies) == 1  # one copy of the whole parameter serves every view
+    assert casts.cast(shared, torch.bfloat16) is casts.cast(shared, torch.bfloat16)
+
+
+def test_a_trained_factor_is_cast_under_autograd_and_its_gradient_reaches_the_fp32_weight():
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    casts = Casts()
+    c = casts.cast(w, torch.bfloat16)
+    assert c.grad_fn is not None and not casts._copies
+    (c.float() * torch.arange(4.0)).sum().backward()
+    torch.testing.assert_close(w.grad, torch.arange(4.0).expand(3, 4))
+    with torch.no_grad():  # under no_grad: cached until the parameter changes
+        first = casts.cast(w, torch.bfloat16)
+        assert casts.cast(w, torch.bfloat16) is first
+        w.add_(1.0)
+        again = casts.cast(w, torch.bfloat16)
+    assert again is not first
+    torch.testing.assert_close(again, w.detach().to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_frozen_projections_are_cast_once_per_model_not_per_forward():
+    model = _model("vera")
+    ids = tokens()
+    model(input_ids=ids, labels=ids).loss.backward()
+    copies = dict(model.peftkern.casts._copies)
+    assert copies  # VeRA's frozen A and B
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert {k: v[2] for k, v in model.peftkern.casts._copies.items()} == {k: v[2] for k, v in copies.items()}
+
+
+def test_no_grad_forwards_reuse_copies_and_see_every_optimizer_step():
+    """A fused AdamW bumps no version counter: the step count makes the copies stale. A model copy
+    with an empty cache gives the same logits after each step."""
+    model = _model("lora", use_dora=True)
+    params = [p for p in model.peftkern.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    ids = tokens()
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            got = model(input_ids=ids).logits
+            n = len(model.peftkern.casts._copies)
+            assert n and model(input_ids=ids).logits.equal(got) and len(model.peftkern.casts._copies) == n
+        fresh = copy.deepcopy(model)
+        assert fresh.peftkern.casts._copies == {}
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(input_ids=ids).logits, got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "tied_lora", "pg_pos"])
+def test_generation_under_inference_mode_then_training(method):
+    model = _model(method).eval()
+    ids = tokens()
+    with torch.inference_mode():
+        model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()  # a cached copy made under inference mode could not be saved for this backward
+    assert all(p.grad is not None for p in model.peftkern.parameters() if p.requires_grad)
