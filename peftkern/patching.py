@@ -39,11 +39,13 @@ def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None
          backend: str = "auto", *, dropout: float = 0.0, use_rslora: bool = False,
          rank_pattern: Optional[Mapping[str, int]] = None, alpha_pattern: Optional[Mapping[str, float]] = None,
          modules_to_save: Optional[Sequence[str]] = None, use_dora: bool = False, autocast_adapter_dtype: bool = True,
-         **options) -> Plan:
+         rank_limit: bool = True, **options) -> Plan:
     """Validate a patch request against a model; raises before anything is modified.
 
     ``rank=None`` means the default (8). Methods with a ``resolve_rank`` hook see the value
     as given, so that they can tell an explicit rank from the default (AdaLoRA's target_r).
+    ``rank_limit=False`` accepts ranks above min(in, out) (legal, if wasteful, in a PEFT file that
+    ``load_peft`` reads; ``patch`` refuses them as a likely mistake).
     """
     spec = methods.get(method)
     requested = checks.integer("rank", rank, 1, allow_none=True)
@@ -79,7 +81,7 @@ def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None
                                                high_open=True))
     for s in slots:
         limit, r = min(s.in_features, s.out_features), ranks.get(s.path, size_rank)
-        if r > limit:
+        if r > limit and rank_limit:
             raise ValueError(f"rank {r} is larger than {s.path} allows ({s.in_features}->{s.out_features}: "
                              f"at most {limit})")
     to_save = targets_mod.modules_to_save(model, modules_to_save)

@@ -239,7 +239,7 @@ def load_peft(model: nn.Module, directory: PathLike, backend: str = "auto") -> n
                       dropout=config.get("lora_dropout", 0.0), use_rslora=bool(config.get("use_rslora", False)),
                       rank_pattern={re.escape(k): v for k, v in ranks.items() if v != r},
                       alpha_pattern={re.escape(k): v for k, v in alphas.items() if v != alpha},
-                      modules_to_save=list(heads) or None, use_dora=dora)
+                      modules_to_save=list(heads) or None, use_dora=dora, rank_limit=False)
     state = patching.build(p)
     head_values = _check_heads(model, heads) + _check_bases(modules, bases, pairs)
     with torch.no_grad():

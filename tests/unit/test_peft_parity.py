@@ -291,3 +291,16 @@ def test_load_peft_reads_an_lm_head_adapter_with_its_saved_base_weight(tmp_path,
     with pytest.raises(ValueError, match="lm_head.base_layer.weight"):
         peftkern.load_peft(model, tmp_path)
     assert not hasattr(model, "peftkern")
+
+
+def test_load_peft_reads_a_rank_above_a_modules_width(tmp_path):
+    """r above min(in, out) is legal in PEFT (wasteful, not wrong): load_peft reads such a file, where
+    patch refuses the rank as a likely mistake (a review found load_peft refused PEFT's own file)."""
+    base, theirs = _peft_adapter(tmp_path, target_modules=["q_proj", "v_proj"], r=100, lora_alpha=100)
+    widths = [min(m.in_features, m.out_features) for n, m in base.named_modules() if n.endswith(("q_proj", "v_proj"))]
+    assert max(widths) < 100
+    ours = peftkern.load_peft(copy.deepcopy(base), tmp_path).eval()
+    ids = tokens()
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), **TOL)
+    with pytest.raises(ValueError, match="larger than"):
+        peftkern.patch(copy.deepcopy(base), "lora", rank=100, targets=["q_proj", "v_proj"])
