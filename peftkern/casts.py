@@ -7,8 +7,8 @@ other cast has a constant result until its tensor changes: a frozen factor (VeRA
 projections, a frozen A or B, PG's frozen factor), and any factor under ``torch.no_grad`` or
 ``torch.inference_mode`` (evaluation, generation). Those copies are kept here, with a stamp of the
 parameter they were made from (``peftkern.stamps``: identity, version, storage, dtype, and the
-optimizer step count for a trained one), and made again only when it changed: generation casts
-nothing per token, and VeRA casts its projections once. A view of a shared parameter (a module's
+optimizer step count), and made again only when it changed or a step was taken: generation casts
+nothing per token, and VeRA casts its projections once a step, not once a module. A view of a shared parameter (a module's
 slice of a tied factor) is cut from the one cached copy of the whole parameter.
 
 Only parameters are cached: generated factors (hypernetwork outputs) are new tensors each forward.
@@ -31,7 +31,7 @@ class Casts:
     """Cached low-precision copies of an adapter's parameters, keyed by (parameter, dtype)."""
 
     def __init__(self):
-        self._copies: Dict[Tuple[int, torch.dtype], Tuple[Optional[int], tuple, Tensor]] = {}
+        self._copies: Dict[Tuple[int, torch.dtype], Tuple[int, tuple, Tensor]] = {}
 
     def __deepcopy__(self, memo) -> "Casts":  # a copy's parameters are other tensors: it starts empty
         return Casts()
@@ -54,7 +54,10 @@ class Casts:
         if type(root) is not nn.Parameter or not root.is_contiguous():
             return t.detach().to(dtype)
         key = (id(root), dtype)
-        step = stamps.steps() if root.requires_grad else None  # a fused optimizer bumps no version
+        # a fused optimizer bumps no version counter, and a factor frozen now may have been trained at
+        # the last step (requires_grad is toggled freely): every step makes every copy stale, which
+        # costs a cast per parameter and step, not per module and forward
+        step = stamps.steps()
         hit = self._copies.get(key)
         if hit is None or hit[0] != step or not stamps.matches(hit[1], (root,)):
             stamp = stamps.of(root)

@@ -64,6 +64,10 @@ class Plan:
     use_rslora: bool = False  # s = alpha / sqrt(r) instead of alpha / r (rsLoRA, Kalajdzievski 2023)
     modules_to_save: List[str] = dataclasses.field(default_factory=list)  # trained outside the adapter (heads)
     use_dora: bool = False  # DoRA: a trained magnitude per module over the normalised W0 + ΔW (peftkern/dora.py)
+    # PEFT's autocast_adapter_dtype: an fp32 adapter on a half-precision model (then ``dtype`` is fp32, the
+    # adapter's, and ``model_dtype`` the model's)
+    autocast_adapter_dtype: bool = True
+    model_dtype: Optional[torch.dtype] = None
 
     @property
     def scale(self) -> float:
@@ -104,7 +108,7 @@ class Plan:
                 "targets": self.target_names, "model_type": self.model_type, "dropout": self.dropout,
                 "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
                 "use_rslora": self.use_rslora, "modules_to_save": list(self.modules_to_save),
-                "use_dora": self.use_dora}
+                "use_dora": self.use_dora, "autocast_adapter_dtype": self.autocast_adapter_dtype}
 
 
 @dataclass

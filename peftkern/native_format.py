@@ -136,7 +136,7 @@ def load(model: nn.Module, directory: PathLike, backend: str = "auto") -> nn.Mod
     config = read_config(directory)
     tensors = _read_tensors(directory, config)
     plan = _plan_from_config(model, config, backend)
-    health.check_placement(model, plan.device, plan.dtype, [s.path for s in plan.slots])
+    health.check_placement(model, plan.device, plan.model_dtype or plan.dtype, [s.path for s in plan.slots])
     state = patching.build(plan)
     apply = _load_into(model, state, config, tensors)  # raises, naming the first misfit, before any change
     patching.commit(model, state, fresh=False)
@@ -266,7 +266,9 @@ def _plan_from_config(model: nn.Module, config: Dict[str, Any], backend: str) ->
     common = dict(dropout=config.get("dropout", 0.0), use_rslora=config.get("use_rslora", False),
                   rank_pattern={re.escape(k): v for k, v in config.get("rank_pattern", {}).items()},
                   alpha_pattern={re.escape(k): v for k, v in config.get("alpha_pattern", {}).items()},
-                  modules_to_save=config.get("modules_to_save"), use_dora=bool(config.get("use_dora", False)))
+                  modules_to_save=config.get("modules_to_save"), use_dora=bool(config.get("use_dora", False)),
+                  # saved before the option existed: the adapter then had the model's dtype
+                  autocast_adapter_dtype=bool(config.get("autocast_adapter_dtype", False)))
     p = patching.plan(model, config["method"], config["rank"], paths, config["alpha"], backend, **common,
                       **config["options"])
     if [s.path for s in p.slots] != paths:

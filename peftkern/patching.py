@@ -92,7 +92,8 @@ def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None
         raise ValueError(f"{', '.join(both[:4])}{', ...' if len(both) > 4 else ''}: both adapted (targets) and "
                          f"trained in full (modules_to_save {to_save}); drop it from one of them "
                          f"(modules_to_save=[] adapts a task head instead of training it)")
-    device, dtype = _param_device_dtype(model)
+    device, model_dtype = _param_device_dtype(model)
+    dtype = model_dtype
     if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
         # PEFT's default: the adapter's own weights in fp32 on a half-precision model, cast to the compute
         # dtype in each forward. In bf16 an update below 2⁻⁹ of a weight rounds away, so DoRA's
@@ -102,7 +103,7 @@ def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None
              options=opts, slots=slots, device=device, dtype=dtype, model_type=targets_mod.model_type(model),
              backend=backend, requested_rank=requested, dropout=dropout, rank_pattern=ranks, alpha_pattern=alphas,
              use_rslora=use_rslora, modules_to_save=to_save,
-             use_dora=use_dora)
+             use_dora=use_dora, autocast_adapter_dtype=autocast_adapter_dtype, model_dtype=model_dtype)
     validate = getattr(opts, "validate", None)
     if validate is not None:
         validate(p)

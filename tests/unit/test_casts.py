@@ -88,3 +88,50 @@ def test_generation_under_inference_mode_then_training(method):
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()  # a cached copy made under inference mode could not be saved for this backward
     assert all(p.grad is not None for p in model.peftkern.parameters() if p.requires_grad)
+
+
+def test_a_factor_frozen_again_after_a_fused_step_is_not_served_stale():
+    """A copy cached while a factor was frozen must not survive a step that trained it: fused AdamW
+    bumps no version counter and requires_grad is toggled freely (a review's finding)."""
+    model = _model("lora")
+    As = [p for n, p in model.peftkern.named_parameters() if n.endswith(".A")]
+    opt = torch.optim.AdamW([p for p in model.peftkern.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    ids = tokens()
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for p in As:
+        p.requires_grad_(False)
+    step()  # A frozen: its cast cached
+    for p in As:
+        p.requires_grad_(True)
+    step()
+    step()  # A trained by a fused step
+    for p in As:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        want = copy.deepcopy(model)(input_ids=ids).logits  # an empty cache
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_a_saved_adapter_of_a_half_model_loads_back_in_its_own_dtype(tmp_path, autocast):
+    """peftkern.save / load on a bf16 model, with the fp32 adapter (the default) or the model's dtype:
+    load builds the adapter the way it was saved and checks the model against the model's dtype (it
+    compared the model with the adapter's fp32 and refused every bf16 model: a review's finding)."""
+    model = peftkern.patch(tiny_model("llama").to(torch.bfloat16), "lora", backend="torch",
+                           autocast_adapter_dtype=autocast)
+    with torch.no_grad():
+        for p in model.peftkern.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    peftkern.save(model, tmp_path)
+    loaded = peftkern.load(tiny_model("llama").to(torch.bfloat16), tmp_path, backend="torch")
+    want = torch.float32 if autocast else torch.bfloat16
+    assert {p.dtype for p in loaded.peftkern.parameters()} == {want}
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
