@@ -416,17 +416,20 @@ class Magnitudes(nn.Module):
 
     @torch.no_grad()
     def merge(self, slot: int, weight: Tensor, delta: Tensor, norm: Tensor) -> None:
-        """W0 ← g⊙(W0 + ΔW), g = m/‖W0 + ΔW‖ (Linear layout [N, K], in place); keeps the norm for unmerge."""
-        g = (self.m[slot].detach().to(norm.dtype) / norm).to(weight.dtype)
-        weight.add_(delta.to(weight.dtype)).mul_(g[:, None])
+        """W0 ← g⊙(W0 + ΔW), g = m/‖W0 + ΔW‖ (Linear layout [N, K], in place); keeps the norm for unmerge.
+        A half-precision W0 is merged in fp32 and rounded once (as PEFT's merge), not per operation."""
+        acc = _acc(weight.dtype)
+        g = self.m[slot].detach().to(norm.dtype) / norm
+        weight.copy_((weight.to(acc) + delta.to(acc)) * g.to(acc)[:, None])
         self.merged_norms[slot] = norm.clone()
 
     @torch.no_grad()
     def unmerge(self, slot: int, weight: Tensor, delta: Tensor) -> None:
-        """W0 ← W/g − ΔW with the norm the merge used: exact to rounding."""
+        """W0 ← W/g − ΔW with the norm the merge used: exact to rounding (one rounding, as ``merge``)."""
         norm = self.merged_norms.pop(slot)
-        g = (self.m[slot].detach().to(norm.dtype) / norm).to(weight.dtype)
-        weight.div_(g[:, None]).sub_(delta.to(weight.dtype))
+        acc = _acc(weight.dtype)
+        g = self.m[slot].detach().to(norm.dtype) / norm
+        weight.copy_(weight.to(acc) / g.to(acc)[:, None] - delta.to(acc))
 
     def __getstate__(self):  # a copy recomputes its norms: cached tensors belong to the original's storage
         return {**self.__dict__, "_norms": {}, "_gains": {}, "_w0": {}, "_sources": {}, "_groups": {},

@@ -218,7 +218,9 @@ class AdaptedLinear(nn.Module):
 
     def _apply_delta(self, sign: float) -> None:
         weight = self.base_layer.weight
-        delta = self._state.delta_weight(self.slot).to(weight.dtype)
+        # ΔW in the adapter's dtype (fp32 on a half model): W0 ± ΔW is formed at that precision and
+        # rounded once to W0's dtype, as PEFT's merge rounds (rounding ΔW first rounds twice)
+        delta = self._state.delta_weight(self.slot)
         dora = self._state.dora
         if dora is not None:  # W0 ← g⊙(W0 + ΔW), and back with the norm the merge used
             f = self._state.factors(self.slot)
@@ -228,7 +230,11 @@ class AdaptedLinear(nn.Module):
             else:
                 dora.unmerge(self.slot, self.base_weight(), delta)
             return
-        weight.add_(delta.t() if self.transposed else delta, alpha=sign)
+        delta = delta.t() if self.transposed else delta
+        if delta.dtype == weight.dtype:
+            weight.add_(delta, alpha=sign)
+        else:
+            weight.copy_(torch.add(weight.to(delta.dtype), delta, alpha=sign))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, method={self._state.plan.method}, "

@@ -64,6 +64,9 @@ NEUTRAL: Dict[str, Any] = {
 # --- export ---------------------------------------------------------------------------------------
 
 
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's: whose base weight its "auto" saving writes
+
+
 def export_peft(model: nn.Module, directory: PathLike, skip_empty: bool = False,
                 snapshot: Optional[Any] = None) -> Optional[Path]:
     """Write the adapter of a patched ``model`` as a standard PEFT LoRA adapter with the same ΔW.
@@ -108,6 +111,11 @@ def export_peft(model: nn.Module, directory: PathLike, skip_empty: bool = False,
     for module_path in heads:
         for pname, t in snapshot.module_tensors(model, module_path).items():
             tensors[f"{PEFT_PREFIX}{module_path}.{pname}"] = t
+    for path in pairs:  # PEFT's save_embedding_layers="auto": an adapted embedding or LM head's own weight,
+        # which a resized vocabulary changes (load_peft restores it: the file then exports back equal)
+        base = modules[path].base_layer
+        if path.rpartition(".")[2] in EMBEDDING_LAYER_NAMES and quant.kind(base) is None:
+            tensors[f"{PEFT_PREFIX}{path}.base_layer.weight"] = snapshot.module_tensors(model, path + ".base_layer")["weight"]
     ranks = {path: ab[0].shape[0] for path, ab in pairs.items()}
     if raw:
         alphas = {s.path: plan.slot_alpha(s) for s in plan.slots if s.path in ranks}

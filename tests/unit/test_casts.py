@@ -135,3 +135,40 @@ def test_a_saved_adapter_of_a_half_model_loads_back_in_its_own_dtype(tmp_path, a
     ids = tokens()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_a_half_model_merges_in_fp32_and_rounds_once(use_dora):
+    """merge forms W0 + ΔW (DoRA: g⊙(W0 + ΔW)) from the fp32 adapter in fp32 and rounds it to bf16
+    once, as PEFT's merge_and_unload; rounding ΔW to bf16 first left a quarter of the entries one
+    ulp off (a review's finding)."""
+    model = _model("lora", use_dora=use_dora)
+    with torch.no_grad():
+        for p in model.peftkern.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    q = model.model.layers[0].self_attn.q_proj
+    w0 = q.base_layer.weight.detach().float().clone()
+    delta = model.peftkern.delta_weight(q.slot).float()
+    want = w0 + delta
+    if use_dora:
+        want = want * (model.peftkern.dora.m[q.slot].detach().float() / want.norm(dim=1))[:, None]
+    peftkern.merge(model)
+    torch.testing.assert_close(q.base_layer.weight, want.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_a_parametrized_factor_is_read_through_its_parametrization():
+    """torch.nn.utils.parametrize moves a factor out of its module's parameter dict: factors() then
+    reads the attribute (the dict lookups raised KeyError: a review's finding)."""
+    from torch.nn.utils import parametrize
+
+    class Zero(torch.nn.Module):
+        def forward(self, X):
+            return 0.0 * X
+
+    model = _model("lora")
+    ids = tokens()
+    group = model.peftkern.groups[0]
+    parametrize.register_parametrization(group, "A", Zero())
+    assert not model.peftkern.factors(0).A.any()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert group.parametrizations.A.original.grad is not None

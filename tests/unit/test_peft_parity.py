@@ -285,6 +285,11 @@ def test_load_peft_reads_an_lm_head_adapter_with_its_saved_base_weight(tmp_path,
     torch.testing.assert_close(ours.lm_head.base_layer.weight, tensors[key], rtol=0, atol=0)
     ids = tokens()
     torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), **TOL)
+    peftkern.export_peft(ours, tmp_path / "again")  # exported back with that weight, as PEFT's "auto" saves it
+    again = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    torch.testing.assert_close(again[key], tensors[key], rtol=0, atol=0)
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "again")).eval()
+    torch.testing.assert_close(logits(reloaded, ids), logits(theirs, ids), **TOL)
     tensors[key] = tensors[key][:, :-1].contiguous()
     save_file(tensors, str(file))
     model = copy.deepcopy(base)
