@@ -292,6 +292,7 @@ class Explanation:
     rows: List[Dict[str, Any]]
     method: str
     backends: Dict[str, Optional[str]]
+    weights: str = ""  # the adapter's dtype, and the cast to the compute dtype when they differ
 
     def __str__(self) -> str:
         cols = ["module", "shape", "rank", "backend", "path", "A", "B", "u", "v", "merged"]
@@ -299,7 +300,8 @@ class Explanation:
             cols.insert(-1, "magnitude")
         table = [[str(r.get(c, "")) for c in cols] for r in self.rows]
         widths = [max(len(c), *(len(row[i]) for row in table)) if table else len(c) for i, c in enumerate(cols)]
-        lines = [f"peftkern: method {self.method!r}, {len(self.rows)} adapted modules",
+        lines = [f"peftkern: method {self.method!r}, {len(self.rows)} adapted modules"
+                 + (f"; adapter weights {self.weights}" if self.weights else ""),
                  "  ".join(c.ljust(w) for c, w in zip(cols, widths))]
         lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in table]
         avail = ", ".join(f"{k}: {'ok' if v is None else 'unavailable (' + v + ')'}" for k, v in self.backends.items())
@@ -355,7 +357,17 @@ def explain(model: nn.Module) -> Explanation:
                                 f"{refresh}")
         row.update(state.describe_slot(m.slot))
         rows.append(row)
-    return Explanation(rows, state.plan.method, registry.availability())
+    return Explanation(rows, state.plan.method, registry.availability(), _weights(state.plan))
+
+
+def _weights(plan) -> str:
+    """The adapter's dtype, said with the model's where they differ (``autocast_adapter_dtype``)."""
+    name = str(plan.dtype).replace("torch.", "")
+    model = plan.model_dtype
+    if model is None or model == plan.dtype:
+        return f"in {name}, the model's dtype"
+    return (f"in {name}, cast to {str(model).replace('torch.', '')} in each training forward and cached under "
+            "no_grad (autocast_adapter_dtype)")
 
 
 @dataclass(frozen=True)

@@ -172,3 +172,9 @@ def test_a_parametrized_factor_is_read_through_its_parametrization():
     assert not model.peftkern.factors(0).A.any()
     model(input_ids=ids, labels=ids).loss.backward()
     assert group.parametrizations.A.original.grad is not None
+
+
+def test_explain_says_the_adapters_dtype_and_the_cast():
+    assert "adapter weights in float32, cast to bfloat16 in each training forward" in str(peftkern.explain(_model("lora")))
+    kept = peftkern.patch(tiny_model("llama").to(torch.bfloat16), "lora", autocast_adapter_dtype=False)
+    assert "adapter weights in bfloat16, the model's dtype" in str(peftkern.explain(kept))
