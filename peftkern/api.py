@@ -273,11 +273,13 @@ def load(model: nn.Module, directory, backend: str = "auto") -> nn.Module:
     return model
 
 
-def load_peft(model: nn.Module, directory, backend: str = "auto") -> nn.Module:
+def load_peft(model: nn.Module, directory, backend: str = "auto", *, autocast_adapter_dtype: bool = True) -> nn.Module:
     """Patch ``model`` with a standard PEFT LoRA adapter (as ``lora``, trainable): per-module ranks
-    and alphas, rsLoRA, dropout and ``modules_to_save`` are honoured. Raises FileNotFoundError /
-    ValueError, before the model is modified, naming unknown or unsupported config fields and misfits."""
-    peft_format.load_peft(model, directory, backend)
+    and alphas, rsLoRA, dropout and ``modules_to_save`` are honoured; on a bf16/fp16 model the factors
+    are fp32 unless ``autocast_adapter_dtype`` is False (``patch``'s option, PEFT's name). Raises
+    FileNotFoundError / ValueError, before the model is modified, naming unknown or unsupported config
+    fields and misfits."""
+    peft_format.load_peft(model, directory, backend, autocast_adapter_dtype=autocast_adapter_dtype)
     hf.bind(model)
     return model
 

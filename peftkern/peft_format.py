@@ -207,8 +207,12 @@ def _alpha_for(path: str, pattern: Dict[str, Any], default: Any) -> Any:
     return default
 
 
-def load_peft(model: nn.Module, directory: PathLike, backend: str = "auto") -> nn.Module:
+def load_peft(model: nn.Module, directory: PathLike, backend: str = "auto", *,
+              autocast_adapter_dtype: bool = True) -> nn.Module:
     """Patch ``model`` with the PEFT LoRA adapter in ``directory`` (as peftkern's ``lora``) and return it.
+
+    ``autocast_adapter_dtype`` as ``patch``'s (and PEFT's ``from_pretrained``'s): on a bf16/fp16 model
+    the factors are fp32 unless it is False.
 
     The adapter's A and B are trainable, so it can be trained further, run on peftkern's
     kernels, merged, saved or exported again (``export_peft`` writes back an equal adapter).
@@ -247,7 +251,8 @@ def load_peft(model: nn.Module, directory: PathLike, backend: str = "auto") -> n
                       dropout=config.get("lora_dropout", 0.0), use_rslora=bool(config.get("use_rslora", False)),
                       rank_pattern={re.escape(k): v for k, v in ranks.items() if v != r},
                       alpha_pattern={re.escape(k): v for k, v in alphas.items() if v != alpha},
-                      modules_to_save=list(heads) or None, use_dora=dora, rank_limit=False)
+                      modules_to_save=list(heads) or None, use_dora=dora, rank_limit=False,
+                      autocast_adapter_dtype=autocast_adapter_dtype)
     state = patching.build(p)
     head_values = _check_heads(model, heads) + _check_bases(modules, bases, pairs)
     with torch.no_grad():

@@ -178,3 +178,13 @@ def test_explain_says_the_adapters_dtype_and_the_cast():
     assert "adapter weights in float32, cast to bfloat16 in each training forward" in str(peftkern.explain(_model("lora")))
     kept = peftkern.patch(tiny_model("llama").to(torch.bfloat16), "lora", autocast_adapter_dtype=False)
     assert "adapter weights in bfloat16, the model's dtype" in str(peftkern.explain(kept))
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_load_peft_takes_the_adapter_dtype_choice(tmp_path, autocast):
+    peft = pytest.importorskip("peft")
+    base = tiny_model("llama").to(torch.bfloat16)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    theirs.save_pretrained(str(tmp_path))
+    ours = peftkern.load_peft(copy.deepcopy(base), tmp_path, autocast_adapter_dtype=autocast)
+    assert {p.dtype for p in ours.peftkern.parameters()} == {torch.float32 if autocast else torch.bfloat16}
