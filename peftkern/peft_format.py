@@ -335,12 +335,7 @@ def _check_heads(model: nn.Module, heads: Dict[str, Dict[str, torch.Tensor]]) ->
         except AttributeError:
             raise ValueError(f"the adapter saves module {module_path!r} (modules_to_save), which this model does "
                              "not have") from None
-        own = dict(module.named_parameters())
-        for name, t in params.items():
-            if name not in own or tuple(own[name].shape) != tuple(t.shape):
-                have = tuple(own[name].shape) if name in own else "no such parameter"
-                raise ValueError(f"{module_path}.{name} is {tuple(t.shape)} in the adapter, {have} in this model")
-            out.append((own[name], t))
+        out += _matched(module, module_path, params)
     return out
 
 
@@ -354,12 +349,20 @@ def _check_bases(modules: Dict[str, nn.Module], bases: Dict[str, Dict[str, torch
         if quant.kind(modules[path]) is not None:
             raise ValueError(f"the adapter saves {path}'s base weights, which this model holds quantized: load it onto "
                              "a full-precision model, or save it from PEFT with save_embedding_layers=False")
-        own = dict(modules[path].named_parameters())
-        for name, t in params.items():
-            if name not in own or tuple(own[name].shape) != tuple(t.shape):
-                have = tuple(own[name].shape) if name in own else "no such parameter"
-                raise ValueError(f"{path}.base_layer.{name} is {tuple(t.shape)} in the adapter, {have} in this model")
-            out.append((own[name], t))
+        out += _matched(modules[path], f"{path}.base_layer", params)
+    return out
+
+
+def _matched(module: nn.Module, label: str, params: Dict[str, torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """(the module's parameter, the saved value) per saved name; ValueError naming ``label.name`` for a
+    parameter the module lacks or of another shape."""
+    own = dict(module.named_parameters())
+    out = []
+    for name, t in params.items():
+        if name not in own or tuple(own[name].shape) != tuple(t.shape):
+            have = tuple(own[name].shape) if name in own else "no such parameter"
+            raise ValueError(f"{label}.{name} is {tuple(t.shape)} in the adapter, {have} in this model")
+        out.append((own[name], t))
     return out
 
 
