@@ -8,8 +8,9 @@ projections, a frozen A or B, PG's frozen factor), and any factor under ``torch.
 ``torch.inference_mode`` (evaluation, generation). Those copies are kept here, with a stamp of the
 parameter they were made from (``peftkern.stamps``: identity, version, storage, dtype, and the
 optimizer step count), and made again only when it changed or a step was taken: generation casts
-nothing per token, and VeRA casts its projections once a step, not once a module. A view of a shared parameter (a module's
-slice of a tied factor) is cut from the one cached copy of the whole parameter.
+nothing per token, and VeRA casts its projections once a step, not once a module. A view of a
+shared parameter (a module's slice of a tied factor) is cut from the one cached copy of the whole
+parameter.
 
 Only parameters are cached: generated factors (hypernetwork outputs) are new tensors each forward.
 """
@@ -32,12 +33,13 @@ class Casts:
 
     def __init__(self):
         self._copies: Dict[Tuple[int, torch.dtype], Tuple[int, tuple, Tensor]] = {}
+        self._pruned_at = 0  # the number of copies after the last prune
 
     def __deepcopy__(self, memo) -> "Casts":  # a copy's parameters are other tensors: it starts empty
         return Casts()
 
     def __getstate__(self):
-        return {"_copies": {}}
+        return {"_copies": {}, "_pruned_at": 0}
 
     def factors(self, f: Any, dtype: torch.dtype) -> Any:
         """A ``Factors`` with A, B, u and v in ``dtype`` (the rest kept), cast or cached as the module docstring says."""
@@ -74,10 +76,15 @@ class Casts:
         return copy.as_strided(t.size(), t.stride(), t.storage_offset() - root.storage_offset())
 
     def _prune(self) -> None:
-        """Drop the copies of parameters that no longer exist (replaced by a load with assign, a move)."""
+        """Drop the copies of parameters that no longer exist (replaced by a load with assign, a move),
+        once the cache has doubled since the last prune: a scan per miss would cost every refresh after
+        a step the square of the number of parameters."""
+        if len(self._copies) < 2 * self._pruned_at + 16:
+            return
         dead = [k for k, (_, stamp, _) in self._copies.items() if stamp[0][0]() is None]
         for k in dead:
             del self._copies[k]
+        self._pruned_at = len(self._copies)
 
 
 __all__ = ["Casts"]

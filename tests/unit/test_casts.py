@@ -188,3 +188,16 @@ def test_load_peft_takes_the_adapter_dtype_choice(tmp_path, autocast):
     theirs.save_pretrained(str(tmp_path))
     ours = peftkern.load_peft(copy.deepcopy(base), tmp_path, autocast_adapter_dtype=autocast)
     assert {p.dtype for p in ours.peftkern.parameters()} == {torch.float32 if autocast else torch.bfloat16}
+
+
+def test_copies_of_replaced_parameters_are_dropped():
+    """Parameters replaced over and over (load_state_dict with assign) leave no unbounded trail of copies."""
+    model = _model("lora")
+    ids = tokens()
+    live = sum(1 for _ in model.peftkern.parameters())
+    for _ in range(12):
+        state = {k: v.detach().clone() for k, v in model.peftkern.state_dict().items()}
+        model.peftkern.load_state_dict(state, assign=True)
+        with torch.no_grad():
+            model(input_ids=ids)
+        assert len(model.peftkern.casts._copies) <= 2 * live + 16
