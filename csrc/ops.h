@@ -105,7 +105,8 @@ std::vector<OptTensor> hypernet_backward(const Tensor& dout, const Tensor& E, co
 // --- DoRA's column scale (dora.cpp) ---------------------------------------------------------
 // forward: y = g⊙z + bias, in place on z [M, N] (returned). backward: (dz = dy⊙g or None, dg = Σ_m dy⊙z
 // or None), with z = (saved − bias)/g when `from_output` (saved is y), else z = saved; dz only when
-// `need_dz` (a caller that folded g into the weight reduces dg alone: a read of dy and y, no write).
+// `need_dz` (a caller that folded g into the weight reduces dg alone: a read of dy and y, no write; g
+// may then be wider than dy, DoRA's fp32 m, and dg is in g's dtype).
 Tensor dora_scale_forward(const Tensor& z, const Tensor& g, const OptTensor& bias);
 std::tuple<OptTensor, OptTensor> dora_scale_backward(const Tensor& dy, const Tensor& saved, const Tensor& g,
                                                      const OptTensor& bias, bool from_output, bool need_g,

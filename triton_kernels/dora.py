@@ -81,8 +81,11 @@ def scale_forward(z: Tensor, g: Tensor, bias: Optional[Tensor]) -> Tensor:
 def scale_backward(dy: Tensor, saved: Tensor, g: Tensor, bias: Optional[Tensor], from_output: bool,
                    need_g: bool, need_dz: bool = True) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """(dz, dg): dz = dy⊙g (None unless ``need_dz``: the pass then only reads); dg = Σ_m dy⊙z,
-    z = (saved − b)/g if ``from_output`` else saved."""
-    _launch.check_same_dtype("dy", dy, saved=saved, g=g, bias=bias)
+    z = (saved − b)/g if ``from_output`` else saved, in g's dtype. Without dz, g may be wider than
+    dy (DoRA's folded route passes an fp32 m itself): it is read only by the final division."""
+    _launch.check_same_dtype("dy", dy, saved=saved, g=g if need_dz else None, bias=bias)
+    if not need_dz and not g.dtype.is_floating_point:
+        raise TypeError(f"triton backend: g has dtype {g.dtype}; it must be a float dtype")
     M, N = dy.shape
     dz = torch.empty_like(dy, memory_format=torch.contiguous_format) if need_dz else None
     acc = _launch.acc_torch_dtype(dy.dtype)
@@ -95,9 +98,10 @@ def scale_backward(dy: Tensor, saved: Tensor, g: Tensor, bias: Optional[Tensor],
                    NEED_G=need_g, NEED_DZ=need_dz, SUB_BIAS=from_output and bias is not None,
                    ACC_DT=_launch.dot_meta(dy.dtype)["ACC_DT"])
     if dg is not None:
-        if from_output:
-            dg = dg / g.to(acc)
-        dg = dg.to(g.dtype)
+        if from_output:  # in the wider of fp32 and g's dtype, written in g's dtype: one launch
+            dg = torch.div(dg, g, out=torch.empty_like(g))
+        else:
+            dg = dg.to(g.dtype)
     return dz, dg
 
 

@@ -54,7 +54,8 @@ struct DoraNode : public torch::autograd::Function<DoraNode> {
       [[maybe_unused]] auto [out, hh, ax, ran] = adapter_forward(x2, weight * gain.unsqueeze(1), bias, A, B_run, u, v_run, scale, 0.0,
                                                 0, path);
       y = out, h = or_undefined(hh), aux = or_undefined(ax);
-      last = m.detach().to(x2.scalar_type());  // the backward divides by m (DoraFunction._folded_backward)
+      // the backward divides by m in m's own dtype (DoraFunction._folded_backward): no cast either way
+      last = m.detach();
     } else {
       [[maybe_unused]] auto [z, hh, ax, ran] = adapter_forward(x2, weight, std::nullopt, A, B, u, v, scale, 0.0, 0, path);
       h = or_undefined(hh), aux = or_undefined(ax);
@@ -106,7 +107,7 @@ struct DoraNode : public torch::autograd::Function<DoraNode> {
     std::vector<OptTensor> g7;
     Tensor dm;
     if (folded) {
-      if (need_m) dm = std::get<1>(dora_scale_backward(dy, y, last, bias, true, true, false))->to(m_dtype);
+      if (need_m) dm = *std::get<1>(dora_scale_backward(dy, y, last, bias, true, true, false));  // in m's dtype
       g7 = adapter_grads(dy, need_x || need_w ? weight * gain.unsqueeze(1) : weight);
       const Tensor col = gain.unsqueeze(1);
       if (flags[1] && g7[1].has_value()) g7[1] = *g7[1] * col;

@@ -21,11 +21,18 @@
 namespace peftkern {
 namespace {
 
-void check_scale(const Tensor& z, const Tensor& g, const OptTensor& bias, const char* op) {
+// wide_g: g may have any float dtype (dora_scale_backward without dz)
+void check_scale(const Tensor& z, const Tensor& g, const OptTensor& bias, const char* op, bool wide_g = false) {
   TORCH_CHECK_VALUE(z.dim() == 2, "peftkern.", op, ": the output must be [M, N], got ", z.sizes());
   detail::check_vector(g, z.size(1), op, "g");
   detail::check_vector(bias, z.size(1), op, "bias");
-  detail::check_same(z, g, op, "g");
+  if (wide_g) {
+    TORCH_CHECK_TYPE(at::isFloatingType(g.scalar_type()), "peftkern.", op, ": g has dtype ", g.scalar_type(),
+                     "; it must be a float dtype");
+    TORCH_CHECK_VALUE(g.device() == z.device(), "peftkern.", op, ": g is on ", g.device(), " but x is on ", z.device());
+  } else {
+    detail::check_same(z, g, op, "g");
+  }
   detail::check_same(z, bias, op, "bias");
 }
 
@@ -104,12 +111,15 @@ Tensor dora_scale_forward(const Tensor& z, const Tensor& g, const OptTensor& bia
 std::tuple<OptTensor, OptTensor> dora_scale_backward(const Tensor& dy, const Tensor& saved, const Tensor& g,
                                                      const OptTensor& bias, bool from_output, bool need_g,
                                                      bool need_dz) {
-  check_scale(dy, g, bias, "dora_scale_backward");
+  // Without dz, g may be wider than dy (DoRA's folded route passes an fp32 m itself, so m is cast
+  // neither way): the pass then reads g only in its final division, done in g's dtype.
+  const bool wide_g = !need_dz && g.scalar_type() != dy.scalar_type();
+  check_scale(dy, g, bias, "dora_scale_backward", wide_g);
   TORCH_CHECK_VALUE(saved.sizes() == dy.sizes(), "peftkern.dora_scale_backward: the saved output has shape ",
                     saved.sizes(), " but dy has ", dy.sizes());
   detail::check_same(dy, saved, "dora_scale_backward", "saved");
   if (!dy.device().is_cpu()) return scale_backward_aten(dy, saved, g, bias, from_output, need_g, need_dz);
-  const Tensor dyc = dy.contiguous(), sc = saved.contiguous(), gc = g.contiguous();
+  const Tensor dyc = dy.contiguous(), sc = saved.contiguous(), gc = wide_g ? Tensor() : g.contiguous();
   const OptTensor bc = detail::contiguous(bias);
   const int64_t M = dy.size(0), N = dy.size(1);
   Tensor dz = need_dz ? at::empty_like(dyc) : Tensor();
@@ -118,7 +128,7 @@ std::tuple<OptTensor, OptTensor> dora_scale_backward(const Tensor& dy, const Ten
     using O = at::opmath_type<scalar_t>;
     const scalar_t* d = dyc.data_ptr<scalar_t>();
     const scalar_t* s = sc.data_ptr<scalar_t>();
-    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    const scalar_t* gp = wide_g ? nullptr : gc.data_ptr<scalar_t>();  // read for dz and the division only
     const scalar_t* bp = detail::ptr_or_null<scalar_t>(bc);
     scalar_t* out = need_dz ? dz.data_ptr<scalar_t>() : nullptr;
     const int threads = at::get_num_threads();
@@ -134,7 +144,22 @@ std::tuple<OptTensor, OptTensor> dora_scale_backward(const Tensor& dy, const Ten
                                         out != nullptr ? out + m * N : nullptr, acc, N);
       }
     });
-    if (need_g) {
+    if (need_g && wide_g) {  // the sums in the accumulation type, then one division in g's dtype
+      Tensor sums = at::empty({N}, dy.options().dtype(c10::CppTypeToScalarType<O>::value));
+      O* sp = sums.data_ptr<O>();
+      for (int64_t n = 0; n < N; ++n) {
+        O total = 0;
+        for (int t = 0; t < threads; ++t) total += partial[static_cast<size_t>(t) * N + n];
+        sp[n] = total;
+      }
+      if (from_output) {
+        Tensor result = at::empty_like(g);
+        at::div_out(result, sums, g);
+        dg = result;
+      } else {
+        dg = sums.to(g.scalar_type());
+      }
+    } else if (need_g) {
       Tensor result = at::empty({N}, g.options());
       scalar_t* rp = result.data_ptr<scalar_t>();
       for (int64_t n = 0; n < N; ++n) {

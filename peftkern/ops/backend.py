@@ -29,7 +29,8 @@ empty placeholder, library.py).
     dora_scale_forward(z, g, bias) -> y = g⊙z + bias                     z [M, N], g [N]; may reuse z
     dora_scale_backward(dy, saved, g, bias, from_output, need_g, need_dz) -> (dz = dy⊙g, dg = Σ_m dy⊙z)
         where z is ``saved``, or with ``from_output`` (``saved`` is y) z = (y − bias)/g: one pass over dy;
-        dz None unless ``need_dz`` (then the pass only reads)
+        dz None unless ``need_dz`` (then the pass only reads, and g may be wider than dy: DoRA's folded
+        route passes an fp32 m itself); dg in g's dtype
 
 ``weight`` may be None in the adapter kernels of a backend that declares ``lowrank_only``: the
 base product then runs elsewhere (a quantized base layer), and y is the low-rank term (+ bias).

@@ -255,8 +255,8 @@ class DoraFunction(torch.autograd.Function):
                 y = backend.dora_scale_forward(z.clone() if need_m else z, g, bias)
                 y = y.addmm_(x2 - xd, weight.t())
         keep_x = need_A or need_w or (want_h and h is None) or keep is not None
-        # the folded backward divides by m itself (_folded_backward), the scaled one by the norm
-        last = m.detach().to(x2.dtype) if folded else norm
+        # the folded backward divides by m itself, in m's dtype (_folded_backward), the scaled one by the norm
+        last = m.detach() if folded else norm
         ctx.save_for_backward(x2 if keep_x else None, weight, A, B, u, v, h, aux, g, bias, saved, keep, last)
         ctx.scale, ctx.dropout, ctx.backend, ctx.x_shape, ctx.m_dtype = scale, dropout, backend, x.shape, m.dtype
         ctx.folded = folded
@@ -299,9 +299,10 @@ class DoraFunction(torch.autograd.Function):
         and dv (dB) are g times the gradients it gives.
 
         dm = Σ_rows dy⊙z / norm with z = (y − b)/g, and g·norm = m: so the scale pass divides by m
-        (``m``: m in y's dtype) and gives dm itself, two launches fewer than dg then dg/norm. g is
-        m/norm rounded to y's dtype, so this differs from dg/norm by that one rounding (2⁻⁹ in bf16,
-        below m's own bf16 rounding; 2⁻²⁴ in fp32)."""
+        itself, in m's dtype (fp32 on a half model: the pass reads the wider g and writes dm in it),
+        and gives dm, with no cast of m either way and two launches fewer than dg then dg/norm. g is
+        m/norm rounded to y's dtype, so this differs from dg/norm by that one rounding (2⁻⁹ in bf16;
+        2⁻²⁴ in fp32)."""
         need_x, need_w, need_b, need_A, need_B, need_u, need_v, need_m = ctx.needs_input_grad[:8]
         dm = None
         if need_m:
@@ -318,7 +319,6 @@ class DoraFunction(torch.autograd.Function):
         else:
             dB = None if dB is None else dB * g[:, None]
         db = dy.sum(0).to(weight.dtype) if need_b else None
-        dm = None if dm is None else dm.to(ctx.m_dtype)
         return dx, dw, db, dA, dB, du, dv, dm, None, None, None, None
 
 

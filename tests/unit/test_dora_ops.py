@@ -178,32 +178,81 @@ def test_the_route_rule_folds_only_many_tokens_without_dropout():
     assert not functions.dora_folds(10 ** 6, 576, 0.1)  # PEFT's dropout formula needs W0 on the undropped x
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_the_folded_route_makes_no_output_sized_pass_of_its_own(backend, monkeypatch):
-    """Folded, the forward calls no column scale and the backward asks the scale pass for dg alone
-    (need_dz false): no [M, N] tensor is written beyond the adapter's own output and dx. (DoraFunction's
-    dataflow; the cpp backend's C++ node repeats it, bit for bit: test_cpp_dora_node.py.)"""
-    be = opcheck.available_backend(backend)
-    calls = []
-
+def _spy(be, seen):
+    """``be`` with no DoRA node (DoraFunction runs) whose column-scale kernels report (name, args) to ``seen``."""
     class Spy:
         def __getattr__(self, name):
             if name == "dora_node":
                 return None
             value = getattr(be, name)
             if name.startswith("dora_scale"):
-                return lambda *a: calls.append((name, a[-1])) or value(*a)
+                return lambda *a: seen(name, a) or value(*a)
             return value
+    return Spy()
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_folded_route_makes_no_output_sized_pass_of_its_own(backend, monkeypatch):
+    """Folded, the forward calls no column scale and the backward asks the scale pass for dg alone
+    (need_dz false): no [M, N] tensor is written beyond the adapter's own output and dx. (DoraFunction's
+    dataflow; the cpp backend's C++ node repeats it, bit for bit: test_cpp_dora_node.py.)"""
+    calls = []
+    spy = _spy(opcheck.available_backend(backend), lambda name, a: calls.append((name, a[-1])))
     monkeypatch.setattr(functions, "FOLD_MIN_ROWS_PER_FEATURE", 0)
     t, m = _inputs(37, 64, 48, 8)
-    y = BoundOps(Spy()).dora_adapter(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], m,
+    y = BoundOps(spy).dora_adapter(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], m,
                                      lambda: dora.weight_norm(t["weight"].detach(), t["A"].detach(), t["B"].detach(),
                                                               t["u"].detach(), t["v"].detach(), 0.5), 0.5)
     y.sum().backward()
     assert calls == [("dora_scale_backward", False)]
     assert m.grad is not None and t["x"].grad is not None
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_dm_pass_reads_a_wider_g_and_writes_it_in_that_dtype(backend, bias):
+    """DoRA's folded route hands its bf16 pass the fp32 m itself (no cast of m either way): the sums
+    accumulate in fp32 and are divided by the fp32 m, dg in fp32, as from fp32 dy and y to the
+    rounding of bf16's products; with dz asked for, g must have dy's dtype."""
+    be = opcheck.available_backend(backend)
+    gen = torch.Generator().manual_seed(5)
+    dy, y = (torch.randn(37, 48, generator=gen).bfloat16() for _ in range(2))
+    m = torch.rand(48, generator=gen) + 0.5
+    b = torch.randn(48, generator=gen).bfloat16() if bias else None
+    def within_bf16_products(got, terms, divisor=1.0):  # each product rounded once at most (2⁻⁹), summed in fp32
+        assert got.dtype == torch.float32
+        want, bound = terms.sum(0) / divisor, 2 ** -8 * terms.abs().sum(0) / divisor + 1e-6
+        assert ((got.double() - want).abs() <= bound).all(), (got.double() - want).abs().max()
+
+    dz, dm = be.dora_scale_backward(dy, y, m, b, True, True, False)
+    assert dz is None
+    within_bf16_products(dm, dy.double() * (y.double() - (0 if b is None else b.double())), m.double())
+    _, dg = be.dora_scale_backward(dy, y, m, b, False, True, False)  # z given: no division
+    within_bf16_products(dg, dy.double() * y.double())
+    with pytest.raises(TypeError, match="dtype"):
+        be.dora_scale_backward(dy, y, m, b, True, True, True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_folded_route_casts_no_fp32_magnitude(backend, monkeypatch):
+    """On a bf16 model with fp32 adapter weights (autocast_adapter_dtype), the folded route's dm pass
+    takes m itself, and dm comes back in fp32 from it: no launch casts m forward or dm backward."""
+    seen = []
+    spy = _spy(opcheck.available_backend(backend), lambda name, a: seen.append(a[2]) if "backward" in name else None)
+    monkeypatch.setattr(functions, "FOLD_MIN_ROWS_PER_FEATURE", 0)
+    t, m = _inputs(37, 64, 48, 8)
+    tb = {k: (None if v is None else v.detach().bfloat16().requires_grad_(v.requires_grad)) for k, v in t.items()}
+    norm = dora.weight_norm(tb["weight"].float(), tb["A"].float(), tb["B"].float(), tb["u"].float(), tb["v"].float(),
+                            0.5)
+    y = BoundOps(spy).dora_adapter(tb["x"], tb["weight"], tb["bias"], tb["A"], tb["B"], tb["u"], tb["v"], m, norm, 0.5)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).bfloat16()
+    y.backward(dy)
+    assert len(seen) == 1 and seen[0].dtype == torch.float32 and seen[0].data_ptr() == m.data_ptr()
+    assert m.grad.dtype == torch.float32
+    terms = dy.double() * (y.detach().double() - tb["bias"].double())
+    bound = 2 ** -8 * terms.abs().sum(0) / m.detach().double() + 1e-6
+    assert ((m.grad.double() - terms.sum(0) / m.detach().double()).abs() <= bound).all()
 
 # --- the norm -------------------------------------------------------------------------------------------------
 

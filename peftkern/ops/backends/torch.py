@@ -225,7 +225,10 @@ def dora_scale_forward(z, g, bias):
 
 def dora_scale_backward(dy, saved, g, bias, from_output, need_g, need_dz=True):
     """dz = dy⊙g (None unless ``need_dz``); dg = Σ_m dy⊙z with z = saved, or (y − b)/g from the output
-    y. The reduction accumulates in fp32 (fp64 stays fp64)."""
+    y, in g's dtype. The reduction accumulates in fp32 (fp64 stays fp64). Without dz, g may be wider
+    than dy (DoRA's folded route passes an fp32 m itself; every backend takes that)."""
+    if need_dz and g.dtype != dy.dtype:  # dz would come out in g's dtype (the other backends raise too)
+        raise TypeError(f"torch backend: dora_scale_backward with dz needs g in dy's dtype {dy.dtype}, got {g.dtype}")
     dz = dy * g if need_dz else None
     dg = None
     if need_g:
