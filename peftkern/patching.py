@@ -194,7 +194,7 @@ def commit(model: nn.Module, state: AdapterState, fresh: bool = True) -> nn.Modu
         for prm in model.get_submodule(name).parameters():
             prm.requires_grad_(True)
     state._restore = {"requires_grad": frozen_from}
-    state._handles = list(state.attach(model))
+    state._handles = [*state.casts.attach(model), *state.attach(model)]  # casts.py: trained factors cast together
     if any(s.quantized for s in state.plan.slots):
         quant.keep_trainable(model)
     if fresh and state.dora is not None:

@@ -201,3 +201,120 @@ def test_copies_of_replaced_parameters_are_dropped():
         with torch.no_grad():
             model(input_ids=ids)
         assert len(model.peftkern.casts._copies) <= 2 * live + 16
+
+
+# --- trained factors cast together, once per forward of the model ---------------------------------------
+
+
+def _train(model, steps=3, checkpointing=None, call=None):
+    """Losses and trained values after ``steps`` AdamW steps (a submodule ``call`` instead of the model)."""
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = tokens()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss if call is None else call(model, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _alone(monkeypatch):
+    """Every trained factor cast on its own (the path before casts were batched)."""
+    monkeypatch.setattr(Casts, "_begin", lambda self, module, args: None)
+
+
+@pytest.mark.parametrize("method,kw", [("lora", {}), ("lora", {"use_dora": True}), ("vera", {}), ("tied_lora", {}),
+                                       ("adalora", {"total_step": 10}), ("pg_pos", {})])
+def test_trained_factors_cast_together_train_bit_for_bit_as_cast_alone(method, kw, monkeypatch):
+    calls = []
+    real = Casts._begin
+    monkeypatch.setattr(Casts, "_begin", lambda self, *a: calls.append(1) or real(self, *a))
+    batched = _train(_model(method, **kw))
+    assert len(calls) == 3
+    _alone(monkeypatch)
+    alone = _train(_model(method, **kw))
+    assert batched[0] == alone[0]
+    for name, value in alone[1].items():
+        assert batched[1][name].equal(value), name
+
+
+def test_the_second_forward_casts_every_trained_factor_in_one_node():
+    model = _model("lora", use_dora=True)
+    ids = tokens()
+    model(input_ids=ids, labels=ids).loss.backward()  # the first forward finds what is trained
+    trained = [p for p in model.peftkern.parameters() if p.requires_grad and p.dim() == 2]  # A and B (m is not cast)
+    assert {id(p) for p in trained} == {k[0] for k in model.peftkern.casts._trained}
+    seen = {}
+    real = Casts._trained_cast
+
+    def spy(self, t, dtype):
+        out = real(self, t, dtype)
+        seen[id(t)] = type(out.grad_fn).__name__
+        return out
+
+    Casts._trained_cast = spy
+    try:
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        Casts._trained_cast = real
+    assert set(seen) == {id(p) for p in trained} and set(seen.values()) == {"_CastAllBackward"}
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained)
+    assert model.peftkern.casts._batch == {}  # kept for one forward only
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_trains_the_same_with_casts_together(reentrant, monkeypatch):
+    batched = _train(_model("lora"), checkpointing=reentrant)
+    _alone(monkeypatch)
+    alone = _train(_model("lora"), checkpointing=reentrant)
+    assert batched[0] == alone[0] and all(batched[1][n].equal(v) for n, v in alone[1].items())
+
+
+def test_a_submodule_called_on_its_own_casts_alone_and_the_model_then_batches(monkeypatch):
+    """Only the patched model's own forward casts together: the base model inside it, called directly,
+    casts each factor itself, never meets a copy of an earlier forward, and leaves nothing that would
+    stop the next forwards of the model from casting together."""
+    def inner(m, ids):
+        return m.model(input_ids=ids).last_hidden_state.float().pow(2).mean()
+
+    def mixed(model):
+        model(input_ids=tokens(), labels=tokens()).loss.backward()
+        first = _train(model, call=inner)
+        return first, _train(model)
+
+    model = _model("lora")
+    batched = mixed(model)
+    assert model.peftkern.casts._trained and not model.peftkern.casts._shared
+    _alone(monkeypatch)
+    alone = mixed(_model("lora"))
+    for b, a in zip(batched, alone):
+        assert b[0] == a[0] and all(b[1][n].equal(v) for n, v in a[1].items())
+
+
+def test_no_casts_together_in_a_distributed_run(monkeypatch):
+    from peftkern import casts
+    monkeypatch.setattr(casts, "_distributed", lambda: True)
+    model = _model("lora")
+    ids = tokens()
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+    calls = []
+    monkeypatch.setattr(casts._CastAll, "apply", lambda *a: calls.append(a))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert calls == []
+
+
+def test_a_factor_shared_by_modules_is_cast_for_each_use_not_batched():
+    """Tied-LoRA's A and B serve every layer: one batched copy would sum their gradients in bf16."""
+    model = _model("tied_lora")
+    ids = tokens()
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+    shared = {id(p) for n, p in model.peftkern.named_parameters() if p.requires_grad and p.dim() == 2}
+    casts = model.peftkern.casts
+    assert shared and shared <= {k[0] for k in casts._shared} and not shared & {k[0] for k in casts._trained}
