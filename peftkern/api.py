@@ -145,12 +145,15 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def _refuse_quantized(model: nn.Module) -> None:
-    quantized = [p for p, m in patching.adapted_modules(model) if m.quantized is not None]
+    quantized = [(p, m.quantized) for p, m in patching.adapted_modules(model) if m.quantized is not None]
     if quantized:
-        raise ValueError(f"cannot merge into the quantized base of {quantized[0]} (and {len(quantized) - 1} more): "
-                         "ΔW would be rounded away by the 4-bit format. peftkern.unpatch(model, merge=True) merges "
-                         "into full-precision layers; unpatch(model, merge=True, requantize=True) quantizes the merged "
-                         "weights back and logs each layer's error")
+        path, kind = quantized[0]
+        back = ("; unpatch(model, merge=True, requantize=True) quantizes the merged weights back to 4-bit and logs "
+                "each layer's error" if all(k == "4bit" for _, k in quantized) else
+                " (requantizing is offered for 4-bit layers only)")
+        raise ValueError(f"cannot merge into the {kind} quantized base of {path} (and {len(quantized) - 1} more): "
+                         f"ΔW would be rounded away by the {kind} format. peftkern.unpatch(model, merge=True) merges "
+                         f"into full-precision layers{back}")
 
 
 def unmerge(model: nn.Module) -> nn.Module:

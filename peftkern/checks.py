@@ -40,6 +40,13 @@ def real(name: str, value: Any, low: float = float("-inf"), high: float = float(
     return float(value)
 
 
+def boolean(name: str, value: Any) -> bool:
+    """True or False itself (a string such as "no" is truthy, and would mean the opposite)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def choice(name: str, value: Any, valid: Sequence[str]) -> str:
     """One of ``valid`` (strings)."""
     listing = ", ".join(valid)
@@ -50,4 +57,4 @@ def choice(name: str, value: Any, valid: Sequence[str]) -> str:
     return value
 
 
-__all__ = ["integer", "real", "choice"]
+__all__ = ["integer", "real", "boolean", "choice"]

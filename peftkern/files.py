@@ -6,12 +6,15 @@ application's checkpoints.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
+
+log = logging.getLogger("peftkern")
 
 
 def _umask() -> int:
@@ -93,3 +96,16 @@ def json_default(obj: Any) -> Any:
 
 
 __all__ = ["atomic_write", "fsync_dir", "safetensors_bytes", "read_json_object", "json_default"]
+
+
+def remove_stale(directory: Path, names: Sequence[str], written: str) -> None:
+    """Delete the files ``names`` in ``directory`` left by an earlier save of the other format: beside
+    the adapter just ``written`` they would be a second, older adapter, which that format's loader
+    (PEFT, or peftkern.load) would read without a word. Says which it removed."""
+    stale = [n for n in names if (Path(directory) / n).is_file()]
+    for n in stale:
+        (Path(directory) / n).unlink()
+    if stale:
+        fsync_dir(Path(directory))
+        log.warning("peftkern: removed %s from %s: an earlier save's files, older than the %s just written",
+                    ", ".join(stale), directory, written)

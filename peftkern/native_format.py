@@ -40,8 +40,8 @@ from torch import nn
 
 from . import health, patching, snapshot
 from .factors import STATE_ATTR, Plan, state_of
-from .files import atomic_write, json_default, read_json_object, safetensors_bytes
-from .peft_format import export_peft
+from .files import atomic_write, json_default, read_json_object, remove_stale, safetensors_bytes
+from .peft_format import write_peft
 from .version import __version__
 
 CONFIG_NAME = "peftkern_config.json"
@@ -78,8 +78,8 @@ def save(model: nn.Module, directory: PathLike, peft: bool = True, state_dict: O
     if not is_main_process:
         return None
     write_native(model, directory, snap)
-    if peft:
-        export_peft(model, directory, skip_empty=True, snapshot=snap)
+    if not peft or write_peft(model, directory, skip_empty=True, snapshot=snap) is None:
+        remove_stale(Path(directory), (PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME), "peftkern adapter")
     return Path(directory)
 
 

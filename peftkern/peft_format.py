@@ -35,7 +35,7 @@ from . import patching, quant
 from . import snapshot as snapshots
 from . import targets as targets_mod
 from .factors import AdapterState, Plan
-from .files import atomic_write, json_default, read_json_object, safetensors_bytes
+from .files import atomic_write, json_default, read_json_object, remove_stale, safetensors_bytes
 from .heads import trained_modules
 from .version import __version__
 
@@ -48,9 +48,13 @@ PathLike = Union[str, os.PathLike]
 SUPPORTED = {"r", "lora_alpha", "target_modules", "lora_dropout", "fan_in_fan_out", "use_rslora", "modules_to_save",
              "rank_pattern", "alpha_pattern", "use_dora"}
 METADATA = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-            "inference_mode", "init_lora_weights",  # how PEFT initialises: irrelevant once weights are loaded
+            "inference_mode", "init_lora_weights",  # how PEFT initialises (those leaving W0 as it is: below)
             "megatron_core", "qalora_group_size",  # read only together with megatron_config / use_qalora
             "runtime_config", "ensure_weight_tying"}
+# PEFT's inits that rewrite W0 at init (PiSSA, CorDA, OLoRA: W0 − B·A; LoftQ: a quantized W0; LoRA-GA: an
+# offset), which PEFT redoes at load: the saved A and B are right only on that base. The others leave W0.
+REWRITES_BASE = ("pissa", "corda", "olora", "loftq", "lora_ga")
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 # Fields of features peftkern does not implement: accepted only at their neutral value (PEFT 0.21's default).
 NEUTRAL: Dict[str, Any] = {
     "bias": "none", "lora_bias": False, "exclude_modules": None, "layers_to_transform": None,
@@ -67,9 +71,15 @@ NEUTRAL: Dict[str, Any] = {
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's: whose base weight its "auto" saving writes
 
 
+# peftkern's own files (native_format.py's names; imported from there would be a cycle)
+NATIVE_NAMES = ("peftkern_model.safetensors", "peftkern_config.json")
+
+
 def export_peft(model: nn.Module, directory: PathLike, skip_empty: bool = False,
                 snapshot: Optional[Any] = None) -> Optional[Path]:
     """Write the adapter of a patched ``model`` as a standard PEFT LoRA adapter with the same ΔW.
+    peftkern's own files of an earlier ``save`` in ``directory`` are removed (they would be an older
+    adapter beside it), with a log line; ``peftkern.save`` writes both formats together.
 
     Tensors are written in the adapter's dtype (module docstring for the two forms).
     Modules trained outside the adapter (a classification head) go to ``modules_to_save``, both
@@ -79,6 +89,15 @@ def export_peft(model: nn.Module, directory: PathLike, skip_empty: bool = False,
     needed to write this. A model sharded with FSDP2 is gathered first (every rank must call;
     ``peftkern.save`` says which rank writes); ``snapshot`` is the writers' own (internal).
     """
+    out = write_peft(model, directory, skip_empty, snapshot)
+    if out is not None:
+        remove_stale(out, NATIVE_NAMES, "PEFT adapter")
+    return out
+
+
+def write_peft(model: nn.Module, directory: PathLike, skip_empty: bool = False,
+               snapshot: Optional[Any] = None) -> Optional[Path]:
+    """``export_peft`` without touching other files (``peftkern.save`` writes its own beside it)."""
     snapshot = snapshot or snapshots.take(model)
     state = snapshot.state
     merged = [p for p, m in patching.adapted_modules(model) if m.merged]
@@ -186,6 +205,13 @@ def read_peft_config(directory: Path) -> Dict[str, Any]:
     if unknown:
         raise ValueError(f"{str(path)!r} has field(s) this version does not know: {', '.join(unknown)}; "
                          "refusing to guess what they change")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(REWRITES_BASE):
+        raise ValueError(f"{str(path)!r} was initialised with init_lora_weights={init!r}, which rewrites the base "
+                         "weights (W0 minus the initial B·A, or a quantized W0): its A and B are only right on that "
+                         "rewritten base, which PEFT rebuilds at load and peftkern does not. Convert it to a plain "
+                         "LoRA adapter first (PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...)); "
+                         f"load_peft reads adapters whose init_lora_weights is one of: {', '.join(map(repr, PLAIN_INITS))}")
     unsupported = [f"{k}={config[k]!r}" for k, neutral in NEUTRAL.items()
                    if k in config and not _neutral(config[k], neutral)]
     if unsupported:
@@ -199,7 +225,7 @@ def _neutral(value: Any, neutral: Any) -> bool:
     return value == neutral or (neutral in empty and value in empty)
 
 
-def _alpha_for(path: str, pattern: Dict[str, Any], default: Any) -> Any:
+def _alpha_for(path: str, pattern: Dict[str, Any], default: Any) -> Any:  # ranks too
     """PEFT's lookup: the first key such that the module path ends with it (as a regex)."""
     for key, value in pattern.items():
         if re.match(rf"(.*\.)?({key})$", path):
@@ -246,6 +272,13 @@ def load_peft(model: nn.Module, directory: PathLike, backend: str = "auto", *,
     _check_fan_in_fan_out(config, [modules[p] for p in pairs])
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     ranks = {p: ab["A"].shape[0] for p, ab in pairs.items()}
+    wrong = {p: (k, _alpha_for(p, config.get("rank_pattern") or {}, r)) for p, k in ranks.items()
+             if k != _alpha_for(p, config.get("rank_pattern") or {}, r)}
+    if wrong:  # PEFT builds the config's rank and refuses the tensors; the scale α/r would be another
+        path, (k, want) = next(iter(wrong.items()))
+        raise ValueError(f"{str(directory)!r}: lora_A of {path} has rank {k} but adapter_config.json gives it rank "
+                         f"{want} (r, or its rank_pattern entry), and {len(wrong) - 1} more module(s) disagree: "
+                         "the file and its config do not belong together")
     alphas = {p: _alpha_for(p, config.get("alpha_pattern") or {}, alpha) for p in pairs}
     p = patching.plan(model, "lora", r, sorted(pairs, key=list(modules).index), alpha, backend,
                       dropout=config.get("lora_dropout", 0.0), use_rslora=bool(config.get("use_rslora", False)),

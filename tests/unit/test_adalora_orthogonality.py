@@ -45,3 +45,20 @@ def test_explain_names_the_orthogonality_path(backend):
     model(input_ids=ids, labels=ids).loss.backward()  # the loss hook runs the regulariser
     rows = peftkern.explain(model).rows
     assert all(row["orthogonality"] == backend for row in rows)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_training_step_under_bf16_autocast_on_an_fp32_model(backend):
+    """HF Trainer's bf16=True and the CLI's --precision bf16 on the CPU: the regulariser's Gram products
+    run in the factors' fp32, outside autocast (the compiled kernels refused the bf16 products: a
+    review's finding), and equal the regulariser outside autocast."""
+    model, state = _state(backend, "peft")
+    ids = tokens()
+    want = state.regularization().detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+        reg = state.regularization()
+    assert reg.dtype == torch.float32
+    torch.testing.assert_close(reg.detach(), want, rtol=0, atol=0)
+    (loss + reg).backward()
+    assert all(p.grad is not None for p in state.P)

@@ -83,3 +83,26 @@ def test_save_overwrites_previous_adapter(tmp_path):
     torch.testing.assert_close(logits(loaded, tokens()), logits(model, tokens()), rtol=0, atol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                           "peftkern_config.json", "peftkern_model.safetensors"]
+
+
+@pytest.mark.parametrize("second", ["native only", "peft only"])
+def test_a_second_save_of_one_format_removes_the_other_formats_older_files(tmp_path, second, caplog):
+    """save writes both formats; a later save of one format alone must not leave the other's older
+    adapter beside it, which its loader (PEFT, or peftkern.load) would read without a word (a review's
+    finding: logits off by 1.2)."""
+    from peftkern import native_format, peft_format
+    assert set(peft_format.NATIVE_NAMES) == {native_format.WEIGHTS_NAME, native_format.CONFIG_NAME}
+    base, model = patched("llama", "lm", "lora")
+    peftkern.save(model, tmp_path)
+    perturb(model, seed=7)
+    with caplog.at_level("WARNING", logger="peftkern"):
+        if second == "native only":
+            peftkern.save(model, tmp_path, peft=False)
+        else:
+            peftkern.export_peft(model, tmp_path)
+    gone = ("adapter_config.json", "adapter_model.safetensors") if second == "native only" else \
+        ("peftkern_config.json", "peftkern_model.safetensors")
+    assert not any((tmp_path / n).exists() for n in gone) and "removed" in caplog.text
+    loader = peftkern.load if second == "native only" else peftkern.load_peft
+    ids = tokens()
+    torch.testing.assert_close(logits(loader(copy.deepcopy(base), tmp_path), ids), logits(model, ids), rtol=0, atol=1e-5)

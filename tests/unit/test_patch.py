@@ -235,6 +235,15 @@ def _assert_untouched(model, snap):
     (dict(method="tied_lora", train="ABx"), ValueError, ["train"]),
     (dict(method="tied_lora", train=""), ValueError, ["train"]),
     (dict(method="lora", backend="cuda"), ValueError, ["backend", "auto", "triton", "cpp", "torch"]),
+    # options taken by their truthiness or converted silently before (a review's findings)
+    (dict(method="lora", joint="no"), TypeError, ["joint must be True or False", "'no'"]),
+    (dict(method="tied_lora", joint="off"), TypeError, ["joint must be True or False"]),
+    (dict(method="vera", d_initial=float("nan")), ValueError, ["d_initial must be a real number"]),
+    (dict(method="vera", d_initial=float("inf")), ValueError, ["d_initial"]),
+    (dict(method="vera", d_initial=0.0), ValueError, ["d_initial=0 never trains", "0.1"]),
+    (dict(method="vera", d_initial="abc"), TypeError, ["d_initial must be a real number", "'abc'"]),
+    (dict(method="vera", projection_prng_key=1.7), TypeError, ["projection_prng_key must be an int >= 0"]),
+    (dict(method="vera", projection_prng_key="x"), TypeError, ["projection_prng_key"]),
 ])
 def test_bad_input_raises_before_touching_model(kwargs, exc, words):
     model = tiny_model("llama")

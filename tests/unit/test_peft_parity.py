@@ -236,6 +236,16 @@ def test_a_loaded_peft_adapter_trains(tmp_path):
     ({"layers_to_transform": [0]}, ["layers_to_transform=[0]"]),
     ({"frobnicate": 1}, ["does not know", "frobnicate"]),
     ({"peft_type": "IA3"}, ["'IA3'", "LoRA"]),
+    # inits that rewrite W0, which PEFT redoes at load and peftkern does not (a review's finding: PiSSA's
+    # adapter loaded silently onto the unmodified base, logits off by 5e-3)
+    ({"init_lora_weights": "pissa"}, ["init_lora_weights='pissa'", "rewrites the base", "'gaussian'"]),
+    ({"init_lora_weights": "pissa_niter_4"}, ["pissa_niter_4"]),
+    ({"init_lora_weights": "olora"}, ["'olora'"]),
+    ({"init_lora_weights": "loftq"}, ["'loftq'"]),
+    ({"init_lora_weights": "corda"}, ["'corda'"]),
+    # a config whose r disagrees with the tensors (PEFT refuses at load; the scale α/r would differ)
+    ({"r": 2}, ["has rank 4 but adapter_config.json gives it rank 2"]),
+    ({"rank_pattern": {"q_proj": 3}}, ["has rank 4", "rank 3"]),
 ])
 def test_load_peft_names_what_it_does_not_support_and_leaves_the_model_untouched(tmp_path, change, words):
     base, _ = _peft_adapter(tmp_path, target_modules=["q_proj"])

@@ -107,6 +107,9 @@ def test_8bit_layers(tmp_path, method):
     q, r = _pair((m8, dequantized_twin(m8, base), None), method)
     assert {m.quantized for m in q.modules() if isinstance(m, peftkern.AdaptedLinear)} == {"8bit"}
     assert assert_matches_twin(q, r, tokens(), dict(rtol=2e-2, atol=1e-2), dict(rtol=5e-2, atol=5e-3)) > 0
+    with pytest.raises(ValueError) as info:  # its advice holds for 8-bit layers (it offered 4-bit's requantize)
+        peftkern.merge(q)
+    assert "8bit quantized base" in str(info.value) and "requantizing is offered for 4-bit layers only" in str(info.value)
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
