@@ -47,8 +47,10 @@ class Casts:
         self._pruned_at = 0  # the number of copies after the last prune
         # trained parameters cast with gradients on, by (id, dtype): what the next forward casts at once
         self._trained: Dict[Tuple[int, torch.dtype], weakref.ref] = {}
-        # this forward's copies from _CastAll, by (id, dtype): (optimizer steps, stamp, copy)
-        self._batch: Dict[Tuple[int, torch.dtype], Tuple[int, tuple, Tensor]] = {}
+        # this forward's copies from _CastAll, by (id, dtype): (optimizer steps, version, copy). The
+        # parameters are alive (they are in use), so identity is the key; an in-place change or a step
+        # since the copy was made (a forward that raised before its end hook) makes it stale
+        self._batch: Dict[Tuple[int, torch.dtype], Tuple[int, int, Tensor]] = {}
         self._open = False  # inside the patched model's forward (between the hooks)
         self._served: set = set()  # keys cast in this forward
         self._shared: set = set()  # keys cast more than once in one forward: never batched
@@ -64,7 +66,9 @@ class Casts:
 
     def attach(self, model: nn.Module) -> List[Any]:
         """Hooks on the patched model's forward that cast its trained factors together (module docstring)."""
-        return [model.register_forward_pre_hook(self._begin), model.register_forward_hook(self._end)]
+        # always_call: a forward that raises must close too, or a submodule called later would be
+        # served that forward's copies
+        return [model.register_forward_pre_hook(self._begin), model.register_forward_hook(self._end, always_call=True)]
 
     def _begin(self, module, args) -> None:
         self._batch, self._served, self._open = {}, set(), True
@@ -80,7 +84,7 @@ class Casts:
         step = stamps.steps()
         for (_, dtype), params in groups.items():
             for p, copy in zip(params, _CastAll.apply(dtype, *params)):
-                self._batch[(id(p), dtype)] = (step, stamps.of(p), copy)
+                self._batch[(id(p), dtype)] = (step, p._version, copy)
 
     def _end(self, module, args, output) -> None:
         # the graph holds what its backward needs; a later cast runs alone
@@ -133,7 +137,7 @@ class Casts:
             return t.to(dtype)
         key = (id(t), dtype)
         hit = self._batch.get(key)
-        if hit is not None and key not in self._served and hit[0] == stamps.steps() and stamps.matches(hit[1], (t,)):
+        if hit is not None and key not in self._served and hit[0] == stamps.steps() and hit[1] == t._version:
             self._served.add(key)
             return hit[2]
         if type(t) is nn.Parameter and t.is_contiguous():  # a view of a shared one stays a cast of its own
@@ -169,6 +173,9 @@ class _CastAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dtype: torch.dtype, *params: Tensor) -> Tuple[Tensor, ...]:
+        # a copy no module used (a layer skipped, LayerDrop; a tower a batch does not reach) must give its
+        # parameter no gradient, not a zero one: an optimizer decays and moves a zero gradient's parameter
+        ctx.set_materialize_grads(False)
         copies = [torch.empty_like(p, dtype=dtype) for p in params]
         torch._foreach_copy_(copies, list(params))
         ctx.dtypes = [p.dtype for p in params]

@@ -318,3 +318,43 @@ def test_a_factor_shared_by_modules_is_cast_for_each_use_not_batched():
     shared = {id(p) for n, p in model.peftkern.named_parameters() if p.requires_grad and p.dim() == 2}
     casts = model.peftkern.casts
     assert shared and shared <= {k[0] for k in casts._shared} and not shared & {k[0] for k in casts._trained}
+
+
+
+def test_a_factor_a_forward_does_not_use_gets_no_gradient_not_a_zero_one(monkeypatch):
+    """LayerDrop, or a vision tower a text-only batch skips: the factors the last forward cast but this
+    one does not use must keep grad None, as with a cast per factor (a review's finding: they got zeros,
+    which AdamW then moved by weight decay and momentum)."""
+    def run():
+        model = _model("lora")
+        skip = model.model.layers[1]
+        real = type(skip).forward
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+        ids, nones = tokens(), []
+        for i in range(4):
+            if i % 2:  # the odd steps skip layer 1, LayerDrop's way
+                skip.forward = lambda hidden_states, *a, **k: hidden_states
+            else:
+                skip.forward = real.__get__(skip)
+            model(input_ids=ids, labels=ids).loss.backward()
+            nones.append(sum(p.grad is None for p in model.peftkern.parameters() if p.requires_grad))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return nones, [p.detach().clone() for p in model.peftkern.parameters()]
+
+    batched = run()
+    assert batched[0] == [0, 6, 0, 6]  # layer 1's q, k, v: A and B
+    _alone(monkeypatch)
+    alone = run()
+    assert batched[0] == alone[0] and all(a.equal(b) for a, b in zip(batched[1], alone[1]))
+
+
+def test_a_forward_that_raises_leaves_no_copies_behind():
+    model = _model("lora")
+    ids = tokens()
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(IndexError):
+        model(input_ids=ids + 10_000)  # out of the vocabulary: raises after the pre-hook ran
+    casts = model.peftkern.casts
+    assert not casts._open and casts._batch == {}
