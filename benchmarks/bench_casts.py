@@ -20,7 +20,6 @@ Not GPU figures.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import datetime
 import os
@@ -40,29 +39,23 @@ sys.path.insert(0, str(HERE.parent))
 import bench_gpu_step as gpu  # noqa: E402
 import bench_launches as launches  # noqa: E402
 
-from peftkern import casts  # noqa: E402
-
 PROVIDERS = ["pk_lora_qv", "pk_lora_all", "pk_dora_qv", "pk_dora_all"]
 MODES = ("together", "alone")
 
 
-@contextlib.contextmanager
-def mode(name: str):
-    """``alone``: the per-factor casts (the forward pre-hook does nothing, every layer casts its own)."""
-    if name == "together":
-        yield
-        return
-    real = casts.Casts._begin
-    casts.Casts._begin = lambda self, module, args: None
-    try:
-        yield
-    finally:
-        casts.Casts._begin = real
+def stepper(name: str, how: str, s):
+    """bench_launches' step of provider ``name``, its casts together (as patched) or ``alone``
+    (bench_gpu_step.casts_alone: the hooks that cast them together taken off the model)."""
+    build = gpu.PROVIDERS[name]
+    return gpu.stepper(gpu.casts_alone(build) if how == "alone" else build, s, foreach=True)
 
 
 def count(name: str, how: str, layers: int) -> int:
-    with mode(how):
-        return launches.count(name, layers)["launches"]
+    step, _ = stepper(name, how, launches.Shape("meta", layers, tiny=False))
+    step(0)
+    with launches.CountLaunches() as c:
+        step(1)
+    return sum(c.ops.values())
 
 
 def host_times(names: List[str], layers: int, reps: int, steps: int) -> Dict[tuple, List[float]]:
@@ -72,20 +65,18 @@ def host_times(names: List[str], layers: int, reps: int, steps: int) -> Dict[tup
     steppers = {}
     for name in names:
         for how in MODES:
-            with mode(how):
-                step, _ = launches.stepper(name, s)
-                for i in range(3):
-                    step(i)
+            step, _ = stepper(name, how, s)
+            for i in range(3):
+                step(i)
             steppers[(name, how)] = step
     keys = list(steppers)
     times: Dict[tuple, List[float]] = {k: [] for k in keys}
     for rep in range(reps):
         for key in keys[rep % len(keys):] + keys[:rep % len(keys)]:
-            with mode(key[1]):
-                t = time.perf_counter()
-                for i in range(steps):
-                    steppers[key](i)
-                times[key].append(1e3 * (time.perf_counter() - t) / steps)
+            t = time.perf_counter()
+            for i in range(steps):
+                steppers[key](i)
+            times[key].append(1e3 * (time.perf_counter() - t) / steps)
     return times
 
 

@@ -106,6 +106,21 @@ def ours(method: str, targets: str, compile: bool = False, quantized: bool = Fal
     return build
 
 
+def casts_alone(build: Provider) -> Provider:
+    """``build`` with its trained factors cast one by one in every forward and their gradients cast back
+    one by one (the hooks that cast them together, peftkern.casts, taken off this model): the side-by-side
+    row for the casts' launches on a GPU."""
+    def alone(s: Setup):
+        model, allocate = build(s)
+        casts = model.peftkern.casts
+        for hooks in (model._forward_pre_hooks, model._forward_hooks):
+            for key in [k for k, h in hooks.items() if getattr(h, "__self__", None) is casts]:
+                del hooks[key]
+                model._forward_hooks_always_called.pop(key, None)
+        return model, allocate
+    return alone
+
+
 def theirs(kind: str, targets: str, quantized: bool = False, **options) -> Provider:
     def build(s: Setup):
         import peft
@@ -136,6 +151,9 @@ PROVIDERS: Dict[str, Optional[Provider]] = {
     "peft_dora_qv": theirs("lora", "qv", r=16, lora_alpha=16, use_dora=True),
     "pk_dora_all": ours("lora", "all", rank=16, use_dora=True),
     "peft_dora_all": theirs("lora", "all", r=16, lora_alpha=16, use_dora=True),
+    # the fp32 adapter's trained factors cast per factor, not together (peftkern.casts): what that saves
+    "pk_lora_all_casts_alone": casts_alone(ours("lora", "all", rank=16)),
+    "pk_dora_all_casts_alone": casts_alone(ours("lora", "all", rank=16, use_dora=True)),
     # the C++ backend: its adapter, and DoRA without dropout, each one C++ autograd node (no Python in
     # forward or backward); on CUDA only where the extension was built with CUDA (gpu_check.sh tries).
     # Early too: DoRA on the nodes against LoRA on the node is the DoRA target's other half.

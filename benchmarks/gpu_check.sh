@@ -32,7 +32,8 @@ DRY=0
 PY=${PYTHON:-python3}
 COMMIT=${PEFTKERN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export PEFTKERN_COMMIT=$COMMIT PYTHONUNBUFFERED=1
-OUTDIR=${OUT:-benchmarks/results/gpu/$(date -u +%Y-%m-%d)-$COMMIT}
+# a dry run writes to a scratch folder: its CPU --quick figures must never land among the GPU results
+if [ $DRY = 1 ]; then OUTDIR=${OUT:-$(mktemp -d)}; else OUTDIR=${OUT:-benchmarks/results/gpu/$(date -u +%Y-%m-%d)-$COMMIT}; fi
 mkdir -p "$OUTDIR"
 TESTS="tests/gpu"
 TEST_LIMIT=${GPU_TEST_LIMIT:-280}
