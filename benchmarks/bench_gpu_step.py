@@ -151,9 +151,6 @@ PROVIDERS: Dict[str, Optional[Provider]] = {
     "peft_dora_qv": theirs("lora", "qv", r=16, lora_alpha=16, use_dora=True),
     "pk_dora_all": ours("lora", "all", rank=16, use_dora=True),
     "peft_dora_all": theirs("lora", "all", r=16, lora_alpha=16, use_dora=True),
-    # the fp32 adapter's trained factors cast per factor, not together (peftkern.casts): what that saves
-    "pk_lora_all_casts_alone": casts_alone(ours("lora", "all", rank=16)),
-    "pk_dora_all_casts_alone": casts_alone(ours("lora", "all", rank=16, use_dora=True)),
     # the C++ backend: its adapter, and DoRA without dropout, each one C++ autograd node (no Python in
     # forward or backward); on CUDA only where the extension was built with CUDA (gpu_check.sh tries).
     # Early too: DoRA on the nodes against LoRA on the node is the DoRA target's other half.
@@ -161,6 +158,9 @@ PROVIDERS: Dict[str, Optional[Provider]] = {
     "pk_lora_all_cpp": ours("lora", "all", rank=16, backend="cpp"),
     "pk_dora_qv_cpp": ours("lora", "qv", rank=16, use_dora=True, backend="cpp"),
     "pk_dora_all_cpp": ours("lora", "all", rank=16, use_dora=True, backend="cpp"),
+    # the fp32 adapter's trained factors cast per factor, not together (peftkern.casts): what that saves
+    "pk_lora_all_casts_alone": casts_alone(ours("lora", "all", rank=16)),
+    "pk_dora_all_casts_alone": casts_alone(ours("lora", "all", rank=16, use_dora=True)),
     # QLoRA, ours (auto) and PEFT's on the same 4-bit base, then the Triton rows (after the rows the targets
     # name, since a 200 s call measured 15 providers on 2026-12-04)
     "pk_qlora_qv": ours("lora", "qv", quantized=True, rank=16),
