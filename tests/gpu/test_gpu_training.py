@@ -139,3 +139,37 @@ def test_dropout_on_cuda(backend, dtype):
     b = registry.load(backend)
     opcheck.compare_adapter(BoundOps(b).adapter, 300, 257, 129, 8, dtype=dtype, device=DEVICE, dropout=0.1,
                             mask=b.dropout_mask)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_trained_factors_cast_together_train_like_cast_alone(use_dora, monkeypatch):
+    """The fp32 adapter of a bf16 model: from the second forward its trained factors are cast together
+    (peftkern.casts: one multi-tensor copy each way, torch._foreach_copy_ on CUDA), and train as they
+    did cast one by one (compared to CUDA's own run-to-run tolerance, not bit for bit: attention's
+    backward may sum in another order)."""
+    from peftkern import casts
+
+    def run():
+        model = _tiny("llama", seed=1).to(device=DEVICE, dtype=torch.bfloat16)
+        torch.manual_seed(7)
+        peftkern.patch(model, "lora", rank=8, targets="all-linear", use_dora=use_dora)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        ids, losses = _ids().to(DEVICE), []
+        for _ in range(3):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+        return losses, {n: p.detach().float() for n, p in model.peftkern.named_parameters()}
+
+    calls = []
+    real = casts._CastAll.apply
+    monkeypatch.setattr(casts._CastAll, "apply", lambda *a: calls.append(1) or real(*a))
+    together = run()
+    assert len(calls) == 2  # the second and third forwards
+    monkeypatch.setattr(casts.Casts, "_begin", lambda self, module, args: None)
+    alone = run()
+    assert together[0] == pytest.approx(alone[0], rel=1e-3)
+    for name, value in alone[1].items():
+        torch.testing.assert_close(together[1][name], value, rtol=2e-2, atol=1e-3)
