@@ -93,6 +93,9 @@ def unpatch(model: nn.Module, merge: bool = False, requantize: bool = False) -> 
     quantized = [(p, m) for p, m in layers if m.quantized is not None]
     if requantize and not (merge and quantized):
         raise ValueError("requantize=True applies to unpatch(merge=True) of a model with quantized (4-bit) layers")
+    heads = getattr(state_of(model), "heads", None)
+    if heads is not None and not merge:
+        heads.check("unpatch without merge")  # before anything changes (heads.py: originals lost to to_empty)
     if merge:
         _refuse_shared(model, "unpatch(merge=True)")
         errors = {}
@@ -426,7 +429,7 @@ def _meta_model(obj: Any) -> nn.Module:
 
             clone = copy.deepcopy(obj)
             if is_patched(clone):
-                patching.uncommit(clone)
+                patching.uncommit(clone, keep_heads=True)  # counted on meta: the heads' values do not matter
             return clone.to("meta")
         from transformers import PreTrainedModel
 

@@ -10,7 +10,10 @@ values once, as the pair is copied together and stays tied); a model with no
 ``modules_to_save`` pays nothing.
 
 The copies hold their tensors as non-persistent buffers: they follow ``model.to()``, are
-never trained, counted or saved.
+never trained, counted or saved. So a model patched on the meta device and materialised with
+``to_empty`` (FSDP2's and distributed checkpointing's flows) has copies of uninitialised memory
+that nothing can fill: using them (``disable_adapter``, ``unpatch`` without merging) raises,
+naming the ways out, instead of running garbage.
 """
 from __future__ import annotations
 
@@ -49,9 +52,28 @@ class HeadOriginals(nn.Module):
             _frozen(c, shared)
         self.copies = nn.ModuleList(copies)
 
+    lost = False  # set when to_empty gave the copies memory but no values (module docstring)
+
+    def _apply(self, fn, recurse=True):
+        was_meta = any(b.is_meta for b in self.buffers())
+        out = super()._apply(fn, recurse)
+        if was_meta and not any(b.is_meta for b in self.buffers()):  # only to_empty leaves meta this way
+            self.lost = True
+        return out
+
+    def check(self, what: str) -> None:
+        if self.lost:
+            raise ValueError(
+                f"{what} needs the original values of modules_to_save ({', '.join(self.paths)}), which were lost: "
+                "the model was patched on the meta device and materialised with to_empty, and those frozen copies "
+                "are not part of the model's state_dict. Patch the model after its base weights are loaded, or "
+                "use peftkern.unpatch(model, merge=True), which keeps the trained modules")
+
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[None]:
-        """Inside the block, the model runs the original modules; the trained ones come back on exit."""
+        """Inside the block, the model runs the original modules; the trained ones come back on exit.
+        Raises ValueError where the originals were lost (module docstring)."""
+        self.check("running the base model (disable_adapter, reference_model)")
         trained = [_swap(model, path, original) for path, original in zip(self.paths, self.copies)]
         try:
             yield
@@ -61,7 +83,9 @@ class HeadOriginals(nn.Module):
 
     @torch.no_grad()
     def restore(self, model: nn.Module) -> None:
-        """Copy the original values back into the trained modules (their tensors stay the same objects)."""
+        """Copy the original values back into the trained modules (their tensors stay the same objects).
+        Raises ValueError where the originals were lost (module docstring)."""
+        self.check("unpatch without merge")
         for path, original in zip(self.paths, self.copies):
             module = model.get_submodule(path)
             live = {**dict(module.named_parameters(remove_duplicate=False)),

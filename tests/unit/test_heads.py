@@ -134,3 +134,30 @@ def test_a_head_of_several_modules_is_swapped_and_restored_whole():
         torch.testing.assert_close(_logits(model, ids), _logits(base, ids), rtol=0, atol=0)
     assert model.classifier.dense is trained_dense
     torch.testing.assert_close(_logits(model, ids), trained, rtol=0, atol=0)
+
+
+def test_originals_lost_to_to_empty_are_refused_not_run():
+    """A model patched on meta and materialised with to_empty: the frozen originals of modules_to_save
+    (not saved with the model) hold uninitialised memory. disable_adapter and unpatch without merge
+    raise, naming the ways out, before anything changes (they ran garbage: logits off by 2e16); a
+    merge keeps the trained head and works; a model patched on a real device is unaffected by moves."""
+    with torch.device("meta"):
+        model = tiny_model("llama", head="cls")
+    peftkern.patch(model, "lora", backend="torch")  # a classification head: modules_to_save by default
+    assert model.peftkern.plan.modules_to_save
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    ids = tokens()
+    model(input_ids=ids)  # the adapted model runs
+    with pytest.raises(ValueError, match="original values of modules_to_save .* were lost"):
+        with peftkern.disable_adapter(model):
+            model(input_ids=ids)
+    with pytest.raises(ValueError, match="unpatch\\(model, merge=True\\)"):
+        peftkern.unpatch(model)
+    assert hasattr(model, "peftkern")  # still patched: nothing changed
+    peftkern.unpatch(model, merge=True)
+    real = peftkern.patch(tiny_model("llama", head="cls"), "lora", backend="torch").to("cpu").to(torch.float64)
+    with peftkern.disable_adapter(real):
+        real(input_ids=ids)
