@@ -31,7 +31,6 @@ lora_B = P, lora_E = Λ (as [r, 1]), lora_A = Q.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -43,7 +42,7 @@ from ..factors import Factors, Plan
 from ..ops import importance
 from . import allocator as alloc
 from .registry import Method, rates, register
-from .svd import SVDOptions, SVDState, normal, orthogonality_from_distances, resolve_rank
+from .svd import SVDOptions, SVDState, normal, orthogonality_from_distances, outside_autocast, resolve_rank
 
 Tensor = torch.Tensor
 
@@ -97,11 +96,7 @@ class AdaLoraState(SVDState):
         # matrix otherwise: ~7 ms a step for 60 slots on one core).
         device_type = self.lam.device.type
         backend = self.backends.get(device_type)
-        # in the factors' own dtype: under autocast the Gram products would come out in the autocast
-        # dtype, which the compiled kernels refuse beside the fp32 factors (and a regulariser of
-        # orthogonality is a sum of small squares, where bf16 would round most of it away)
-        with torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
-                else contextlib.nullcontext():
+        with outside_autocast(device_type):
             distances, self.orthogonality_path = importance.gram_distances(backend, list(self.P), list(self.Q))
             return self.orth_reg_weight * orthogonality_from_distances(distances, len(self.P), self.orth_form)
 

@@ -325,28 +325,44 @@ def _holds_params(optimizer: torch.optim.Optimizer, state: nn.Module) -> bool:
     return any(id(p) in ours for group in optimizer.param_groups for p in group["params"])
 
 
-class StepHookHandle:
-    """The state's entry in torch's global optimizer-step post hooks; ``remove()`` takes it out.
+# The live states' hooks, by state. One global hook (registered once, never removed) calls them: a
+# dropped model leaves this weak table by itself. A hook of its own per state, removed by a finalizer
+# when the GC collected the state, could be removed while torch iterated its hook table (the GC runs
+# inside another optimizer's step): "OrderedDict mutated during iteration" (a review's finding).
+_LIVE: "weakref.WeakKeyDictionary[nn.Module, _OptimizerStepHook]" = weakref.WeakKeyDictionary()
+_DISPATCH: List[Any] = []
 
-    Copying a patched model (deepcopy, pickle) registers the copy's own hook: the handle is
-    rebuilt from its (copied) state through ``__reduce__``, so torch's global hook table is
-    never copied and a copy never allocates for the original.
+
+def _dispatch(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for hook in list(_LIVE.values()):  # a snapshot: a state collected meanwhile is skipped by its hook
+        hook(optimizer, args, kwargs)
+
+
+class StepHookHandle:
+    """The state's entry in the optimizer-step hooks (``_LIVE``); ``remove()`` takes it out.
+
+    Copying a patched model (deepcopy, pickle) registers the copy's own entry: the handle is
+    rebuilt from its (copied) state through ``__reduce__``, so a copy never allocates for the
+    original.
     """
 
     def __init__(self, state: nn.Module, active: bool = True):
-        self.state = state  # the handle lives in state._handles: a cycle, which the GC collects
-        self._handle = None
+        self.state = state
+        self.active = active
         if active:
-            self._handle = register_optimizer_step_post_hook(_OptimizerStepHook(state))
-            weakref.finalize(state, self._handle.remove)  # a model dropped without unpatch leaves no hook
+            if not _DISPATCH:
+                from .. import stamps  # noqa: F401  (its step counter's hook first: this one reads the count)
+
+                _DISPATCH.append(register_optimizer_step_post_hook(_dispatch))
+            _LIVE[state] = _OptimizerStepHook(state)
 
     def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        if self.active:
+            _LIVE.pop(self.state, None)
+            self.active = False
 
     def __reduce__(self):
-        return StepHookHandle, (self.state, self._handle is not None)
+        return StepHookHandle, (self.state, self.active)
 
 
 def attach_step_hook(state: nn.Module) -> StepHookHandle:

@@ -55,7 +55,7 @@ from ..hypernets.pass_cache import PassCache
 from ..hypernets.state_update import CORES, StateUpdateNet
 from . import allocator as alloc
 from .registry import Method, rates, register
-from .svd import SVDOptions, SVDState, normal, orthogonality, renamed, resolve_rank
+from .svd import SVDOptions, SVDState, normal, orthogonality, outside_autocast, renamed, resolve_rank
 
 Tensor = torch.Tensor
 STATE_UPDATES = ("advance", "fixed")
@@ -207,8 +207,9 @@ class HyperAdaLoraState(SVDState):
         if self.opts.orth_reg_weight == 0:
             return None
         gen = self._generation()
-        grams = [G @ G.transpose(1, 2) for G in (*gen.P, *gen.Q)]  # PᵀP and QQᵀ, [n, r, r] per group
-        return self.opts.orth_reg_weight * orthogonality(grams, len(self.plan.slots), self.opts.orth_form)
+        with outside_autocast(gen.lam.device.type):
+            grams = [G @ G.transpose(1, 2) for G in (*gen.P, *gen.Q)]  # PᵀP and QQᵀ, [n, r, r] per group
+            return self.opts.orth_reg_weight * orthogonality(grams, len(self.plan.slots), self.opts.orth_form)
 
     def describe_slot(self, slot: int) -> Dict[str, str]:
         how = f"generated ({self.opts.hypernet} hypernet)"

@@ -8,6 +8,7 @@ on average (``allocator.Schedule``).
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -46,6 +47,15 @@ def resolve_rank(rank: Optional[int], opts: Any) -> int:
     """The registry's hook: fills target_r and init_r, and sizes the factors at init_r."""
     opts.target_r, opts.init_r = resolve_ranks(rank, opts.target_r, opts.init_r)
     return opts.init_r
+
+
+def outside_autocast(device_type: str):
+    """A block with autocast off on ``device_type``: the orthogonality regulariser runs in the factors'
+    own dtype. Under autocast its Gram products would come out in bf16 (a sum of small squares, most
+    of it rounded away) and the compiled kernels would refuse them beside the fp32 factors."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def orthogonality(grams: Sequence[Tensor], n_slots: int, form: str) -> Tensor:

@@ -62,3 +62,15 @@ def test_a_training_step_under_bf16_autocast_on_an_fp32_model(backend):
     torch.testing.assert_close(reg.detach(), want, rtol=0, atol=0)
     (loss + reg).backward()
     assert all(p.grad is not None for p in state.P)
+
+
+def test_hyper_adaloras_regulariser_under_autocast_is_its_fp32_value():
+    """HyperAdaLoRA's Gram products too run outside autocast (they came back in bf16: 2.281 for 2.293,
+    a review's finding)."""
+    model = peftkern.patch(tiny_model("llama"), "hyper_adalora", rank=2, backend="torch", **SCHEDULE)
+    state = model.peftkern
+    want = state.regularization().detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = state.regularization()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=0)
