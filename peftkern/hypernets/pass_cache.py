@@ -8,6 +8,7 @@ regenerate by the rules below.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, Iterable, List, Optional
 
 import torch
@@ -45,12 +46,15 @@ class PassCache:
     of generating, so its tensors must be saved normally, not by the checkpoint.
 
     Calling an inner module instead of the patched root skips the pre-hook; results
-    are then regenerated only when watched tensors change. Under torch.compile the
+    are then regenerated when watched tensors change, or when a backward has run through
+    the last result (a hook on its tensors says so): gradient accumulation over such calls
+    needs a new graph per micro-batch, where reuse raised "backward through the graph a
+    second time" (non-reentrant checkpoint recomputation, inside that backward, still reuses). Under torch.compile the
     simpler rule of ``_get_compiling`` applies. Never copied: a deep copy
     or an unpickled cache starts empty (its tensors belong to an autograd graph).
     """
 
-    __slots__ = ("value", "key", "no_grad", "in_pass", "new_pass", "gradless_pass")
+    __slots__ = ("value", "key", "no_grad", "in_pass", "new_pass", "gradless_pass", "consumed")
 
     def __init__(self):
         self.value: Any = None
@@ -59,6 +63,7 @@ class PassCache:
         self.in_pass = False  # between the root's forward pre-hook and its forward hook
         self.new_pass = False  # the pre-hook ran and no get() has checked the value since
         self.gradless_pass = False  # this pass generated with grad disabled
+        self.consumed = False  # a backward ran through value (watched only for values made outside a pass)
 
     def attach(self, model: nn.Module) -> List[Any]:
         return [model.register_forward_pre_hook(_PassStart(self)),
@@ -82,10 +87,15 @@ class PassCache:
                  and stamps.matches(self.key[1], tensors) and not gradless)
         if valid and self.new_pass:  # a new forward: only inference may reuse the last value
             valid = self.no_grad and not training and not grad
+        if valid and self.consumed and grad and not self.in_pass:  # its graph is gone: a submodule's next forward
+            valid = False
         if not valid:
             self.value = _generate_plainly(generate, watched)
             self.key, self.no_grad = (stamps.steps(), stamps.of(*tensors)), not grad
             self.gradless_pass |= self.in_pass and not grad
+            self.consumed = False
+            if grad and not self.in_pass:  # no pass marks a submodule's forwards: a backward through it will
+                _watch_backward(self.value, self)
         self.new_pass = False
         return self.value
 
@@ -134,6 +144,30 @@ class _PassEnd:
 
 def _keep(t: Tensor) -> Tensor:
     return t
+
+
+def _watch_backward(value: Any, cache: PassCache) -> None:
+    """Mark ``cache`` consumed when a backward computes a gradient for any tensor of ``value``."""
+    def consumed(grad: Tensor) -> None:
+        cache.consumed = True
+
+    for t in _tensors(value):
+        if t.requires_grad:
+            t.register_hook(consumed)
+
+
+def _tensors(value: Any) -> Iterable[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            yield from _tensors(getattr(value, f.name))
 
 
 def _generate_plainly(generate: Callable[[], Any], watched: Callable[[], Iterable[Tensor]]) -> Any:

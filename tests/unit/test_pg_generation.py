@@ -359,3 +359,34 @@ def test_positions_survive_to_empty_and_a_meta_patch():
     for n, b in meta.named_buffers():
         if n in want:
             torch.testing.assert_close(b, want[n], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["pg_pos", "hyper_adalora"])
+def test_gradient_accumulation_through_a_submodule_called_on_its_own(method):
+    """A backbone called on its own (a user's own loss) skips the root's pass marks: the generated
+    factors were reused across micro-batches, and the second backward raised "backward through the
+    graph a second time" (a review's finding). Each micro-batch generates anew once a backward ran
+    through the last generation; the gradients add up as two separate steps' would."""
+    torch.manual_seed(0)
+    opts = {"total_step": 10} if method == "hyper_adalora" else {}
+    base = peftkern.patch(tiny_model("llama"), method, rank=4, backend="torch", **opts)
+    perturb(base.peftkern)
+    batches = [tokens(seed=1), tokens(seed=2)]
+
+    def loss(model, ids):
+        return model.model(input_ids=ids).last_hidden_state.float().pow(2).mean()
+
+    accumulated = copy.deepcopy(base)
+    for ids in batches:
+        loss(accumulated, ids).backward()
+    want = {}
+    for ids in batches:
+        alone = copy.deepcopy(base)
+        loss(alone, ids).backward()
+        for n, p in alone.peftkern.named_parameters():
+            if p.grad is not None:
+                want[n] = want.get(n, 0) + p.grad
+    got = {n: p.grad for n, p in accumulated.peftkern.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and got
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7)
