@@ -202,6 +202,10 @@ class AdapterState(nn.Module):
         methods with fixed ranks."""
         return None
 
+    def before_optimizer_step(self) -> None:
+        """Called before every optimizer step over the adapter's parameters, by methods whose
+        ``attach`` hooks the optimizer (the rank allocators); default nothing."""
+
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step over the adapter's parameters (rank allocation); default nothing."""
 

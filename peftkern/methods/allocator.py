@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from .. import checks
 from ..ops import importance
@@ -306,14 +306,24 @@ class _OptimizerStepHook:
         self._holds: "weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]" = weakref.WeakKeyDictionary()
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        state = self._holding(optimizer)
+        if state is not None:
+            state.after_optimizer_step()
+
+    def before(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        state = self._holding(optimizer)
+        if state is not None:
+            state.before_optimizer_step()
+
+    def _holding(self, optimizer: torch.optim.Optimizer) -> Optional[nn.Module]:
+        """The state, if it is alive and ``optimizer`` steps its parameters."""
         state = self._state()
         if state is None:
-            return
+            return None
         holds = self._holds.get(optimizer)
         if holds is None:
             holds = self._holds[optimizer] = _holds_params(optimizer, state)
-        if holds:
-            state.after_optimizer_step()
+        return state if holds else None
 
 
 def _holds_params(optimizer: torch.optim.Optimizer, state: nn.Module) -> bool:
@@ -338,6 +348,12 @@ def _dispatch(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         hook(optimizer, args, kwargs)
 
 
+def _dispatch_pre(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Optional[tuple]:
+    for hook in list(_LIVE.values()):
+        hook.before(optimizer, args, kwargs)
+    return None
+
+
 class StepHookHandle:
     """The state's entry in the optimizer-step hooks (``_LIVE``); ``remove()`` takes it out.
 
@@ -354,6 +370,7 @@ class StepHookHandle:
                 from .. import stamps  # noqa: F401  (its step counter's hook first: this one reads the count)
 
                 _DISPATCH.append(register_optimizer_step_post_hook(_dispatch))
+                _DISPATCH.append(register_optimizer_step_pre_hook(_dispatch_pre))
             _LIVE[state] = _OptimizerStepHook(state)
 
     def remove(self) -> None:

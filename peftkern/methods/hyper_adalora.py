@@ -138,6 +138,7 @@ class HyperAdaLoraState(SVDState):
         self.H_Q = StateUpdateNet(q_len, **net)
         self.allocator = alloc.MagnitudePruner(opts.schedule(n), n, r, plan.device)
         self._pass = PassCache()  # the generation of the current forward pass
+        self._pre: Optional[_Generated] = None  # this step's generation, kept before the step (compiled passes)
 
     # --- generation -------------------------------------------------------------------------------
     def factors(self, slot: int) -> Factors:
@@ -176,11 +177,22 @@ class HyperAdaLoraState(SVDState):
         return [self.H_P, self.H_lam, self.H_Q]
 
     @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Keep this step's generation for ``after_optimizer_step`` where the pass did not (under
+        torch.compile a pass drops its value at its end): generated now, from the parameters the
+        forward used, it is what the forward generated; after the step it no longer would be (a
+        review's finding: compiled training pruned other ranks, and "advance" moved to another state)."""
+        gen = self._pass.value
+        self._pre = None if gen is not None and gen.step == self.allocator.global_step else self._generate()
+
+    @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Prune (on schedule), then advance the state to what this step's forward generated."""
         gen = self._pass.value
-        if gen is None or gen.step != self.allocator.global_step:  # no forward since the last step
-            gen = self._generate()
+        if gen is None or gen.step != self.allocator.global_step:  # not kept by the pass (compiled)
+            pre = getattr(self, "_pre", None)  # (a state pickled before it was kept has none)
+            gen = pre if pre is not None and pre.step == self.allocator.global_step else self._generate()
+        self._pre = None
         self.allocator.on_optimizer_step(gen.lam)
         if self.opts.state_update == "advance":
             self._advance(gen)

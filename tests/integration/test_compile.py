@@ -117,3 +117,32 @@ def test_compiling_first_in_a_fresh_process_with_the_defaults_breaks_nothing():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ok")] == [m for m, _ in methods]
     assert all(line.endswith(" 1") for line in proc.stdout.splitlines() if line.startswith("ok"))
+
+
+@pytest.mark.parametrize("state_update", ["fixed", "advance"])
+def test_compiled_hyper_adalora_training_allocates_as_eager(state_update):
+    """Several steps through HyperAdaLoRA's pruning schedule: a compiled pass keeps no generation past
+    its end, and the allocation after each step regenerated from the stepped hypernetworks, so compiled
+    training pruned other ranks and "advance" moved to another state (a review's finding). The
+    generation is kept before the step now: the same losses and rank pattern as eager."""
+    def train(compiled):
+        torch._dynamo.reset()
+        model = _model("hyper_adalora", {"total_step": 4, "tinit": 1, "tfinal": 1, "deltaT": 1,
+                                         "state_update": state_update}, "torch")
+        def loss_of(ids):
+            return model(input_ids=ids, labels=ids).loss
+
+        step = torch.compile(loss_of, backend="aot_eager") if compiled else loss_of
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+        losses = []
+        for _ in range(4):
+            loss = step(tokens())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+        return losses, peftkern.rank_pattern(model)
+
+    eager, compiled = train(False), train(True)
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-4)
+    assert compiled[1] == eager[1]
