@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -69,15 +68,7 @@ def host_times(names: List[str], layers: int, reps: int, steps: int) -> Dict[tup
             for i in range(3):
                 step(i)
             steppers[(name, how)] = step
-    keys = list(steppers)
-    times: Dict[tuple, List[float]] = {k: [] for k in keys}
-    for rep in range(reps):
-        for key in keys[rep % len(keys):] + keys[:rep % len(keys)]:
-            t = time.perf_counter()
-            for i in range(steps):
-                steppers[key](i)
-            times[key].append(1e3 * (time.perf_counter() - t) / steps)
-    return times
+    return launches.interleaved(steppers, reps, steps)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

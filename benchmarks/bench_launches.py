@@ -43,7 +43,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -150,13 +150,20 @@ def host_times(names: List[str], layers: int, reps: int, steps: int) -> Dict[str
         for i in range(3):
             step(i)
         steppers[name] = step
-    times: Dict[str, List[float]] = {n: [] for n in names}
+    return interleaved(steppers, reps, steps)
+
+
+def interleaved(steppers: Dict[Any, Callable[[int], Any]], reps: int, steps: int) -> Dict[Any, List[float]]:
+    """ms per step of each warmed-up stepper: ``reps`` rounds of ``steps`` steps each, every round
+    in an order rotated by one, so that a drift of the machine falls on every key alike."""
+    keys = list(steppers)
+    times: Dict[Any, List[float]] = {k: [] for k in keys}
     for rep in range(reps):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
+        for key in keys[rep % len(keys):] + keys[:rep % len(keys)]:
             t = time.perf_counter()
             for i in range(steps):
-                steppers[name](i)
-            times[name].append(1e3 * (time.perf_counter() - t) / steps)
+                steppers[key](i)
+            times[key].append(1e3 * (time.perf_counter() - t) / steps)
     return times
 
 

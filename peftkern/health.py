@@ -14,6 +14,7 @@ Two tools (the training loop's on-device monitor, built on these, is ``app/monit
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
@@ -111,6 +112,8 @@ def check_finite(model: nn.Module) -> FiniteReport:
 
 
 def tensors_in(obj: Any) -> Iterable[Tensor]:
+    """Every tensor inside ``obj``: nested dicts (a transformers ``ModelOutput`` is one), lists,
+    tuples and dataclasses."""
     if isinstance(obj, Tensor):
         yield obj
     elif isinstance(obj, dict):
@@ -119,6 +122,9 @@ def tensors_in(obj: Any) -> Iterable[Tensor]:
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from tensors_in(v)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from tensors_in(getattr(obj, f.name))
 
 
 def _all_finite(obj: Any) -> bool:

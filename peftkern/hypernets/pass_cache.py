@@ -8,13 +8,13 @@ regenerate by the rules below.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Any, Callable, Iterable, List, Optional
 
 import torch
 from torch import nn
 
 from .. import stamps
+from ..health import tensors_in
 
 Tensor = torch.Tensor
 
@@ -151,23 +151,9 @@ def _watch_backward(value: Any, cache: PassCache) -> None:
     def consumed(grad: Tensor) -> None:
         cache.consumed = True
 
-    for t in _tensors(value):
+    for t in tensors_in(value):
         if t.requires_grad:
             t.register_hook(consumed)
-
-
-def _tensors(value: Any) -> Iterable[Tensor]:
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-    elif dataclasses.is_dataclass(value):
-        for f in dataclasses.fields(value):
-            yield from _tensors(getattr(value, f.name))
 
 
 def _generate_plainly(generate: Callable[[], Any], watched: Callable[[], Iterable[Tensor]]) -> Any:
