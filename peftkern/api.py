@@ -360,21 +360,26 @@ def explain(model: nn.Module) -> Explanation:
             refresh = ("refreshed for every module of one shape together" if state.dora.batch_norms and not m.quantized
                        else "per module" if not state.dora.batch_norms else "per module (a quantized base)")
             row["magnitude"] = ("per module, trained; norm: the merged weight's row norms where the C++ merged "
-                                "path forms W0 + ΔW (rank > 32, many rows) and g is not folded, else the fp32 "
-                                "expansion, cached while W0, A, B, u, v are unchanged (g = m/norm also while m is), "
+                                "path forms W0 + ΔW (rank > 32, many rows) and g is not folded, else the expansion in fp32 "
+                                "(fp64 for fp64 weights), cached while W0, A, B, u, v are unchanged (g = m/norm also while m is), "
                                 f"{refresh}")
         row.update(state.describe_slot(m.slot))
         rows.append(row)
-    return Explanation(rows, state.plan.method, registry.availability(), _weights(state.plan))
+    return Explanation(rows, state.plan.method, registry.availability(), _weights(model, state))
 
 
-def _weights(plan) -> str:
-    """The adapter's dtype, said with the model's where they differ (``autocast_adapter_dtype``)."""
-    name = str(plan.dtype).replace("torch.", "")
-    model = plan.model_dtype
-    if model is None or model == plan.dtype:
+def _weights(model: nn.Module, state) -> str:
+    """The adapter's dtype, said with the model's where they differ (``autocast_adapter_dtype``). Read
+    from the tensors now, not the patch's plan: a model moved by ``.to(dtype)`` moves its adapter too."""
+    own = {id(p) for p in state.parameters()}
+    found = sorted({str(p.dtype).replace("torch.", "") for p in state.parameters() if p.is_floating_point()})
+    if not found:
+        return ""
+    name = " and ".join(found)
+    base = next((p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in own), None)
+    if base is None or found == [str(base).replace("torch.", "")]:
         return f"in {name}, the model's dtype"
-    return (f"in {name}, cast to {str(model).replace('torch.', '')} in each training forward and cached under "
+    return (f"in {name}, cast to {str(base).replace('torch.', '')} in each training forward and cached under "
             "no_grad (autocast_adapter_dtype)")
 
 
@@ -392,12 +397,15 @@ class Counts:
 
 
 def count(model: nn.Module) -> Counts:
-    """Parameter counts; works on meta-device models."""
+    """Parameter counts, as PEFT's ``print_trainable_parameters`` gives them; works on meta-device models.
+    ``total`` includes the frozen originals kept of ``modules_to_save`` (for ``disable_adapter``), as
+    PEFT counts its ``original_module`` beside the trained copy."""
     state = state_of(model)
     a_train = sum(p.numel() for p in state.parameters() if p.requires_grad)
     a_total = sum(p.numel() for p in state.parameters())
+    originals = state.heads.numel() if getattr(state, "heads", None) is not None else 0
     return Counts(a_train, a_total, sum(p.numel() for p in model.parameters() if p.requires_grad),
-                  sum(p.numel() for p in model.parameters()))
+                  sum(p.numel() for p in model.parameters()) + originals)
 
 
 def parameter_table(model_or_config: Any, method: str = "lora", rank: Optional[int] = None, targets=None,
@@ -417,7 +425,7 @@ def parameter_table(model_or_config: Any, method: str = "lora", rank: Optional[i
         lines.append(f"{name:58s} {str(tuple(p.shape)):>16s} {p.numel():>12,d}  {'yes' if p.requires_grad else 'no'}")
     c = count(model)
     lines.append(f"adapter parameters trained: {c.adapter_trainable:,} (frozen: {c.adapter_total - c.adapter_trainable:,}); "
-                 f"base model ({type(model).__name__}): {c.total - c.adapter_total:,}")
+                 f"base model ({type(model).__name__}): {sum(p.numel() for p in model.parameters()) - c.adapter_total:,}")
     return "\n".join(lines)
 
 

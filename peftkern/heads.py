@@ -54,6 +54,11 @@ class HeadOriginals(nn.Module):
 
     lost = False  # set when to_empty gave the copies memory but no values (module docstring)
 
+    def numel(self) -> int:
+        """Values held by the copies, each tensor once (tied weights are one): what PEFT's
+        ``print_trainable_parameters`` counts as the ``original_module`` of each module to save."""
+        return sum(t.numel() for t in {id(b): b for b in self.buffers()}.values())
+
     def _apply(self, fn, recurse=True):
         was_meta = any(b.is_meta for b in self.buffers())
         out = super()._apply(fn, recurse)

@@ -86,9 +86,25 @@ struct DoraNode : public torch::autograd::Function<DoraNode> {
     return first_order_only([&] { return gradients(ctx, grads); }, "dora_adapter");
   }
 
+  // The output y is saved (dm comes from a read of dy and y): an in-place edit of y after the forward
+  // fails torch's version check. Say what that means for DoRA (functions.py's DoraFunction says the same).
+  static variable_list saved(AutogradContext* ctx) {
+    try {
+      return ctx->get_saved_variables();
+    } catch (const c10::Error& e) {
+      const std::string what = e.what_without_backtrace();
+      if (what.find("modified by an inplace operation") == std::string::npos) throw;
+      TORCH_CHECK(false,
+                  "DoRA: a DoRA module's output was modified in place after its forward (e.g. `q /= c`, "
+                  "`out.mul_(...)`, or a forward hook editing the output in place). DoRA keeps that output "
+                  "for its magnitude's gradient (dm = sum over tokens of dy * (y - b) / g), so make the edit "
+                  "out of place (`q = q / c`) or clone the output first. torch said: ", what);
+    }
+  }
+
   static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
     // x2, weight, A, B (g⊙B on the folded route without v), u, v (g⊙v folded), h, aux, g, bias, y, m or norm
-    const variable_list s = ctx->get_saved_variables();
+    const variable_list s = saved(ctx);
     const Tensor &weight = s[1], &gain = s[8], &y = s[10], &last = s[11];
     const OptTensor bias = optional(s[9]);
     const int64_t needs = ctx->saved_data["needs"].toInt();

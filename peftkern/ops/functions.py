@@ -266,7 +266,7 @@ class DoraFunction(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, gy):
-        x2, weight, A, B, u, v, h, aux, g, bias, saved, keep, last = ctx.saved_tensors
+        x2, weight, A, B, u, v, h, aux, g, bias, saved, keep, last = _dora_saved(ctx)
         need_x, need_w, need_b, need_A, need_B, need_u, need_v, need_m = ctx.needs_input_grad[:8]
         dy = _rows(gy, weight.shape[0])
         if ctx.folded:
@@ -320,6 +320,21 @@ class DoraFunction(torch.autograd.Function):
             dB = None if dB is None else dB * g[:, None]
         db = dy.sum(0).to(weight.dtype) if need_b else None
         return dx, dw, db, dA, dB, du, dv, dm, None, None, None, None
+
+
+def _dora_saved(ctx) -> tuple:
+    """``ctx.saved_tensors``, where an in-place edit of the saved output y (torch's version check) is
+    explained in DoRA's terms (the C++ node, csrc/autograd/dora_node.cpp, says the same)."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as exc:
+        if "modified by an inplace operation" not in str(exc):
+            raise
+        raise RuntimeError(
+            "DoRA: a DoRA module's output was modified in place after its forward (e.g. `q /= c`, `out.mul_(...)`, "
+            "or a forward hook editing the output in place). DoRA keeps that output for its magnitude's gradient "
+            "(dm = sum over tokens of dy * (y - b) / g), so make the edit out of place (`q = q / c`) or clone the "
+            f"output first. torch said: {exc}") from exc
 
 
 def ratio(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:

@@ -178,6 +178,11 @@ def test_explain_says_the_adapters_dtype_and_the_cast():
     assert "adapter weights in float32, cast to bfloat16 in each training forward" in str(peftkern.explain(_model("lora")))
     kept = peftkern.patch(tiny_model("llama").to(torch.bfloat16), "lora", autocast_adapter_dtype=False)
     assert "adapter weights in bfloat16, the model's dtype" in str(peftkern.explain(kept))
+    # read from the tensors when asked: a move with .to(dtype) takes the adapter along (a review's finding:
+    # explain said what the patch had planned)
+    assert "adapter weights in float64, the model's dtype" in str(peftkern.explain(_model("lora").to(torch.float64)))
+    moved = peftkern.patch(tiny_model("llama"), "lora").to(torch.bfloat16)
+    assert "adapter weights in bfloat16, the model's dtype" in str(peftkern.explain(moved))
 
 
 @pytest.mark.parametrize("autocast", [True, False])

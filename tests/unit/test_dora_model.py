@@ -169,3 +169,36 @@ def test_merging_into_a_tied_weight_is_refused():
     model = peftkern.patch(T.LlamaForCausalLM(cfg), "lora", targets=["lm_head"], use_dora=True)
     with pytest.raises(ValueError, match="tied weights"):
         peftkern.merge(model)
+
+
+class _ScaledInPlace(torch.nn.Module):
+    """A projection whose output is scaled in place, as transformers' ESMFold attention does (`q /= c`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = self.q(x)
+        y /= 4.0
+        return y.square().sum()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("tokens_", [6, 40])  # the column scale, and g folded into W0 (tokens ≥ 2 × in features)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_an_output_edited_in_place_is_explained_in_doras_terms(backend, tokens_, dropout):
+    """DoRA keeps its output for dm (a read of dy and y): an in-place edit after the forward fails torch's
+    version check. The error says what that means and the fix, on every path (a review's finding: torch's
+    bare message named neither DoRA nor the module's output); plain LoRA still allows the edit."""
+    torch.manual_seed(0)
+    x = torch.randn(tokens_, 16)
+    lora = peftkern.patch(_ScaledInPlace(), "lora", rank=4, targets=["q"], backend=backend, dropout=dropout)
+    lora(x).backward()
+    dora = peftkern.patch(_ScaledInPlace(), "lora", rank=4, targets=["q"], backend=backend, dropout=dropout,
+                          use_dora=True).train()
+    if dropout:  # training with dropout keeps z, not y (PEFT's formula adds W0·(x − D(x)) to y): the edit is fine
+        dora(x).backward()
+        return
+    with pytest.raises(RuntimeError, match=r"DoRA: a DoRA module's output was modified in place.*q = q / c"):
+        dora(x).backward()

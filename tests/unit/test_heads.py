@@ -83,14 +83,27 @@ def test_disable_adapter_runs_the_original_head(train_factors):
 
 
 def test_the_originals_cost_one_copy_and_nothing_else():
-    """A frozen copy of each saved module, as buffers: not trained, not counted, not saved."""
+    """A frozen copy of each saved module, as buffers: not trained, not saved, and counted among all
+    parameters as PEFT's print_trainable_parameters counts its original_module (a review's finding:
+    ours left it out)."""
     model = peftkern.patch(tiny_model("bert", "cls"), "lora")
-    before = peftkern.count(model)
     head = model.classifier.weight.numel() + model.classifier.bias.numel()
     copies = sum(b.numel() for b in model.peftkern.heads.buffers())
     assert copies == head
     assert "peftkern.heads" not in " ".join(model.state_dict())
-    assert peftkern.count(model) == before
+    assert not any(p.requires_grad for p in model.peftkern.heads.parameters())
+    assert peftkern.count(model).total == sum(p.numel() for p in model.parameters()) + head
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_count_is_peft_print_trainable_parameters_with_a_head(use_dora):
+    peft = pytest.importorskip("peft")
+    base = tiny_model("bert", "cls")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"],
+                                                                      use_dora=use_dora))
+    ours = peftkern.patch(copy.deepcopy(base), "lora", rank=4, targets=["query", "value"], use_dora=use_dora)
+    c = peftkern.count(ours)
+    assert (c.trainable, c.total) == theirs.get_nb_trainable_parameters()
 
 
 def test_unpatch_gives_the_base_model_back_and_merge_keeps_the_trained_head():
