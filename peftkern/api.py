@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
-from . import hf, native_format, patching, peft_format
+from . import hf, native_format, patching, peft_format, quant
 from .factors import is_patched, state_of
 from .layer import AdaptedLinear
 from .methods import registry as _methods
@@ -127,8 +127,6 @@ def unpatch(model: nn.Module, merge: bool = False, requantize: bool = False) -> 
 
 def _compute_dtypes(quantized) -> str:
     """The compute dtypes of quantized layers, named for a log line."""
-    from . import quant
-
     return "/".join(sorted({str(quant.compute_dtype(m.base_layer)).replace("torch.", "") for _, m in quantized}))
 
 
@@ -349,6 +347,8 @@ def explain(model: nn.Module) -> Explanation:
             form = f"{m.quantized} base by bitsandbytes + low-rank term"
             if state.dora is not None:
                 form += ", DoRA's column scale by torch ops"
+            elif f_group:
+                form += " (joint: the group's one shrink, the up-projection by torch ops)"
             elif m.quantized == "4bit" and ops is not None and ops.fuses_4bit:
                 form = "4bit base fused: W0 dequantized tile by tile in the adapter's GEMM"
             kernels = f"{backend.split(' ')[0]} kernels"
@@ -397,7 +397,8 @@ class Counts:
 
 
 def count(model: nn.Module) -> Counts:
-    """Parameter counts, as PEFT's ``print_trainable_parameters`` gives them; works on meta-device models.
+    """Parameter counts, as PEFT's ``print_trainable_parameters`` gives them (a packed 4-bit weight counts
+    the values it holds, two per byte); works on meta-device models.
     ``total`` includes the frozen originals kept of ``modules_to_save`` (for ``disable_adapter``), as
     PEFT counts its ``original_module`` beside the trained copy."""
     state = state_of(model)
@@ -405,7 +406,7 @@ def count(model: nn.Module) -> Counts:
     a_total = sum(p.numel() for p in state.parameters())
     originals = state.heads.numel() if getattr(state, "heads", None) is not None else 0
     return Counts(a_train, a_total, sum(p.numel() for p in model.parameters() if p.requires_grad),
-                  sum(p.numel() for p in model.parameters()) + originals)
+                  sum(quant.parameter_count(p) for p in model.parameters()) + originals)
 
 
 def parameter_table(model_or_config: Any, method: str = "lora", rank: Optional[int] = None, targets=None,

@@ -15,6 +15,7 @@ model root as ``model.peftkern`` (``STATE_ATTR``); ``state_of`` and ``is_patched
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -24,6 +25,8 @@ from torch import nn
 from .casts import Casts
 from .ops import reference
 from .ops.registry import Resolver
+
+log = logging.getLogger("peftkern")
 
 Tensor = torch.Tensor
 
@@ -182,6 +185,51 @@ class AdapterState(nn.Module):
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("casts", Casts())  # a state pickled before casts were kept
+
+    # --- the adapter's dtypes, as patched or moved --------------------------------------
+    # TRL's trainers set every trainable parameter of a quantized model to bf16 by assigning ``.data``
+    # (QLoRA's advice; PEFT's ``autocast_adapter_dtype`` is not honoured there, peft#2889), which leaves
+    # the adapter mixed: trained factors bf16, frozen ones, hypernetwork inputs and AdaLoRA's importance
+    # fp32, and ops that need one dtype fail. A move of the whole model or adapter (``.to``, ``.half``)
+    # goes through ``_apply`` and is the user's choice; an assignment to ``.data`` is not seen there, so
+    # each ``train()`` (the HF Trainer calls it before every step) puts such a parameter back.
+    def record_dtypes(self) -> None:
+        """Remember every floating parameter's dtype as the adapter's own (at patch, after a move)."""
+        self._dtypes = {n: p.dtype for n, p in self.named_parameters() if p.is_floating_point()}
+
+    def keep_dtypes(self) -> None:
+        """Put back, with a one-time warning, the dtype of a parameter changed by assignment to ``.data``."""
+        expected = self.__dict__.get("_dtypes")
+        if not expected:
+            return
+        changed = [(n, p) for n, p in self.named_parameters() if n in expected and p.dtype != expected[n]]
+        if not changed:
+            return
+        was = sorted({str(p.dtype).replace("torch.", "") for _, p in changed})
+        for n, p in changed:
+            p.data = p.data.to(expected[n])
+        if not self.__dict__.get("_dtypes_said"):
+            self._dtypes_said = True
+            now = sorted({str(expected[n]).replace("torch.", "") for n, _ in changed})
+            log.warning("peftkern: %d of the adapter's weights were set to %s from outside the model's .to() (TRL "
+                        "does this to a quantized model's trainable parameters); they are back in %s, the dtype "
+                        "the adapter was patched with, since its other tensors are in it. For a half-precision "
+                        "adapter, patch a half-precision model with autocast_adapter_dtype=False.",
+                        len(changed), " and ".join(was), " and ".join(now))
+
+    def _apply(self, fn, recurse=True):
+        before = [p.dtype for p in self.parameters()]
+        out = super()._apply(fn, recurse)
+        # a cast (model.to(bf16), .half()) sets the adapter's dtypes; a move to a device keeps the record,
+        # or the Trainer's move of the model after TRL's cast would make that cast the record
+        if "_dtypes" in self.__dict__ and before != [p.dtype for p in self.parameters()]:
+            self.record_dtypes()
+        return out
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.keep_dtypes()
+        return super().train(mode)
 
     # --- the hot path -------------------------------------------------------------
     def factors(self, slot: int) -> Factors:

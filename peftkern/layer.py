@@ -162,6 +162,12 @@ class AdaptedLinear(nn.Module):
             dropout = self._state.plan.dropout if self.training else 0.0
             dora = self._state.dora
             ops = self.ops(device_type)
+            if dora is None and f.group is not None:
+                # joint: the group's one shrink (one dropout mask for q, k and v), as _run; the up-projection by
+                # torch ops, since the expand kernels fuse it with a dense base GEMM
+                hu = f.group.hidden(x, lambda: functions.shrink(x, f.A, f.u, dropout, backend=ops))
+                up = f.B if f.v is None else f.B * f.v[:, None]
+                return quant.base_forward(base, x) + f.scale * (hu @ up.t())
             if dora is None and self.quantized == "4bit" and ops.fuses_4bit:  # one kernel: W0 read packed
                 bias = None if base.bias is None else base.bias.to(dtype)
                 return functions.adapter_4bit(x, quant.packed_4bit(base), bias, f.A, f.B, f.u, f.v, f.scale, dropout,

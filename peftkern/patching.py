@@ -92,6 +92,12 @@ def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None
         raise ValueError(f"{', '.join(both[:4])}{', ...' if len(both) > 4 else ''}: both adapted (targets) and "
                          f"trained in full (modules_to_save {to_save}); drop it from one of them "
                          f"(modules_to_save=[] adapts a task head instead of training it)")
+    quantized = [m for m in to_save if any(not p.is_floating_point() for p in model.get_submodule(m).parameters())]
+    if quantized:
+        # a quantized weight (bitsandbytes' packed 4-bit, int8) takes no gradient: it cannot be trained in full
+        raise ValueError(f"modules_to_save {quantized}: quantized weights cannot be trained in full (they take no "
+                         f"gradient); adapt those modules instead (targets), or load them unquantized "
+                         f"(BitsAndBytesConfig(llm_int8_skip_modules=[...]))")
     device, model_dtype = _param_device_dtype(model)
     dtype = model_dtype
     if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
@@ -199,6 +205,7 @@ def commit(model: nn.Module, state: AdapterState, fresh: bool = True) -> nn.Modu
         quant.keep_trainable(model)
     if fresh and state.dora is not None:
         start_magnitudes(model, state)
+    state.record_dtypes()  # what train() keeps (factors.AdapterState: TRL's cast of a quantized model)
     return model
 
 

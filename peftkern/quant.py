@@ -172,6 +172,14 @@ def dequantized(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.
 
 
 @torch.no_grad()
+def parameter_count(p: torch.Tensor) -> int:
+    """How many values ``p`` stands for: a packed 4-bit weight holds two per byte of its storage (what
+    PEFT's ``print_trainable_parameters`` counts), any other tensor its numel."""
+    if type(p).__name__ != "Params4bit":
+        return p.numel()
+    return p.numel() * 2 * getattr(p, "quant_storage", torch.uint8).itemsize
+
+
 def requantized(module: nn.Module, merged: torch.Tensor) -> Tuple[nn.Module, float]:
     """A new 4-bit layer of ``module``'s settings holding ``merged`` [N, K], and the relative error
     ‖Q(W) − W‖/‖W‖ of that quantization."""
@@ -181,7 +189,8 @@ def requantized(module: nn.Module, merged: torch.Tensor) -> Tuple[nn.Module, flo
     state = module.weight.quant_state
     new = lib.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                             compute_dtype=module.compute_dtype, quant_type=state.quant_type,
-                            compress_statistics=bool(getattr(state, "original_nested", state.nested)), device="cpu")
+                            compress_statistics=bool(getattr(state, "original_nested", state.nested)),
+                            quant_storage=getattr(module.weight, "quant_storage", torch.uint8), device="cpu")
     params = {"weight": merged.detach().to("cpu", torch.float32)}
     if module.bias is not None:
         params["bias"] = module.bias.detach().to("cpu", torch.float32)

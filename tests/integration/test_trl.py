@@ -115,6 +115,31 @@ def test_every_method_trains_under_sft(tiny, tmp_path, method, options):
         assert allocator.schedule.total_step == 6
 
 
+QUANT_METHODS = [("vera", {}), ("pg_fixed", {}), ("adalora", {"total_step": "auto"}),
+                 ("hyper_adalora", {"total_step": "auto"})]
+
+
+@pytest.mark.parametrize("method,options", QUANT_METHODS, ids=[m for m, _ in QUANT_METHODS])
+def test_every_method_trains_under_sft_on_a_4bit_base(tiny, tmp_path, method, options):
+    """TRL sets every trainable parameter of a quantized model to bf16 by assigning ``.data`` (QLoRA's
+    advice), leaving frozen factors, hypernetwork inputs and AdaLoRA's importance in fp32: these four
+    methods then failed at the first step (a review's finding). The adapter's dtypes are put back at
+    ``train()``, with a warning, and the adapter trains."""
+    pytest.importorskip("bitsandbytes")
+    from tests.helpers.quantized import load_4bit
+
+    model = peftkern.patch(load_4bit(tiny[0]), method, rank=4, **options)
+    patched = {n: p.dtype for n, p in model.peftkern.named_parameters()}
+    callbacks = [peftkern.AllocatorCallback()] if model.peftkern.rank_allocator() is not None else []
+    trainer = SFTTrainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=_chat_data(8),
+                         processing_class=tiny[1], callbacks=callbacks)
+    assert any(p.dtype == torch.bfloat16 for p in model.peftkern.parameters())  # TRL's cast happened
+    before = _adapter(model)
+    trainer.train()
+    assert {n: p.dtype for n, p in model.peftkern.named_parameters()} == patched
+    assert any(not torch.equal(before[n], p) for n, p in _adapter(model).items())
+
+
 def _preference_data(n=16):
     return Dataset.from_list([{"prompt": f"what is {i} plus {i}?", "chosen": f" it is {2 * i}",
                                "rejected": f" it is {2 * i + 1}"} for i in range(n)])

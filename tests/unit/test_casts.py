@@ -4,6 +4,7 @@ inference mode, is cast once and reused until its parameter changes, an optimize
 (a fused one bumps no version); views of a shared parameter are cut from its one copy; copies of a
 model start with no cached copies."""
 import copy
+import logging
 
 import pytest
 import torch
@@ -363,3 +364,22 @@ def test_a_forward_that_raises_leaves_no_copies_behind():
         model(input_ids=ids + 10_000)  # out of the vocabulary: raises after the pre-hook ran
     casts = model.peftkern.casts
     assert not casts._open and casts._batch == {}
+
+
+def test_a_cast_from_outside_is_put_back_at_train_and_a_move_is_kept(caplog):
+    """TRL assigns ``.data`` of a quantized model's trainable parameters to bf16: ``train()`` puts the
+    adapter's dtypes back, once with a warning (tests/integration/test_trl.py trains on it); a device move
+    between (the Trainer's) does not make that cast the record, and a cast of the whole model is kept."""
+    model = peftkern.patch(tiny_model("llama"), "vera")
+    for p in model.peftkern.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    model.to("cpu")
+    with caplog.at_level(logging.WARNING, logger="peftkern"):
+        model.train()
+    assert {p.dtype for p in model.peftkern.parameters()} == {torch.float32}
+    assert "TRL" in caplog.text and "back in float32" in caplog.text
+    model.to(torch.bfloat16).train()
+    assert {p.dtype for p in model.peftkern.parameters()} == {torch.bfloat16}
+    ids = tokens()
+    model(input_ids=ids, labels=ids).loss.backward()

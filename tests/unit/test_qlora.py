@@ -56,12 +56,20 @@ def test_every_method_on_a_4bit_base_matches_its_dequantized_twin(base4, method,
     assert all("4bit base by bitsandbytes" in row["path"] for row in peftkern.explain(q).rows)
 
 
-@pytest.mark.parametrize("method", [m for m in methods.names() if methods.get(m).dora][:2])
-def test_dora_with_dropout_on_a_4bit_base_matches_its_twin(base4, method):
+DROPOUT_CASES = [(m, True, {}) for m in methods.names() if methods.get(m).dora][:2]
+# the kernels' masks come from a per-call seed, each backend its own stream: the twin runs the torch backend too
+DROPOUT_CASES += [("lora", False, {"joint": True, "backend": "torch"}), ("tied_lora", False, {"joint": True, "backend": "torch"})]
+
+
+@pytest.mark.parametrize("method,use_dora,extra", DROPOUT_CASES,
+                         ids=[f"{m}{'-dora' if d else ''}{'-joint' if e else ''}" for m, d, e in DROPOUT_CASES])
+def test_dropout_on_a_4bit_base_matches_its_twin(base4, method, use_dora, extra):
     """In training, PEFT's DoRA drops out the input of the whole scaled term, W0's product included:
     y = g⊙(W0·D(x) + ΔW·D(x)) + b + W0·(x − D(x)). The 4-bit path once scaled an undropped W0·x (its
-    output then matched neither the dense path nor PEFT's); with the same seed both draw one mask."""
-    q, r = _pair(base4, method, True, dropout=0.3)
+    output then matched neither the dense path nor PEFT's); with the same seed both draw one mask.
+    The joint form draws one mask for its group's shared shrink; the 4-bit path once drew one per module
+    (a review's finding: q's and k's terms differed by 9.5 where they must be equal)."""
+    q, r = _pair(base4, method, use_dora, dropout=0.3, **extra)
     q.train(), r.train()
     ids = tokens()
     outs = []
@@ -411,3 +419,40 @@ def test_unpacking_a_repacked_layer_costs_only_the_bf16_rounding_of_its_scales(t
             w = before[name]
             rows = (quant.dequantized(module) - w).norm(dim=1) / w.norm(dim=1)
             assert rows.max() < 2 ** -8, (name, float(rows.max()))
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp"])
+def test_modules_to_save_naming_a_quantized_module_is_refused_before_any_change(base4, name):
+    """A packed weight takes no gradient: patch used to fail in torch's requires_grad_ after swapping the
+    targets and freezing the model (a review's finding)."""
+    m4 = copy.deepcopy(base4[0])
+    before = {n: p.requires_grad for n, p in m4.named_parameters()}
+    kinds = {n: type(m).__name__ for n, m in m4.named_modules()}
+    with pytest.raises(ValueError, match=r"quantized weights cannot be trained in full.*llm_int8_skip_modules"):
+        peftkern.patch(m4, "lora", targets=["v_proj"], modules_to_save=[name])
+    assert not hasattr(m4, "peftkern")
+    assert {n: p.requires_grad for n, p in m4.named_parameters()} == before
+    assert {n: type(m).__name__ for n, m in m4.named_modules()} == kinds
+
+
+def test_count_is_peft_print_trainable_parameters_on_a_4bit_base(base4):
+    """A packed 4-bit weight counts the values it holds, two per byte, as PEFT counts it (a review's
+    finding: the packed storage's numel was counted, 61,760 of 102,720 on this model)."""
+    peft = pytest.importorskip("peft")
+    ours = peftkern.patch(copy.deepcopy(base4[0]), "lora", rank=4)
+    theirs = peft.get_peft_model(copy.deepcopy(base4[0]), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    c = peftkern.count(ours)
+    assert (c.trainable, c.total) == theirs.get_nb_trainable_parameters()
+    assert c.total == sum(p.numel() for p in base4[1].parameters()) + c.adapter_total
+
+
+def test_requantize_keeps_the_quant_storage_dtype(base4, tmp_path):
+    """``bnb_4bit_quant_storage`` (FSDP-QLoRA's one storage dtype) survives unpatch(merge=True, requantize=True)."""
+    import transformers as T
+
+    config = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_quant_storage=torch.bfloat16)
+    m4 = T.AutoModelForCausalLM.from_pretrained(base4[2], quantization_config=config, device_map="cpu")
+    q = peftkern.patch(m4, "lora", rank=4)
+    perturb(q)
+    peftkern.unpatch(q, merge=True, requantize=True)
+    assert {q.get_submodule(n).weight.dtype for n in quantized_layers(q)} == {torch.bfloat16}
