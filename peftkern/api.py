@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import warnings
 from dataclasses import dataclass
@@ -95,7 +97,7 @@ def unpatch(model: nn.Module, merge: bool = False, requantize: bool = False) -> 
         raise ValueError("requantize=True applies to unpatch(merge=True) of a model with quantized (4-bit) layers")
     heads = getattr(state_of(model), "heads", None)
     if heads is not None and not merge:
-        heads.check("unpatch without merge")  # before anything changes (heads.py: originals lost to to_empty)
+        heads.check("unpatch without merge", model)  # before anything changes (heads.py: originals lost to to_empty)
     if merge:
         _refuse_shared(model, "unpatch(merge=True)")
         errors = {}
@@ -206,25 +208,41 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
 class ReferenceModel(nn.Module):
     """The base model of a patched ``model``, as a module that shares every weight with it
     (``reference_model``). Every call runs inside ``disable_adapter``, whatever the forward is: a
-    trainer may replace it (TRL's fused LM head does), and reaches the policy's backbone, head and
-    config through this module, which hands on every attribute it does not have."""
+    trainer may replace it (TRL's fused LM head does). Attributes it does not have come from the
+    policy: a method (``generate``) runs inside ``disable_adapter`` too, and a submodule (the backbone
+    ``.model``, ``lm_head``) comes wrapped the same way, so nothing reached through it runs the adapter
+    (a review's finding: ``generate`` and ``.model`` ran the policy)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, target: Optional[nn.Module] = None):
         super().__init__()
-        object.__setattr__(self, "policy", model)  # not a submodule: the policy's tensors are not ours twice
+        # neither is a submodule: the policy's tensors are not ours twice
+        object.__setattr__(self, "policy", model)
+        object.__setattr__(self, "target", model if target is None else target)
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.__dict__["policy"], name)
+            pass
+        target, policy = self.__dict__["target"], self.__dict__["policy"]
+        value = getattr(target, name)
+        if isinstance(value, nn.Module):
+            return ReferenceModel(policy, value)
+        if inspect.ismethod(value) and value.__self__ is target:
+            @functools.wraps(value)
+            def disabled(*args: Any, **kwargs: Any) -> Any:
+                with disable_adapter(policy):
+                    return value(*args, **kwargs)
+            return disabled
+        return value
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with disable_adapter(self.policy):
             return super().__call__(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.policy(*args, **kwargs)
+        with disable_adapter(self.policy):
+            return self.target(*args, **kwargs)
 
 
 def reference_model(model: nn.Module) -> nn.Module:
@@ -342,7 +360,7 @@ def explain(model: nn.Module) -> Explanation:
                     "number at least twice the input features, else a column scale in one pass each way")
             if ops is not None and ops.dora_node is not None:
                 form += ("; one C++ autograd node" + (" (a Python autograd Function while dropout applies, in "
-                                                      "training)" if state.plan.dropout else ""))
+                                                      "training)" if state.dropout() else ""))
         if m.quantized is not None:  # layer._quantized_forward: the base is bitsandbytes' op, or fused
             form = f"{m.quantized} base by bitsandbytes + low-rank term"
             if state.dora is not None:

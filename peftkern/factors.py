@@ -181,10 +181,20 @@ class AdapterState(nn.Module):
         self.backends = Resolver(plan.backend)
         self.dora: Optional[nn.Module] = None  # DoRA's magnitudes (dora.Magnitudes) with use_dora=True
         self.casts = Casts()  # the factors in a half compute dtype, where a cast need not run each forward
+        # The adapter's dropout rate, read at each training forward (the kernels fuse the dropout itself). An
+        # nn.Dropout under PEFT's name, so that what turns a model's dropout off finds it: TRL's DPOTrainer
+        # (disable_dropout) sets ``p = 0`` on every nn.Dropout of the model, PEFT's lora_dropout included.
+        self.lora_dropout = nn.Dropout(plan.dropout)
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("casts", Casts())  # a state pickled before casts were kept
+        if "lora_dropout" not in self._modules:  # or before the rate was a module
+            self._modules["lora_dropout"] = nn.Dropout(self.plan.dropout)
+
+    def dropout(self) -> float:
+        """The dropout rate a training forward applies now: the patch's, unless set to 0 since (``lora_dropout.p``)."""
+        return self.lora_dropout.p
 
     # --- the adapter's dtypes, as patched or moved --------------------------------------
     # TRL's trainers set every trainable parameter of a quantized model to bf16 by assigning ``.data``

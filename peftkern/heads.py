@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -66,7 +66,19 @@ class HeadOriginals(nn.Module):
             self.lost = True
         return out
 
-    def check(self, what: str) -> None:
+    def check(self, what: str, model: Optional[nn.Module] = None) -> None:
+        """Raise ValueError where the originals cannot stand in for the trained modules: lost (module
+        docstring), or (given ``model``) of another shape than them, as after ``resize_token_embeddings``."""
+        if model is not None:
+            for path, original in zip(self.paths, self.copies):
+                live = model.get_submodule(path)
+                now = {n: tuple(t.shape) for n, t in [*live.named_parameters(), *live.named_buffers()]}
+                then = {n: tuple(t.shape) for n, t in original.named_buffers()}
+                if now != then:
+                    raise ValueError(
+                        f"{what} needs the original of {path}, which no longer fits it: {path} is now {now}, its "
+                        f"original {then} (resize_token_embeddings after patching?). Resize before patching, or use "
+                        "peftkern.unpatch(model, merge=True), which keeps the trained modules")
         if self.lost:
             raise ValueError(
                 f"{what} needs the original values of modules_to_save ({', '.join(self.paths)}), which were lost: "
@@ -78,7 +90,7 @@ class HeadOriginals(nn.Module):
     def swapped_in(self, model: nn.Module) -> Iterator[None]:
         """Inside the block, the model runs the original modules; the trained ones come back on exit.
         Raises ValueError where the originals were lost (module docstring)."""
-        self.check("running the base model (disable_adapter, reference_model)")
+        self.check("running the base model (disable_adapter, reference_model)", model)
         trained = [_swap(model, path, original) for path, original in zip(self.paths, self.copies)]
         try:
             yield
@@ -90,7 +102,7 @@ class HeadOriginals(nn.Module):
     def restore(self, model: nn.Module) -> None:
         """Copy the original values back into the trained modules (their tensors stay the same objects).
         Raises ValueError where the originals were lost (module docstring)."""
-        self.check("unpatch without merge")
+        self.check("unpatch without merge", model)
         for path, original in zip(self.paths, self.copies):
             module = model.get_submodule(path)
             live = {**dict(module.named_parameters(remove_duplicate=False)),

@@ -41,6 +41,7 @@ from torch import nn
 from . import native_format, patching
 from .factors import is_patched
 from .health import unwrap
+from .layer import AdaptedLinear
 
 log = logging.getLogger("peftkern")
 
@@ -84,7 +85,21 @@ def bind(model: nn.Module) -> None:
     if getattr(model, "is_quantized", False) and not getattr(model, ADAPTERS_FLAG, False):
         setattr(model, ADAPTERS_FLAG, True)
         model._peftkern_marked_adapters = True
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, AdaptedLinear) and "_peftkern_fused_head_guard" not in model.__dict__:
+        model._peftkern_fused_head_guard = model.register_forward_pre_hook(_refuse_fused_head, with_kwargs=True)
     when_trainer_imported(install_trainer_hook)
+
+
+def _refuse_fused_head(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """TRL's trainers (SFT, DPO) patch the model's forward with a fused LM head, called with
+    ``fused_lm_head=True``, that multiplies the hidden states by ``lm_head.weight`` directly: an adapter on
+    the LM head would be left out of the loss and never train. TRL refuses that for a PeftModel; so do we."""
+    if kwargs.get("fused_lm_head"):
+        raise ValueError("the output head (lm_head) carries an adapter, which TRL's fused LM head (fused_lm_head=True, "
+                         "the loss of SFTTrainer and DPOTrainer) leaves out: it computes the log-probabilities from "
+                         "lm_head.weight directly, so the adapter would never train. Patch without 'lm_head' in targets, "
+                         "or train the head in full with modules_to_save=['lm_head']")
 
 
 TRAINER_MODULE = "transformers.trainer"
@@ -136,6 +151,9 @@ def unbind(model: nn.Module) -> None:
         delattr(model, ATTR)
     if model.__dict__.pop("_peftkern_marked_adapters", False):
         model.__dict__.pop(ADAPTERS_FLAG, None)
+    guard = model.__dict__.pop("_peftkern_fused_head_guard", None)
+    if guard is not None:
+        guard.remove()
 
 
 def activation_dtype(model: nn.Module):

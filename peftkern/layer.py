@@ -129,7 +129,7 @@ class AdaptedLinear(nn.Module):
     def _run(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], f: Factors, device_type: str,
              magnitude: Optional[Tuple[Tensor, Callable[[], Tuple[Tensor, Tensor]]]]) -> Tensor:
         ops = self.ops(device_type)
-        dropout = self._state.plan.dropout if self.training else 0.0
+        dropout = self._state.dropout() if self.training else 0.0
         if magnitude is not None:  # DoRA: (m, the norm's provider)
             return functions.dora_adapter(x, weight, bias, f.A, f.B, f.u, f.v, *magnitude, f.scale, dropout,
                                           backend=ops)
@@ -159,7 +159,7 @@ class AdaptedLinear(nn.Module):
         with torch.autocast(device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext():
             x = x.to(dtype)
             f = self._state.casts.factors(f, dtype) if f.A.dtype != dtype else f
-            dropout = self._state.plan.dropout if self.training else 0.0
+            dropout = self._state.dropout() if self.training else 0.0
             dora = self._state.dora
             ops = self.ops(device_type)
             if dora is None and f.group is not None:

@@ -154,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lr", type=float, help="default: the method's rate for the budget (`peftkern methods`)")
     ft.add_argument("--batch-size", type=int, help="default 32 (sft: 8; --budget paper: the task's, LEFT Table 6)")
     ft.add_argument("--max-length", type=int, help="tokens per example; default 128 (demo 64, sft 512)")
-    ft.add_argument("--max-train-samples", type=int, help="train on a fixed random subset of this size")
-    ft.add_argument("--max-eval-samples", type=int, help="evaluate on a fixed random subset of this size")
+    ft.add_argument("--max-train-samples", type=int, help="train on a fixed subset of this size "
+                    "(GLUE and SICK-R: a random one; sft: the first N)")
+    ft.add_argument("--max-eval-samples", type=int, help="evaluate on a fixed subset of this size "
+                    "(GLUE and SICK-R: a random one; sft: the first N)")
     ft.add_argument("--backend", default="auto", choices=("auto", "triton", "cpp", "torch"),
                     help="kernel backend (default auto: the C++ extension on the CPU, cuBLAS on CUDA)")
     ft.add_argument("--output-dir", help="where the adapter, metrics.json and curves.png go "

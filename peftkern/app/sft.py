@@ -86,6 +86,9 @@ class SFTConfig:
         for name in ("epochs", "batch_size", "max_length", "max_new_tokens"):
             if not getattr(out, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(out, name)}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(out, name) is not None and not getattr(out, name) > 0:
+                raise ValueError(f"{name} must be positive (or left out for every example), got {getattr(out, name)}")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if self.precision not in PRECISIONS:
@@ -176,8 +179,10 @@ def _finetune_sft(config: SFTConfig) -> RunResult:
 
         callbacks.append(AllocatorCallback())
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    # TRL's config turns checkpointing on by default: say off where the flag is off (a review's finding: every
+    # run checkpointed, and metrics.json said it did not)
     checkpointing = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}} \
-        if cfg.gradient_checkpointing else {}
+        if cfg.gradient_checkpointing else {"activation_checkpointing": False}
     args = TrlConfig(
         output_dir=str(out_dir or Path("runs") / f"sft-{cfg.method}"), num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
@@ -186,7 +191,7 @@ def _finetune_sft(config: SFTConfig) -> RunResult:
         # one evaluation per epoch; a single epoch's is the final evaluate() below
         use_cpu=device_type == "cpu", seed=cfg.seed, data_seed=cfg.seed, eval_strategy="epoch" if cfg.epochs > 1 else "no",
         save_strategy="no", logging_steps=1, report_to=[], disable_tqdm=not cfg.progress, **checkpointing)
-    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, callbacks=callbacks,
+    trainer = _regularized(SFTTrainer)(model=model, args=args, processing_class=tokenizer, callbacks=callbacks,
                          train_dataset=Dataset.from_dict(sft_data.to_trl(data.train, chat)),
                          eval_dataset=Dataset.from_dict(sft_data.to_trl(data.held_out, chat)))
     quiet_progress(trainer, cfg.progress, f"sft {cfg.method} seed {cfg.seed}")
@@ -220,6 +225,23 @@ def _finetune_sft(config: SFTConfig) -> RunResult:
         api.save(model, out_dir)
         report.write_outputs(out_dir, [result])
     return result
+
+
+def _regularized(trainer_class):
+    """``trainer_class`` (TRL's SFTTrainer) with the adapter's regulariser (AdaLoRA's orthogonality term) added
+    to its training loss. TRL computes that loss from per-token log-probabilities, not from the model's
+    ``loss``, where a forward hook adds the term in other loops, so the term was left out (PEFT's AdaLoRA
+    loses it under TRL too). Evaluation stays the plain loss, whose perplexity the run reports."""
+
+    class Regularized(trainer_class):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            reg = api.orthogonal_regularization(model) if model.training else None
+            if reg is None:
+                return out
+            return (out[0] + reg, out[1]) if return_outputs else out + reg
+
+    return Regularized
 
 
 def quiet_progress(trainer, show: bool, desc: str) -> None:

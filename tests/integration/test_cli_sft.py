@@ -102,3 +102,57 @@ def test_a_diverged_run_stops_with_exit_code_3_and_saves_nothing(tiny, tmp_path,
     assert cli.main(argv) == 3
     assert "training stopped" in capsys.readouterr().err
     assert not (out / "adapter_model.safetensors").exists() and not (out / "peftkern_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_gradient_checkpointing_follows_the_flag(tiny, tmp_path, monkeypatch, flag):
+    """TRL's config checkpoints by default: without the flag every run checkpointed while metrics.json
+    said it did not (a review's finding)."""
+    import trl
+
+    seen = []
+    step = trl.SFTTrainer.training_step
+
+    def spy(self, *args, **kwargs):
+        seen.append(bool(self.model.is_gradient_checkpointing))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(trl.SFTTrainer, "training_step", spy)
+    out = tmp_path / "run"
+    assert cli.main(_args(tiny, "prompt", out, "--max-train-samples", "8", *(["--gradient-checkpointing"] if flag else []))) == 0
+    assert seen and set(seen) == {flag}
+    assert json.loads((out / "metrics.json").read_text())["config"]["gradient_checkpointing"] is flag
+
+
+@pytest.mark.parametrize("flag", ["--max-train-samples", "--max-eval-samples"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_sample_limits_must_be_positive(tiny, tmp_path, capsys, flag, value):
+    """0 crashed after the model loaded; a negative one silently dropped examples from the end."""
+    assert cli.main(_args(tiny, "prompt", tmp_path / "run", flag, value)) == 2
+    assert f"{flag.lstrip('-').replace('-', '_')} must be positive" in capsys.readouterr().err
+
+
+def test_adaloras_regulariser_joins_trls_training_loss_and_not_its_eval_loss():
+    """TRL computes its loss from per-token log-probabilities, not from the model's loss where a forward
+    hook adds AdaLoRA's orthogonality term, so the CLI's SFT runs trained without it (a review's finding)."""
+    import torch
+
+    import peftkern
+    from peftkern.app import sft
+    from tests.helpers.models import tiny_model
+
+    class Base:
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return (torch.tensor(1.0), "outputs") if return_outputs else torch.tensor(1.0)
+
+    model = peftkern.patch(tiny_model("llama"), "adalora", total_step=10)
+    reg = peftkern.orthogonal_regularization(model).detach()
+    assert reg > 0
+    trainer = sft._regularized(Base)()
+    model.train()
+    torch.testing.assert_close(trainer.compute_loss(model, {}).detach(), 1.0 + reg)
+    loss, outputs = trainer.compute_loss(model, {}, return_outputs=True)
+    torch.testing.assert_close(loss.detach(), 1.0 + reg)
+    assert outputs == "outputs"
+    model.eval()
+    assert trainer.compute_loss(model, {}).item() == 1.0

@@ -176,3 +176,61 @@ def test_dpo_reference_pass_is_the_policy_with_its_adapter_disabled(tiny, tmp_pa
     assert calls and all(m is model for m in calls)  # every reference pass ran the disabled policy
     assert any(not torch.equal(before[n], p) for n, p in _adapter(model).items())
     assert all(h.get("rewards/chosen") is not None for h in trainer.state.log_history if "loss" in h)
+
+
+def test_whatever_the_reference_model_hands_on_runs_without_the_adapter(tiny):
+    """``generate``, the backbone ``.model`` and ``forward`` came from the policy and ran its adapter (a
+    review's finding); each runs the base model now."""
+    import transformers as T
+
+    model = _model(tiny)
+    with torch.no_grad():
+        for p in model.peftkern.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    base = T.AutoModelForCausalLM.from_pretrained(tiny[0]).eval()
+    model.eval()
+    ref = peftkern.reference_model(model)
+    ids = torch.randint(5, 900, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ref.model(input_ids=ids).last_hidden_state, base.model(input_ids=ids).last_hidden_state,
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(ref.forward(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=0)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(ref.generate(ids, **kw), base.generate(ids, **kw))
+    assert not torch.equal(model.generate(ids, **kw), base.generate(ids, **kw))  # the policy still has its adapter
+
+
+def test_an_adapter_on_the_lm_head_is_refused_under_trls_fused_head(tiny, tmp_path):
+    """TRL's fused LM head reads ``lm_head.weight`` directly: an adapter there trained not at all while the
+    run looked normal (a review's finding). TRL refuses that for a PeftModel; the patched model does too."""
+    model = _model(tiny, targets=["q_proj", "v_proj", "lm_head"])
+    before = _adapter(model)
+    trainer = SFTTrainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=_chat_data(8),
+                         processing_class=tiny[1])
+    with pytest.raises(ValueError, match=r"lm_head.*never train.*modules_to_save=\['lm_head'\]"):
+        trainer.train()
+    assert all(torch.equal(before[n], p) for n, p in _adapter(model).items())
+    peftkern.unpatch(model)
+    assert not model._forward_pre_hooks  # unpatch takes the guard away
+
+
+def test_dpo_turns_the_adapters_dropout_off(tiny, tmp_path):
+    """DPOTrainer's ``disable_dropout`` (its default) sets p = 0 on every nn.Dropout of the model: the
+    adapter's fused dropout rate is one (PEFT's name, lora_dropout), so the policy's log-probabilities are
+    deterministic as with PEFT (a review's finding: two forwards differed by 0.45)."""
+    model = _model(tiny, dropout=0.3)
+    ids = torch.randint(5, 900, (2, 9))
+    with torch.no_grad():  # a trained adapter (B = 0 at the start hides any dropout)
+        for p in model.peftkern.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[], use_cpu=True,
+                     bf16=False, disable_tqdm=True, max_length=48, save_strategy="no")
+    DPOTrainer(model=model, ref_model=peftkern.reference_model(model), args=args, train_dataset=_preference_data(),
+               processing_class=tiny[1])
+    model.train()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert model.peftkern.lora_dropout.p == 0.0

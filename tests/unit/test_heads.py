@@ -174,3 +174,20 @@ def test_originals_lost_to_to_empty_are_refused_not_run():
     real = peftkern.patch(tiny_model("llama", head="cls"), "lora", backend="torch").to("cpu").to(torch.float64)
     with peftkern.disable_adapter(real):
         real(input_ids=ids)
+
+
+def test_a_resize_after_patching_is_named_where_the_originals_are_needed():
+    """resize_token_embeddings after patching with the embeddings trained in full left originals of the
+    old vocabulary: disable_adapter returned narrower logits (or an IndexError for a new token) and
+    unpatch failed in a shape mismatch with the model still patched (a review's finding)."""
+    model = peftkern.patch(tiny_model("llama"), "lora", modules_to_save=["embed_tokens", "lm_head"])
+    vocab = model.config.vocab_size
+    model.resize_token_embeddings(vocab + 8)
+    ids = tokens()
+    with pytest.raises(ValueError, match=r"no longer fits.*resize_token_embeddings.*Resize before patching"):
+        with peftkern.disable_adapter(model):
+            pass
+    with pytest.raises(ValueError, match=r"unpatch without merge needs the original of"):
+        peftkern.unpatch(model)
+    assert model(input_ids=ids).logits.shape[-1] == vocab + 8  # still patched, and whole
+    peftkern.unpatch(model, merge=True)
