@@ -168,6 +168,10 @@ def _finetune_sft(config: SFTConfig) -> RunResult:
     torch.manual_seed(cfg.seed)
     tokenizer, model = models.load_causal_lm(cfg.model, load_in_4bit=cfg.load_in_4bit)
     chat = getattr(tokenizer, "chat_template", None) is not None
+    # a max_length that truncates every completion away trained on nothing, or (packed) reported a loss of 0
+    # and a perplexity of 1 (a review's finding): named before the model is patched
+    sft_data.check_room(data.train, tokenizer, chat, cfg.max_length, "training")
+    sft_data.check_room(data.held_out, tokenizer, chat, cfg.max_length, "held-out")
     device_type = _device_type()
     bf16 = _bf16(cfg, device_type)
     options = registry.with_training_length(cfg.method, cfg.options, "auto")

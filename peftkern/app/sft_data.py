@@ -129,6 +129,24 @@ def to_trl(examples: Sequence[Example], chat: bool) -> Dict[str, list]:
             "completion": [e.completion for e in examples]}
 
 
+def prompt_lengths(examples: Sequence[Example], tokenizer, chat: bool) -> List[int]:
+    """Tokens of each example's prompt as TRL renders it (to_trl): with the chat template and the
+    assistant's turn opened, or the plain text."""
+    if chat:
+        texts = [tokenizer.apply_chat_template(e.prompt, tokenize=False, add_generation_prompt=True) for e in examples]
+        return [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    return [len(tokenizer(p)["input_ids"]) for p in to_trl(examples, False)["prompt"]]
+
+
+def check_room(examples: Sequence[Example], tokenizer, chat: bool, max_length: int, what: str) -> None:
+    """Raise DataError when ``max_length`` leaves no completion token in any of ``examples``: TRL then
+    trains on nothing (or, packed, reports a loss of 0 and a perplexity of 1)."""
+    lengths = prompt_lengths(examples, tokenizer, chat)
+    if lengths and min(lengths) >= max_length:
+        raise DataError(f"--max-length {max_length} leaves no completion token in any {what} example: the shortest "
+                        f"prompt has {min(lengths)} tokens; raise --max-length")
+
+
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 

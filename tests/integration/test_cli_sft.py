@@ -156,3 +156,12 @@ def test_adaloras_regulariser_joins_trls_training_loss_and_not_its_eval_loss():
     assert outputs == "outputs"
     model.eval()
     assert trainer.compute_loss(model, {}).item() == 1.0
+
+
+def test_a_max_length_that_leaves_no_completion_is_named(tiny, tmp_path, capsys):
+    """Every completion truncated away: TRL failed with an opaque sampler error, or, packed, reported a loss
+    of 0 and a perplexity of 1 and exited 0 (a review's finding)."""
+    argv = [a if a != "64" else "4" for a in _args(tiny, "prompt", tmp_path / "run", "--packing")]
+    assert cli.main(argv) == 2
+    assert "--max-length 4 leaves no completion token in any training example" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.json").exists()
