@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -27,6 +28,9 @@ from .ops import reference
 from .ops.registry import Resolver
 
 log = logging.getLogger("peftkern")
+
+# AdapterState -> [(weak reference to a parameter, its recorded dtype)]: keep_dtypes' quick check
+_WATCH: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 Tensor = torch.Tensor
 
@@ -206,13 +210,21 @@ class AdapterState(nn.Module):
     def record_dtypes(self) -> None:
         """Remember every floating parameter's dtype as the adapter's own (at patch, after a move)."""
         self._dtypes = {n: p.dtype for n, p in self.named_parameters() if p.is_floating_point()}
+        _WATCH.pop(self, None)
 
     def keep_dtypes(self) -> None:
         """Put back, with a one-time warning, the dtype of a parameter changed by assignment to ``.data``."""
         expected = self.__dict__.get("_dtypes")
         if not expected:
             return
-        changed = [(n, p) for n, p in self.named_parameters() if n in expected and p.dtype != expected[n]]
+        # the usual case, nothing changed, without walking the modules (train() runs once a step): the
+        # parameters seen last time, by weak reference, outside __dict__ so that copies and pickles make their own
+        watched = _WATCH.get(self)
+        if watched is not None and all((p := ref()) is not None and p.dtype == dtype for ref, dtype in watched):
+            return
+        named = [(n, p) for n, p in self.named_parameters() if n in expected]
+        _WATCH[self] = [(weakref.ref(p), expected[n]) for n, p in named]
+        changed = [(n, p) for n, p in named if p.dtype != expected[n]]
         if not changed:
             return
         was = sorted({str(p.dtype).replace("torch.", "") for _, p in changed})
