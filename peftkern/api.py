@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import hf, native_format, patching, peft_format, quant
-from .factors import is_patched, state_of
+from .factors import STATE_ATTR, is_patched, state_of
 from .layer import AdaptedLinear
 from .methods import registry as _methods
 from .ops import registry
@@ -209,26 +209,22 @@ class ReferenceModel(nn.Module):
     """The base model of a patched ``model``, as a module that shares every weight with it
     (``reference_model``). Every call runs inside ``disable_adapter``, whatever the forward is: a
     trainer may replace it (TRL's fused LM head does). Attributes it does not have come from the
-    policy: a method (``generate``) runs inside ``disable_adapter`` too, and a submodule (the backbone
-    ``.model``, ``lm_head``) comes wrapped the same way, so nothing reached through it runs the adapter
-    (a review's finding: ``generate`` and ``.model`` ran the policy)."""
+    policy; a method of the policy (``generate``) runs inside ``disable_adapter`` too. A submodule
+    it hands on (the backbone ``.model``, ``lm_head``) is the policy's own module, which runs the
+    adapter when called on its own: call the reference model itself."""
 
-    def __init__(self, model: nn.Module, target: Optional[nn.Module] = None):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        # neither is a submodule: the policy's tensors are not ours twice
-        object.__setattr__(self, "policy", model)
-        object.__setattr__(self, "target", model if target is None else target)
+        object.__setattr__(self, "policy", model)  # not a submodule: the policy's tensors are not ours twice
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
             pass
-        target, policy = self.__dict__["target"], self.__dict__["policy"]
-        value = getattr(target, name)
-        if isinstance(value, nn.Module):
-            return ReferenceModel(policy, value)
-        if inspect.ismethod(value) and value.__self__ is target:
+        policy = self.__dict__["policy"]
+        value = getattr(policy, name)
+        if inspect.ismethod(value) and value.__self__ is policy:
             @functools.wraps(value)
             def disabled(*args: Any, **kwargs: Any) -> Any:
                 with disable_adapter(policy):
@@ -242,7 +238,19 @@ class ReferenceModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with disable_adapter(self.policy):
-            return self.target(*args, **kwargs)
+            return self.policy(*args, **kwargs)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        """The base model's tensors: the policy's with its adapter disabled (``modules_to_save`` as
+        they were) and the adapter's own left out. What identifies this reference, e.g. to TRL, which
+        keys its cache of precomputed reference log-probabilities on them (an empty state_dict made
+        every base model alike there: a review's finding)."""
+        with disable_adapter(self.policy):
+            full = self.policy.state_dict(*args, **kwargs)
+        own = f"{kwargs.get('prefix', '')}{STATE_ATTR}."
+        for key in [k for k in full if k.startswith(own)]:
+            del full[key]
+        return full
 
 
 def reference_model(model: nn.Module) -> nn.Module:

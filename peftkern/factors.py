@@ -233,10 +233,11 @@ class AdapterState(nn.Module):
         if not self.__dict__.get("_dtypes_said"):
             self._dtypes_said = True
             now = sorted({str(expected[n]).replace("torch.", "") for n, _ in changed})
-            log.warning("peftkern: %d of the adapter's weights were set to %s from outside the model's .to() (TRL "
-                        "does this to a quantized model's trainable parameters); they are back in %s, the dtype "
-                        "the adapter was patched with, since its other tensors are in it. For a half-precision "
-                        "adapter, patch a half-precision model with autocast_adapter_dtype=False.",
+            log.warning("peftkern: %d of the adapter's weights were set to %s by other than a cast of the whole "
+                        "model or adapter (TRL does this to a quantized model's trainable parameters; a cast of "
+                        "one part of the adapter does it too); they are back in %s, the dtype the adapter was "
+                        "patched with or last cast to as a whole, which its other tensors have. For a "
+                        "half-precision adapter, patch a half-precision model with autocast_adapter_dtype=False.",
                         len(changed), " and ".join(was), " and ".join(now))
 
     def _apply(self, fn, recurse=True):
@@ -249,8 +250,7 @@ class AdapterState(nn.Module):
         return out
 
     def train(self, mode: bool = True):
-        if mode:
-            self.keep_dtypes()
+        self.keep_dtypes()  # eval() too: an evaluation before the first step (the Trainer's eval_on_start)
         return super().train(mode)
 
     # --- the hot path -------------------------------------------------------------

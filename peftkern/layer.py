@@ -102,7 +102,7 @@ class AdaptedLinear(nn.Module):
             magnitude = self._magnitude(weight, f, dtype)
             with torch.autocast(device_type, enabled=False):
                 return self._run(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
-                                 self._state.casts.factors(f, dtype), device_type, magnitude)
+                                 self._state.casts.factors(f, dtype), device_type, magnitude, key=x)
         if x.dtype != weight.dtype:
             raise placement_error(self, x, f)
         magnitude = self._magnitude(weight, f, x.dtype)
@@ -127,7 +127,9 @@ class AdaptedLinear(nn.Module):
             source=None if torch.compiler.is_compiling() else weakref.WeakMethod(self.dora_inputs))  # (no cache there)
 
     def _run(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], f: Factors, device_type: str,
-             magnitude: Optional[Tuple[Tensor, Callable[[], Tuple[Tensor, Tensor]]]]) -> Tensor:
+             magnitude: Optional[Tuple[Tensor, Callable[[], Tuple[Tensor, Tensor]]]], key: Optional[Tensor] = None) -> Tensor:
+        """The adapted product of x (cast to the compute dtype). ``key``: the layer's input before that cast,
+        which the joint group's members share (each member's cast is a new tensor)."""
         ops = self.ops(device_type)
         dropout = self._state.dropout() if self.training else 0.0
         if magnitude is not None:  # DoRA: (m, the norm's provider)
@@ -135,7 +137,7 @@ class AdaptedLinear(nn.Module):
                                           backend=ops)
         if f.group is None:
             return functions.adapter(x, weight, bias, f.A, f.B, f.u, f.v, f.scale, dropout, backend=ops)
-        hu = f.group.hidden(x, lambda: functions.shrink(x, f.A, f.u, dropout, backend=ops))
+        hu = f.group.hidden(x if key is None else key, lambda: functions.shrink(x, f.A, f.u, dropout, backend=ops))
         return functions.expand(x, weight, bias, hu, f.B, f.v, f.scale, backend=ops)
 
     def _quantized_forward(self, x: Tensor) -> Tensor:
@@ -156,6 +158,7 @@ class AdaptedLinear(nn.Module):
         dtype = x.dtype
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
+        key = x  # the members of a joint group share the input before its cast (a new tensor each)
         with torch.autocast(device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext():
             x = x.to(dtype)
             f = self._state.casts.factors(f, dtype) if f.A.dtype != dtype else f
@@ -165,7 +168,7 @@ class AdaptedLinear(nn.Module):
             if dora is None and f.group is not None:
                 # joint: the group's one shrink (one dropout mask for q, k and v), as _run; the up-projection by
                 # torch ops, since the expand kernels fuse it with a dense base GEMM
-                hu = f.group.hidden(x, lambda: functions.shrink(x, f.A, f.u, dropout, backend=ops))
+                hu = f.group.hidden(key, lambda: functions.shrink(x, f.A, f.u, dropout, backend=ops))
                 up = f.B if f.v is None else f.B * f.v[:, None]
                 return quant.base_forward(base, x) + f.scale * (hu @ up.t())
             if dora is None and self.quantized == "4bit" and ops.fuses_4bit:  # one kernel: W0 read packed

@@ -92,7 +92,8 @@ def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None
         raise ValueError(f"{', '.join(both[:4])}{', ...' if len(both) > 4 else ''}: both adapted (targets) and "
                          f"trained in full (modules_to_save {to_save}); drop it from one of them "
                          f"(modules_to_save=[] adapts a task head instead of training it)")
-    quantized = [m for m in to_save if any(not p.is_floating_point() for p in model.get_submodule(m).parameters())]
+    # bitsandbytes' layers by kind, not dtype: a 4-bit weight stored as bf16 (bnb_4bit_quant_storage) is floating
+    quantized = [m for m in to_save if any(quant.kind(sub) for sub in model.get_submodule(m).modules())]
     if quantized:
         # a quantized weight (bitsandbytes' packed 4-bit, int8) takes no gradient: it cannot be trained in full
         raise ValueError(f"modules_to_save {quantized}: quantized weights cannot be trained in full (they take no "

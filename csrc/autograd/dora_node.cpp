@@ -95,10 +95,12 @@ struct DoraNode : public torch::autograd::Function<DoraNode> {
       const std::string what = e.what_without_backtrace();
       if (what.find("modified by an inplace operation") == std::string::npos) throw;
       TORCH_CHECK(false,
-                  "DoRA: a DoRA module's output was modified in place after its forward (e.g. `q /= c`, "
-                  "`out.mul_(...)`, or a forward hook editing the output in place). DoRA keeps that output "
-                  "for its magnitude's gradient (dm = sum over tokens of dy * (y - b) / g), so make the edit "
-                  "out of place (`q = q / c`) or clone the output first. torch said: ", what);
+                  "DoRA: a tensor this DoRA module saved for its backward was modified in place after its "
+                  "forward. Most likely its output (e.g. `q /= c`, `out.mul_(...)`, or a forward hook editing "
+                  "the output in place): DoRA keeps that output for its magnitude's gradient (dm = sum over "
+                  "tokens of dy * (y - b) / g), so make the edit out of place (`q = q / c`) or clone the output "
+                  "first; else one of its factors or magnitudes, changed in place between the forward and the "
+                  "backward. torch said: ", what);
     }
   }
 

@@ -130,12 +130,25 @@ def to_trl(examples: Sequence[Example], chat: bool) -> Dict[str, list]:
 
 
 def prompt_lengths(examples: Sequence[Example], tokenizer, chat: bool) -> List[int]:
-    """Tokens of each example's prompt as TRL renders it (to_trl): with the chat template and the
-    assistant's turn opened, or the plain text."""
-    if chat:
-        texts = [tokenizer.apply_chat_template(e.prompt, tokenize=False, add_generation_prompt=True) for e in examples]
-        return [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    return [len(tokenizer(p)["input_ids"]) for p in to_trl(examples, False)["prompt"]]
+    """Tokens before each example's completion as TRL tokenizes it (to_trl's columns): the common prefix
+    of the prompt's tokens and the prompt-and-completion's (a tokenizer's end token after a lone prompt is
+    not part of it), the chat template applied with the assistant's turn opened."""
+    out = []
+    for e in examples:
+        if chat:
+            prompt = tokenizer.apply_chat_template(e.prompt, tokenize=False, add_generation_prompt=True)
+            whole = tokenizer.apply_chat_template([*e.prompt, {"role": "assistant", "content": e.completion}],
+                                                  tokenize=False)
+            ids_p, ids_w = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (prompt, whole))
+        else:
+            text = to_trl([e], False)
+            ids_p = tokenizer(text["prompt"][0])["input_ids"]
+            ids_w = tokenizer(text["prompt"][0] + text["completion"][0])["input_ids"]
+        n = 0
+        while n < min(len(ids_p), len(ids_w)) and ids_p[n] == ids_w[n]:
+            n += 1
+        out.append(n)
+    return out
 
 
 def check_room(examples: Sequence[Example], tokenizer, chat: bool, max_length: int, what: str) -> None:

@@ -331,10 +331,11 @@ def _dora_saved(ctx) -> tuple:
         if "modified by an inplace operation" not in str(exc):
             raise
         raise RuntimeError(
-            "DoRA: a DoRA module's output was modified in place after its forward (e.g. `q /= c`, `out.mul_(...)`, "
-            "or a forward hook editing the output in place). DoRA keeps that output for its magnitude's gradient "
-            "(dm = sum over tokens of dy * (y - b) / g), so make the edit out of place (`q = q / c`) or clone the "
-            f"output first. torch said: {exc}") from exc
+            "DoRA: a tensor this DoRA module saved for its backward was modified in place after its forward. "
+            "Most likely its output (e.g. `q /= c`, `out.mul_(...)`, or a forward hook editing the output in "
+            "place): DoRA keeps that output for its magnitude's gradient (dm = sum over tokens of dy * (y - b) / g), "
+            "so make the edit out of place (`q = q / c`) or clone the output first; else one of its factors or "
+            f"magnitudes, changed in place between the forward and the backward. torch said: {exc}") from exc
 
 
 def ratio(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:

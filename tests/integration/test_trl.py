@@ -178,9 +178,10 @@ def test_dpo_reference_pass_is_the_policy_with_its_adapter_disabled(tiny, tmp_pa
     assert all(h.get("rewards/chosen") is not None for h in trainer.state.log_history if "loss" in h)
 
 
-def test_whatever_the_reference_model_hands_on_runs_without_the_adapter(tiny):
-    """``generate``, the backbone ``.model`` and ``forward`` came from the policy and ran its adapter (a
-    review's finding); each runs the base model now."""
+def test_the_reference_models_methods_run_without_the_adapter_and_its_modules_are_the_policys(tiny):
+    """``generate`` and ``forward`` came from the policy and ran its adapter (a review's finding); they run
+    the base model now. A submodule it hands on is the policy's own, a real module (a second review: wrapped,
+    they had no parameters, no indexing and no hooks)."""
     import transformers as T
 
     model = _model(tiny)
@@ -192,12 +193,30 @@ def test_whatever_the_reference_model_hands_on_runs_without_the_adapter(tiny):
     ref = peftkern.reference_model(model)
     ids = torch.randint(5, 900, (2, 9))
     with torch.no_grad():
-        torch.testing.assert_close(ref.model(input_ids=ids).last_hidden_state, base.model(input_ids=ids).last_hidden_state,
-                                   rtol=0, atol=0)
         torch.testing.assert_close(ref.forward(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=0)
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(ref.generate(ids, **kw), base.generate(ids, **kw))
     assert not torch.equal(model.generate(ids, **kw), base.generate(ids, **kw))  # the policy still has its adapter
+    assert ref.model is model.model and len(ref.model.layers) == 2
+
+
+def test_the_reference_models_state_dict_is_its_base_model(tiny, tmp_path):
+    """TRL keys its cache of precomputed reference log-probabilities on the reference model's state_dict:
+    it was empty, so a DPO run on another base model reused the first one's (a review's finding)."""
+    from trl.trainer.utils import hash_module
+
+    model = _model(tiny)
+    ref = peftkern.reference_model(model)
+    keys = set(ref.state_dict())
+    assert keys and not any(k.startswith("peftkern.") for k in keys)
+    before = hash_module(ref)
+    with torch.no_grad():
+        for p in model.peftkern.parameters():  # training the adapter leaves the reference as it was
+            p.add_(1.0)
+    assert hash_module(ref) == before
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.base_layer.weight.add_(1.0)  # another base model
+    assert hash_module(ref) != before
 
 
 def test_an_adapter_on_the_lm_head_is_refused_under_trls_fused_head(tiny, tmp_path):

@@ -376,9 +376,14 @@ def test_a_cast_from_outside_is_put_back_at_train_and_a_move_is_kept(caplog):
             p.data = p.data.to(torch.bfloat16)
     model.to("cpu")
     with caplog.at_level(logging.WARNING, logger="peftkern"):
-        model.train()
+        model.eval()  # an evaluation before the first step (eval_on_start) puts them back too
     assert {p.dtype for p in model.peftkern.parameters()} == {torch.float32}
     assert "TRL" in caplog.text and "back in float32" in caplog.text
+    for p in model.peftkern.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    model.train()
+    assert {p.dtype for p in model.peftkern.parameters()} == {torch.float32}
     model.to(torch.bfloat16).train()
     assert {p.dtype for p in model.peftkern.parameters()} == {torch.bfloat16}
     ids = tokens()

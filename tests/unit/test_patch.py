@@ -110,7 +110,10 @@ def test_patch_call_spelling_from_the_issue():
     assert len(rows) == 9 and all(r["path"].startswith("joint shrink+expand") for r in rows)
 
 
-def test_joint_form_computes_x_a_once_per_layer(monkeypatch):
+@pytest.mark.parametrize("autocast", [False, True])
+def test_joint_form_computes_x_a_once_per_layer(monkeypatch, autocast):
+    """Under autocast too: each member casts the layer's input to a new tensor, and the group matched
+    its input by identity, so every member computed its own shrink (a review's finding: 6 for 2)."""
     from peftkern.ops import functions
 
     calls = {"shrink": 0}
@@ -123,7 +126,8 @@ def test_joint_form_computes_x_a_once_per_layer(monkeypatch):
     monkeypatch.setattr(functions.ShrinkFunction, "apply", counting)
     model = tiny_model("llama")
     peftkern.patch(model, "tied_lora", rank=4, targets=["q_proj", "k_proj", "v_proj"], joint=True, backend="torch")
-    model(tokens())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model(tokens())
     assert calls["shrink"] == model.config.num_hidden_layers
 
 

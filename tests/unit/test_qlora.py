@@ -421,11 +421,16 @@ def test_unpacking_a_repacked_layer_costs_only_the_bf16_rounding_of_its_scales(t
             assert rows.max() < 2 ** -8, (name, float(rows.max()))
 
 
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
 @pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp"])
-def test_modules_to_save_naming_a_quantized_module_is_refused_before_any_change(base4, name):
+def test_modules_to_save_naming_a_quantized_module_is_refused_before_any_change(base4, name, storage):
     """A packed weight takes no gradient: patch used to fail in torch's requires_grad_ after swapping the
-    targets and freezing the model (a review's finding)."""
-    m4 = copy.deepcopy(base4[0])
+    targets and freezing the model (a review's finding), and, with the packed weight stored as bf16
+    (bnb_4bit_quant_storage, a floating dtype), in quant.keep_trainable (a second review's)."""
+    import transformers as T
+
+    config = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_quant_storage=storage)
+    m4 = T.AutoModelForCausalLM.from_pretrained(base4[2], quantization_config=config, device_map="cpu")
     before = {n: p.requires_grad for n, p in m4.named_parameters()}
     kinds = {n: type(m).__name__ for n, m in m4.named_modules()}
     with pytest.raises(ValueError, match=r"quantized weights cannot be trained in full.*llm_int8_skip_modules"):
