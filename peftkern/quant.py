@@ -171,7 +171,6 @@ def dequantized(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.
     return lib.functional.dequantize_4bit(weight.data, state).to(dtype)
 
 
-@torch.no_grad()
 def parameter_count(p: torch.Tensor) -> int:
     """How many values ``p`` stands for: a packed 4-bit weight holds two per byte of its storage (what
     PEFT's ``print_trainable_parameters`` counts), any other tensor its numel."""
@@ -180,6 +179,7 @@ def parameter_count(p: torch.Tensor) -> int:
     return p.numel() * 2 * getattr(p, "quant_storage", torch.uint8).itemsize
 
 
+@torch.no_grad()
 def requantized(module: nn.Module, merged: torch.Tensor) -> Tuple[nn.Module, float]:
     """A new 4-bit layer of ``module``'s settings holding ``merged`` [N, K], and the relative error
     ‖Q(W) − W‖/‖W‖ of that quantization."""
