@@ -213,9 +213,12 @@ class AdapterState(nn.Module):
         _WATCH.pop(self, None)
 
     def keep_dtypes(self) -> None:
-        """Put back, with a one-time warning, the dtype of a parameter changed by assignment to ``.data``."""
+        """Put back, with a one-time warning, the dtype of a parameter changed by assignment to ``.data``.
+        Never in a distributed run: there a dtype change of ``.data`` replaces the parameter's gradient
+        accumulator, which DDP's hooks hold (its gradients would silently stop being averaged), and
+        FSDP2's mixed precision gathers parameters in the compute dtype on purpose (both reviews' findings)."""
         expected = self.__dict__.get("_dtypes")
-        if not expected:
+        if not expected or (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
         # the usual case, nothing changed, without walking the modules (train() runs once a step): the
         # parameters seen last time, by weak reference, outside __dict__ so that copies and pickles make their own
@@ -340,6 +343,10 @@ def state_of(model: nn.Module) -> AdapterState:
     """The adapter state of a patched model; ValueError if ``model`` is not patched."""
     state = getattr(model, STATE_ATTR, None)
     if not isinstance(state, AdapterState):
+        inner = getattr(model, "module", None)
+        if isinstance(inner, nn.Module) and isinstance(getattr(inner, STATE_ATTR, None), AdapterState):
+            raise ValueError(f"this is a {type(model).__name__} wrapper around a patched model: pass the model "
+                             f"inside it (its .module)")
         raise ValueError("this model is not patched by peftkern; call peftkern.patch(model, ...) first")
     return state
 

@@ -151,6 +151,10 @@ def restore(model: nn.Module, directory: PathLike) -> nn.Module:
 
     Raises ValueError, before anything changes, naming the first setting or tensor that differs."""
     state = state_of(model)
+    if any(type(p).__name__ == "DTensor" for p in state.parameters()):
+        # a review's finding: the load failed half way, "mixed torch.Tensor and DTensor"
+        raise ValueError("this model's adapter is sharded by FSDP2 (fully_shard): restore the adapter before "
+                         "sharding, or load a distributed checkpoint with torch.distributed.checkpoint")
     directory = Path(directory)
     config = read_config(directory)
     tensors = _read_tensors(directory, config)

@@ -226,8 +226,9 @@ def _finetune_sft(config: SFTConfig) -> RunResult:
                 "chat_template": chat, "metrics": metrics,
                 "step_seconds": _step_seconds(history)})
     if out_dir is not None:
-        api.save(model, out_dir)
-        report.write_outputs(out_dir, [result])
+        api.save(model, out_dir)  # rank 0 writes (it says so itself under torchrun)
+        if trainer.is_world_process_zero():  # every rank wrote these under torchrun, into one temporary name
+            report.write_outputs(out_dir, [result])
     return result
 
 
@@ -240,7 +241,8 @@ def _regularized(trainer_class):
     class Regularized(trainer_class):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-            reg = api.orthogonal_regularization(model) if model.training else None
+            # the Trainer hands over the model it wraps for DDP
+            reg = api.orthogonal_regularization(health.unwrap(model)) if model.training else None
             if reg is None:
                 return out
             return (out[0] + reg, out[1]) if return_outputs else out + reg

@@ -199,6 +199,19 @@ class ImportanceAllocator(ScheduledAllocator):
         self.register_buffer("lam_unc", torch.zeros_like(lam), persistent=False)
         self.importance_path = "not run yet"  # which importance op ran ("cpp" or "torch"), for explain()
 
+    def _apply(self, fn, recurse=True):
+        # The scores are not saved (non-persistent, as PEFT keeps them optimizer-side): ``to_empty`` from the
+        # meta device (FSDP2's and distributed checkpointing's flows) gives them memory but no values, which a
+        # load never fills, so they start again at zero, as at patch time (a review's finding: values up to
+        # 1e38 pruned other ranks). A move of real tensors keeps them.
+        was_meta = self.lam_ipt.is_meta
+        out = super()._apply(fn, recurse)
+        if was_meta and not self.lam_ipt.is_meta:
+            with torch.no_grad():
+                for scores in (self.lam_ipt, self.lam_unc, *(t for s in self.slot_scores for t in s.buffers())):
+                    scores.zero_()
+        return out
+
     @torch.no_grad()
     def allocate(self, step: int) -> None:
         """PEFT's ``AdaLoraModel.update_and_allocate(step)``."""
@@ -216,6 +229,10 @@ class ImportanceAllocator(ScheduledAllocator):
 
     def _update_importance(self) -> None:
         P, lam, Q = self._factors()
+        if any(_sharded(t) for t in (lam, *P, *Q)):
+            # a review's finding: it failed in torch's foreach ops, "mixed torch.Tensor and DTensor"
+            raise NotImplementedError("AdaLoRA's rank allocator needs whole factors and FSDP2 shards them: it does "
+                                      "not run under fully_shard; train AdaLoRA under DDP or on one process")
         params, grads, ipts, uncs = [], [], [], []
         pairs = [(lam, self.lam_ipt, self.lam_unc)]
         for s, p, q in zip(self.slot_scores, P, Q):
@@ -405,6 +422,11 @@ class _LossHook:
 
 def attach_loss_hook(model: nn.Module, state: nn.Module) -> Any:
     return model.register_forward_hook(_LossHook(state))
+
+
+def _sharded(t: Tensor) -> bool:
+    """Whether ``t`` is an FSDP2 shard (a DTensor)."""
+    return type(t).__name__ == "DTensor"
 
 
 __all__ = ["AUTO", "Schedule", "ScheduledAllocator", "ImportanceAllocator", "MagnitudePruner",

@@ -293,3 +293,29 @@ def test_an_fsdp2_model_saves_one_complete_adapter_that_loads_exactly(ranks, met
         torch.testing.assert_close(v, result[f"state.{k}"], rtol=0, atol=0, msg=k)
     torch.testing.assert_close(loaded.score.weight, result["score.weight"], rtol=0, atol=0)
     torch.testing.assert_close(_evaluate(loaded, tokens(4, 7, seed=3)), result["logits"][-1], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_refuses_adalora_and_a_restore_into_its_shards_clearly(tmp_path):
+    """Both failed in torch's ops ("mixed torch.Tensor and DTensor"), AdaLoRA at its first step and the
+    Trainer's resume hook half way through a load (a review's findings); each is a clear error now."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from peftkern import native_format
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = peftkern.patch(tiny_model("llama"), "lora")
+        peftkern.save(model, tmp_path / "saved")
+        fully_shard(model)
+        with pytest.raises(ValueError, match="sharded by FSDP2.*restore the adapter before sharding"):
+            native_format.restore(model, tmp_path / "saved")
+        ada = peftkern.patch(tiny_model("llama"), "adalora", total_step=10)
+        fully_shard(ada)
+        optimizer = torch.optim.AdamW([p for p in ada.parameters() if p.requires_grad], lr=1e-2)
+        ids = tokens()
+        ada(input_ids=ids, labels=ids).loss.backward()
+        with pytest.raises(NotImplementedError, match="FSDP2 shards them.*DDP"):
+            optimizer.step()
+    finally:
+        dist.destroy_process_group()

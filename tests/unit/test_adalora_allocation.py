@@ -237,3 +237,21 @@ def test_a_dropped_model_collected_inside_another_optimizers_step_is_harmless():
         opt.step()
     finally:
         handle.remove()
+
+
+def test_scores_start_at_zero_after_materialising_from_meta():
+    """to_empty gives the allocator's non-persistent importance scores memory without values, which no
+    load fills: they held up to 1e38 and pruned other ranks (a review's finding). They start at zero, as at
+    patch time; a move of real tensors keeps them."""
+    with torch.device("meta"):
+        model = tiny_model("llama")
+    peftkern.patch(model, "adalora", rank=4, total_step=10)
+    garbage = lambda t: torch.full(t.shape, 1e30 if t.is_floating_point() else 1, dtype=t.dtype, device="cpu")  # noqa: E731
+    model._apply(garbage)  # what to_empty leaves, made visible
+    allocator = model.peftkern.rank_allocator()
+    scores = [allocator.lam_ipt, allocator.lam_unc, *(t for s in allocator.slot_scores for t in s.buffers())]
+    assert all(not t.is_meta and not t.any() for t in scores)
+    for t in scores:
+        t.fill_(3.0)
+    model.to(torch.float64)
+    assert all(bool((t == 3.0).all()) for t in scores)

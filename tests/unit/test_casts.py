@@ -388,3 +388,20 @@ def test_a_cast_from_outside_is_put_back_at_train_and_a_move_is_kept(caplog):
     assert {p.dtype for p in model.peftkern.parameters()} == {torch.bfloat16}
     ids = tokens()
     model(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_in_a_distributed_run_a_cast_from_outside_is_left_alone(tmp_path):
+    """There a dtype change of .data replaces the parameter's gradient accumulator, which DDP's hooks hold
+    (the ranks' gradients silently stopped being averaged), and FSDP2's mixed precision gathers parameters
+    in the compute dtype on purpose (a review's findings)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = peftkern.patch(tiny_model("llama"), "lora")
+        for p in model.peftkern.parameters():
+            p.data = p.data.to(torch.bfloat16)
+        model.train()
+        assert {p.dtype for p in model.peftkern.parameters()} == {torch.bfloat16}
+    finally:
+        dist.destroy_process_group()
