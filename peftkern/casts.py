@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import stamps
+from . import dist, stamps
 
 Tensor = torch.Tensor
 
@@ -72,7 +72,7 @@ class Casts:
 
     def _begin(self, module, args) -> None:
         self._batch, self._served, self._open = {}, set(), True
-        if not self._trained or not torch.is_grad_enabled() or torch.compiler.is_compiling() or _distributed():
+        if not self._trained or not torch.is_grad_enabled() or torch.compiler.is_compiling() or dist.initialized():
             return
         groups: Dict[tuple, List[nn.Parameter]] = {}
         for key, ref in list(self._trained.items()):
@@ -160,10 +160,6 @@ class Casts:
             del self._copies[k]
         self._pruned_at = len(self._copies)
 
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class _CastAll(torch.autograd.Function):

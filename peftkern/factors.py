@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from . import dist
 from .casts import Casts
 from .ops import reference
 from .ops.registry import Resolver
@@ -218,7 +219,7 @@ class AdapterState(nn.Module):
         accumulator, which DDP's hooks hold (its gradients would silently stop being averaged), and
         FSDP2's mixed precision gathers parameters in the compute dtype on purpose (both reviews' findings)."""
         expected = self.__dict__.get("_dtypes")
-        if not expected or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not expected or dist.initialized():
             return
         # the usual case, nothing changed, without walking the modules (train() runs once a step): the
         # parameters seen last time, by weak reference, outside __dict__ so that copies and pickles make their own

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import health, patching, snapshot
+from .dist import is_shard
 from .factors import STATE_ATTR, Plan, state_of
 from .files import atomic_write, json_default, read_json_object, remove_stale, safetensors_bytes
 from .peft_format import write_peft
@@ -151,7 +152,7 @@ def restore(model: nn.Module, directory: PathLike) -> nn.Module:
 
     Raises ValueError, before anything changes, naming the first setting or tensor that differs."""
     state = state_of(model)
-    if any(type(p).__name__ == "DTensor" for p in state.parameters()):
+    if any(is_shard(p) for p in state.parameters()):
         # a review's finding: the load failed half way, "mixed torch.Tensor and DTensor"
         raise ValueError("this model's adapter is sharded by FSDP2 (fully_shard): restore the adapter before "
                          "sharding, or load a distributed checkpoint with torch.distributed.checkpoint")

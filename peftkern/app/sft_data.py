@@ -129,35 +129,38 @@ def to_trl(examples: Sequence[Example], chat: bool) -> Dict[str, list]:
             "completion": [e.completion for e in examples]}
 
 
-def prompt_lengths(examples: Sequence[Example], tokenizer, chat: bool) -> List[int]:
-    """Tokens before each example's completion as TRL tokenizes it (to_trl's columns): the common prefix
+def prompt_length(e: Example, tokenizer, chat: bool) -> int:
+    """Tokens before the example's completion as TRL tokenizes it (to_trl's columns): the common prefix
     of the prompt's tokens and the prompt-and-completion's (a tokenizer's end token after a lone prompt is
     not part of it), the chat template applied with the assistant's turn opened."""
-    out = []
-    for e in examples:
-        if chat:
-            prompt = tokenizer.apply_chat_template(e.prompt, tokenize=False, add_generation_prompt=True)
-            whole = tokenizer.apply_chat_template([*e.prompt, {"role": "assistant", "content": e.completion}],
-                                                  tokenize=False)
-            ids_p, ids_w = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (prompt, whole))
-        else:
-            text = to_trl([e], False)
-            ids_p = tokenizer(text["prompt"][0])["input_ids"]
-            ids_w = tokenizer(text["prompt"][0] + text["completion"][0])["input_ids"]
-        n = 0
-        while n < min(len(ids_p), len(ids_w)) and ids_p[n] == ids_w[n]:
-            n += 1
-        out.append(n)
-    return out
+    if chat:
+        prompt = tokenizer.apply_chat_template(e.prompt, tokenize=False, add_generation_prompt=True)
+        whole = tokenizer.apply_chat_template([*e.prompt, {"role": "assistant", "content": e.completion}],
+                                              tokenize=False)
+        ids_p, ids_w = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (prompt, whole))
+    else:
+        text = to_trl([e], False)
+        ids_p = tokenizer(text["prompt"][0])["input_ids"]
+        ids_w = tokenizer(text["prompt"][0] + text["completion"][0])["input_ids"]
+    n = 0
+    while n < min(len(ids_p), len(ids_w)) and ids_p[n] == ids_w[n]:
+        n += 1
+    return n
 
 
 def check_room(examples: Sequence[Example], tokenizer, chat: bool, max_length: int, what: str) -> None:
     """Raise DataError when ``max_length`` leaves no completion token in any of ``examples``: TRL then
-    trains on nothing (or, packed, reports a loss of 0 and a perplexity of 1)."""
-    lengths = prompt_lengths(examples, tokenizer, chat)
-    if lengths and min(lengths) >= max_length:
+    trains on nothing (or, packed, reports a loss of 0 and a perplexity of 1). Stops at the first example
+    with room: TRL tokenizes them all again anyway."""
+    shortest = None
+    for e in examples:
+        n = prompt_length(e, tokenizer, chat)
+        if n < max_length:
+            return
+        shortest = n if shortest is None else min(shortest, n)
+    if shortest is not None:
         raise DataError(f"--max-length {max_length} leaves no completion token in any {what} example: the shortest "
-                        f"prompt has {min(lengths)} tokens; raise --max-length")
+                        f"prompt has {shortest} tokens; raise --max-length")
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

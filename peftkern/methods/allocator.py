@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from .. import checks
+from .. import checks, dist
 from ..ops import importance
 from ..ops.registry import Resolver
 
@@ -229,7 +229,7 @@ class ImportanceAllocator(ScheduledAllocator):
 
     def _update_importance(self) -> None:
         P, lam, Q = self._factors()
-        if any(_sharded(t) for t in (lam, *P, *Q)):
+        if any(dist.is_shard(t) for t in (lam, *P, *Q)):
             # a review's finding: it failed in torch's foreach ops, "mixed torch.Tensor and DTensor"
             raise NotImplementedError("AdaLoRA's rank allocator needs whole factors and FSDP2 shards them: it does "
                                       "not run under fully_shard; train AdaLoRA under DDP or on one process")
@@ -422,11 +422,6 @@ class _LossHook:
 
 def attach_loss_hook(model: nn.Module, state: nn.Module) -> Any:
     return model.register_forward_hook(_LossHook(state))
-
-
-def _sharded(t: Tensor) -> bool:
-    """Whether ``t`` is an FSDP2 shard (a DTensor)."""
-    return type(t).__name__ == "DTensor"
 
 
 __all__ = ["AUTO", "Schedule", "ScheduledAllocator", "ImportanceAllocator", "MagnitudePruner",

@@ -303,8 +303,8 @@ def test_a_submodule_called_on_its_own_casts_alone_and_the_model_then_batches(mo
 
 
 def test_no_casts_together_in_a_distributed_run(monkeypatch):
-    from peftkern import casts
-    monkeypatch.setattr(casts, "_distributed", lambda: True)
+    from peftkern import casts, dist
+    monkeypatch.setattr(dist, "initialized", lambda: True)
     model = _model("lora")
     ids = tokens()
     for _ in range(2):
