@@ -16,7 +16,7 @@ from . import hf, native_format, patching, peft_format, quant
 from .factors import STATE_ATTR, is_patched, state_of
 from .layer import AdaptedLinear
 from .methods import registry as _methods
-from .ops import registry
+from .ops import functions, registry
 
 log = logging.getLogger("peftkern")
 
@@ -100,6 +100,7 @@ def unpatch(model: nn.Module, merge: bool = False, requantize: bool = False) -> 
         heads.check("unpatch without merge", model)  # before anything changes (heads.py: originals lost to to_empty)
     if merge:
         _refuse_shared(model, "unpatch(merge=True)")
+        _refuse_offloaded(model, "unpatch(merge=True)")
         errors = {}
         dtype = hf.activation_dtype(model)
         for path, m in quantized:
@@ -142,9 +143,21 @@ def merge(model: nn.Module) -> nn.Module:
     state_of(model)
     _refuse_shared(model, "merge")
     _refuse_quantized(model)
+    _refuse_offloaded(model, "merge")
     for _, m in patching.adapted_modules(model):
         m.merge()
     return model
+
+
+def _refuse_offloaded(model: nn.Module, what: str) -> None:
+    """A base weight on the meta device (accelerate's offload keeps it there, on disk or in CPU memory, and
+    brings it in per forward) takes no merge: ΔW written into it would be lost, silently."""
+    offloaded = [p for p, m in patching.adapted_modules(model) if m.base_layer.weight.is_meta]
+    if offloaded:
+        raise ValueError(f"cannot {what}: the base weight of {offloaded[0]} (and {len(offloaded) - 1} more) is on the "
+                         "meta device (offloaded by accelerate's device_map, loaded only inside its forward), so ΔW "
+                         "folded into it would be lost. Keep the adapter unmerged, save it (save_pretrained) and "
+                         "merge on a model loaded without offloading, or load this one without offloading")
 
 
 def _refuse_quantized(model: nn.Module) -> None:
@@ -354,7 +367,7 @@ def explain(model: nn.Module) -> Explanation:
         try:
             ops = m.ops(device_type)
             backend, kernels = ops.name, ops.path_for(m.out_features, m.in_features, rank, m.base_layer.weight.dtype)
-            note = state.backends.note(device_type, m.shape, m.quantized is None)
+            note = state.backends.note(device_type, m.shape, m.base_fused)
             if note:
                 backend += f" ({note})"
         except registry.BackendUnavailable as exc:
@@ -365,11 +378,16 @@ def explain(model: nn.Module) -> Explanation:
             form += ", one C++ autograd node"  # functions.adapter's eager path for this backend
         if state.dora is not None:  # the one place DoRA's dataflow is named (layer.py, ops.functions.dora_adapter)
             form = ("DoRA: fused adapter with g = m/‖W0 + ΔW‖ folded into W0 and v (B without v) when the tokens "
-                    "number at least twice the input features, else a column scale in one pass each way")
+                    f"number at least {functions.FOLD_MIN_ROWS_PER_FEATURE}× the input features, else a column scale "
+                    "in one pass each way")
             if ops is not None and ops.dora_node is not None:
                 form += ("; one C++ autograd node" + (" (a Python autograd Function while dropout applies, in "
                                                       "training)" if state.dropout() else ""))
-        if m.quantized is not None:  # layer._quantized_forward: the base is bitsandbytes' op, or fused
+        if m.hooked:  # layer._apart_forward: the base layer called, its hooks run
+            form = ("base layer called (it has hooks, which run as under PEFT) + low-rank term"
+                    + (", DoRA's (g − 1)⊙W0·x + g⊙ΔW·x by torch ops" if state.dora is not None else ""))
+            kernels = f"{backend.split(' ')[0]} kernels"
+        elif m.quantized is not None:  # layer._apart_forward: the base is bitsandbytes' op, or fused
             form = f"{m.quantized} base by bitsandbytes + low-rank term"
             if state.dora is not None:
                 form += ", DoRA's column scale by torch ops"

@@ -47,8 +47,9 @@ Under torch.compile it is computed in the graph every time (version counters are
 
 **When it is not computed here.** The C++ backend's merged path (ranks above 32, many rows) forms
 W_eff = W0 + ΔW for its GEMM anyway; ``ops.functions.dora_adapter`` then takes the norm as W_eff's
-row norms (an [N, K] pass, no cancellation) and never asks this cache (the layer passes
-``Magnitudes.norm`` as a provider, called only on the other paths).
+row norms (an [N, K] pass, no cancellation) and never asks this cache (the layer passes a
+provider of (norm, g): ``Magnitudes.gain``, or the hit ``cached_gain`` found, called only on the
+other paths).
 """
 from __future__ import annotations
 
@@ -60,13 +61,10 @@ from torch import nn
 
 from . import stamps
 from .ops.functions import ratio as _ratio
+from .ops.library import acc_dtype
 
 Tensor = torch.Tensor
 ROW_CHUNK = 4096  # rows of a low-precision W0 converted to fp32 at a time
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _folded_B(B: Tensor, u: Optional[Tensor], v: Optional[Tensor]) -> Tensor:
@@ -76,7 +74,7 @@ def _folded_B(B: Tensor, u: Optional[Tensor], v: Optional[Tensor]) -> Tensor:
 
 def row_norms_sq(weight: Tensor) -> Tensor:
     """‖W0‖²_row [N] in fp32 (fp64 for fp64), converting a low-precision weight in row chunks."""
-    acc = _acc(weight.dtype)
+    acc = acc_dtype(weight.dtype)
     if weight.dtype == acc:
         return (weight * weight).sum(1)
     return torch.cat([c.to(acc).pow(2).sum(1) for c in weight.split(ROW_CHUNK)]) if weight.shape[0] else \
@@ -149,7 +147,7 @@ def weight_norm(weight: Tensor, A: Tensor, B: Tensor, u: Optional[Tensor], v: Op
                 w0_sq: Optional[Tensor] = None) -> Tensor:
     """‖W0 + s·Λv·B·Λu·A‖ per row [N] (module docstring), in the accumulation dtype. ``w0_sq`` is
     ``row_norms_sq(weight)`` when known."""
-    acc = _acc(weight.dtype)
+    acc = acc_dtype(weight.dtype)
     w0_sq = row_norms_sq(weight) if w0_sq is None else w0_sq.to(acc)
     Bf = _folded_B(B.to(acc), None if u is None else u.to(acc), None if v is None else v.to(acc))
     a = A.to(acc)
@@ -173,7 +171,7 @@ def weight_norms(weights: List[Tensor], As: List[Tensor], Bs: List[Tensor], us: 
 
     The same formula in batched products: 13 + 2G launches on a GPU instead of 11G (W0·Aᵀ stays
     one product per module: the W0s are separate tensors)."""
-    acc = _acc(weights[0].dtype)
+    acc = acc_dtype(weights[0].dtype)
     a = _stacked(As, acc)  # [G, r, K]
     Bf = _stacked(Bs, acc)  # [G, N, r]
     if vs[0] is not None:
@@ -193,7 +191,7 @@ def weight_norms(weights: List[Tensor], As: List[Tensor], Bs: List[Tensor], us: 
 def norm_error_bound(weight: Tensor, A: Tensor, B: Tensor, u: Optional[Tensor], v: Optional[Tensor],
                      scale: float) -> Tensor:
     """The per-row bound on |‖W0 + ΔW‖² computed − exact| of ``weight_norm`` (module docstring)."""
-    acc = _acc(weight.dtype)
+    acc = acc_dtype(weight.dtype)
     unit = torch.finfo(acc).eps / 2
     gamma = (weight.shape[1] + A.shape[0] + 3) * unit
     delta = scale * (_folded_B(B.to(acc), None if u is None else u.to(acc), None if v is None else v.to(acc))
@@ -269,13 +267,13 @@ class Magnitudes(nn.Module):
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
         if name == "lora_magnitude_vector":
-            # the list's name -> parameter dict, which replacing a parameter (load_state_dict with assign,
-            # FSDP2's sharding, a move) updates in place: ``magnitude``'s lookup
-            super().__setattr__("_m_params", value._parameters)
+            # the list itself, unregistered, for ``magnitude``'s lookup through its name -> parameter dict
+            # (read there each time: torch.export swaps that dict, methods/tied.py says how)
+            object.__setattr__(self, "_m_list", value)
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
-        super().__setattr__("_m_params", self.lora_magnitude_vector._parameters)
+        object.__setattr__(self, "_m_list", self.lora_magnitude_vector)
 
     @property
     def m(self) -> nn.ParameterList:
@@ -342,7 +340,7 @@ class Magnitudes(nn.Module):
     def magnitude(self, slot: int) -> nn.Parameter:
         """m[slot] [N] by one dict lookup: indexing the ParameterList goes through getattr, about 2 µs
         of host time a call, once per module and forward."""
-        return self._m_params[str(slot)]
+        return self._m_list._parameters[str(slot)]
 
     def cached_gain(self, slot: int, m: Tensor, weight: Tensor, A: Tensor, B: Tensor, u: Optional[Tensor],
                     v: Optional[Tensor], scale: float, dtype: torch.dtype) -> Optional[Tuple[Tensor, Tensor]]:
@@ -418,7 +416,7 @@ class Magnitudes(nn.Module):
     def merge(self, slot: int, weight: Tensor, delta: Tensor, norm: Tensor) -> None:
         """W0 ← g⊙(W0 + ΔW), g = m/‖W0 + ΔW‖ (Linear layout [N, K], in place); keeps the norm for unmerge.
         A half-precision W0 is merged in fp32 and rounded once (as PEFT's merge), not per operation."""
-        acc = _acc(weight.dtype)
+        acc = acc_dtype(weight.dtype)
         g = self.m[slot].detach().to(norm.dtype) / norm
         weight.copy_((weight.to(acc) + delta.to(acc)) * g.to(acc)[:, None])
         self.merged_norms[slot] = norm.clone()
@@ -427,7 +425,7 @@ class Magnitudes(nn.Module):
     def unmerge(self, slot: int, weight: Tensor, delta: Tensor) -> None:
         """W0 ← W/g − ΔW with the norm the merge used: exact to rounding (one rounding, as ``merge``)."""
         norm = self.merged_norms.pop(slot)
-        acc = _acc(weight.dtype)
+        acc = acc_dtype(weight.dtype)
         g = self.m[slot].detach().to(norm.dtype) / norm
         weight.copy_(weight.to(acc) / g.to(acc)[:, None] - delta.to(acc))
 
@@ -436,10 +434,4 @@ class Magnitudes(nn.Module):
                 "_slot_group": {}, "_solo": set()}
 
 
-def supports(method) -> bool:
-    """Whether DoRA applies to a method: a magnitude per module needs a factor source whose ΔW is a
-    fixed low-rank product (not AdaLoRA's budgeted SVD, which PEFT does not combine with DoRA)."""
-    return bool(getattr(method, "dora", False))
-
-
-__all__ = ["Magnitudes", "weight_norm", "weight_norms", "norm_error_bound", "row_norms_sq", "supports"]
+__all__ = ["Magnitudes", "weight_norm", "weight_norms", "norm_error_bound", "row_norms_sq"]

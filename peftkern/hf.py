@@ -42,6 +42,7 @@ from . import native_format, patching
 from .factors import is_patched
 from .health import unwrap
 from .layer import AdaptedLinear
+from .targets import is_adaptable
 
 log = logging.getLogger("peftkern")
 
@@ -186,8 +187,7 @@ def after_quantized_merge(model: nn.Module, merged: list) -> None:
             return
         # every Linear that is full precision now, not only the merged ones: a given list replaces
         # transformers' default one (the output embedding), which would then be quantized on load
-        plain = [name for name, m in model.named_modules()
-                 if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and not quant.kind(m)]
+        plain = [name for name, m in model.named_modules() if is_adaptable(m) and not quant.kind(m)]
         if isinstance(config, dict):
             have = config.get("llm_int8_skip_modules") or []
             config["llm_int8_skip_modules"] = [*have, *(n for n in plain if n not in have)]

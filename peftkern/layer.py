@@ -8,6 +8,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from . import quant
 from .factors import FACTOR_NAMES, AdapterState, Factors
@@ -16,6 +17,10 @@ from .ops.backend import Backend
 from .targets import features, is_transposed
 
 Tensor = torch.Tensor
+# torch's global module hooks (register_module_forward_hook, ...), dicts it fills in place: under PEFT they run
+# on the base layer too
+_G_FORWARD, _G_FORWARD_PRE = _module._global_forward_hooks, _module._global_forward_pre_hooks
+_G_BACKWARD, _G_BACKWARD_PRE = _module._global_backward_hooks, _module._global_backward_pre_hooks
 
 
 class AdaptedLinear(nn.Module):
@@ -61,7 +66,25 @@ class AdaptedLinear(nn.Module):
 
     def ops(self, device_type: str) -> Backend:
         """The backend for tensors on ``device_type`` (the adapter's registry decision for this shape)."""
-        return self._state.backends.get(device_type, self.shape, self.quantized is None)
+        return self._state.backends.get(device_type, self.shape, self.base_fused)
+
+    @property
+    def base_fused(self) -> bool:
+        """W0·x runs inside the adapter's kernels (a dense base layer without hooks); else apart from them.
+        Asked in every forward: about 0.3 µs (dict reads, no nn.Module attribute lookup)."""
+        return self.__dict__["quantized"] is None and not self.hooked
+
+    @property
+    def hooked(self) -> bool:
+        """Hooks would run on the base layer: its own (forward, pre-forward, backward, or accelerate's, which
+        wraps its forward to bring offloaded weights in) or torch's global module hooks. PEFT calls
+        ``base_layer(x)``, so they run there; the fused kernels would compute W0·x without them, so the
+        layer calls the base layer instead (``_apart_forward``) and ``explain`` says so."""
+        # dict reads, not attributes: base_layer and a missing _hf_hook would each go through nn.Module.__getattr__
+        own = self.__dict__["_modules"]["base_layer"].__dict__
+        return (bool(own["_forward_hooks"] or own["_forward_pre_hooks"] or own["_backward_hooks"]
+                     or own["_backward_pre_hooks"] or _G_FORWARD or _G_FORWARD_PRE or _G_BACKWARD or _G_BACKWARD_PRE)
+                or "_hf_hook" in own)
 
     def dense_weight(self) -> Tensor:
         """W0 [N, K] as a dense tensor: the weight itself (a view), or a quantized one dequantized now."""
@@ -84,8 +107,8 @@ class AdaptedLinear(nn.Module):
         Raises ValueError when x, the base weight and the factors are on different devices
         (a model moved only in part) or x's last dimension is not K, and TypeError when x and
         the base weight have different dtypes outside autocast."""
-        if self.quantized is not None:
-            return self._quantized_forward(x)
+        if not self.base_fused:
+            return self._apart_forward(x)
         if self.merged or self._state.disabled:
             return self.base_layer(x)
         f = self._state.factors(self.slot)
@@ -130,7 +153,7 @@ class AdaptedLinear(nn.Module):
              magnitude: Optional[Tuple[Tensor, Callable[[], Tuple[Tensor, Tensor]]]], key: Optional[Tensor] = None) -> Tensor:
         """The adapted product of x (cast to the compute dtype). ``key``: the layer's input before that cast,
         which the joint group's members share (each member's cast is a new tensor)."""
-        ops = self.ops(device_type)
+        ops = self._state.backends.get(device_type, self.shape, True)  # self.ops(device_type): the base is fused here
         dropout = self._state.dropout() if self.training else 0.0
         if magnitude is not None:  # DoRA: (m, the norm's provider)
             return functions.dora_adapter(x, weight, bias, f.A, f.B, f.u, f.v, *magnitude, f.scale, dropout,
@@ -140,16 +163,20 @@ class AdaptedLinear(nn.Module):
         hu = f.group.hidden(x if key is None else key, lambda: functions.shrink(x, f.A, f.u, dropout, backend=ops))
         return functions.expand(x, weight, bias, hu, f.B, f.v, f.scale, backend=ops)
 
-    def _quantized_forward(self, x: Tensor) -> Tensor:
-        """A bitsandbytes base (quant.py): its own op for W0·x, the adapter's kernels for the low-rank term
-        (weight=None), added; with DoRA the column scale over both, by torch ops (with dropout in training,
-        PEFT's formula: a second base product, for W0·(x − D(x))). A backend that
-        ``fuses_4bit`` (triton) computes a 4-bit base and the adapter in one kernel instead."""
+    def _apart_forward(self, x: Tensor) -> Tensor:
+        """The base product apart from the adapter's kernels, the low-rank term (weight=None) added to it:
+        a bitsandbytes base (quant.py) runs its own op, with DoRA's column scale over both by torch ops
+        (with dropout in training, PEFT's formula: a second base product, for W0·(x − D(x))), and a backend
+        that ``fuses_4bit`` (triton) computes a 4-bit base and the adapter in one kernel instead; a
+        ``hooked`` base layer is called as PEFT calls it, under the caller's autocast, its hooks seeing
+        (and able to replace) W0·x + b, and DoRA then adds PEFT's (g − 1)⊙W0·D(x) + g⊙ΔW·D(x) to that."""
         base = self.base_layer
-        if self._state.disabled:
-            return quant.base_forward(base, x)
+        hooked = self.hooked
+        if self._state.disabled or self.merged:
+            return base(x) if hooked or self.quantized is None else quant.base_forward(base, x)
         f = self._state.factors(self.slot)
-        if x.device != f.A.device or base.weight.device != f.A.device:
+        # a hooked base's weight may be offloaded (meta until accelerate's hook brings it in)
+        if x.device != f.A.device or (base.weight.device != f.A.device and not hooked):
             raise placement_error(self, x, f)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self._state.plan.slots[self.slot].path}: the input has {x.shape[-1]} features "
@@ -159,39 +186,75 @@ class AdaptedLinear(nn.Module):
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
         key = x  # the members of a joint group share the input before its cast (a new tensor each)
+        called = base(x) if hooked else None
         with torch.autocast(device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext():
             x = x.to(dtype)
             f = self._state.casts.factors(f, dtype) if f.A.dtype != dtype else f
             dropout = self._state.dropout() if self.training else 0.0
             dora = self._state.dora
             ops = self.ops(device_type)
+            if hooked:
+                called = called.to(dtype)
             if dora is None and f.group is not None:
                 # joint: the group's one shrink (one dropout mask for q, k and v), as _run; the up-projection by
                 # torch ops, since the expand kernels fuse it with a dense base GEMM
                 hu = f.group.hidden(key, lambda: functions.shrink(x, f.A, f.u, dropout, backend=ops))
                 up = f.B if f.v is None else f.B * f.v[:, None]
-                return quant.base_forward(base, x) + f.scale * (hu @ up.t())
+                return (called if hooked else quant.base_forward(base, x)) + f.scale * (hu @ up.t())
+            if dora is None and hooked:
+                return called + functions.adapter(x, None, None, f.A, f.B, f.u, f.v, f.scale, dropout, backend=ops)
+            if hooked:
+                return self._hooked_dora(x, called, f, dropout, ops)
             if dora is None and self.quantized == "4bit" and ops.fuses_4bit:  # one kernel: W0 read packed
-                bias = None if base.bias is None else base.bias.to(dtype)
-                return functions.adapter_4bit(x, quant.packed_4bit(base), bias, f.A, f.B, f.u, f.v, f.scale, dropout,
-                                              backend=ops)
+                w4 = quant.packed_4bit(base)
+                bias = None if base.bias is None else base.bias.to(w4[-2] or dtype)  # bitsandbytes adds it so
+                return functions.adapter_4bit(x, w4, bias, f.A, f.B, f.u, f.v, f.scale, dropout, backend=ops)
             if dora is None:
                 return quant.base_forward(base, x) + functions.adapter(x, None, None, f.A, f.B, f.u, f.v, f.scale,
                                                                        dropout, backend=ops)
-            # DoRA with PEFT's dropout formula, as DoraFunction computes it on a dense base (the same mask
-            # draw): y = g⊙(W0·D(x) + ΔW·D(x)) + b + W0·(x − D(x)), a second base product where dropout applies
-            xd = x
-            if dropout:
-                keep = torch.rand_like(x) >= dropout
-                xd = x * keep / (1.0 - dropout)
-            norm = dora.norm(self.slot, base.weight, f.A, f.B, f.u, f.v, f.scale, dense=self.dense_weight)
-            g = (dora.m[self.slot] / norm).to(dtype)
-            z = quant.base_forward(base, xd, with_bias=False) + functions.adapter(xd, None, None, f.A, f.B, f.u, f.v,
-                                                                                  f.scale, 0.0, backend=ops)
-            y = z * g
-            if dropout:
-                y = y + quant.base_forward(base, x - xd, with_bias=False)
-            return y if base.bias is None else y + base.bias.to(dtype)
+            return self._quantized_dora(x, f, dropout, ops)
+
+    def _apart_gain(self, f: Factors, dtype: torch.dtype) -> Tensor:
+        """DoRA's g = m / ‖W0 + ΔW‖_row [N] in ``dtype``, for the forwards with the base apart (the norm cached
+        as the fused path caches it; a quantized W0 dequantized only when the norm is recomputed)."""
+        dora = self._state.dora
+        if self.quantized is None:
+            norm = dora.norm(self.slot, self.base_weight(), f.A, f.B, f.u, f.v, f.scale)
+        else:
+            norm = dora.norm(self.slot, self.base_layer.weight, f.A, f.B, f.u, f.v, f.scale, dense=self.dense_weight)
+        return (dora.m[self.slot] / norm).to(dtype)
+
+    def _quantized_dora(self, x: Tensor, f: Factors, dropout: float, ops: Backend) -> Tensor:
+        """DoRA on a bitsandbytes base with PEFT's dropout formula, as DoraFunction computes it on a dense base:
+        y = g⊙(W0·D(x) + ΔW·D(x)) + b + W0·(x − D(x)), a second base product where dropout applies."""
+        base = self.base_layer
+        xd = _dropped(x, dropout)
+        g = self._apart_gain(f, x.dtype)
+        z = quant.base_forward(base, xd, with_bias=False) + functions.adapter(xd, None, None, f.A, f.B, f.u, f.v,
+                                                                              f.scale, 0.0, backend=ops)
+        y = z * g
+        if dropout:
+            y = y + quant.base_forward(base, x - xd, with_bias=False)
+        return y if base.bias is None else y + base.bias.to(x.dtype)
+
+    def _hooked_dora(self, x: Tensor, called: Tensor, f: Factors, dropout: float, ops: Backend) -> Tensor:
+        """DoRA over a hooked base layer's output ``called`` (W0·x + b after its hooks), PEFT's formula:
+        y = called + (g − 1)⊙base + g⊙(ΔW·D(x)), base = called − b without dropout (what the hooks left),
+        W0·D(x) with it."""
+        weight = self.base_layer.weight
+        if weight.device != x.device:  # the norm reads W0 outside the base layer's forward
+            raise ValueError(f"{self._state.plan.slots[self.slot].path}: DoRA reads W0 outside the base layer's "
+                             f"forward (its norm ‖W0 + ΔW‖), and this layer's weight is on {weight.device} (offloaded "
+                             "by accelerate?); load the model without offloading this layer, or patch without use_dora")
+        xd = _dropped(x, dropout)
+        g = self._apart_gain(f, x.dtype)
+        lowrank = functions.adapter(xd, None, None, f.A, f.B, f.u, f.v, f.scale, 0.0, backend=ops)
+        if dropout:
+            base = torch.nn.functional.linear(xd, self.dense_weight().to(x.dtype))
+        else:
+            bias = self.base_layer.bias
+            base = called if bias is None else called - bias.to(x.dtype)
+        return called + (g - 1) * base + g * lowrank
 
     # --- merge / unmerge ------------------------------------------------------------
     @torch.no_grad()
@@ -248,6 +311,13 @@ class AdaptedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, method={self._state.plan.method}, "
                 f"rank={self._state.effective_rank(self.slot)}, backend={self.backend}, merged={self.merged}")
+
+
+def _dropped(x: Tensor, p: float) -> Tensor:
+    """D(x) for DoRA's forwards with the base apart: the mask drawn as ``DoraFunction`` draws it (nn.Dropout's)."""
+    if not p:
+        return x
+    return x * (torch.rand_like(x) >= p) / (1.0 - p)
 
 
 def _where(t: Optional[Tensor]) -> str:

@@ -35,11 +35,9 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from . import health, patching, snapshot
-from .dist import is_shard
+from . import dist, health, patching, snapshot
 from .factors import STATE_ATTR, Plan, state_of
 from .files import atomic_write, json_default, read_json_object, remove_stale, safetensors_bytes
 from .peft_format import write_peft
@@ -75,7 +73,7 @@ def save(model: nn.Module, directory: PathLike, peft: bool = True, state_dict: O
     process does not write."""
     snap = snapshot.take(model, state_dict)
     if is_main_process is None:
-        is_main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        is_main_process = dist.is_main_process()
     if not is_main_process:
         return None
     write_native(model, directory, snap)
@@ -152,7 +150,7 @@ def restore(model: nn.Module, directory: PathLike) -> nn.Module:
 
     Raises ValueError, before anything changes, naming the first setting or tensor that differs."""
     state = state_of(model)
-    if any(is_shard(p) for p in state.parameters()):
+    if any(dist.is_shard(p) for p in state.parameters()):
         # a review's finding: the load failed half way, "mixed torch.Tensor and DTensor"
         raise ValueError("this model's adapter is sharded by FSDP2 (fully_shard): restore the adapter before "
                          "sharding, or load a distributed checkpoint with torch.distributed.checkpoint")

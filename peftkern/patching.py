@@ -73,6 +73,13 @@ def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None
     if is_patched(model):
         raise ValueError(f"this model is already patched with {state_of(model).plan.method!r}; "
                          "call peftkern.unpatch(model) first")
+    peft_layers = [n or type(m).__name__ for n, m in model.named_modules() if type(m).__module__.startswith("peft.")]
+    if peft_layers:
+        # PEFT's own layers (lora_A, base_layer, ...) would be adapted, or frozen, as if they were the model's
+        raise ValueError(f"this model holds PEFT adapter layers ({', '.join(peft_layers[:2])}, ...: a PeftModel, or "
+                         "get_peft_model's result); peftkern patches the base model: take it back with "
+                         "model.unload() (or merge_and_unload() to keep the adapter in the weights), or load a "
+                         "saved PEFT adapter onto the base model with peftkern.load_peft(base, directory)")
     slots = targets_mod.find_targets(model, targets)
     size_rank = spec.resolve_rank(requested, opts) if spec.resolve_rank else rank
     ranks = _pattern("rank_pattern", rank_pattern, slots, spec, lambda k, v: checks.integer(f"rank_pattern[{k!r}]", v))
@@ -154,9 +161,6 @@ def new_state(p: Plan) -> AdapterState:
     that makes a state: patching and the copies a sharded model's save takes); backends unresolved."""
     state = methods.get(p.method).build(p)
     if p.use_dora:
-        if getattr(p.options, "joint", False):
-            raise ValueError("use_dora needs one down-projection per module, but joint=True shares one per layer; "
-                             "use one or the other")
         state.dora = Magnitudes([s.out_features for s in p.slots], device=p.device, dtype=p.dtype)
         state.dora.batch_norms = not state.generators()  # generated factors are new tensors each forward
     return state

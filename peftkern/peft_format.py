@@ -46,7 +46,9 @@ PathLike = Union[str, os.PathLike]
 
 # LoraConfig fields load_peft honours, and those that carry no meaning for the weights.
 SUPPORTED = {"r", "lora_alpha", "target_modules", "lora_dropout", "fan_in_fan_out", "use_rslora", "modules_to_save",
-             "rank_pattern", "alpha_pattern", "use_dora"}
+             "rank_pattern", "alpha_pattern", "use_dora",
+             # which modules PEFT adapted, as target_modules: the tensors name them (load_peft adapts those)
+             "exclude_modules", "layers_to_transform", "layers_pattern"}
 METADATA = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
             "inference_mode", "init_lora_weights",  # how PEFT initialises (those leaving W0 as it is: below)
             "megatron_core", "qalora_group_size",  # read only together with megatron_config / use_qalora
@@ -57,8 +59,7 @@ REWRITES_BASE = ("pissa", "corda", "olora", "loftq", "lora_ga")
 PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 # Fields of features peftkern does not implement: accepted only at their neutral value (PEFT 0.21's default).
 NEUTRAL: Dict[str, Any] = {
-    "bias": "none", "lora_bias": False, "exclude_modules": None, "layers_to_transform": None,
-    "layers_pattern": None, "megatron_config": None, "trainable_token_indices": None, "loftq_config": {},
+    "bias": "none", "lora_bias": False, "megatron_config": None, "trainable_token_indices": None, "loftq_config": {},
     "eva_config": None, "corda_config": None, "lora_ga_config": None, "velora_config": None,
     "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None, "layer_replication": None,
     "target_parameters": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
@@ -270,6 +271,11 @@ def load_peft(model: nn.Module, directory: PathLike, backend: str = "auto", *,
     if missing:
         raise ValueError(f"the adapter adapts module(s) this model does not have: {missing[:4]}")
     _check_fan_in_fan_out(config, [modules[p] for p in pairs])
+    left_out = [p for p in pairs if _left_out(config, p)]
+    if left_out:
+        raise ValueError(f"{str(directory)!r}: the tensors adapt {left_out[:3]}, which adapter_config.json's "
+                         f"exclude_modules / layers_to_transform leave out (PEFT would not load them): the file and "
+                         "its config do not belong together")
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     ranks = {p: ab["A"].shape[0] for p, ab in pairs.items()}
     wrong = {p: (k, _alpha_for(p, config.get("rank_pattern") or {}, r)) for p, k in ranks.items()
@@ -310,6 +316,34 @@ def load_peft(model: nn.Module, directory: PathLike, backend: str = "auto", *,
         for param, value in head_values:
             param.copy_(value.to(param))
     return model
+
+
+def _left_out(config: Dict[str, Any], key: str) -> bool:
+    """Whether PEFT 0.21's ``exclude_modules`` / ``layers_to_transform`` (with ``layers_pattern``) leave the
+    module ``key`` out (its ``check_target_module_exists``)."""
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str) and re.fullmatch(exclude, key):
+            return True
+        if not isinstance(exclude, str) and (key in exclude or any(key.endswith(f".{e}") for e in exclude)):
+            return True
+    layers, targets = config.get("layers_to_transform"), config.get("target_modules")
+    # a regex target_modules, or a module named by its full path in the list, takes no layer filter
+    if layers is None or layers == [] or isinstance(targets, str) or key in (targets or ()):
+        return False
+    pattern = config.get("layers_pattern")
+    match = None
+    if not pattern:  # the first numbered segment is the layer's index
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        for name in [pattern] if isinstance(pattern, str) else pattern:
+            match = re.match(rf"(?:^|.*?\.){name}\.(?P<idx>\d+)\.", key)
+            if match is not None:
+                break
+    if match is None:
+        return True
+    index = int(match.group("idx"))
+    return index != layers if isinstance(layers, int) else index not in layers
 
 
 def _split(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict[str, Dict],

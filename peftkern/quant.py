@@ -144,14 +144,16 @@ def base_forward(module: nn.Module, x: torch.Tensor, with_bias: bool = True) -> 
 
 def packed_4bit(module: nn.Module) -> tuple:
     """A 4-bit layer's W0 as the fused kernels read it: (packed, absmax, code, absmax2, code2, offset,
-    blocksize, blocksize2), bitsandbytes' own tensors (no copy; absmax2, code2, offset None without
-    double quantization; offset a one-element tensor, read on the device). Layout:
-    ``reference.dequantize_4bit``."""
+    blocksize, blocksize2, compute_dtype, weight_dtype), bitsandbytes' own tensors (no copy; absmax2,
+    code2, offset None without double quantization; offset a one-element tensor, read on the device),
+    the layer's compute dtype (None until set: the input's) and the dtype W0 was quantized from, which
+    bitsandbytes' product rounds through. Layout: ``reference.dequantize_4bit``."""
     weight, state = _unpacked_state(module)
     nested = bool(state.nested)
     s2 = state.state2 if nested else None
     return (weight.data, state.absmax, state.code, s2.absmax if nested else None, s2.code if nested else None,
-            state.offset.reshape(1) if nested else None, int(state.blocksize), int(s2.blocksize) if nested else 1)
+            state.offset.reshape(1) if nested else None, int(state.blocksize), int(s2.blocksize) if nested else 1,
+            module.compute_dtype, state.dtype)
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from . import patching
+from . import dist, patching
 from .factors import STATE_ATTR, AdapterState, state_of
 from .heads import trained_modules, trained_outside_adapter
 
@@ -52,10 +52,6 @@ class Snapshot:
         return {n: self.tensor(f"{path}.{n}", t) for n, t in module.state_dict(keep_vars=True).items()}
 
 
-def _is_sharded(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
-
-
 def take(model: nn.Module, state_dict: Optional[Mapping[str, Tensor]] = None) -> Snapshot:
     """The snapshot to write (module docstring). With sharded parameters this is a collective."""
     state = state_of(model)
@@ -65,7 +61,7 @@ def take(model: nn.Module, state_dict: Optional[Mapping[str, Tensor]] = None) ->
         for n, t in model.get_submodule(path).state_dict(keep_vars=True).items():
             heads[f"{path}.{n}"] = t
     needed = {**own, **heads}
-    if state_dict is None and not any(_is_sharded(t) for t in needed.values()):
+    if state_dict is None and not any(dist.is_shard(t) for t in needed.values()):
         return Snapshot(state, None)
     values: Dict[str, Tensor] = {}
     for name in sorted(needed):  # the same order on every rank: full_tensor() is an all-gather
@@ -76,7 +72,7 @@ def take(model: nn.Module, state_dict: Optional[Mapping[str, Tensor]] = None) ->
             raise ValueError(f"the state_dict handed to the writer lacks {name!r}: pass the model's full state "
                              "dict (e.g. get_model_state_dict(model, options=StateDictOptions("
                              "full_state_dict=True)))")
-        elif _is_sharded(t):
+        elif dist.is_shard(t):
             values[name] = t.full_tensor().detach().to("cpu")
         else:
             values[name] = t.detach().to("cpu")

@@ -107,6 +107,13 @@ def acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def tl_dtype(dtype: torch.dtype):
+    """Triton's name for a supported torch float dtype (ValueError naming the choices otherwise)."""
+    if dtype not in _TL_DTYPE:
+        raise ValueError(f"the Triton kernels take {', '.join(str(d) for d in SUPPORTED_DTYPES)}, got {dtype}")
+    return _TL_DTYPE[dtype]
+
+
 def dot_meta(dtype: torch.dtype) -> Dict[str, object]:
     """The DOT_DT / ACC_DT / PREC constexprs for tiles whose storage dtype is ``dtype``."""
     acc = _TL_DTYPE[acc_torch_dtype(dtype)]
@@ -128,6 +135,26 @@ def m_bucket(M: int) -> int:
     """Autotune key for the token dimension: power-of-two buckets, so varying sequence
     lengths do not re-tune on every new M."""
     return triton.next_power_of_2(max(M, 1))
+
+
+# Triton's interpreter truncates a conversion to bf16 where a GPU rounds to nearest even (as torch does):
+# there ``rounded`` rounds by the fp32 bits, so that the CPU tests check the GPU's rounding
+_BF16_BY_BITS = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def rounded(v, DT: tl.constexpr):
+    """v in dtype DT, rounded to nearest even as torch rounds; a no-op when v is in DT already.
+    Under the interpreter a conversion to bf16 goes by the bits (``_BF16_BY_BITS``); NaN stays NaN."""
+    if v.dtype == DT:
+        return v
+    elif DT == tl.bfloat16 and _BF16_BY_BITS:
+        f = v.to(tl.float32)  # exact from fp16
+        bits = f.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(f != f, f, bits.to(tl.float32, bitcast=True)).to(DT)
+    else:
+        return v.to(DT)
 
 
 @triton.jit

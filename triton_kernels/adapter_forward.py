@@ -9,7 +9,11 @@ This single kernel serves every "big" product of the adapter, by passing strides
 
 The base weight is a dense tensor, or (``W_4BIT``) a bitsandbytes 4-bit W0 whose tiles are
 dequantized in registers as the K-loop reaches them (weight4bit.py): QLoRA's base GEMM with
-the adapter in the same launch, and no dequantized copy of W0 anywhere.
+the adapter in the same launch, and no dequantized copy of W0 anywhere. The 4-bit base product
+rounds as bitsandbytes' ``matmul_4bit`` does, whatever x's dtype: W0 dequantized through ``W_DT``
+(the launcher's choice: bitsandbytes 0.50 rounds through the dtype W0 was quantized from in its
+backward only), both operands in the layer's compute dtype (``BASE_DT``), the product (with the
+bias) rounded to it; only then is the low-rank term, in x's dtype, added.
 
 Two ways to get h for the forward, one flag, ``FUSE_SHRINK``:
   (a) in-loop:      h = x·Aᵀ accumulated inside the K-loop from the x tile already in
@@ -30,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import dropout_keep
+from ._launch import dropout_keep, rounded
 from .weight4bit import Weight4bit, dequant_tile
 
 Tensor = torch.Tensor
@@ -43,6 +47,7 @@ def _lowrank_gemm_kernel(
     M, N, K, R, M_BUCKET, seed, p, inv,
     sxm, sxk, swn, swk, shm, shr, sar, sak, sfn, sfr, sym, syn, shom, shor,
     W_4BIT: tl.constexpr, NESTED: tl.constexpr,
+    W_DT: tl.constexpr, BASE_DT: tl.constexpr, BASE_DOT_DT: tl.constexpr, BASE_PREC: tl.constexpr,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, FUSE_SHRINK: tl.constexpr,
     STORE_H: tl.constexpr, MASK_INPUT: tl.constexpr, MASK_LOWRANK: tl.constexpr,
     DOT_DT: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
@@ -83,9 +88,13 @@ def _lowrank_gemm_kernel(
                     flat = cols64[None, :] * swn + ks[:, None].to(tl.int64) * swk
                     wt = dequant_tile(q_ptr, qabs_ptr, qcode_ptr, qabs2_ptr, qcode2_ptr, qoff_ptr, flat,
                                       k_ok[:, None] & n_ok[None, :], Q_BLOCK, Q_BLOCK2, NESTED)
+                    # bitsandbytes' roundings (module docstring); each a no-op where the dtypes agree
+                    wt = rounded(rounded(wt, W_DT), BASE_DT).to(BASE_DOT_DT)
+                    acc = tl.dot(rounded(xt, BASE_DT).to(BASE_DOT_DT), wt, acc, input_precision=BASE_PREC,
+                                 out_dtype=ACC_DT)
                 else:
                     wt = tl.load(w_cols + ks[:, None] * swk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = tl.dot(xt, wt.to(DOT_DT), acc, input_precision=PREC, out_dtype=ACC_DT)
+                    acc = tl.dot(xt, wt.to(DOT_DT), acc, input_precision=PREC, out_dtype=ACC_DT)
             if FUSE_SHRINK:
                 at = tl.load(a_ptr + ranks[None, :] * sar + ks[:, None] * sak, mask=k_ok[:, None] & r_ok[None, :],
                              other=0.0)
@@ -96,6 +105,8 @@ def _lowrank_gemm_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(ACC_DT)[None, :]
+    if W_4BIT:  # the base product (and bias) in the compute dtype, as bitsandbytes returns it
+        acc = rounded(acc, BASE_DT).to(ACC_DT)
     if HAS_LOWRANK:
         if FUSE_SHRINK:
             if MASK_INPUT:
@@ -131,6 +142,18 @@ _GEMM = _launch.Launcher(
     key=("M_BUCKET", "N", "K", "BLOCK_R", "HAS_BASE", "FUSE_SHRINK", "W_4BIT"),
     fallback={"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
 )
+
+
+def _base_meta(w4: Optional[Weight4bit], dtype: torch.dtype) -> dict:
+    """The W_DT / BASE_DT / BASE_DOT_DT / BASE_PREC constexprs: a 4-bit W0's roundings (module
+    docstring); for a dense W0 (unused there) x's own dot dtypes."""
+    dot = _launch.dot_meta(dtype)
+    if w4 is None:
+        return {"W_DT": dot["DOT_DT"], "BASE_DT": dot["DOT_DT"], "BASE_DOT_DT": dot["DOT_DT"], "BASE_PREC": dot["PREC"]}
+    compute = w4.compute_dtype or dtype
+    base = _launch.dot_meta(compute)
+    return {"W_DT": _launch.tl_dtype(w4.dtype), "BASE_DT": _launch.tl_dtype(compute), "BASE_DOT_DT": base["DOT_DT"],
+            "BASE_PREC": base["PREC"]}
 
 
 def lowrank_gemm(x: Optional[Tensor], w, bias: Optional[Tensor], h: Optional[Tensor],
@@ -170,7 +193,7 @@ def lowrank_gemm(x: Optional[Tensor], w, bias: Optional[Tensor], h: Optional[Ten
           M, N, K, R, _launch.m_bucket(M), seed, float(dropout), 1.0 / (1.0 - dropout),
           *_launch.strides(x), *(w4.strides if w4 is not None else _launch.strides(w)), *_launch.strides(h),
           *_launch.strides(a if fuse else None), *_launch.strides(f), *_launch.strides(y), *_launch.strides(h_out),
-          W_4BIT=w4 is not None, NESTED=w4 is not None and w4.nested,
+          W_4BIT=w4 is not None, NESTED=w4 is not None and w4.nested, **_base_meta(w4, out_dtype),
           HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, FUSE_SHRINK=fuse,
           STORE_H=h_out is not None, MASK_INPUT=fuse and dropout > 0, MASK_LOWRANK=mask_lowrank and dropout > 0,
           BLOCK_R=_launch.block_r(R), **_launch.dot_meta(out_dtype))

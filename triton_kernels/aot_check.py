@@ -49,7 +49,11 @@ KERNELS: List[Tuple[str, str, List[Dict[str, object]]]] = [
         dict(W_4BIT=True, NESTED=True, Q_BLOCK=64, Q_BLOCK2=256, HAS_BASE=True, HAS_BIAS=False, HAS_LOWRANK=True,
              FUSE_SHRINK=True, STORE_H=True, MASK_INPUT=True, MASK_LOWRANK=False, BLOCK_R=128),
         dict(W_4BIT=True, NESTED=False, Q_BLOCK=64, Q_BLOCK2=256, HAS_BASE=True, HAS_BIAS=False, HAS_LOWRANK=True,
-             FUSE_SHRINK=False, STORE_H=False, MASK_INPUT=False, MASK_LOWRANK=True, BLOCK_R=16)]),
+             FUSE_SHRINK=False, STORE_H=False, MASK_INPUT=False, MASK_LOWRANK=True, BLOCK_R=16),
+        # an fp32-quantized W0 in a bf16 compute dtype (the base product rounded to it), with a bias
+        dict(W_4BIT=True, NESTED=True, Q_BLOCK=64, Q_BLOCK2=256, HAS_BASE=True, HAS_BIAS=True, HAS_LOWRANK=True,
+             FUSE_SHRINK=False, STORE_H=False, MASK_INPUT=False, MASK_LOWRANK=False, BLOCK_R=16,
+             W_DT="fp32", BASE_DT="bf16")]),
     ("shrink", "_SHRINK", [dict(HAS_U=True, STORE_H=True, DROPOUT=True, BLOCK_R=16),
                            dict(HAS_U=False, STORE_H=True, DROPOUT=False, BLOCK_R=128)]),
     ("adapter_backward", "_DY_PASS", [dict(HAS_U=True, COMPUTE_DH=True, COMPUTE_GT=True, COMPUTE_DU=True, BLOCK_R=32),
@@ -86,6 +90,15 @@ def signature(kernel, io: str, acc: str, flags: Dict[str, object]) -> Dict[str, 
     return sig
 
 
+def base_dtypes(flags: Dict[str, object], io: str) -> Dict[str, object]:
+    """The 4-bit base product's dtype constexprs (adapter_forward.py): the flags' W_DT / BASE_DT names, else x's dtype."""
+    import triton.language as tl
+
+    tl_types = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
+    w, base = tl_types[flags.get("W_DT", io)], tl_types[flags.get("BASE_DT", io)]
+    return {"W_DT": w, "BASE_DT": base, "BASE_DOT_DT": base, "BASE_PREC": "ieee"}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -117,7 +130,8 @@ def main(argv=None) -> int:
                 target, limit = GPUTarget("cuda", arch, 32), SHARED_LIMIT.get(arch, 101376)
                 for flags in flag_sets:
                     sig = signature(kernel, io, acc, flags)
-                    constexprs = {k: v for k, v in {**flags, **dot}.items() if k in kernel.constexpr_names}
+                    constexprs = {k: v for k, v in {**flags, **base_dtypes(flags, io), **dot}.items()
+                                  if k in kernel.constexpr_names}
                     what = f"{kernel.name} {io} sm{arch} {flags}"
                     try:
                         for cfg in configs:

@@ -10,7 +10,9 @@ absmax[j] = code2[absmax_q[j]] · absmax2[j // blocksize2] + offset.
 ``dequant_tile`` computes that for a tile of flat indices, in fp32 (bitsandbytes' own
 dequantization is fp32, then cast); ``Weight4bit`` is what a launcher passes for a weight,
 with a logical shape and element strides over W0, so that ``.t()`` is W0ᵀ, as the backward's
-dx = dy·W0 needs.
+dx = dy·W0 needs, and the two dtypes bitsandbytes' own product rounds through: ``dtype``, the
+one W0 was quantized from (what ``dequantize_4bit`` returns), and ``compute_dtype``, the layer's
+(None: the input's, as bitsandbytes' ``Linear4bit`` before its first forward).
 """
 from __future__ import annotations
 
@@ -38,12 +40,15 @@ class Weight4bit:
     blocksize2: int
     shape: Tuple[int, int]
     strides: Tuple[int, int]
+    dtype: torch.dtype = torch.float32  # W0's dtype before quantization (bitsandbytes' quant_state.dtype)
+    compute_dtype: Optional[torch.dtype] = None  # the layer's; None: the input's
 
     @classmethod
-    def of(cls, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, N: int, K: int) -> "Weight4bit":
+    def of(cls, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, N: int, K: int,
+           dtype: torch.dtype = torch.float32, compute_dtype: Optional[torch.dtype] = None) -> "Weight4bit":
         """W0 [N, K] itself."""
         return cls(packed.view(torch.uint8).reshape(-1), absmax, code, absmax2, code2, offset, int(blocksize),
-                   int(blocksize2), (N, K), (K, 1))
+                   int(blocksize2), (N, K), (K, 1), dtype, compute_dtype)
 
     @property
     def nested(self) -> bool:

@@ -12,7 +12,7 @@ The pieces are method-agnostic and meant to be reused (HyperAdaLoRA's MLP hypern
 have the same "embeddings of a group of layers -> one batched call -> per-layer views"
 shape):
 
-    hypernet_op(backend, device)      the dispatched op, one call for all layers
+    hypernet_op(backend)              the dispatched op, one call for all layers
     group_layers(layers, per_group)   consecutive groups of layers, one hypernetwork each
     sinusoidal_positions(layers, h)   eq. (2)
     LayerGenerator                    embeddings + γ, one batched call

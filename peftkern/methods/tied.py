@@ -65,12 +65,20 @@ class Config:
 # --- options of the three methods ------------------------------------------------------------
 
 
+def _one_a_per_layer(joint: bool, plan: Plan) -> None:
+    """joint=True shares one down-projection per layer (joint QKV); DoRA's norm needs one per module."""
+    if checks.boolean("joint", joint) and plan.use_dora:
+        raise ValueError("use_dora needs one down-projection per module, but joint=True shares one per layer; "
+                         "use one or the other")
+
+
 @dataclass(frozen=True)
 class LoraOptions:
     train: str = "AB"  # "B" gives LEFT's A_F B_L: A frozen random, B trained
     joint: bool = False
 
     def validate(self, plan: Plan) -> None:
+        _one_a_per_layer(self.joint, plan)
         if self.joint and (plan.rank_pattern or plan.alpha_pattern):
             raise ValueError("rank_pattern / alpha_pattern need one A per module, but joint=True shares one A "
                              "per layer; use one or the other")
@@ -88,6 +96,9 @@ class TiedLoraOptions:
     tie: str = "AB"  # which of A, B are shared by every adapted module
     train: str = "ABuv"  # which of A, B, u, v are trained; default: the paper's recommended row 3
     joint: bool = False  # one down-projection per layer for all its targets (joint QKV)
+
+    def validate(self, plan: Plan) -> None:
+        _one_a_per_layer(self.joint, plan)
 
     def config(self) -> Config:
         train = _letters(self.train, "ABuv", "train")
@@ -143,19 +154,21 @@ class TiedState(AdapterState):
             register_optional(g, "v", init.v(plan, n) if "v" in config.train else None, True)
             self.groups.append(g)
         self._scales = [plan.slot_scale(s) for s in plan.slots]
-        self._group_params = [g._parameters for g in self.groups]  # factors' lookups
+        self._group_modules = list(self.groups)  # factors' lookups (a plain list: not registered twice)
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
-        self._group_params = [g._parameters for g in self.groups]  # a pickle from before they were kept
+        self._group_modules = list(self.groups)  # a pickle from before they were kept
 
     def factors(self, slot: int) -> Factors:
         # Called by every adapted module's forward: read through the modules' own name -> parameter
         # dicts (which a replaced parameter, FSDP2's sharding or a move update in place), not through
-        # nn.Module attribute lookups, about 0.4 µs of host time each. A parametrized factor
-        # (torch.nn.utils.parametrize) leaves those dicts: then attributes are read, as before.
+        # nn.Module attribute lookups, about 0.4 µs of host time each. Each dict is read from its module
+        # now, never kept: torch.export (non-strict) swaps a module's dict for one of fake tensors and
+        # puts a new one back, so a kept dict would serve the fakes after an export. A parametrized
+        # factor (torch.nn.utils.parametrize) leaves those dicts: then attributes are read, as before.
         gi = self._group_of[slot]
-        got = self._factors(slot, gi, self._group_params[gi], self._parameters)
+        got = self._factors(slot, gi, self._group_modules[gi]._parameters, self._parameters)
         if got is None:
             g = self.groups[gi]
             got = self._factors(slot, gi, {n: getattr(g, n) for n in "ABuv"},

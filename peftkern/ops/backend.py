@@ -1,4 +1,4 @@
-"""What a backend is: the 2-D kernels of the four adapter ops, and optionally AdaLoRA's step ops.
+"""What a backend is: the 2-D kernels of the adapter's ops, and optionally AdaLoRA's step ops.
 
 A backend provides kernels only. The autograd wrappers (``functions.py``: reshape to 2-D,
 ``needs_input_grad``, what to save, view back) are written once per op and call these
@@ -40,12 +40,18 @@ given as its packed state (``quant.packed_4bit``; layout in triton_kernels/weigh
 backend without them runs a 4-bit base as bitsandbytes' op plus the low-rank term above.
 
     adapter_4bit_forward(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2,
-                         bias, A, B, u, v, scale, dropout, seed, save_h) -> (y, h)
+                         compute_dtype, weight_dtype, bias, A, B, u, v, scale, dropout, seed, save_h) -> (y, h)
     adapter_4bit_backward(dy, x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2,
-                          A, B, u, v, h, scale, dropout, seed, needs[5]) -> (dx, dA, dB, du, dv)
+                          compute_dtype, weight_dtype, A, B, u, v, h, scale, dropout, seed, needs[5])
+                          -> (dx, dA, dB, du, dv)
+
+where the base product rounds as bitsandbytes 0.50's ``matmul_4bit``: W0 and x (dy) in
+``compute_dtype`` (the layer's; None: x's), the product and the bias (given in ``compute_dtype``)
+rounded to it; in the backward W0 first rounded to ``weight_dtype`` (the dtype it was quantized
+from), as its ``dequantize_4bit`` returns it; the low-rank term in x's dtype.
 
 h is x·Aᵀ (before u; with dropout, of the kept and rescaled input), or that times a constant
-the backend's own backward expects (torch: s·x·Aᵀ), [M, r] in x's dtype, returned only when
+the backend's own backward expects, [M, r] in x's dtype, returned only when
 ``save_h`` asks for it (else None); ``aux`` is any other tensor the backend wants back in
 its backward (the C++ backend's merged weight), or None. x may be None in a backward when
 the wrapper did not keep it (no gradient needs it).

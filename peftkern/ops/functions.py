@@ -1,4 +1,5 @@
-"""The four ops as autograd Functions: one wrapper per op, for every backend.
+"""The adapter's ops as autograd Functions (adapter, shrink/expand, hypernet, DoRA, the 4-bit adapter): one
+wrapper per op, for every backend.
 
 Each wrapper does what is the same on every backend, once: flatten x to [M, K], read
 ``needs_input_grad``, ask the forward kernel for exactly what the backward will need,
@@ -14,6 +15,8 @@ Math (peftkern/ops/reference.py is the truth; Tied-LoRA eq. (1), LEFT's γ):
     shrink    hu = u ⊙ (A·D(x))                                [..., r]   (joint QKV: one per layer)
     expand    y  = x·W0ᵀ + b + s·(v ⊙ (B·hu))                  [..., N]
     hypernet  out = GeLU(E·W1ᵀ + b1)·W2ᵀ + b2                  [L, P]
+    dora      y  = g ⊙ (x·W0ᵀ + x·ΔWᵀ) + b, g = m/‖W0 + ΔW‖_row  [..., N]   (with dropout PEFT's formula)
+    4-bit     adapter with W0 a bitsandbytes 4-bit weight, read packed             (optional kernels)
 
 D is inverted dropout with probability ``dropout`` (PEFT's lora_dropout): each element
 of the adapter's input is zeroed with probability p and the rest scaled by 1/(1-p). The
@@ -206,13 +209,14 @@ def dora_folds(M: int, K: int, dropout: float) -> bool:
 
 class DoraFunction(torch.autograd.Function):
     """DoRA on any backend's kernels (``dora_adapter``). Two routes without dropout, picked by
-    ``dora_folds``; both save y and find dg = Σ_m dy⊙(y − b)/g by one read of dy and y, then
-    dm = dg / norm (the norm a constant, DoRA §4.3):
+    ``dora_folds``; both save y and read dm from it in one pass over dy and y (the norm a constant,
+    DoRA §4.3):
       - folded (many tokens): g is folded into W0 and v (into B without v), y = adapter(x; g⊙W0, b, A, B, u, g⊙v), and
-        the backward runs the adapter's backward on dy with g⊙W0 formed again (dW0 and dv scaled
-        back by g);
+        the backward's pass gives dm = Σ_m dy⊙(y − b)/m directly (``_folded_backward``), then runs the
+        adapter's backward on dy with g⊙W0 formed again (dW0 and dv scaled back by g);
       - scaled: the adapter forward's z = W0·x + ΔW·x (no bias) is scaled in place, y = g⊙z + b,
-        and the backward's one pass over dy gives dz = dy⊙g with dg; the adapter backward runs on dz.
+        and the backward's one pass over dy gives dz = dy⊙g with dg = Σ_m dy⊙(y − b)/g, then
+        dm = dg / norm; the adapter backward runs on dz.
     With dropout (training), PEFT's formula y = g⊙(W0·D(x) + ΔW·D(x)) + b + W0·(x − D(x)): D(x)
     is formed (the mask drawn like nn.Dropout's, kept as bool), z is saved, and a second base GEMM
     adds W0·(x − D(x)), as PEFT's own DoRA does.
@@ -395,10 +399,12 @@ class Adapter4bitFunction(torch.autograd.Function):
 def adapter_4bit(x: Tensor, w4: tuple, bias: Optional[Tensor], A: Tensor, B: Tensor, u: Optional[Tensor],
                  v: Optional[Tensor], scale: float, dropout: float = 0.0, *, backend: Backend) -> Tensor:
     """``adapter`` with W0 a bitsandbytes 4-bit weight (QLoRA), on a backend that ``fuses_4bit``:
-    w4 = (packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2), bitsandbytes' state
-    of W0 [N, K] (``quant.packed_4bit``; absmax2, code2, offset None without double quantization). x [..., K]
-    in the compute dtype; bias, A, B, u, v as ``adapter``; returns [..., N]. Gradients flow to x and
-    the factors, never to W0 or the bias (frozen)."""
+    w4 = (packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, compute_dtype, weight_dtype),
+    bitsandbytes' state of W0 [N, K] (``quant.packed_4bit``; absmax2, code2, offset None without double
+    quantization; compute_dtype the layer's, or None for x's; weight_dtype the one W0 was quantized from).
+    x [..., K], A, B, u, v in one dtype (the adapter's, as ``adapter``), bias [N] or None in the compute
+    dtype; returns [..., N] in x's dtype, whose base part W0·x + b rounds as bitsandbytes' ``matmul_4bit``
+    (in the compute dtype). Gradients flow to x and the factors, never to W0 or the bias (frozen)."""
     return Adapter4bitFunction.apply(x, bias, A, B, u, v, float(scale), float(dropout), backend, tuple(w4))
 
 
@@ -435,8 +441,10 @@ def adapter(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Ten
     Shapes: x [..., K], weight [N, K] (Linear layout; a Conv1D passes its weight's
     transpose view), bias [N] or None, A [r, K], B [N, r], u [r] or None (identity),
     v [N] or None (identity); returns [..., N] in x's dtype. Every tensor must share x's
-    device and dtype (the backend raises TypeError/ValueError naming the operand that
-    does not). ``dropout`` is a probability in [0, 1); ``scale`` is s = α/r.
+    device and dtype: the cpp and triton backends raise TypeError/ValueError naming the operand
+    that does not, the torch backend torch's own error (an adapted layer checks its input and
+    casts its factors before it gets here). ``dropout`` is a probability in [0, 1); ``scale``
+    is s = α/r.
 
     ``weight`` None (a backend that declares ``lowrank_only``): the low-rank term alone, for a base
     computed elsewhere (a 4-bit layer).
@@ -469,7 +477,7 @@ def hypernet(E: Tensor, W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor, *, backe
 
 
 class BoundOps:
-    """The four ops with ``backend`` filled in: ``BoundOps(load("cpp")).adapter(x, W, b, A, B, u, v, s)``."""
+    """The ops with ``backend`` filled in: ``BoundOps(load("cpp")).adapter(x, W, b, A, B, u, v, s)``."""
 
     def __init__(self, backend: Backend):
         self.backend = backend

@@ -11,7 +11,7 @@ per kernel shared by all backends, and returns the callables the autograd wrappe
   milliseconds per step over a model's adapted modules.
 
 The fakes are the shape contract: a backend whose outputs differ from them in shape or
-dtype is wrong, and tests/test_ops_library.py runs ``torch.library.opcheck`` on each.
+dtype is wrong, and tests/unit/test_ops_library.py runs ``torch.library.opcheck`` on each.
 """
 from __future__ import annotations
 
@@ -39,10 +39,12 @@ SCHEMAS: Dict[str, str] = {
                            "bool need_dz) -> (Tensor, Tensor)",
     # optional (OPTIONAL): the adapter over a bitsandbytes 4-bit W0, given as its packed state
     "adapter_4bit_forward": "(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor? absmax2, Tensor? code2, "
-                            "Tensor? offset, int blocksize, int blocksize2, Tensor? bias, Tensor A, Tensor B, Tensor? u, "
+                            "Tensor? offset, int blocksize, int blocksize2, ScalarType? compute_dtype, "
+                            "ScalarType weight_dtype, Tensor? bias, Tensor A, Tensor B, Tensor? u, "
                             "Tensor? v, float scale, float dropout, Tensor seed, bool save_h) -> (Tensor, Tensor)",
     "adapter_4bit_backward": "(Tensor dy, Tensor? x, Tensor packed, Tensor absmax, Tensor code, Tensor? absmax2, "
-                             "Tensor? code2, Tensor? offset, int blocksize, int blocksize2, Tensor A, Tensor B, "
+                             "Tensor? code2, Tensor? offset, int blocksize, int blocksize2, ScalarType? compute_dtype, "
+                             "ScalarType weight_dtype, Tensor A, Tensor B, "
                              "Tensor? u, Tensor? v, Tensor? h, float scale, float dropout, Tensor seed, bool[] needs) "
                              "-> Tensor[]",
 }
@@ -122,14 +124,14 @@ def _dora_scale_backward(dy, saved, g, bias, from_output, need_g, need_dz):
             g.new_empty(g.shape) if need_g else _none(g))
 
 
-def _adapter_4bit_forward(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, bias, A, B, u, v,
-                          scale, dropout, seed, save_h):
+def _adapter_4bit_forward(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, compute_dtype,
+                          weight_dtype, bias, A, B, u, v, scale, dropout, seed, save_h):
     M, r = x.shape[0], A.shape[0]
     return x.new_empty(M, B.shape[0]), (x.new_empty(M, r) if save_h else _none(x))
 
 
-def _adapter_4bit_backward(dy, x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, A, B, u, v, h,
-                           scale, dropout, seed, needs):
+def _adapter_4bit_backward(dy, x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, compute_dtype,
+                           weight_dtype, A, B, u, v, h, scale, dropout, seed, needs):
     M, K = dy.shape[0], A.shape[1]
     shapes = [((M, K), dy.dtype), (A.shape, A.dtype), (B.shape, B.dtype),
               (A.shape[:1], u.dtype if u is not None else A.dtype), (B.shape[:1], v.dtype if v is not None else B.dtype)]

@@ -112,6 +112,23 @@ def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, absmax2: Optio
     return (code.float()[nibbles] * scales.repeat_interleave(blocksize)[:N * K]).reshape(N, K)
 
 
+def adapter_4bit(x: Tensor, w4: tuple, bias: Optional[Tensor], A: Tensor, B: Tensor, u: Optional[Tensor],
+                 v: Optional[Tensor], scale: float) -> Tensor:
+    """``adapter`` over a bitsandbytes 4-bit W0 given as its state w4 (``functions.adapter_4bit``), the base
+    product as bitsandbytes 0.50's ``matmul_4bit`` computes it: W0, x and the bias in the layer's compute
+    dtype (None: x's), the result back in x's; its backward reads W0 rounded to the dtype it was
+    quantized from first (its ``dequantize_4bit``), then to the gradient's. The low-rank term in x's dtype."""
+    *state, compute_dtype, weight_dtype = w4
+    compute = compute_dtype or x.dtype
+    W = dequantize_4bit(*state, B.shape[0], A.shape[1])
+    forward, backward = W.to(compute), W.to(weight_dtype).to(compute)
+    xc, b = x.to(compute), None if bias is None else bias.to(compute)
+    # the forward's value with the backward's gradient (the two weights are equal unless weight_dtype is
+    # narrower than the compute dtype)
+    base = F.linear(xc, backward, b) + (F.linear(xc, forward, b) - F.linear(xc, backward, b)).detach()
+    return base.to(x.dtype) + expand(x, torch.zeros_like(W, dtype=x.dtype), None, shrink(x, A, u), B, v, scale)
+
+
 def hypernet(E: Tensor, W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor) -> Tensor:
     """LEFT's γ for every layer at once: GeLU(E·W1ᵀ + b1)·W2ᵀ + b2 → [L, P]."""
     return F.linear(F.gelu(F.linear(E, W1, b1)), W2, b2)

@@ -62,8 +62,8 @@ _CACHE: Dict[str, Backend] = {}
 _FAILURES: Dict[str, str] = {}
 _SAID: set = set()
 
-# Shapes (N, K, r) where a verified GPU run measured another backend faster than torch. Committed
-# only from a GPU run that passed the suite (benchmarks/gpu_check.sh). Absent means torch everywhere.
+# Shapes (N, K, r) where a verified GPU run measured another backend faster than torch: written by hand
+# from a gpu_check.sh run whose GPU tests passed (no script writes it). Absent means torch everywhere.
 CUDA_POLICY = Path(__file__).with_name("cuda_policy.json")
 
 
@@ -162,7 +162,8 @@ def _resolve(requested: str, device_type: str, shape: Shape, dense: bool = True)
         note = f"rank {shape[2]} > {backend.name}'s {backend.max_rank}: on {backend.over_rank}"
         return _runs_here(backend.over_rank, device_type), note
     if not dense and not backend.lowrank_only:
-        note = f"the base is quantized, {backend.name} fuses with a dense base GEMM only: on {backend.over_rank}"
+        note = (f"the base product runs apart (a quantized or hooked base layer), {backend.name} fuses it with the "
+                f"adapter only: on {backend.over_rank}")
         return _runs_here(backend.over_rank, device_type), note
     return backend, ""
 

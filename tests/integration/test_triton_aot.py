@@ -100,7 +100,8 @@ def test_the_4bit_gemm_compiles_without_64_bit_divisions():
                      BLOCK_R=16)
         sig = aot_check.signature(_GEMM, "bf16", "fp32", flags)
         cfg = _GEMM.tuned.configs[0]
-        values = {**flags, "DOT_DT": tl.bfloat16, "ACC_DT": tl.float32, "PREC": "ieee", **cfg.kwargs}
+        values = {**flags, **aot_check.base_dtypes(flags, "bf16"), "DOT_DT": tl.bfloat16, "ACC_DT": tl.float32,
+                  "PREC": "ieee", **cfg.kwargs}
         full = {n: ("constexpr" if n in values else sig[n]) for n in _GEMM.plain.arg_names}
         ptx = triton.compile(ASTSource(_GEMM.plain, full, values), target=GPUTarget("cuda", 90, 32),
                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}).asm["ptx"]

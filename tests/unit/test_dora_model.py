@@ -150,6 +150,7 @@ def test_every_fixed_low_rank_method_trains_with_dora(method, options):
     ("adalora", {"total_step": 10}, ValueError, "use_dora does not apply to 'adalora'"),
     ("hyper_adalora", {"total_step": 10}, ValueError, "methods it applies to: lora, pg_fixed"),
     ("lora", {"joint": True, "targets": ["q_proj", "k_proj", "v_proj"]}, ValueError, "joint=True shares one"),
+    ("tied_lora", {"joint": True, "targets": ["q_proj", "k_proj", "v_proj"]}, ValueError, "joint=True shares one"),
     ("lora", {"use_dora": "yes"}, TypeError, "use_dora must be True or False"),
 ])
 def test_bad_input_is_refused_before_the_model_changes(method, options, error, words):

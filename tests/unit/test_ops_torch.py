@@ -85,3 +85,23 @@ def test_the_low_rank_term_alone_equals_the_adapter_over_a_zero_weight(trained, 
         assert (got is None) == (want is None)
         if got is not None:
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_fp16_keeps_s_out_of_h_as_peft_does(dropout):
+    """s = 4, h = x·Aᵀ ≈ 20,000 (in fp16's range, s·h is not): PEFT computes s·(B·h) and stays finite; so
+    does this backend, which once kept s·h in fp16 (NaN at B = 0, LoRA's initialisation; inf after)."""
+    K, N, r, s = 32, 16, 2, 4.0
+    x = torch.full((3, K), 3600.0, dtype=torch.float16)
+    A = torch.full((r, K), K ** -0.5, dtype=torch.float16)  # h = 3600·√32 ≈ 20,365; s·h ≈ 81,000 > 65,504
+    W = torch.zeros(N, K, dtype=torch.float16)
+    for B in (torch.zeros(N, r, dtype=torch.float16), torch.full((N, r), 1e-3, dtype=torch.float16)):
+        xs, As, Bs = (t.clone().requires_grad_(True) for t in (x, A, B))
+        torch.manual_seed(0)
+        y = ops.adapter(xs, W, None, As, Bs, None, None, s, dropout)
+        assert torch.isfinite(y).all()
+        want = s * ((x.float() @ A.float().t()) @ B.float().t())  # = s·B·h in fp32, PEFT's order
+        if not dropout:
+            torch.testing.assert_close(y.float(), want, rtol=2e-3, atol=1e-3)
+        y.backward(torch.full_like(y, 1e-2))  # a gradient whose dB = s·dyᵀ·h fits fp16 (a GradScaler's job)
+        assert all(torch.isfinite(t.grad).all() for t in (xs, As, Bs))

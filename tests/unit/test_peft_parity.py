@@ -12,6 +12,7 @@ import transformers as T
 
 import peftkern
 from peftkern.ops import registry
+from peftkern.patching import is_patched
 from tests.helpers.adapters import logits, perturb
 from tests.helpers.models import VOCAB, tiny_model, tokens
 
@@ -197,6 +198,11 @@ CASES = [
     ("llama", "lm", dict(target_modules=["q_proj", "k_proj"], use_rslora=True, lora_dropout=0.05)),
     ("gpt2", "lm", dict(target_modules=["c_attn"], fan_in_fan_out=True)),
     ("bert", "cls", dict(target_modules=["query", "value"])),
+    # PEFT's other ways of choosing the modules (the tensors name them)
+    ("llama", "lm", dict(target_modules="all-linear", exclude_modules=["o_proj", "down_proj"])),
+    ("llama", "lm", dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers")),
+    # a full path in the list takes no layer filter (PEFT adapts layers.1's q_proj and layers.0's v_proj)
+    ("llama", "lm", dict(target_modules=["model.layers.1.self_attn.q_proj", "v_proj"], layers_to_transform=[0])),
 ]
 
 
@@ -233,7 +239,10 @@ def test_a_loaded_peft_adapter_trains(tmp_path):
 @pytest.mark.parametrize("change,words", [
     ({"use_dora": True}, ["use_dora is True", "lora_magnitude_vector"]),  # DoRA without its magnitudes
     ({"bias": "all"}, ["bias='all'"]),
-    ({"layers_to_transform": [0]}, ["layers_to_transform=[0]"]),
+    # tensors that the config's own selection leaves out (PEFT would not load them)
+    ({"layers_to_transform": [0]}, ["model.layers.1.self_attn.q_proj", "leave out"]),
+    ({"exclude_modules": ["q_proj"]}, ["leave out", "do not belong together"]),
+    ({"megatron_config": {"tp": 2}}, ["megatron_config"]),
     ({"frobnicate": 1}, ["does not know", "frobnicate"]),
     ({"peft_type": "IA3"}, ["'IA3'", "LoRA"]),
     # inits that rewrite W0, which PEFT redoes at load and peftkern does not (a review's finding: PiSSA's
@@ -319,3 +328,15 @@ def test_load_peft_reads_a_rank_above_a_modules_width(tmp_path):
     torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), **TOL)
     with pytest.raises(ValueError, match="larger than"):
         peftkern.patch(copy.deepcopy(base), "lora", rank=100, targets=["q_proj", "v_proj"])
+
+
+def test_a_peft_model_is_refused_before_anything_changes():
+    """patch() on get_peft_model's result would adapt PEFT's own lora_A/lora_B/base_layer Linears (all-linear)
+    or freeze its adapter (other targets): refused, naming the ways back to the base model."""
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    before = {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
+    for targets in (None, "all-linear", ["k_proj"]):
+        with pytest.raises(ValueError, match=r"PEFT adapter layers.*unload\(\).*load_peft"):
+            peftkern.patch(model, "lora", targets=targets)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == {n: v[0] for n, v in before.items()}
+    assert not is_patched(model)

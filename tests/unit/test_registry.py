@@ -26,7 +26,7 @@ def test_auto_on_cuda_is_the_torch_backend_and_says_why(fresh_log, caplog):
         registry.resolve("auto", "cuda", (256, 2048, 16))
     assert backend.name == "torch" and "cuda" in backend.devices
     said = [r.getMessage() for r in caplog.records if "backend='auto'" in r.getMessage()]
-    assert len(said) == 1 and "cuda tensors on the torch kernels" in said[0] and "GPU suite" in said[0]
+    assert len(said) == 1 and "cuda tensors on the torch kernels" in said[0] and "not yet verified on a GPU" in said[0]
 
 
 def test_without_a_verified_policy_triton_is_never_an_auto_candidate():

@@ -11,7 +11,8 @@ The loaders import their module only when a backend is first asked for, so impor
 peftkern imports neither triton nor the compiled extension. Why CUDA runs on torch by
 default: the first GPU run found wrong Triton gradients and a crash (fixed since, checked
 on the CPU only); auto takes Triton or the C++ node on CUDA only for the module shapes a
-verified GPU run lists in ``ops/cuda_policy.json`` (benchmarks/gpu_check.sh writes it).
+verified GPU run lists in ``ops/cuda_policy.json``, written by hand from a passing
+``benchmarks/gpu_check.sh`` run's step timings (no script writes it; none exists yet).
 """
 from __future__ import annotations
 
@@ -58,7 +59,6 @@ register_backend(BackendSpec("triton", _load_triton, precheck=_triton_precheck, 
 register_backend(BackendSpec("cpp", _load_cpp, auto={"cpu": 0}, policy=True,
                              why={"cpu": "the C++ extension's fused row-streaming kernels"}))
 register_backend(BackendSpec("torch", _load_torch, auto={"cpu": 1, "*": 0}, why={
-    "cuda": "the Triton kernels have not passed the GPU suite yet (benchmarks/gpu_check.sh); backend='triton' "
-            "runs them anyway"}))
+    "cuda": "the Triton kernels are not yet verified on a GPU; backend='triton' runs them anyway"}))
 
 __all__: list = []

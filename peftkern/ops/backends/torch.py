@@ -3,17 +3,17 @@
 It is the default on CUDA until the Triton kernels pass the GPU suite (registry.py), so
 it is written for few launches and no M×N temporaries. Every diagonal scaling is folded
 into the rank-r factors or into a GEMM's alpha, never applied in a pass of its own over an
-[M, ·] tensor; s (and dropout's 1/(1-p), c = s/(1-p)) rides on the GEMMs' alpha:
+[M, ·] tensor; dropout's 1/(1-p) and s (c = s/(1-p)) ride on the GEMMs' alpha:
 
-    forward   hs = c·D'(x)·Aᵀ                      [M, r]   (= s·h; saved when a gradient reads it)
-              y  = x·W0ᵀ + b;  y += hs·((v⊗u)⊙B)ᵀ            (one in-place addmm)
-    backward  Gt  = dyᵀ·hs                 [N, r]  → dB = Gt⊙(v⊗u)
+    forward   h  = (1/(1-p))·D'(x)·Aᵀ              [M, r]   (PEFT's A·D(x); saved when a gradient reads it)
+              y  = x·W0ᵀ + b;  y += s·h·((v⊗u)⊙B)ᵀ          (one in-place addmm, s its alpha)
+    backward  Gt  = s·dyᵀ·h                [N, r]  → dB = Gt⊙(v⊗u)
               P   = Gt⊙B                   [N, r]  → dv = P·u,  du = Pᵀ·v
               dh  = c·dy·((v⊗u)⊙B)         [M, r]  (c on the GEMM's alpha)
               dA  = dhᵀ·D'(x);  dx = dy·W0 + D'(dh·A)       (one in-place addmm without dropout)
 
-D' is the dropout mask without its 1/(1-p). The saved ``h`` of this backend is s·h (the
-contract lets a backend's h be whatever its own backward reads; shapes and dtype match).
+D' is the dropout mask without its 1/(1-p). s multiplies the second product, as PEFT's does, never
+h itself: in fp16 s·h overflows (65504) where h and the output fit (s = 4: an h of 16,400 suffices).
 Every gradient of u and v comes from the one [N, r] GEMM Gt, never from a pass over an
 [M, ·] tensor: dv is an M×N reduction in the reference (Σ_m dy ⊙ (B·hu)), and
 Σ_m dy[m,n]·Σ_j hs[m,j]·u[j]·B[n,j] = Σ_j P[n,j]·u[j]; likewise du[j] = Σ_m hs[m,j]·(dy·(v⊙B))[m,j]
@@ -81,25 +81,25 @@ def _base(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 
 def adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h):
-    hs = _mm(_dropped(x, dropout, seed), A.t(), scale / (1.0 - dropout))
+    h = _mm(_dropped(x, dropout, seed), A.t(), 1.0 / (1.0 - dropout))
     up = _fold(B, _outer(u, v)).t()
-    if weight is None:  # the low-rank term alone (a quantized base runs elsewhere)
-        y = torch.addmm(bias, hs, up) if bias is not None else hs @ up
+    if weight is None:  # the low-rank term alone (a base computed elsewhere)
+        y = torch.addmm(bias, h, up, alpha=scale) if bias is not None else _mm(h, up, scale)
     else:
         y = _base(x, weight, bias)
-        y.addmm_(hs, up)
-    return y, (hs if save_h else None), None
+        y.addmm_(h, up, alpha=scale)
+    return y, (h if save_h else None), None
 
 
-def _lowrank_backward(dy, x, A, B, u, v, hs, scale, dropout, seed, need_x, need_A, need_u, need_B, need_v, dx):
-    """The rank-r part of the adapter's backward (module docstring; ``hs`` = s·h, the forward's).
+def _lowrank_backward(dy, x, A, B, u, v, h, scale, dropout, seed, need_x, need_A, need_u, need_B, need_v, dx):
+    """The rank-r part of the adapter's backward (module docstring; ``h`` the forward's).
     Adds the low-rank term into ``dx`` in place, or makes dx of it when ``dx`` is None (no base
     weight here: a 4-bit base's own op gives its part). Returns (dx, dA, dB, du, dv)."""
     dA = dB = du = dv = None
     c = scale / (1.0 - dropout)
     vu = _outer(u, v)
     if need_B or need_u or need_v:
-        gt = dy.t() @ hs  # [N, r], already times s: dB, du and dv all read it
+        gt = _mm(dy.t(), h, scale)  # [N, r], times s: dB, du and dv all read it
         if need_B:
             dB = _fold(gt, vu).to(B.dtype)
         if need_u or need_v:

@@ -69,7 +69,9 @@ def current_forward_variant() -> str:
 def adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h):
     """``weight``: W0 [N, K], None (the low-rank term alone), or a ``Weight4bit`` (adapter_4bit_forward)."""
     dense = weight if isinstance(weight, torch.Tensor) else None
-    _launch.check_same_dtype("x", x, weight=dense, bias=bias, A=A, B=B, u=u, v=v)
+    # a 4-bit W0's bias is in the layer's compute dtype (adapter_4bit_forward checks it)
+    _launch.check_same_dtype("x", x, weight=dense, bias=None if isinstance(weight, Weight4bit) else bias, A=A, B=B,
+                             u=u, v=v)
     f = up_factor(B, u, v, scale, _launch.acc_torch_dtype(x.dtype))
     s = int(seed)
     if weight is None:  # the low-rank term alone (a quantized base runs elsewhere)
@@ -85,19 +87,26 @@ def adapter_forward(x, weight, bias, A, B, u, v, scale, dropout, seed, save_h):
     return y, (h if save_h and h is not None else None), None
 
 
-def adapter_4bit_forward(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, bias, A, B, u, v,
-                         scale, dropout, seed, save_h):
-    """The adapter over a 4-bit W0 (QLoRA fused): W0's tiles dequantized in the GEMM's K-loop."""
-    _launch.check_same_dtype("x", x, bias=bias, A=A, B=B, u=u, v=v)
-    w4 = Weight4bit.of(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, B.shape[0], x.shape[1])
+def adapter_4bit_forward(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, compute_dtype,
+                         weight_dtype, bias, A, B, u, v, scale, dropout, seed, save_h):
+    """The adapter over a 4-bit W0 (QLoRA fused): W0's tiles dequantized in the GEMM's K-loop, the base
+    product rounded as bitsandbytes' (the bias given in the compute dtype, as bitsandbytes adds it)."""
+    _launch.check_same_dtype("x", x, A=A, B=B, u=u, v=v)
+    if bias is not None:
+        _launch.check_same_dtype("the compute dtype's bias", torch.empty(0, dtype=compute_dtype or x.dtype), bias=bias)
+    # bitsandbytes 0.50's forward (its gemm_4bit) dequantizes straight to the compute dtype; its backward
+    # (dequantize_4bit) goes through the dtype W0 was quantized from
+    w4 = Weight4bit.of(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, B.shape[0], x.shape[1],
+                       compute_dtype or x.dtype, compute_dtype)
     y, h, _ = adapter_forward(x, w4, bias, A, B, u, v, scale, dropout, seed, save_h)
     return y, h
 
 
-def adapter_4bit_backward(dy, x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, A, B, u, v, h,
-                          scale, dropout, seed, needs):
+def adapter_4bit_backward(dy, x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, compute_dtype,
+                          weight_dtype, A, B, u, v, h, scale, dropout, seed, needs):
     need_x, need_A, need_B, need_u, need_v = needs
-    w4 = Weight4bit.of(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, B.shape[0], A.shape[1])
+    w4 = Weight4bit.of(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, B.shape[0], A.shape[1],
+                       weight_dtype, compute_dtype)
     dx, _, _, dA, dB, du, dv = adapter_backward(dy, x, w4, A, B, u, v, h, None, scale, dropout, seed,
                                                 [need_x, False, False, need_A, need_B, need_u, need_v])
     return [dx, dA, dB, du, dv]
