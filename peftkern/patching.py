@@ -106,6 +106,15 @@ def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None
         raise ValueError(f"modules_to_save {quantized}: quantized weights cannot be trained in full (they take no "
                          f"gradient); adapt those modules instead (targets), or load them unquantized "
                          f"(BitsAndBytesConfig(llm_int8_skip_modules=[...]))")
+    if use_dora:
+        # accelerate keeps an offloaded layer's weight on meta outside its forward; DoRA's norm reads W0 there
+        offloaded = [s.path for s in slots if "_hf_hook" in (m := model.get_submodule(s.path)).__dict__
+                     and m.weight.is_meta]
+        if offloaded:
+            raise ValueError(f"use_dora reads W0 outside a layer's forward (its norm ‖W0 + ΔW‖), and {offloaded[0]} "
+                             f"(and {len(offloaded) - 1} more) is offloaded by accelerate (its weight on the meta device "
+                             "until its forward); load the model without offloading those layers, or patch without "
+                             "use_dora")
     device, model_dtype = _param_device_dtype(model)
     dtype = model_dtype
     if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):

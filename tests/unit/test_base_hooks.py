@@ -98,11 +98,12 @@ def test_accelerate_disk_offload_runs_the_adapter_on_the_loaded_weight(tmp_path)
     assert peftkern.explain(ours).rows[-1]["path"].startswith("base layer called")
 
 
-def test_dora_on_an_offloaded_layer_says_why_it_cannot_run(tmp_path):
+def test_dora_on_an_offloaded_layer_is_refused_at_patch(tmp_path):
     _, offloaded = _offloaded(tmp_path)
-    with pytest.raises(ValueError, match="DoRA reads W0 outside the base layer.s forward.*offloaded"):
-        model = peftkern.patch(offloaded, "lora", rank=4, use_dora=True)
-        model(input_ids=tokens())
+    before = [n for n, _ in offloaded.named_modules()]
+    with pytest.raises(ValueError, match="use_dora reads W0 outside a layer's forward.*offloaded by accelerate"):
+        peftkern.patch(offloaded, "lora", rank=4, use_dora=True)
+    assert [n for n, _ in offloaded.named_modules()] == before  # refused before anything changed
 
 
 @pytest.mark.parametrize("what", ["merge", "unpatch_merge"])
