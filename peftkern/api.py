@@ -14,7 +14,7 @@ from torch import nn
 
 from . import hf, native_format, patching, peft_format, quant
 from .factors import STATE_ATTR, is_patched, state_of
-from .layer import AdaptedLinear
+from .layer import APART_TEXT, AdaptedLinear
 from .methods import registry as _methods
 from .ops import functions, registry
 
@@ -383,19 +383,9 @@ def explain(model: nn.Module) -> Explanation:
             if ops is not None and ops.dora_node is not None:
                 form += ("; one C++ autograd node" + (" (a Python autograd Function while dropout applies, in "
                                                       "training)" if state.dropout() else ""))
-        if m.hooked:  # layer._apart_forward: the base layer called, its hooks run
-            form = ("base layer called (it has hooks, which run as under PEFT) + low-rank term"
-                    + (", DoRA's (g − 1)⊙W0·x + g⊙ΔW·x by torch ops" if state.dora is not None else ""))
-            kernels = f"{backend.split(' ')[0]} kernels"
-        elif m.quantized is not None:  # layer._apart_forward: the base is bitsandbytes' op, or fused
-            form = f"{m.quantized} base by bitsandbytes + low-rank term"
-            if state.dora is not None:
-                form += ", DoRA's column scale by torch ops"
-            elif f_group:
-                form += " (joint: the group's one shrink, the up-projection by torch ops)"
-            elif m.quantized == "4bit" and ops is not None and ops.fuses_4bit:
-                form = "4bit base fused: W0 dequantized tile by tile in the adapter's GEMM"
-            kernels = f"{backend.split(' ')[0]} kernels"
+        route = m.apart_route(ops, bool(f_group))  # the layer's own decision
+        if route is not None:
+            form, kernels = APART_TEXT[route].format(kind=m.quantized), f"{backend.split(' ')[0]} kernels"
         row = {"module": path, "shape": f"{m.in_features}->{m.out_features}", "rank": state.effective_rank(m.slot),
                "backend": backend, "requested": m.backend,
                "path": "merged (base only)" if m.merged else f"{form} ({kernels})",

@@ -163,13 +163,28 @@ class AdaptedLinear(nn.Module):
         hu = f.group.hidden(x if key is None else key, lambda: functions.shrink(x, f.A, f.u, dropout, backend=ops))
         return functions.expand(x, weight, bias, hu, f.B, f.v, f.scale, backend=ops)
 
+    def apart_route(self, ops: Optional[Backend], joint: bool) -> Optional[str]:
+        """How this module computes when W0·x is not fused into the adapter's kernels (``base_fused`` False),
+        on backend ``ops`` (``joint``: its factors belong to a joint group); None when it is. The one
+        decision: ``_apart_forward`` runs ``APART_ROUTES[route]``, ``explain`` names it from
+        ``APART_TEXT``."""
+        if self.base_fused:
+            return None
+        dora = self._state.dora is not None
+        if self.hooked:  # (joint groups take no DoRA: the options refuse them together)
+            return "hooked joint" if joint else "hooked dora" if dora else "hooked"
+        if joint:
+            return "joint"
+        if dora:
+            return "quantized dora"
+        return "4bit fused" if self.quantized == "4bit" and ops is not None and ops.fuses_4bit else "quantized"
+
     def _apart_forward(self, x: Tensor) -> Tensor:
-        """The base product apart from the adapter's kernels, the low-rank term (weight=None) added to it:
-        a bitsandbytes base (quant.py) runs its own op, with DoRA's column scale over both by torch ops
-        (with dropout in training, PEFT's formula: a second base product, for W0·(x − D(x))), and a backend
-        that ``fuses_4bit`` (triton) computes a 4-bit base and the adapter in one kernel instead; a
-        ``hooked`` base layer is called as PEFT calls it, under the caller's autocast, its hooks seeing
-        (and able to replace) W0·x + b, and DoRA then adds PEFT's (g − 1)⊙W0·D(x) + g⊙ΔW·D(x) to that."""
+        """The base product apart from the adapter's kernels (``apart_route``): a bitsandbytes base runs its
+        own op (quant.py), or a backend that ``fuses_4bit`` reads it packed in one kernel with the adapter;
+        a ``hooked`` base layer is called as PEFT calls it, under the caller's autocast, its hooks seeing
+        (and able to replace) W0·x + b. The low-rank term (and DoRA's column scale) is added by torch ops
+        and the adapter's low-rank kernels (weight=None)."""
         base = self.base_layer
         hooked = self.hooked
         if self._state.disabled or self.merged:
@@ -191,28 +206,33 @@ class AdaptedLinear(nn.Module):
             x = x.to(dtype)
             f = self._state.casts.factors(f, dtype) if f.A.dtype != dtype else f
             dropout = self._state.dropout() if self.training else 0.0
-            dora = self._state.dora
             ops = self.ops(device_type)
-            if hooked:
-                called = called.to(dtype)
-            if dora is None and f.group is not None:
-                # joint: the group's one shrink (one dropout mask for q, k and v), as _run; the up-projection by
-                # torch ops, since the expand kernels fuse it with a dense base GEMM
-                hu = f.group.hidden(key, lambda: functions.shrink(x, f.A, f.u, dropout, backend=ops))
-                up = f.B if f.v is None else f.B * f.v[:, None]
-                return (called if hooked else quant.base_forward(base, x)) + f.scale * (hu @ up.t())
-            if dora is None and hooked:
-                return called + functions.adapter(x, None, None, f.A, f.B, f.u, f.v, f.scale, dropout, backend=ops)
-            if hooked:
-                return self._hooked_dora(x, called, f, dropout, ops)
-            if dora is None and self.quantized == "4bit" and ops.fuses_4bit:  # one kernel: W0 read packed
-                w4 = quant.packed_4bit(base)
-                bias = None if base.bias is None else base.bias.to(w4[-2] or dtype)  # bitsandbytes adds it so
-                return functions.adapter_4bit(x, w4, bias, f.A, f.B, f.u, f.v, f.scale, dropout, backend=ops)
-            if dora is None:
-                return quant.base_forward(base, x) + functions.adapter(x, None, None, f.A, f.B, f.u, f.v, f.scale,
-                                                                       dropout, backend=ops)
-            return self._quantized_dora(x, f, dropout, ops)
+            route = self.apart_route(ops, f.group is not None)
+            return APART_ROUTES[route](self, x, f, dropout, ops, key=key,
+                                       called=None if called is None else called.to(dtype))
+
+    def _apart_joint(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: Tensor,
+                     called: Optional[Tensor]) -> Tensor:
+        """A joint group's member: the group's one shrink (one dropout mask for q, k and v), as ``_run``; the
+        up-projection by torch ops, since the expand kernels fuse it with a dense base GEMM."""
+        hu = f.group.hidden(key, lambda: functions.shrink(x, f.A, f.u, dropout, backend=ops))
+        up = f.B if f.v is None else f.B * f.v[:, None]
+        return (called if called is not None else quant.base_forward(self.base_layer, x)) + f.scale * (hu @ up.t())
+
+    def _apart_lowrank(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: Tensor,
+                       called: Optional[Tensor]) -> Tensor:
+        """The hooked base layer's output, or bitsandbytes' product, plus the low-rank term."""
+        base = called if called is not None else quant.base_forward(self.base_layer, x)
+        return base + functions.adapter(x, None, None, f.A, f.B, f.u, f.v, f.scale, dropout, backend=ops)
+
+    def _apart_4bit_fused(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: Tensor,
+                          called: Optional[Tensor]) -> Tensor:
+        """One kernel: the 4-bit W0 read packed in the adapter's GEMM, the bias added as bitsandbytes adds it
+        (in the layer's compute dtype)."""
+        base = self.base_layer
+        w4 = quant.packed_4bit(base)
+        bias = None if base.bias is None else base.bias.to(w4[-2] or x.dtype)
+        return functions.adapter_4bit(x, w4, bias, f.A, f.B, f.u, f.v, f.scale, dropout, backend=ops)
 
     def _apart_gain(self, f: Factors, dtype: torch.dtype) -> Tensor:
         """DoRA's g = m / ‖W0 + ΔW‖_row [N] in ``dtype``, for the forwards with the base apart (the norm cached
@@ -224,7 +244,8 @@ class AdaptedLinear(nn.Module):
             norm = dora.norm(self.slot, self.base_layer.weight, f.A, f.B, f.u, f.v, f.scale, dense=self.dense_weight)
         return (dora.m[self.slot] / norm).to(dtype)
 
-    def _quantized_dora(self, x: Tensor, f: Factors, dropout: float, ops: Backend) -> Tensor:
+    def _quantized_dora(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: Tensor = None,
+                        called: Optional[Tensor] = None) -> Tensor:
         """DoRA on a bitsandbytes base with PEFT's dropout formula, as DoraFunction computes it on a dense base:
         y = g⊙(W0·D(x) + ΔW·D(x)) + b + W0·(x − D(x)), a second base product where dropout applies."""
         base = self.base_layer
@@ -237,7 +258,8 @@ class AdaptedLinear(nn.Module):
             y = y + quant.base_forward(base, x - xd, with_bias=False)
         return y if base.bias is None else y + base.bias.to(x.dtype)
 
-    def _hooked_dora(self, x: Tensor, called: Tensor, f: Factors, dropout: float, ops: Backend) -> Tensor:
+    def _hooked_dora(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: Tensor = None,
+                     called: Optional[Tensor] = None) -> Tensor:
         """DoRA over a hooked base layer's output ``called`` (W0·x + b after its hooks), PEFT's formula:
         y = called + (g − 1)⊙base + g⊙(ΔW·D(x)), base = called − b without dropout (what the hooks left),
         W0·D(x) with it."""
@@ -313,6 +335,25 @@ class AdaptedLinear(nn.Module):
                 f"rank={self._state.effective_rank(self.slot)}, backend={self.backend}, merged={self.merged}")
 
 
+# route -> how AdaptedLinear computes it, when W0·x runs apart from the adapter's kernels (apart_route)
+APART_ROUTES = {"joint": AdaptedLinear._apart_joint, "hooked joint": AdaptedLinear._apart_joint,
+                "hooked": AdaptedLinear._apart_lowrank,
+                "quantized": AdaptedLinear._apart_lowrank, "4bit fused": AdaptedLinear._apart_4bit_fused,
+                "quantized dora": AdaptedLinear._quantized_dora, "hooked dora": AdaptedLinear._hooked_dora}
+# route -> what explain() says of it
+APART_TEXT = {
+    "joint": "{kind} base by bitsandbytes + the joint group's one shrink, the up-projection by torch ops",
+    "hooked joint": "base layer called (it has hooks, which run as under PEFT) + the joint group's one shrink, "
+                    "the up-projection by torch ops",
+    "hooked": "base layer called (it has hooks, which run as under PEFT) + low-rank term",
+    "hooked dora": "base layer called (it has hooks, which run as under PEFT) + low-rank term, DoRA's "
+                   "(g − 1)⊙W0·x + g⊙ΔW·x by torch ops",
+    "quantized": "{kind} base by bitsandbytes + low-rank term",
+    "quantized dora": "{kind} base by bitsandbytes + low-rank term, DoRA's column scale by torch ops",
+    "4bit fused": "4bit base fused: W0 dequantized tile by tile in the adapter's GEMM",
+}
+
+
 def _dropped(x: Tensor, p: float) -> Tensor:
     """D(x) for DoRA's forwards with the base apart: the mask drawn as ``DoraFunction`` draws it (nn.Dropout's)."""
     if not p:
@@ -341,4 +382,4 @@ def placement_error(module: AdaptedLinear, x: Tensor, factors: Factors) -> Excep
     return TypeError(f"{path}: input and base weight have different dtypes ({listing}); {fix}")
 
 
-__all__ = ["AdaptedLinear", "placement_error"]
+__all__ = ["AdaptedLinear", "APART_ROUTES", "APART_TEXT", "placement_error"]

@@ -144,3 +144,20 @@ def test_backward_hooks_and_global_hooks_run_as_under_peft(tmp_path):
     finally:
         handle.remove()
     assert seen == [q.base_layer] and q.base_fused
+
+
+def test_every_route_apart_is_run_and_named_from_one_table():
+    """The layer decides the route (apart_route); its forward runs APART_ROUTES[route] and explain names
+    APART_TEXT[route]: one table each, the same keys. A hooked joint-QKV group equals the fused one."""
+    from peftkern.layer import APART_ROUTES, APART_TEXT
+
+    assert set(APART_ROUTES) == set(APART_TEXT)
+    model = peftkern.patch(llama(), "tied_lora", rank=4, joint=True, targets=["q_proj", "k_proj", "v_proj"])
+    perturb(model)
+    ids = tokens()
+    want = model(input_ids=ids).logits
+    handle = model.model.layers[0].self_attn.k_proj.base_layer.register_forward_hook(lambda m, a, o: None)
+    row = next(r for r in peftkern.explain(model).rows if r["module"].endswith("layers.0.self_attn.k_proj"))
+    assert row["path"].startswith(APART_TEXT["hooked joint"])
+    torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-6)
+    handle.remove()
