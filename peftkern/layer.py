@@ -355,10 +355,10 @@ APART_TEXT = {
 
 
 def _dropped(x: Tensor, p: float) -> Tensor:
-    """D(x) for DoRA's forwards with the base apart: the mask drawn as ``DoraFunction`` draws it (nn.Dropout's)."""
+    """D(x) for DoRA's forwards with the base apart, with ``DoraFunction``'s mask (``functions.dora_keep``)."""
     if not p:
         return x
-    return x * (torch.rand_like(x) >= p) / (1.0 - p)
+    return x * functions.dora_keep(x, p) / (1.0 - p)
 
 
 def _where(t: Optional[Tensor]) -> str:

@@ -207,6 +207,12 @@ def dora_folds(M: int, K: int, dropout: float) -> bool:
     return not dropout and M >= FOLD_MIN_ROWS_PER_FEATURE * K
 
 
+def dora_keep(x: Tensor, p: float) -> Tensor:
+    """DoRA's dropout mask for x (bool, x's shape): drawn as nn.Dropout draws it, from the global generator, so
+    that every DoRA path (dense, and the layer's with the base apart) gives one seed the same mask."""
+    return torch.rand_like(x) >= p
+
+
 class DoraFunction(torch.autograd.Function):
     """DoRA on any backend's kernels (``dora_adapter``). Two routes without dropout, picked by
     ``dora_folds``; both save y and read dm from it in one pass over dy and y (the norm a constant,
@@ -233,7 +239,7 @@ class DoraFunction(torch.autograd.Function):
         keep = None
         xd = x2
         if dropout:
-            keep = torch.rand_like(x2) >= dropout
+            keep = dora_keep(x2, dropout)
             xd = x2 * keep / (1.0 - dropout)
         folded = dora_folds(x2.shape[0], x2.shape[1], dropout)
         if folded:
