@@ -115,13 +115,10 @@ class AdaptedLinear(nn.Module):
         weight, bias = self.base_weight(), self.base_layer.bias
         if x.device != weight.device or f.A.device != weight.device or f.B.device != weight.device:
             raise placement_error(self, x, f)  # a model moved only in part (torch would compute on meta silently)
-        if x.shape[-1] != self.in_features:  # else a reshape error that names no module
-            raise ValueError(f"{self._state.plan.slots[self.slot].path}: the input has {x.shape[-1]} features "
-                             f"(shape {tuple(x.shape)}), this module takes {self.in_features}")
+        self._check_width(x)
         device_type = x.device.type
-        # meta (shape inference, host-overhead benchmarks) has no autocast, and asking raises
-        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
+        dtype = _autocast_dtype(device_type)
+        if dtype is not None:
             magnitude = self._magnitude(weight, f, dtype)
             with torch.autocast(device_type, enabled=False):
                 return self._run(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
@@ -132,6 +129,11 @@ class AdaptedLinear(nn.Module):
         if f.A.dtype != x.dtype:
             f = self._state.casts.factors(f, x.dtype)
         return self._run(x, weight, bias, f, device_type, magnitude)
+
+    def _check_width(self, x: Tensor) -> None:
+        if x.shape[-1] != self.in_features:  # else a reshape error that names no module
+            raise ValueError(f"{self._state.plan.slots[self.slot].path}: the input has {x.shape[-1]} features "
+                             f"(shape {tuple(x.shape)}), this module takes {self.in_features}")
 
     def _magnitude(self, weight: Tensor, f: Factors, dtype: torch.dtype) -> Optional[Tuple[Tensor, Callable]]:
         """DoRA's magnitude m (trained) and the provider of (its norm ‖W0 + ΔW‖ from the master weights,
@@ -193,13 +195,9 @@ class AdaptedLinear(nn.Module):
         # a hooked base's weight may be offloaded (meta until accelerate's hook brings it in)
         if x.device != f.A.device or (base.weight.device != f.A.device and not hooked):
             raise placement_error(self, x, f)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"{self._state.plan.slots[self.slot].path}: the input has {x.shape[-1]} features "
-                             f"(shape {tuple(x.shape)}), this module takes {self.in_features}")
+        self._check_width(x)
         device_type = x.device.type
-        dtype = x.dtype
-        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
+        dtype = _autocast_dtype(device_type) or x.dtype
         key = x  # the members of a joint group share the input before its cast (a new tensor each)
         called = base(x) if hooked else None
         with torch.autocast(device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext():
@@ -352,6 +350,14 @@ APART_TEXT = {
     "quantized dora": "{kind} base by bitsandbytes + low-rank term, DoRA's column scale by torch ops",
     "4bit fused": "4bit base fused: W0 dequantized tile by tile in the adapter's GEMM",
 }
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype in force for ``device_type``, or None (meta, for shape inference and host-overhead
+    benchmarks, has no autocast, and asking raises)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def _dropped(x: Tensor, p: float) -> Tensor:
