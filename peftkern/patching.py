@@ -106,6 +106,11 @@ def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None
         raise ValueError(f"modules_to_save {quantized}: quantized weights cannot be trained in full (they take no "
                          f"gradient); adapt those modules instead (targets), or load them unquantized "
                          f"(BitsAndBytesConfig(llm_int8_skip_modules=[...]))")
+    if use_dora and (edited := targets_mod.edited_in_place(model, [s.path for s in slots])) is not None:
+        raise ValueError(f"use_dora: this model's own code edits the output of {edited[0]} in place ({edited[1]}), "
+                         "and DoRA keeps that output for its backward (its magnitude's gradient is read back from "
+                         f"it); leave {edited[0].rpartition('.')[2]} out of targets with use_dora (PEFT's DoRA keeps "
+                         "no output and allows it)")
     if use_dora:
         # accelerate keeps an offloaded layer's weight on meta outside its forward; DoRA's norm reads W0 there
         offloaded = [s.path for s in slots if "_hf_hook" in (m := model.get_submodule(s.path)).__dict__

@@ -143,7 +143,7 @@ def write_peft(model: nn.Module, directory: PathLike, skip_empty: bool = False,
     else:  # folded: the scale is in lora_B, PEFT's own scale must be 1
         alphas, alpha, rslora = {p: float(r) for p, r in ranks.items()}, float(plan.rank), False
     transposed = any(targets_mod.is_transposed(modules[p].base_layer) for p in ranks)
-    config = _config(model, plan, ranks, alphas, alpha, rslora, heads, transposed)
+    config = _config(model, plan, ranks, alphas, alpha, rslora, _whole_modules(model, heads), transposed)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Provenance goes in the safetensors header, which PEFT ignores; in adapter_config.json
@@ -169,6 +169,25 @@ def peft_factors(state: AdapterState, slot: int) -> Tuple[torch.Tensor, torch.Te
         keep = torch.nonzero(f.u != 0).flatten()  # pruned components have u = 0: dropping them is exact
         a, b = a.index_select(0, keep), b.index_select(1, keep)
     return a.detach().contiguous(), b.detach().contiguous()
+
+
+def _whole_modules(model: nn.Module, paths: List[str]) -> List[str]:
+    """PEFT's ``modules_to_save`` names whole modules: each path widened to its largest ancestor (never the model)
+    whose every parameter is among those of ``paths``, e.g. RoBERTa's ``classifier`` (a head module holding
+    ``dense`` and ``out_proj``), which PEFT saves under that name and fails to load under its parts' (a
+    KeyError in its ``set_peft_model_state_dict``). The tensors' keys are the same either way."""
+    trained = {id(p) for path in paths for p in model.get_submodule(path).parameters()}
+    out: List[str] = []
+    for path in paths:
+        parts, widest = path.split("."), path
+        for i in range(len(parts) - 1, 0, -1):
+            params = list(model.get_submodule(".".join(parts[:i])).parameters())
+            if not params or not all(id(p) in trained for p in params):
+                break
+            widest = ".".join(parts[:i])
+        if widest not in out:
+            out.append(widest)
+    return out
 
 
 def _config(model: nn.Module, plan: Plan, ranks: Dict[str, int], alphas: Dict[str, float], alpha: float,

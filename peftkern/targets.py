@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -36,7 +36,14 @@ TargetSpec = Union[None, str, Sequence[str]]
 
 def _all_linear(model: nn.Module) -> List[str]:
     """PEFT's "all-linear": every Linear/Conv1D in the model's repeated blocks (so never the output
-    head, the embeddings' projection or a classifier, which sit outside them)."""
+    head, the embeddings' projection or a classifier, which sit outside them). Raises ValueError for an
+    encoder-decoder model, whose two stacks of blocks one index cannot cover (``layer_index_map``)."""
+    if is_encoder_decoder(model):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = sorted({p.rpartition(".")[2] for p, m in model.named_modules() if p and is_adaptable(m) and m is not head})
+        raise ValueError(f"targets='all-linear' covers one stack of repeated blocks, and {type(model).__name__} is an "
+                         "encoder-decoder model with two (the encoder's and the decoder's): name the targets in a list "
+                         f"to adapt both (its Linear layers: {', '.join(names[:12])})")
     inside = layer_index_map(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [path for path, m in model.named_modules() if path in inside and is_adaptable(m) and m is not head]
@@ -61,6 +68,25 @@ def features(module: nn.Module) -> Tuple[int, int]:
         return quant.features(module)
     w = module.weight
     return (w.shape[0], w.shape[1]) if is_transposed(module) else (w.shape[1], w.shape[0])
+
+
+# transformers models whose own code edits a Linear's output in place: model type -> (module name, whether the
+# model's config takes that code path, what the edit is). DoRA keeps a module's output for its backward (dm is
+# read back from it), so an in-place edit of it breaks that backward; ``edited_in_place`` names them first.
+INPLACE_OUTPUTS: Dict[str, Tuple[str, Callable[[object], bool], str]] = {
+    "falcon": ("dense_4h_to_h", lambda cfg: bool(getattr(cfg, "new_decoder_architecture", False)
+                                                 or getattr(cfg, "parallel_attn", False)),
+               "mlp_output += attention_output"),
+}
+
+
+def edited_in_place(model: nn.Module, paths: Sequence[str]) -> Optional[Tuple[str, str]]:
+    """(a path among ``paths`` whose output this model's own code edits in place, the edit), or None."""
+    entry = INPLACE_OUTPUTS.get(model_type(model))
+    if entry is None or not entry[1](getattr(model, "config", None)):
+        return None
+    hit = next((p for p in paths if p.rpartition(".")[2] == entry[0]), None)
+    return None if hit is None else (hit, entry[2])
 
 
 def model_type(model: nn.Module) -> str:
@@ -102,12 +128,22 @@ def _matcher(targets: TargetSpec):
     return list(targets), lambda path, t: path == t or path.endswith("." + t)
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """An encoder-decoder transformers model (T5, BART, Whisper): two stacks of repeated blocks."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def layer_index_map(model: nn.Module) -> Dict[str, int]:
     """module path -> index of the repeated block containing it.
 
     The blocks are the largest nn.ModuleList of the model (Llama's ``model.layers``,
     BERT's ``encoder.layer``, GPT-2's ``h``). Found from the module tree, not from names.
+    Empty for an encoder-decoder model: its encoder's and decoder's blocks are two stacks, which
+    one index would mix up (T5's blocks even hold ModuleLists longer than the stack itself); what
+    needs the index (PG, joint QKV, all-linear) refuses it and says so.
     """
+    if is_encoder_decoder(model):
+        return {}
     best: Optional[Tuple[str, nn.ModuleList]] = None
     for path, m in model.named_modules():
         if isinstance(m, nn.ModuleList) and (best is None or len(m) > len(best[1])):

@@ -111,7 +111,9 @@ class Layout:
         for s in plan.slots:
             if s.layer is None:
                 raise ValueError(f"PG generates factors per repeated block (layer), but target {s.path} is outside "
-                                 "the model's blocks; choose targets inside them (e.g. q_proj, v_proj)")
+                                 "the model's blocks; choose targets inside them (e.g. q_proj, v_proj). An "
+                                 "encoder-decoder model (T5, BART, Whisper) has two stacks of blocks, which PG does "
+                                 "not index: use another method there")
             by_layer.setdefault(s.layer, []).append(s.index)
         self.layers: List[int] = sorted(by_layer)
         self.slots_of: Dict[int, List[int]] = {layer: by_layer[layer] for layer in self.layers}

@@ -224,7 +224,8 @@ def _layout(plan: Plan, joint: bool):
     by_layer: Dict[int, List[int]] = {}
     for s in plan.slots:
         if s.layer is None:
-            raise ValueError(f"joint=True needs every target inside the model's repeated blocks; {s.path} is not")
+            raise ValueError(f"joint=True needs every target inside the model's repeated blocks; {s.path} is not "
+                             "(an encoder-decoder model's two stacks of blocks are not indexed: joint=False there)")
         by_layer.setdefault(s.layer, []).append(s.index)
     group_of, rows = [0] * len(plan.slots), [(0, 0)] * len(plan.slots)
     members, group_k, group_n = [], [], []

@@ -204,3 +204,19 @@ def test_an_output_edited_in_place_is_explained_in_doras_terms(backend, tokens_,
     saved = r"DoRA: a tensor this DoRA module saved for its backward was modified in place.*Most likely its output.*q = q / c"
     with pytest.raises(RuntimeError, match=saved):
         dora(x).backward()
+
+
+def test_a_module_whose_output_the_model_edits_in_place_is_refused_with_dora():
+    """transformers' Falcon (parallel attention) does `mlp_output += attention_output` on dense_4h_to_h's output,
+    which DoRA keeps for its backward: refused at patch, naming the module and the edit; the others train."""
+    import transformers as T
+
+    cfg = T.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=100, parallel_attn=True)
+    model = T.FalconForCausalLM(cfg)
+    with pytest.raises(ValueError, match=r"dense_4h_to_h in place \(mlp_output \+= attention_output\)"):
+        peftkern.patch(model, "lora", targets="all-linear", use_dora=True)
+    assert not hasattr(model, "peftkern")
+    peftkern.patch(model, "lora", targets=["query_key_value", "dense", "dense_h_to_4h"], use_dora=True)
+    ids = torch.randint(0, 100, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(m.grad is not None for m in model.peftkern.dora.m)

@@ -302,3 +302,23 @@ def test_a_half_model_gets_an_fp32_adapter_that_trains_at_small_rates(method):
     assert {p.dtype for p in kept.peftkern.parameters()} == {torch.bfloat16}
     with pytest.raises(TypeError, match="autocast_adapter_dtype must be True or False"):
         peftkern.patch(copy.deepcopy(base), method, autocast_adapter_dtype="yes", **options_for(method))
+
+
+def test_an_encoder_decoder_model_is_adapted_in_both_stacks_or_refused_by_name():
+    """T5, BART, Whisper: two stacks of blocks (encoder, decoder). A list of targets adapts both; all-linear,
+    PG and joint QKV, which index one stack, are refused naming why (all-linear once adapted the encoder
+    only, or on a 2+2-layer T5 the decoder's first block only)."""
+    import transformers as T
+
+    cfg = T.T5Config(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8, vocab_size=100)
+    torch.manual_seed(0)
+    model = peftkern.patch(T.T5ForConditionalGeneration(cfg), "lora", rank=4)
+    paths = [r["module"] for r in peftkern.explain(model).rows]
+    assert len(paths) == 12 and sum(p.startswith("decoder.") for p in paths) == 8  # self- and cross-attention q, v
+    for method, options, words in [("lora", {"targets": "all-linear"}, "encoder-decoder model with two"),
+                                   ("pg_pos", {}, "encoder-decoder model"),
+                                   ("tied_lora", {"joint": True, "targets": ["q", "k", "v"]}, "encoder-decoder")]:
+        fresh = T.T5ForConditionalGeneration(cfg)
+        with pytest.raises(ValueError, match=words):
+            peftkern.patch(fresh, method, rank=4, **options)
+        assert not hasattr(fresh, "peftkern")

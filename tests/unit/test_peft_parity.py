@@ -340,3 +340,19 @@ def test_a_peft_model_is_refused_before_anything_changes():
             peftkern.patch(model, "lora", targets=targets)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == {n: v[0] for n, v in before.items()}
     assert not is_patched(model)
+
+
+def test_a_roberta_classifier_head_exports_as_peft_names_it_and_peft_loads_it(tmp_path):
+    """RoBERTa's head is one module (classifier) holding two Linears: PEFT's modules_to_save names the module,
+    and its loader fails (KeyError) on the parts' names, which the export once wrote."""
+    torch.manual_seed(0)
+    cfg = T.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                          vocab_size=VOCAB, max_position_embeddings=64, num_labels=3)
+    base = T.RobertaForSequenceClassification(cfg).eval()
+    ours = peftkern.patch(copy.deepcopy(base), "lora", rank=4).eval()
+    perturb(ours)
+    ours.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    ids = tokens()
+    torch.testing.assert_close(logits(theirs, ids), logits(ours, ids), **TOL)
