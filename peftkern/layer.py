@@ -165,15 +165,16 @@ class AdaptedLinear(nn.Module):
         hu = f.group.hidden(x if key is None else key, lambda: functions.shrink(x, f.A, f.u, dropout, backend=ops))
         return functions.expand(x, weight, bias, hu, f.B, f.v, f.scale, backend=ops)
 
-    def apart_route(self, ops: Optional[Backend], joint: bool) -> Optional[str]:
+    def apart_route(self, ops: Optional[Backend], joint: bool, hooked: Optional[bool] = None) -> Optional[str]:
         """How this module computes when W0·x is not fused into the adapter's kernels (``base_fused`` False),
-        on backend ``ops`` (``joint``: its factors belong to a joint group); None when it is. The one
-        decision: ``_apart_forward`` runs ``APART_ROUTES[route]``, ``explain`` names it from
-        ``APART_TEXT``."""
-        if self.base_fused:
+        on backend ``ops`` (``joint``: its factors belong to a joint group; ``hooked``: ``self.hooked``, when
+        the caller has it already); None when it is fused. The one decision: ``_apart_forward`` runs
+        ``APART_ROUTES[route]``, ``explain`` names it from ``APART_TEXT``."""
+        hooked = self.hooked if hooked is None else hooked
+        if self.quantized is None and not hooked:
             return None
         dora = self._state.dora is not None
-        if self.hooked:  # (joint groups take no DoRA: the options refuse them together)
+        if hooked:  # (joint groups take no DoRA: the options refuse them together)
             return "hooked joint" if joint else "hooked dora" if dora else "hooked"
         if joint:
             return "joint"
@@ -205,7 +206,7 @@ class AdaptedLinear(nn.Module):
             f = self._state.casts.factors(f, dtype) if f.A.dtype != dtype else f
             dropout = self._state.dropout() if self.training else 0.0
             ops = self.ops(device_type)
-            route = self.apart_route(ops, f.group is not None)
+            route = self.apart_route(ops, f.group is not None, hooked)
             return APART_ROUTES[route](self, x, f, dropout, ops, key=key,
                                        called=None if called is None else called.to(dtype))
 
@@ -242,7 +243,7 @@ class AdaptedLinear(nn.Module):
             norm = dora.norm(self.slot, self.base_layer.weight, f.A, f.B, f.u, f.v, f.scale, dense=self.dense_weight)
         return (dora.m[self.slot] / norm).to(dtype)
 
-    def _quantized_dora(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: Tensor = None,
+    def _quantized_dora(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: Optional[Tensor] = None,
                         called: Optional[Tensor] = None) -> Tensor:
         """DoRA on a bitsandbytes base with PEFT's dropout formula, as DoraFunction computes it on a dense base:
         y = g⊙(W0·D(x) + ΔW·D(x)) + b + W0·(x − D(x)), a second base product where dropout applies."""
@@ -256,7 +257,7 @@ class AdaptedLinear(nn.Module):
             y = y + quant.base_forward(base, x - xd, with_bias=False)
         return y if base.bias is None else y + base.bias.to(x.dtype)
 
-    def _hooked_dora(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: Tensor = None,
+    def _hooked_dora(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: Optional[Tensor] = None,
                      called: Optional[Tensor] = None) -> Tensor:
         """DoRA over a hooked base layer's output ``called`` (W0·x + b after its hooks), PEFT's formula:
         y = called + (g − 1)⊙base + g⊙(ΔW·D(x)), base = called − b without dropout (what the hooks left),
