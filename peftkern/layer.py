@@ -71,7 +71,7 @@ class AdaptedLinear(nn.Module):
     @property
     def base_fused(self) -> bool:
         """W0·x runs inside the adapter's kernels (a dense base layer without hooks); else apart from them.
-        Asked in every forward: about 0.3 µs (dict reads, no nn.Module attribute lookup)."""
+        Asked in every forward: about 0.4 µs (dict reads, no nn.Module attribute lookup; timeit, this machine)."""
         return self.__dict__["quantized"] is None and not self.hooked
 
     @property
