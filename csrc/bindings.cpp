@@ -23,6 +23,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("PATH_FUSED") = int64_t(kFused);
   m.attr("PATH_MERGED") = int64_t(kMerged);
   m.attr("PATH_ADDMM") = int64_t(kAddmm);
+  // Ranks above it are GEMM-sized: the merged path may run, and its forward keeps W_eff.
+  m.attr("MAX_FUSED_RANK") = kMaxFusedRank;
   m.def("path_name", &path_name, py::arg("path"));
   m.def("path_counts", &path_counts, "(name, calls) of every path that ran since the last reset");
   m.def("reset_path_counts", &reset_path_counts);
@@ -47,6 +49,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("A"), py::arg("B"), py::arg("u"), py::arg("v"),
         py::arg("m"), py::arg("norm"), py::arg("g"), py::arg("scale"), py::arg("folded"),
         py::arg("path") = int64_t(kAuto));
+  m.def("set_dora_inplace_advice", &set_dora_inplace_advice,
+        "the message the DoRA node gives when a tensor it saved was edited in place", py::arg("text"));
   m.def("dora_norm_in_forward", &dora_norm_in_forward, "whether the unfolded DoRA forward gives the norm itself",
         py::arg("M"), py::arg("N"), py::arg("K"), py::arg("r"), py::arg("like"), py::arg("path") = int64_t(kAuto));
   m.def("shrink_forward", &shrink_forward, py::arg("x"), py::arg("A"), py::arg("u"), py::arg("dropout"),

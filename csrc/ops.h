@@ -29,6 +29,8 @@ Path choose_forward(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& x,
 // have_merged_weight: the forward ran merged and kept W_eff (see keeps_merged_weight).
 Path choose_backward(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& x, int64_t forced,
                      bool have_merged_weight, bool dropout);
+// The largest rank the row-streaming fused pass takes; above it ranks are GEMM-sized (paths.cpp).
+constexpr int64_t kMaxFusedRank = 32;
 // Whether a merged forward keeps W_eff for the backward: for GEMM-sized ranks, where
 // rebuilding it would cost N·K·r multiply-adds again (it costs N·K memory until then).
 bool keeps_merged_weight(int64_t r);
@@ -79,6 +81,9 @@ Tensor dora_apply(const Tensor& x, const Tensor& weight, const OptTensor& bias, 
 // Whether the unfolded forward for these sizes keeps W_eff = W0 + ΔW (merged path, GEMM-sized rank),
 // whose row norms are DoRA's norm.
 bool dora_norm_in_forward(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& like, int64_t path);
+// The advice the node gives when a tensor it saved was edited in place. Its text is Python's
+// (functions.DORA_INPLACE_ADVICE, set once when the backend loads), so it is written once.
+void set_dora_inplace_advice(const std::string& text);
 
 // --- joint-QKV form (shrink.cpp, expand.cpp) -------------------------------------------
 // shrink: hu = u⊙(D(x)·Aᵀ). Returns (hu, h).

@@ -393,9 +393,11 @@ def explain(model: nn.Module) -> Explanation:
         if state.dora is not None:
             refresh = ("refreshed for every module of one shape together" if state.dora.batch_norms and not m.quantized
                        else "per module" if not state.dora.batch_norms else "per module (a quantized base)")
-            row["magnitude"] = ("per module, trained; norm: the merged weight's row norms where the C++ merged "
-                                "path forms W0 + ΔW (rank > 32, many rows) and g is not folded, else the expansion in fp32 "
-                                "(fp64 for fp64 weights), cached while W0, A, B, u, v are unchanged (g = m/norm also while m is), "
+            above = None if ops is None else ops.merged_weight_above_rank
+            merged = ("" if above is None else f"the merged weight's row norms where the {ops.name} merged path forms "
+                      f"W0 + ΔW (rank > {above}, many rows) and g is not folded, else ")
+            row["magnitude"] = (f"per module, trained; norm: {merged}the expansion in fp32 (fp64 for fp64 weights), "
+                                "cached while W0, A, B, u, v are unchanged (g = m/norm also while m is), "
                                 f"{refresh}")
         row.update(state.describe_slot(m.slot))
         rows.append(row)

@@ -413,12 +413,18 @@ class Magnitudes(nn.Module):
                 self._gains[s] = ((norm, stamps.of(m), gain_dtype), g)
 
     @torch.no_grad()
-    def merge(self, slot: int, weight: Tensor, delta: Tensor, norm: Tensor) -> None:
-        """W0 ← g⊙(W0 + ΔW), g = m/‖W0 + ΔW‖ (Linear layout [N, K], in place); keeps the norm for unmerge.
-        A half-precision W0 is merged in fp32 and rounded once (as PEFT's merge), not per operation."""
+    def merged_weight(self, slot: int, weight: Tensor, delta: Tensor, norm: Tensor) -> Tensor:
+        """g⊙(W0 + ΔW) [N, K], g = m/norm (Liu et al. 2024, eq. 5), in ``acc_dtype`` of W0's dtype (fp32
+        for a half-precision W0: PEFT's merge precision, rounded once by whoever stores it). ``norm``
+        is the forward's (``norm``), so a merged model computes what the adapted one did."""
         acc = acc_dtype(weight.dtype)
         g = self.m[slot].detach().to(norm.dtype) / norm
-        weight.copy_((weight.to(acc) + delta.to(acc)) * g.to(acc)[:, None])
+        return (weight.to(acc) + delta.to(acc)) * g.to(acc)[:, None]
+
+    @torch.no_grad()
+    def merge(self, slot: int, weight: Tensor, delta: Tensor, norm: Tensor) -> None:
+        """W0 ← ``merged_weight`` (Linear layout [N, K], in place); keeps the norm for unmerge."""
+        weight.copy_(self.merged_weight(slot, weight, delta, norm))
         self.merged_norms[slot] = norm.clone()
 
     @torch.no_grad()

@@ -236,12 +236,14 @@ class AdaptedLinear(nn.Module):
     def _apart_gain(self, f: Factors, dtype: torch.dtype) -> Tensor:
         """DoRA's g = m / ‖W0 + ΔW‖_row [N] in ``dtype``, for the forwards with the base apart (the norm cached
         as the fused path caches it; a quantized W0 dequantized only when the norm is recomputed)."""
+        return (self._state.dora.m[self.slot] / self._dora_norm(f)).to(dtype)
+
+    def _dora_norm(self, f: Factors) -> Tensor:
+        """‖W0 + ΔW‖_row [N] as the forwards use it (cached; a quantized W0 dequantized only on a recompute)."""
         dora = self._state.dora
         if self.quantized is None:
-            norm = dora.norm(self.slot, self.base_weight(), f.A, f.B, f.u, f.v, f.scale)
-        else:
-            norm = dora.norm(self.slot, self.base_layer.weight, f.A, f.B, f.u, f.v, f.scale, dense=self.dense_weight)
-        return (dora.m[self.slot] / norm).to(dtype)
+            return dora.norm(self.slot, self.base_weight(), f.A, f.B, f.u, f.v, f.scale)
+        return dora.norm(self.slot, self.base_layer.weight, f.A, f.B, f.u, f.v, f.scale, dense=self.dense_weight)
 
     def _quantized_dora(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: Optional[Tensor] = None,
                         called: Optional[Tensor] = None) -> Tensor:
@@ -284,13 +286,13 @@ class AdaptedLinear(nn.Module):
         """(the base layer with ΔW folded in, the requantization error or None): W0 dequantized, merged
         in fp32 (DoRA: g⊙(W0 + ΔW)), then a full-precision Linear in ``dtype`` (the layer's compute
         dtype if None), or with ``requantize`` a 4-bit layer again."""
-        w0 = quant.dequantized(self.base_layer)
+        w0 = quant.dequantized(self.base_layer).float()
         delta = self._state.delta_weight(self.slot).float()
-        merged = w0 + delta
         dora = self._state.dora
-        if dora is not None:
-            norm = torch.linalg.vector_norm(merged, dim=1)
-            merged = merged * (dora.m[self.slot].float() / norm)[:, None]
+        if dora is None:
+            merged = w0 + delta
+        else:  # the forward's norm, so the merged layer computes what the adapted one did
+            merged = dora.merged_weight(self.slot, w0, delta, self._dora_norm(self._state.factors(self.slot)))
         if requantize:
             return quant.requantized(self.base_layer, merged)
         return quant.full_precision(self.base_layer, merged, dtype or quant.compute_dtype(self.base_layer)), None
@@ -316,10 +318,8 @@ class AdaptedLinear(nn.Module):
         delta = self._state.delta_weight(self.slot)
         dora = self._state.dora
         if dora is not None:  # W0 ← g⊙(W0 + ΔW), and back with the norm the merge used
-            f = self._state.factors(self.slot)
             if sign > 0:
-                norm = dora.norm(self.slot, self.base_weight(), f.A, f.B, f.u, f.v, f.scale)
-                dora.merge(self.slot, self.base_weight(), delta, norm)
+                dora.merge(self.slot, self.base_weight(), delta, self._dora_norm(self._state.factors(self.slot)))
             else:
                 dora.unmerge(self.slot, self.base_weight(), delta)
             return

@@ -11,7 +11,7 @@
 //         gives dz = dy⊙g and dg = Σ_m dy⊙(y − b)/g, then the adapter's backward on dz, dm = dg/norm.
 //
 // The norm and g come from the caller (the magnitude cache, peftkern/dora.py), except on the
-// scaled route when the forward's merged path keeps W_eff = W0 + ΔW (ranks above 32): W_eff's row
+// scaled route when the forward's merged path keeps W_eff = W0 + ΔW (ranks above kMaxFusedRank): W_eff's row
 // norms are then the norm, as in the Python Function (the caller asks ``dora_norm_in_forward``).
 // Dropout (PEFT's formula applies W0 to the undropped x, a second base GEMM) stays in the Python
 // Function. The node saves what DoraFunction saves; the two are compared bit for bit in
@@ -26,6 +26,12 @@ using torch::autograd::AutogradContext;
 
 // needs_input_grad of the 8 differentiable inputs (x, weight, bias, A, B, u, v, m)
 enum Need : int64_t { kX = 1, kW = 2, kBias = 4, kA = 8, kB = 16, kU = 32, kV = 64, kM = 128 };
+
+// Set when the cpp backend loads (set_dora_inplace_advice); this default serves a direct use of peftkern._C.
+std::string& inplace_advice() {
+  static std::string text = "DoRA: a tensor this DoRA module saved for its backward was modified in place.";
+  return text;
+}
 
 // a / b in their promoted dtype, rounded once to `dtype` by the division itself (functions.ratio)
 Tensor ratio(const Tensor& a, const Tensor& b, at::ScalarType dtype) {
@@ -87,20 +93,14 @@ struct DoraNode : public torch::autograd::Function<DoraNode> {
   }
 
   // The output y is saved (dm comes from a read of dy and y): an in-place edit of y after the forward
-  // fails torch's version check. Say what that means for DoRA (functions.py's DoraFunction says the same).
+  // fails torch's version check. Say what that means for DoRA, in DoraFunction's words.
   static variable_list saved(AutogradContext* ctx) {
     try {
       return ctx->get_saved_variables();
     } catch (const c10::Error& e) {
       const std::string what = e.what_without_backtrace();
       if (what.find("modified by an inplace operation") == std::string::npos) throw;
-      TORCH_CHECK(false,
-                  "DoRA: a tensor this DoRA module saved for its backward was modified in place after its "
-                  "forward. Most likely its output (e.g. `q /= c`, `out.mul_(...)`, or a forward hook editing "
-                  "the output in place): DoRA keeps that output for its magnitude's gradient (dm = sum over "
-                  "tokens of dy * (y - b) / g), so make the edit out of place (`q = q / c`) or clone the output "
-                  "first; else one of its factors or magnitudes, changed in place between the forward and the "
-                  "backward. torch said: ", what);
+      TORCH_CHECK(false, inplace_advice(), " torch said: ", what);
     }
   }
 
@@ -150,6 +150,8 @@ struct DoraNode : public torch::autograd::Function<DoraNode> {
 };
 
 }  // namespace
+
+void set_dora_inplace_advice(const std::string& text) { inplace_advice() = text; }
 
 bool dora_norm_in_forward(int64_t M, int64_t N, int64_t K, int64_t r, const Tensor& like, int64_t path) {
   return choose_forward(M, N, K, r, like, path, false) == kMerged && keeps_merged_weight(r);

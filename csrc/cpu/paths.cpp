@@ -41,7 +41,6 @@ namespace {
 
 constexpr double kMergeForward = 2.0;
 constexpr double kMergeBackward = 4.0;
-constexpr int64_t kMaxFusedRank = 32;
 
 constexpr std::array<const char*, 3> kOps = {"adapter", "shrink", "expand"};
 constexpr std::array<const char*, 4> kPathNames = {"auto", "fused", "merged", "addmm"};

@@ -123,9 +123,10 @@ class Backend:
     step: Optional[StepOps] = None
     adapter_4bit_forward: Optional[Callable] = None  # optional kernels (module docstring)
     adapter_4bit_backward: Optional[Callable] = None
-    # whether adapter_forward's aux, when it is not None, is W_eff = W0 + s·Λv·B·Λu·A [N, K] in
-    # weight's dtype (the C++ merged path at GEMM-sized ranks): DoRA then takes its norm from it
-    aux_is_merged_weight: bool = False
+    # set where adapter_forward's aux, when it is not None, is W_eff = W0 + s·Λv·B·Λu·A [N, K] in
+    # weight's dtype (the C++ merged path): the rank above which a forward may keep it. DoRA then
+    # takes its norm from it, and explain() says so
+    merged_weight_above_rank: Optional[int] = None
 
     @property
     def fuses_4bit(self) -> bool:

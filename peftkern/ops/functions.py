@@ -228,7 +228,7 @@ class DoraFunction(torch.autograd.Function):
     adds W0·(x − D(x)), as PEFT's own DoRA does.
 
     ``norm`` is ‖W0 + ΔW‖_row [N], or a callable that returns it: it is called only when the
-    backend did not hand back the merged weight W_eff = W0 + ΔW (``Backend.aux_is_merged_weight``),
+    backend did not hand back the merged weight W_eff = W0 + ΔW (``Backend.merged_weight_above_rank``),
     whose row norms are the norm for an [N, K] pass instead of the expansion's [N, K]·[K, r] product."""
 
     @staticmethod
@@ -254,7 +254,7 @@ class DoraFunction(torch.autograd.Function):
         else:
             z, h, aux = backend.adapter_forward(xd, weight, None, A, B, u, v, scale, 0.0, _NO_SEED, want_h)
             h, aux = _given(h), _given(aux)
-            if callable(norm) and aux is not None and backend.aux_is_merged_weight:
+            if callable(norm) and aux is not None and backend.merged_weight_above_rank is not None:
                 norm = torch.linalg.vector_norm(aux, dim=1).detach()
             norm, g = norm_gain(norm, m, x2.dtype)
             if keep is None:
@@ -332,20 +332,25 @@ class DoraFunction(torch.autograd.Function):
         return dx, dw, db, dA, dB, du, dv, dm, None, None, None, None
 
 
+# What an in-place edit of a tensor DoRA saved means, and what to do (said by DoraFunction here and by
+# the C++ node, which the cpp backend hands this text when it loads).
+DORA_INPLACE_ADVICE = (
+    "DoRA: a tensor this DoRA module saved for its backward was modified in place after its forward. "
+    "Most likely its output (e.g. `q /= c`, `out.mul_(...)`, or a forward hook editing the output in "
+    "place): DoRA keeps that output for its magnitude's gradient (dm = sum over tokens of dy * (y - b) / g), "
+    "so make the edit out of place (`q = q / c`) or clone the output first; else one of its factors or "
+    "magnitudes, changed in place between the forward and the backward.")
+
+
 def _dora_saved(ctx) -> tuple:
     """``ctx.saved_tensors``, where an in-place edit of the saved output y (torch's version check) is
-    explained in DoRA's terms (the C++ node, csrc/autograd/dora_node.cpp, says the same)."""
+    explained in DoRA's terms (``DORA_INPLACE_ADVICE``)."""
     try:
         return ctx.saved_tensors
     except RuntimeError as exc:
         if "modified by an inplace operation" not in str(exc):
             raise
-        raise RuntimeError(
-            "DoRA: a tensor this DoRA module saved for its backward was modified in place after its forward. "
-            "Most likely its output (e.g. `q /= c`, `out.mul_(...)`, or a forward hook editing the output in "
-            "place): DoRA keeps that output for its magnitude's gradient (dm = sum over tokens of dy * (y - b) / g), "
-            "so make the edit out of place (`q = q / c`) or clone the output first; else one of its factors or "
-            f"magnitudes, changed in place between the forward and the backward. torch said: {exc}") from exc
+        raise RuntimeError(f"{DORA_INPLACE_ADVICE} torch said: {exc}") from exc
 
 
 def ratio(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:

@@ -61,6 +61,9 @@ def test_dora_model_runs_the_cpp_node_says_so_and_matches_the_torch_backend(drop
             path = peftkern.explain(model).rows[0]["path"]
             assert "one C++ autograd node" in path
             assert ("Python autograd Function while dropout applies" in path) == bool(dropout)
+        # the magnitude row states the rank above which the merged path gives the norm: the build's own
+        magnitude = peftkern.explain(model).rows[0]["magnitude"]
+        assert (f"rank > {cb._C.MAX_FUSED_RANK}" in magnitude) == (backend == "cpp"), magnitude
     (logits_t, grads_t), (logits_c, grads_c) = runs
     if not dropout:
         torch.testing.assert_close(logits_c, logits_t, rtol=1e-4, atol=1e-5)

@@ -34,7 +34,7 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import torch
 
 from ..backend import Backend, StepOps
-from ..functions import dora_folds, first_order_only, new_seed, norm_gain
+from ..functions import DORA_INPLACE_ADVICE, dora_folds, first_order_only, new_seed, norm_gain
 from ..library import register
 
 Tensor = torch.Tensor
@@ -42,7 +42,8 @@ Tensor = torch.Tensor
 _REQUIRED = ("adapter_forward", "adapter_backward", "shrink_forward", "shrink_backward", "expand_forward",
              "expand_backward", "hypernet_forward", "hypernet_backward", "update_importance_",
              "gram_distances", "gram_distances_backward", "path_counts", "dropout_mask", "adapter_apply",
-             "dora_scale_forward", "dora_scale_backward", "dora_apply", "dora_norm_in_forward", "choose_unmerged")
+             "dora_scale_forward", "dora_scale_backward", "dora_apply", "dora_norm_in_forward", "choose_unmerged",
+             "set_dora_inplace_advice", "MAX_FUSED_RANK")
 _REBUILD = "build it with `pip install --no-build-isolation -e .` (torch must be installed first)"
 
 
@@ -58,6 +59,7 @@ def _load_extension():
 
 
 _C = _load_extension()
+_C.set_dora_inplace_advice(DORA_INPLACE_ADVICE)  # the node's message, written once (functions.py)
 
 PATHS = {"auto": _C.PATH_AUTO, "fused": _C.PATH_FUSED, "merged": _C.PATH_MERGED, "addmm": _C.PATH_ADDMM}
 # The path the calls of this context run: the cost model's ("auto") unless ``forced_path`` pins one.
@@ -253,7 +255,7 @@ STEP = StepOps(update_importance=update_importance_, gram_distances=gram_distanc
 # (a 4-bit layer) has no GEMM to fuse with, and those modules run on the torch backend (registry.py).
 BACKEND = Backend.of("cpp", ("cpu",) + (("cuda",) if _C.WITH_CUDA else ()) + ("meta",), KERNELS, path=_path,
                      dropout_mask=dropout_mask, adapter_node=adapter_node, dora_node=dora_node, step=STEP, lowrank_only=False,
-                     aux_is_merged_weight=True)
+                     merged_weight_above_rank=_C.MAX_FUSED_RANK)
 
 
 def build_info() -> Optional[str]:
