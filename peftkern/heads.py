@@ -125,11 +125,24 @@ def trained_modules(model: nn.Module) -> List[str]:
     """Paths of every module holding a parameter of ``trained_outside_adapter``, both halves of a tied
     pair included: an LM head tied to the input embeddings holds the same trained tensor, and a
     loader that restores only one of them (PEFT restores exactly the listed modules) would leave the
-    other at its base values (huggingface/peft#1457, #2898)."""
-    own = {id(p) for p in state_of(model).parameters()}
+    other at its base values (huggingface/peft#1457, #2898).
+
+    Raises ValueError when one of them is an adapted module's base layer (or inside one): no adapter
+    file can hold it, and a loader would fail on it (PEFT with a bare KeyError)."""
+    state = state_of(model)
+    own = {id(p) for p in state.parameters()}
     trained = {id(p) for p in model.parameters() if p.requires_grad and id(p) not in own}
-    return sorted({path for path, m in model.named_modules(remove_duplicate=False)
-                   if any(id(p) in trained for p in m._parameters.values() if p is not None)})
+    paths = sorted({path for path, m in model.named_modules(remove_duplicate=False)
+                    if any(id(p) in trained for p in m._parameters.values() if p is not None)})
+    adapted = sorted({s.path for s in state.plan.slots if any(p == s.path or p.startswith(f"{s.path}.") for p in paths)})
+    if adapted:  # the base layer of an adapted module, made trainable after patch (patch refuses both at once)
+        raise ValueError(
+            f"{', '.join(adapted[:3])}{' …' if len(adapted) > 3 else ''}: adapted, and its base weight is trainable "
+            "(requires_grad=True); an adapter file holds a module adapted or trained in full, not both (so does "
+            "PEFT's). Freeze it (`requires_grad_(False)`) before saving, or merge and save the whole model "
+            "(`peftkern.unpatch(model, merge=True)`, then `save_pretrained`); to train a module in full, name it in "
+            "`modules_to_save` at patch instead of adapting it.")
+    return paths
 
 
 

@@ -99,6 +99,15 @@ def plan(model: nn.Module, method: str, rank: Optional[int] = None, targets=None
         raise ValueError(f"{', '.join(both[:4])}{', ...' if len(both) > 4 else ''}: both adapted (targets) and "
                          f"trained in full (modules_to_save {to_save}); drop it from one of them "
                          f"(modules_to_save=[] adapts a task head instead of training it)")
+    # the same question through a tied weight (an LM head sharing the input embeddings' matrix): trained in
+    # full as the saved module and adapted as the target, which no adapter file can hold
+    saved = {id(p): m for m in to_save for p in model.get_submodule(m).parameters()}
+    tied = [(s.path, saved[id(p)]) for s in slots for p in model.get_submodule(s.path).parameters(recurse=False)
+            if id(p) in saved]
+    if tied:
+        raise ValueError(f"{tied[0][0]}: adapted (targets), and its weight is tied to {tied[0][1]}, which "
+                         f"modules_to_save trains in full; adapt it or train it in full, not both (drop one of the "
+                         f"two, or untie the weights first)")
     # bitsandbytes' layers by kind, not dtype: a 4-bit weight stored as bf16 (bnb_4bit_quant_storage) is floating
     quantized = [m for m in to_save if any(quant.kind(sub) for sub in model.get_submodule(m).modules())]
     if quantized:

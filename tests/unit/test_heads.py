@@ -191,3 +191,32 @@ def test_a_resize_after_patching_is_named_where_the_originals_are_needed():
         peftkern.unpatch(model)
     assert model(input_ids=ids).logits.shape[-1] == vocab + 8  # still patched, and whole
     peftkern.unpatch(model, merge=True)
+
+
+@pytest.mark.parametrize("export", ["save_pretrained", "export_peft"])
+def test_a_trainable_base_weight_of_an_adapted_module_is_refused_at_save(export, tmp_path):
+    """An adapted module whose base weight was made trainable after patch (``model.requires_grad_(True)``)
+    was written as a module to save under its adapted path: peftkern.load said the model lacked the
+    weight and PEFT raised a bare KeyError (a review's finding). Refused, naming the module and the fixes,
+    before a file is written; a trained norm outside the adapter still saves (the head path)."""
+    model = peftkern.patch(tiny_model("llama"), "lora")
+    model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad_(True)
+    out = tmp_path / "adapter"
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj: adapted, and its base weight is "
+                                         r"trainable.*requires_grad_\(False\).*modules_to_save"):
+        model.save_pretrained(out) if export == "save_pretrained" else peftkern.export_peft(model, out)
+    assert not out.exists() or not any(out.iterdir())
+    model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad_(False)
+    model.model.layers[0].input_layernorm.weight.requires_grad_(True)
+    model.save_pretrained(out)
+    assert '"model.layers.0.input_layernorm"' in (out / "adapter_config.json").read_text()
+
+
+def test_adapting_one_half_of_a_tied_pair_while_training_the_other_in_full_is_refused_at_patch():
+    """lm_head adapted while modules_to_save trains the embeddings it is tied to: the one matrix would be
+    both (PEFT could not load the file this wrote: KeyError). Refused before the model is touched."""
+    model = _tied_llama()
+    with pytest.raises(ValueError, match=r"lm_head: adapted \(targets\), and its weight is tied to model\.embed_tokens"):
+        peftkern.patch(model, "lora", targets=["q_proj", "lm_head"], modules_to_save=["embed_tokens"])
+    assert not hasattr(model, "peftkern")
+    peftkern.patch(model, "lora", targets=["q_proj", "lm_head"])  # adapting it alone is fine
