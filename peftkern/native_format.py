@@ -169,6 +169,10 @@ def restore(model: nn.Module, directory: PathLike) -> nn.Module:
         raise ValueError(f"{str(directory)!r} was saved with {k}={saved.get(k, paths)!r}, but this model is patched "
                          f"with {k}={here.get(k, [s.path for s in state.plan.slots])!r}; patch it the same way, or "
                          "use peftkern.load on an unpatched model")
+    # TRL casts a quantized model's trainable parameters to bf16 by `.data`; train() puts them back, but a
+    # resuming Trainer loads its optimizer state before that, and torch casts the state to the parameters'
+    # dtype (AdamW then failed on fp32 parameters with bf16 moments: a review's finding). Put them back now.
+    state.keep_dtypes()
     _load_into(model, state, config, tensors)()
     return model
 

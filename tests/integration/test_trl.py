@@ -30,6 +30,15 @@ def _model(tiny, method="lora", **options):
     return peftkern.patch(model, method, rank=4, **options)
 
 
+def _model_on(tiny, base):
+    """lora on the tiny model loaded in fp32 or as bitsandbytes 4-bit (nf4, fp32 compute)."""
+    if base == "fp32":
+        return _model(tiny)
+    from tests.helpers.quantized import load_4bit
+
+    return peftkern.patch(load_4bit(tiny[0]), "lora", rank=4)
+
+
 def _chat_data(n=32):
     return Dataset.from_list([{"prompt": [{"role": "user", "content": f"what is {i} plus {i}?"}],
                                "completion": [{"role": "assistant", "content": f"it is {2 * i}"}]} for i in range(n)])
@@ -63,14 +72,20 @@ def test_sft_trains_the_adapter_alone_with_checkpointing_and_completion_only_los
     assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters() if n in frozen)
 
 
-def test_sft_checkpoints_are_the_adapter_alone_and_resume_exactly(tiny, tmp_path):
-    straight = _model(tiny)
+@pytest.mark.parametrize("base", ["fp32", "4bit"])
+def test_sft_checkpoints_are_the_adapter_alone_and_resume_exactly(tiny, tmp_path, base):
+    """On a 4-bit base TRL casts the adapter to bf16 by ``.data`` before the Trainer resumes, which loads its
+    optimizer state (cast by torch to the parameters' dtype) before ``train()`` puts the adapter's dtypes back:
+    AdamW then failed on fp32 parameters with bf16 moments (a review's finding). The restore puts them back."""
+    if base == "4bit":
+        pytest.importorskip("bitsandbytes")
+    straight = _model_on(tiny, base)
     SFTTrainer(model=straight, args=_args(tmp_path / "a", max_steps=6, save_strategy="steps", save_steps=3),
                train_dataset=_chat_data(), processing_class=tiny[1]).train()
     files = {f.name for f in (tmp_path / "a" / "checkpoint-3").iterdir()}
     assert {"adapter_model.safetensors", "peftkern_model.safetensors", "optimizer.pt"} <= files
     assert not files & {"model.safetensors", "pytorch_model.bin"}  # never the base weights
-    resumed = _model(tiny)
+    resumed = _model_on(tiny, base)
     SFTTrainer(model=resumed, args=_args(tmp_path / "b", max_steps=6, save_strategy="steps", save_steps=3),
                train_dataset=_chat_data(), processing_class=tiny[1]).train(
         resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
