@@ -16,6 +16,7 @@ from . import hf, native_format, patching, peft_format, quant
 from .factors import STATE_ATTR, is_patched, state_of
 from .layer import APART_TEXT, AdaptedLinear
 from .methods import registry as _methods
+from .methods.allocator import takes_regularization
 from .ops import functions, registry
 
 log = logging.getLogger("peftkern")
@@ -278,12 +279,16 @@ def reference_model(model: nn.Module) -> nn.Module:
     return ReferenceModel(model)
 
 
-def orthogonal_regularization(model: nn.Module) -> Optional[torch.Tensor]:
-    """The adapter's regulariser, weight included (AdaLoRA's orthogonality term), or None.
+def orthogonal_regularization(model: nn.Module, num_items_in_batch=None) -> Optional[torch.Tensor]:
+    """The adapter's regulariser, weight included (AdaLoRA's orthogonality term, AdaLoRA eq. 4), or None.
 
-    For custom loops that compute the loss themselves; a model whose output carries ``loss``
-    already gets it added by a forward hook. Returns a scalar tensor on the adapter's device."""
-    return state_of(model).regularization()
+    For custom loops that compute the loss themselves (a TRL trainer's ``compute_loss``); a model whose
+    output carries ``loss`` already gets it added by a forward hook. Pass the ``num_items_in_batch``
+    a ``compute_loss`` receives: the Trainer then sums the micro-batches' losses of a gradient
+    accumulation window undivided, so the term comes once per optimizer step (None for the window's
+    other micro-batches). Returns a scalar tensor on the adapter's device."""
+    state = state_of(model)
+    return state.regularization() if takes_regularization(state, num_items_in_batch) else None
 
 
 def rank_pattern(model: nn.Module) -> Dict[str, List[bool]]:

@@ -242,7 +242,7 @@ def _regularized(trainer_class):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             # the Trainer hands over the model it wraps for DDP
-            reg = api.orthogonal_regularization(health.unwrap(model)) if model.training else None
+            reg = api.orthogonal_regularization(health.unwrap(model), num_items_in_batch) if model.training else None
             if reg is None:
                 return out
             return (out[0] + reg, out[1]) if return_outputs else out + reg

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from .. import checks, dist
+from .. import checks, dist, stamps  # stamps first registers its step counter (StepHookHandle)
 from ..ops import importance
 from ..ops.registry import Resolver
 
@@ -383,9 +383,7 @@ class StepHookHandle:
         self.state = state
         self.active = active
         if active:
-            if not _DISPATCH:
-                from .. import stamps  # noqa: F401  (its step counter's hook first: this one reads the count)
-
+            if not _DISPATCH:  # after stamps' step counter (imported above), whose count this hook reads
                 _DISPATCH.append(register_optimizer_step_post_hook(_dispatch))
                 _DISPATCH.append(register_optimizer_step_pre_hook(_dispatch_pre))
             _LIVE[state] = _OptimizerStepHook(state)
@@ -403,16 +401,39 @@ def attach_step_hook(state: nn.Module) -> StepHookHandle:
     return StepHookHandle(state)
 
 
+def takes_regularization(state: nn.Module, num_items_in_batch: Any = None) -> bool:
+    """Whether a loss computed now takes the state's regulariser: every loss, except where the caller
+    passes ``num_items_in_batch`` (transformers' Trainer and TRL with a model taking loss kwargs, and
+    their ``compute_loss``), and only the first loss with gradients of each optimizer step then.
+
+    With it, each micro-batch's loss is its share of the accumulated batch's, and the shares are
+    summed over the gradient-accumulation window without a division by its length: a term added to
+    each counted once per micro-batch (a review's finding: the orthogonality term doubled at
+    gradient_accumulation_steps=2). Without it, the caller divides each micro-batch's loss by the
+    window's length (the Trainer then, and the usual hand-written loop), and every loss takes the term."""
+    if num_items_in_batch is None or not torch.is_grad_enabled():
+        return True
+    allocator = state.rank_allocator()
+    step = allocator.global_step if allocator is not None else stamps.steps()
+    if state.__dict__.get("_regularized_at") == step:
+        return False
+    state.__dict__["_regularized_at"] = step  # a plain attribute: copied and pickled with the state
+    return True
+
+
 class _LossHook:
-    """Root forward hook: ``outputs.loss += state.regularization()`` when the output has a loss.
-    An object holding its state (not a closure), so that a copied model's hook serves the copy."""
+    """Root forward hook: ``outputs.loss += state.regularization()`` when the output has a loss (as
+    ``takes_regularization`` decides). An object holding its state (not a closure), so that a copied
+    model's hook serves the copy."""
 
     def __init__(self, state: nn.Module):
         self.state = state
 
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+    def __call__(self, module: nn.Module, args: Any, kwargs: Dict[str, Any], output: Any) -> Any:
         loss = getattr(output, "loss", None)
         if self.state.disabled or not isinstance(loss, Tensor):
+            return output
+        if not takes_regularization(self.state, kwargs.get("num_items_in_batch")):
             return output
         reg = self.state.regularization()
         if reg is not None:
@@ -421,8 +442,8 @@ class _LossHook:
 
 
 def attach_loss_hook(model: nn.Module, state: nn.Module) -> Any:
-    return model.register_forward_hook(_LossHook(state))
+    return model.register_forward_hook(_LossHook(state), with_kwargs=True)
 
 
 __all__ = ["AUTO", "Schedule", "ScheduledAllocator", "ImportanceAllocator", "MagnitudePruner",
-           "attach_step_hook", "attach_loss_hook"]
+           "attach_step_hook", "attach_loss_hook", "takes_regularization"]

@@ -119,3 +119,29 @@ def test_a_resumed_run_ends_where_the_straight_run_ends(tmp_path, options, resum
     assert resumed.peftkern.allocator.global_step == straight.peftkern.allocator.global_step == STEPS
     for (name, a), (_, b) in zip(straight.peftkern.named_parameters(), resumed.peftkern.named_parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("method", ["adalora", "hyper_adalora"])
+def test_the_orthogonality_term_counts_once_per_step_under_gradient_accumulation(tmp_path, method):
+    """A causal LM takes loss kwargs: the Trainer passes num_items_in_batch and sums the micro-batches'
+    losses without dividing by their number, so the term added to each counted twice at
+    gradient_accumulation_steps=2 (as orth_reg_weight doubled: a review's finding). 4 × 2 accumulated
+    now trains as a batch of 8 (plain SGD, so that Adam's normalisation does not magnify rounding)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (32, 8), generator=g)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    trained = {}
+    for batch, accumulation, weight in [(8, 1, 0.5), (4, 2, 0.5), (8, 1, 1.0)]:
+        model = peftkern.patch(tiny_model("llama"), method, rank=2, total_step=4, tinit=1, tfinal=1,
+                               orth_reg_weight=weight)
+        args = T.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=batch,
+                                   gradient_accumulation_steps=accumulation, learning_rate=0.5, optim="sgd",
+                                   save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+        trainer = T.Trainer(model=model, args=args, train_dataset=data, callbacks=[peftkern.AllocatorCallback()])
+        assert trainer.model_accepts_loss_kwargs  # the case: num_items_in_batch reaches the forward
+        trainer.train()
+        trained[batch, accumulation, weight] = {n: p.detach().clone() for n, p in model.peftkern.named_parameters()}
+    once, accumulated, doubled = trained.values()
+    for name in once:
+        torch.testing.assert_close(accumulated[name], once[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert any(not torch.allclose(doubled[n], once[n], rtol=1e-4, atol=1e-6) for n in once)  # the term matters

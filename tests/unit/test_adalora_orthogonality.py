@@ -74,3 +74,27 @@ def test_hyper_adaloras_regulariser_under_autocast_is_its_fp32_value():
         got = state.regularization()
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=0)
+
+
+def test_with_num_items_in_batch_the_term_comes_once_per_optimizer_step():
+    """Where the caller passes num_items_in_batch (the Trainer, TRL's compute_loss) the micro-batches' losses
+    are summed undivided: the term comes with the first loss of each optimizer step only, from the model's
+    loss (the forward hook) and from orthogonal_regularization alike; without it, with every loss."""
+    model, state = _state("torch", "peft")
+    ids = tokens(batch=2, seq=5)
+    plain = model(input_ids=ids).logits
+    ce = torch.nn.functional.cross_entropy(plain[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+    reg = state.regularization().detach()
+    items = torch.tensor(ids[:, 1:].numel())
+    losses = [model(input_ids=ids, labels=ids, num_items_in_batch=items).loss.detach() for _ in range(2)]
+    torch.testing.assert_close(losses[0], ce.detach() / items + reg)
+    torch.testing.assert_close(losses[1], ce.detach() / items)  # the window's second micro-batch
+    assert peftkern.orthogonal_regularization(model, items) is None  # the same window
+    with torch.no_grad():
+        assert model(input_ids=ids, labels=ids, num_items_in_batch=items).loss > losses[1]  # evaluation: always
+    optimizer = torch.optim.SGD(state.parameters(), lr=0.0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()  # the next window
+    torch.testing.assert_close(peftkern.orthogonal_regularization(model, items), reg)
+    assert peftkern.orthogonal_regularization(model, items) is None
+    torch.testing.assert_close(peftkern.orthogonal_regularization(model), reg)  # a loop dividing by itself
