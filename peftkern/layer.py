@@ -102,7 +102,7 @@ class AdaptedLinear(nn.Module):
         return self.base_weight(), f.A, f.B, f.u, f.v, f.scale
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [..., K] -> [..., N] in x's dtype (under autocast: the autocast dtype).
+        """x [..., K] -> [..., N] in x's dtype (under autocast: the autocast dtype, unless x is float64).
 
         Raises ValueError when x, the base weight and the factors are on different devices
         (a model moved only in part) or x's last dimension is not K, and TypeError when x and
@@ -117,7 +117,7 @@ class AdaptedLinear(nn.Module):
             raise placement_error(self, x, f)  # a model moved only in part (torch would compute on meta silently)
         self._check_width(x)
         device_type = x.device.type
-        dtype = _autocast_dtype(device_type)
+        dtype = _autocast_dtype(x)
         if dtype is not None:
             magnitude = self._magnitude(weight, f, dtype)
             with torch.autocast(device_type, enabled=False):
@@ -131,6 +131,9 @@ class AdaptedLinear(nn.Module):
         return self._run(x, weight, bias, f, device_type, magnitude)
 
     def _check_width(self, x: Tensor) -> None:
+        if x.dim() == 0:  # as nn.Linear refuses it, with the module named
+            raise ValueError(f"{self._state.plan.slots[self.slot].path}: the input is a 0-d tensor; it must be at "
+                             f"least 1-D, [..., {self.in_features}]")
         if x.shape[-1] != self.in_features:  # else a reshape error that names no module
             raise ValueError(f"{self._state.plan.slots[self.slot].path}: the input has {x.shape[-1]} features "
                              f"(shape {tuple(x.shape)}), this module takes {self.in_features}")
@@ -198,7 +201,7 @@ class AdaptedLinear(nn.Module):
             raise placement_error(self, x, f)
         self._check_width(x)
         device_type = x.device.type
-        dtype = _autocast_dtype(device_type) or x.dtype
+        dtype = _autocast_dtype(x) or x.dtype
         key = x  # the members of a joint group share the input before its cast (a new tensor each)
         called = base(x) if hooked else None
         with torch.autocast(device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext():
@@ -353,10 +356,13 @@ APART_TEXT = {
 }
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The autocast dtype in force for ``device_type``, or None (meta, for shape inference and host-overhead
-    benchmarks, has no autocast, and asking raises)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype this layer computes x in, or None: none in force on x's device (meta, for shape
+    inference and host-overhead benchmarks, has no autocast, and asking raises), or x in float64, which
+    autocast leaves alone, as nn.Linear and PEFT's layers are left (a review's finding: a float64 model
+    under autocast had bf16 adapted layers beside float64 others, and attention raised)."""
+    device_type = x.device.type
+    if x.dtype != torch.float64 and torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
@@ -385,7 +391,8 @@ def placement_error(module: AdaptedLinear, x: Tensor, factors: Factors) -> Excep
         return ValueError(f"{path}: tensors on different devices ({listing}); {hint}")
     w = parts["base weight"].dtype
     fix = (f"the input must be floating point (cast it to {w})" if not x.is_floating_point() else
-           f"cast the input to {w} or run under torch.autocast; or, if {hint}")
+           f"cast the input to {w}{'' if x.dtype == torch.float64 else ' or run under torch.autocast'}; "
+           f"or, if {hint}")  # autocast leaves a float64 input alone
     return TypeError(f"{path}: input and base weight have different dtypes ({listing}); {fix}")
 
 

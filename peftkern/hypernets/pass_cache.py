@@ -8,6 +8,7 @@ regenerate by the rules below.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Callable, Iterable, List, Optional
 
 import torch
@@ -52,9 +53,13 @@ class PassCache:
     second time" (non-reentrant checkpoint recomputation, inside that backward, still reuses). Under torch.compile the
     simpler rule of ``_get_compiling`` applies. Never copied: a deep copy
     or an unpickled cache starts empty (its tensors belong to an autograd graph).
+
+    One pass at a time: a pass that starts while another thread's runs raises RuntimeError (two threads
+    sharing the model's forward, as ``nn.DataParallel``'s replicas share this cache), since the second
+    pass would reuse the first's factors and both backwards would run through one graph.
     """
 
-    __slots__ = ("value", "key", "no_grad", "in_pass", "new_pass", "gradless_pass", "consumed")
+    __slots__ = ("value", "key", "no_grad", "in_pass", "new_pass", "gradless_pass", "consumed", "owner")
 
     def __init__(self):
         self.value: Any = None
@@ -64,6 +69,7 @@ class PassCache:
         self.new_pass = False  # the pre-hook ran and no get() has checked the value since
         self.gradless_pass = False  # this pass generated with grad disabled
         self.consumed = False  # a backward ran through value (watched only for values made outside a pass)
+        self.owner: Optional[int] = None  # the thread whose pass this is
 
     def attach(self, model: nn.Module) -> List[Any]:
         return [model.register_forward_pre_hook(_PassStart(self)),
@@ -128,8 +134,19 @@ class _PassStart:
         self.cache = cache
 
     def __call__(self, module, args):
-        self.cache.in_pass = self.cache.new_pass = True
-        self.cache.gradless_pass = False
+        cache = self.cache
+        if not torch.compiler.is_compiling():  # (a compiled forward is traced in one thread)
+            thread = threading.get_ident()
+            if cache.in_pass and cache.owner != thread:
+                raise RuntimeError(
+                    "peftkern: this model's adapter generates its factors once per forward pass of the model, and "
+                    "another thread's forward pass of it is running (nn.DataParallel runs its replicas so, sharing "
+                    "them): the two would share one generated set and one autograd graph. Run one forward at a "
+                    "time per model: DistributedDataParallel (torchrun) for several GPUs, or a copy of the model "
+                    "per thread (copy.deepcopy).")
+            cache.owner = thread
+        cache.in_pass = cache.new_pass = True
+        cache.gradless_pass = False
 
 
 class _PassEnd:

@@ -178,9 +178,27 @@ def test_an_input_of_the_wrong_width_or_dtype_names_the_module_and_the_fix():
         layer(torch.randn(2, 17))
     with pytest.raises(TypeError, match=r"^0: input and base weight have different dtypes .*cast the input to "
                                         r"torch\.float32 or run under torch\.autocast"):
-        layer(torch.randn(2, 16, dtype=torch.float64))
+        layer(torch.randn(2, 16, dtype=torch.bfloat16))
     with pytest.raises(TypeError, match=r"the input must be floating point \(cast it to torch\.float32\)"):
         layer(torch.ones(2, 16, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"^0: the input is a 0-d tensor; it must be at least 1-D, \[\.\.\., 16\]$"):
+        layer(torch.tensor(1.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match=r"cast the input to torch\.float32; or"):
+        layer(torch.randn(2, 16, dtype=torch.float64))  # autocast leaves float64 alone: no use suggesting it
+
+
+@pytest.mark.parametrize("method,options", [("lora", {}), ("lora", {"use_dora": True}), ("pg_pos", {}),
+                                            ("tied_lora", {"joint": True})])
+def test_a_float64_model_under_autocast_stays_float64(method, options):
+    """Autocast leaves float64 tensors alone, so nn.Linear and PEFT's layers compute a float64 model in
+    float64 under it; the adapted layers cast to bf16 instead, and attention raised on bf16 queries beside
+    float64 keys (a review's finding). They stay float64 now, equal to the run without autocast."""
+    model = peftkern.patch(tiny_model("llama").double(), method, rank=2, **options)
+    want = model(input_ids=tokens()).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(input_ids=tokens()).logits
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_adapter_cast_alone_still_runs_in_the_input_dtype():

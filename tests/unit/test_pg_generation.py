@@ -390,3 +390,42 @@ def test_gradient_accumulation_through_a_submodule_called_on_its_own(method):
     assert got.keys() == want.keys() and got
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7)
+
+
+def test_a_forward_pass_overlapping_another_threads_is_refused_and_the_first_trains():
+    """Factors are generated once per forward pass of the model: a second thread's pass that overlapped
+    the first (nn.DataParallel's replicas share the cache) reused the first's factors, and the second
+    backward ran through a freed graph (a review's finding). It is refused, naming the fix; the first
+    pass is untouched and trains, and passes one after another from two threads run as before."""
+    import threading
+
+    model = peftkern.patch(tiny_model("llama"), "pg_pos", rank=2)
+    inside, second_done = threading.Event(), threading.Event()
+
+    def hold(module, args):  # the first thread waits inside its pass until the second has tried
+        inside.set()
+        second_done.wait(30)
+
+    hook = model.model.register_forward_pre_hook(hold)
+    results = {}
+
+    def first():
+        loss = model(input_ids=tokens(seed=1)).logits.pow(2).mean()
+        loss.backward()
+        results["first"] = all(p.grad is not None for p in model.peftkern.parameters() if p.requires_grad)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert inside.wait(30)
+    try:
+        with pytest.raises(RuntimeError, match="another thread's forward pass of it is running.*DistributedDataParallel"):
+            model(input_ids=tokens(seed=2))
+    finally:
+        second_done.set()
+        thread.join(60)
+    assert results == {"first": True}
+    hook.remove()
+    other = threading.Thread(target=lambda: model(input_ids=tokens(seed=3)).logits.sum().backward())
+    other.start()
+    other.join(60)
+    model(input_ids=tokens(seed=2)).logits.sum().backward()  # after the other thread's pass: fine
