@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from . import dist
+from . import dist, stamps
 from .casts import Casts
 from .ops import reference
 from .ops.registry import Resolver
@@ -143,25 +143,35 @@ class JointGroup:
     op); the others find the same ``x`` object and reuse it, so x·Aᵀ runs once per layer. The
     reference is dropped as soon as every member has consumed it, so no activation is
     kept alive. A different ``x`` (cross-attention, say) simply recomputes: always correct.
+    So does a change since the first call (``_key``): x, A or u edited in place or replaced, an
+    optimizer step, or grad mode switched, where a member called alone left the group open (a
+    review's finding: a later call on the same x returned the hu of A before an update).
     """
 
-    __slots__ = ("members", "_x", "_hu", "_left")
+    __slots__ = ("members", "_x", "_hu", "_left", "_key")
 
     def __init__(self, members: int):
         self.members = members
         self._x: Optional[Tensor] = None
         self._hu: Optional[Tensor] = None
         self._left = 0
+        self._key: Optional[tuple] = None
 
-    def hidden(self, x: Tensor, compute: Callable[[], Tensor]) -> Tensor:
-        if self._x is x and self._left > 0:
+    def hidden(self, x: Tensor, masters: "Factors", compute: Callable[[], Tensor]) -> Tensor:
+        """hu for the layer's input ``x`` and factors ``masters``, both before any cast: the group's, or
+        ``compute()``'s (a cast of a trained factor is a new tensor per member)."""
+        A, u = masters.A, masters.u
+        # (a compiled graph is traced in one pass, where nothing changes between the members' calls)
+        compiling = torch.compiler.is_compiling()
+        if self._x is x and self._left > 0 and (compiling or _joint_fresh(self._key, x, A, u)):
             hu = self._hu
         else:
             hu = compute()
             self._x, self._hu, self._left = x, hu, self.members
+            self._key = None if compiling else _joint_key(x, A, u)
         self._left -= 1
         if self._left == 0:
-            self._x = self._hu = None
+            self._x = self._hu = self._key = None
         return hu
 
     def __deepcopy__(self, memo):  # a copy starts with an empty cache
@@ -172,6 +182,18 @@ class JointGroup:
 
     def __setstate__(self, state):
         self.__init__(state["members"])
+
+
+def _joint_key(x: Tensor, A: Tensor, u: Optional[Tensor]) -> tuple:
+    """What a group's hu depends on besides x's identity: x's version (an inference tensor has none),
+    the optimizer steps (a fused step bumps no version), grad mode, and the factors' stamp."""
+    return (None if x.is_inference() else x._version, stamps.steps(), torch.is_grad_enabled(), stamps.of(A, u))
+
+
+def _joint_fresh(key: Optional[tuple], x: Tensor, A: Tensor, u: Optional[Tensor]) -> bool:
+    """Whether a hu keyed ``key`` (``_joint_key``) still holds for x, A, u."""
+    return (key is not None and key[0] == (None if x.is_inference() else x._version) and key[1] == stamps.steps()
+            and key[2] == torch.is_grad_enabled() and stamps.matches(key[3], (A, u)))
 
 
 class AdapterState(nn.Module):

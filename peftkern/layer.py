@@ -17,6 +17,8 @@ from .ops.backend import Backend
 from .targets import features, is_transposed
 
 Tensor = torch.Tensor
+# (the layer's input, its factors), both before the compute dtype's cast: what a joint group's members share
+GroupKey = Tuple[Tensor, Factors]
 # torch's global module hooks (register_module_forward_hook, ...), dicts it fills in place: under PEFT they run
 # on the base layer too
 _G_FORWARD, _G_FORWARD_PRE = _module._global_forward_hooks, _module._global_forward_pre_hooks
@@ -122,7 +124,7 @@ class AdaptedLinear(nn.Module):
             magnitude = self._magnitude(weight, f, dtype)
             with torch.autocast(device_type, enabled=False):
                 return self._run(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
-                                 self._state.casts.factors(f, dtype), device_type, magnitude, key=x)
+                                 self._state.casts.factors(f, dtype), device_type, magnitude, key=(x, f))
         if x.dtype != weight.dtype:
             raise placement_error(self, x, f)
         magnitude = self._magnitude(weight, f, x.dtype)
@@ -155,9 +157,10 @@ class AdaptedLinear(nn.Module):
             source=None if torch.compiler.is_compiling() else weakref.WeakMethod(self.dora_inputs))  # (no cache there)
 
     def _run(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], f: Factors, device_type: str,
-             magnitude: Optional[Tuple[Tensor, Callable[[], Tuple[Tensor, Tensor]]]], key: Optional[Tensor] = None) -> Tensor:
-        """The adapted product of x (cast to the compute dtype). ``key``: the layer's input before that cast,
-        which the joint group's members share (each member's cast is a new tensor)."""
+             magnitude: Optional[Tuple[Tensor, Callable[[], Tuple[Tensor, Tensor]]]],
+             key: Optional[GroupKey] = None) -> Tensor:
+        """The adapted product of x (cast to the compute dtype). ``key``: the layer's input and factors before
+        that cast, which the joint group's members share (each member's cast of x is a new tensor)."""
         ops = self._state.backends.get(device_type, self.shape, True)  # self.ops(device_type): the base is fused here
         dropout = self._state.dropout() if self.training else 0.0
         if magnitude is not None:  # DoRA: (m, the norm's provider)
@@ -165,7 +168,7 @@ class AdaptedLinear(nn.Module):
                                           backend=ops)
         if f.group is None:
             return functions.adapter(x, weight, bias, f.A, f.B, f.u, f.v, f.scale, dropout, backend=ops)
-        hu = f.group.hidden(x if key is None else key, lambda: functions.shrink(x, f.A, f.u, dropout, backend=ops))
+        hu = f.group.hidden(*(key or (x, f)), lambda: functions.shrink(x, f.A, f.u, dropout, backend=ops))
         return functions.expand(x, weight, bias, hu, f.B, f.v, f.scale, backend=ops)
 
     def apart_route(self, ops: Optional[Backend], joint: bool, hooked: Optional[bool] = None) -> Optional[str]:
@@ -202,7 +205,7 @@ class AdaptedLinear(nn.Module):
         self._check_width(x)
         device_type = x.device.type
         dtype = _autocast_dtype(x) or x.dtype
-        key = x  # the members of a joint group share the input before its cast (a new tensor each)
+        key = (x, f)  # the members of a joint group share the input and factors before their casts
         called = base(x) if hooked else None
         with torch.autocast(device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext():
             x = x.to(dtype)
@@ -213,21 +216,21 @@ class AdaptedLinear(nn.Module):
             return APART_ROUTES[route](self, x, f, dropout, ops, key=key,
                                        called=None if called is None else called.to(dtype))
 
-    def _apart_joint(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: Tensor,
+    def _apart_joint(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: GroupKey,
                      called: Optional[Tensor]) -> Tensor:
         """A joint group's member: the group's one shrink (one dropout mask for q, k and v), as ``_run``; the
         up-projection by torch ops, since the expand kernels fuse it with a dense base GEMM."""
-        hu = f.group.hidden(key, lambda: functions.shrink(x, f.A, f.u, dropout, backend=ops))
+        hu = f.group.hidden(*key, lambda: functions.shrink(x, f.A, f.u, dropout, backend=ops))
         up = f.B if f.v is None else f.B * f.v[:, None]
         return (called if called is not None else quant.base_forward(self.base_layer, x)) + f.scale * (hu @ up.t())
 
-    def _apart_lowrank(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: Tensor,
+    def _apart_lowrank(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: GroupKey,
                        called: Optional[Tensor]) -> Tensor:
         """The hooked base layer's output, or bitsandbytes' product, plus the low-rank term."""
         base = called if called is not None else quant.base_forward(self.base_layer, x)
         return base + functions.adapter(x, None, None, f.A, f.B, f.u, f.v, f.scale, dropout, backend=ops)
 
-    def _apart_4bit_fused(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: Tensor,
+    def _apart_4bit_fused(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: GroupKey,
                           called: Optional[Tensor]) -> Tensor:
         """One kernel: the 4-bit W0 read packed in the adapter's GEMM, the bias added as bitsandbytes adds it
         (in the layer's compute dtype)."""
@@ -248,7 +251,7 @@ class AdaptedLinear(nn.Module):
             return dora.norm(self.slot, self.base_weight(), f.A, f.B, f.u, f.v, f.scale)
         return dora.norm(self.slot, self.base_layer.weight, f.A, f.B, f.u, f.v, f.scale, dense=self.dense_weight)
 
-    def _quantized_dora(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: Optional[Tensor] = None,
+    def _quantized_dora(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: Optional[GroupKey] = None,
                         called: Optional[Tensor] = None) -> Tensor:
         """DoRA on a bitsandbytes base with PEFT's dropout formula, as DoraFunction computes it on a dense base:
         y = g⊙(W0·D(x) + ΔW·D(x)) + b + W0·(x − D(x)), a second base product where dropout applies."""
@@ -262,7 +265,7 @@ class AdaptedLinear(nn.Module):
             y = y + quant.base_forward(base, x - xd, with_bias=False)
         return y if base.bias is None else y + base.bias.to(x.dtype)
 
-    def _hooked_dora(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: Optional[Tensor] = None,
+    def _hooked_dora(self, x: Tensor, f: Factors, dropout: float, ops: Backend, key: Optional[GroupKey] = None,
                      called: Optional[Tensor] = None) -> Tensor:
         """DoRA over a hooked base layer's output ``called`` (W0·x + b after its hooks), PEFT's formula:
         y = called + (g − 1)⊙base + g⊙(ΔW·D(x)), base = called − b without dropout (what the hooks left),

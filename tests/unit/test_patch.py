@@ -131,6 +131,33 @@ def test_joint_form_computes_x_a_once_per_layer(monkeypatch, autocast):
     assert calls["shrink"] == model.config.num_hidden_layers
 
 
+@pytest.mark.parametrize("change", ["A in place", "optimizer step", "grad mode"])
+def test_a_joint_member_called_alone_does_not_reuse_a_stale_shrink(change):
+    """A member called alone (a probe, an exception between q and v) left the group holding its input's hu;
+    a later call on the same input returned it after A had changed (a review's finding). The group now
+    keys hu on the factors, the optimizer steps and grad mode too."""
+    model = peftkern.patch(tiny_model("llama"), "tied_lora", rank=4, targets=["q_proj", "k_proj", "v_proj"],
+                           joint=True)
+    q = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 3, q.in_features)
+    A = model.peftkern.factors(q.slot).A
+    with torch.no_grad():
+        for p in model.peftkern.parameters():  # B away from its zero init, so that A shows in the output
+            p.add_(0.1)
+        q(x)  # k and v not called: the group stays open
+        if change == "A in place":
+            A.mul_(2.0)
+        elif change == "optimizer step":  # a fused step bumps no version counter: only the step count says so
+            A.grad = torch.ones_like(A)
+            torch.optim.SGD([A], lr=0.5).step()
+    if change == "grad mode":  # hu made without grad must not serve a forward that trains A
+        q(x).sum().backward()
+        assert A.grad is not None  # the stale hu, made without grad, gave A none
+        return
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), q(x.clone()), rtol=0, atol=0)  # a new input object always recomputes
+
+
 def test_joint_matches_separate_modules_math():
     """Joint form == per-target adapters using the shared A and each target's rows of B."""
     from peftkern.ops import reference
