@@ -137,10 +137,12 @@ def _compute_dtypes(quantized) -> str:
 def merge(model: nn.Module) -> nn.Module:
     """Fold ΔW into every adapted base weight; forward then runs the base modules only.
 
-    Raises ValueError, before any weight changes, if an adapted weight is shared with another
-    module (an LM head tied to the input embeddings): merging would change that module too, or
-    if a base layer is quantized (4-bit): ``unpatch(model, merge=True)`` merges those into
-    full-precision layers (or, with ``requantize=True``, back into 4-bit, reporting the error)."""
+    Raises ValueError, before any weight changes: for a model that is not patched; if an adapted
+    weight is shared with another module (an LM head tied to the input embeddings): merging would
+    change that module too; if a base layer is quantized (4-bit): ``unpatch(model, merge=True)``
+    merges those into full-precision layers (or, with ``requantize=True``, back into 4-bit, reporting
+    the error); or if a base weight is offloaded by accelerate (on the meta device), where ΔW would
+    be lost."""
     state_of(model)
     _refuse_shared(model, "merge")
     _refuse_quantized(model)
@@ -174,9 +176,10 @@ def _refuse_quantized(model: nn.Module) -> None:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Take ΔW back out of the base weights."""
+    """Take ΔW back out of the base weights merged by ``merge`` (exact to rounding); modules not
+    merged are left alone, so on a model never merged it changes nothing. Raises ValueError for a
+    model that is not patched."""
     state_of(model)
-    _refuse_shared(model, "unmerge")
     for _, m in patching.adapted_modules(model):
         m.unmerge()
     return model
@@ -255,16 +258,23 @@ class ReferenceModel(nn.Module):
             return self.policy(*args, **kwargs)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Dict[str, Any]:
-        """The base model's tensors: the policy's with its adapter disabled (``modules_to_save`` as
-        they were) and the adapter's own left out. What identifies this reference, e.g. to TRL, which
-        keys its cache of precomputed reference log-probabilities on them (an empty state_dict made
-        every base model alike there: a review's finding)."""
+        """The base model's state_dict, under the base model's names: the policy's tensors with its
+        adapter disabled (``modules_to_save`` as they were), the adapter's own left out and an adapted
+        module's ``base_layer`` level dropped from the names, so that the unpatched model loads it. What
+        identifies this reference, e.g. to TRL, which keys its cache of precomputed reference
+        log-probabilities on it (an empty state_dict made every base model alike there: a review's finding)."""
         with disable_adapter(self.policy):
             full = self.policy.state_dict(*args, **kwargs)
-        own = f"{kwargs.get('prefix', '')}{STATE_ATTR}."
-        for key in [k for k in full if k.startswith(own)]:
-            del full[key]
-        return full
+        prefix = kwargs.get("prefix", "")
+        own = f"{prefix}{STATE_ATTR}."
+        wrapped = tuple(f"{prefix}{path}.base_layer." for path, _ in patching.adapted_modules(self.policy))
+        out = type(full)()
+        for key, value in full.items():
+            if key.startswith(own):
+                continue
+            level = next((w for w in wrapped if key.startswith(w)), None)
+            out[key if level is None else level[:-len("base_layer.")] + key[len(level):]] = value
+        return out
 
 
 def reference_model(model: nn.Module) -> nn.Module:
@@ -307,8 +317,10 @@ def save(model: nn.Module, directory, peft: bool = True):
     """Write the adapter (and a trained head) to ``directory`` and return it as a Path: peftkern's
     native files (``peftkern_config.json`` + ``peftkern_model.safetensors``: the exact method, for
     ``load``) and, with ``peft``, the same ΔW as a standard PEFT LoRA adapter (``adapter_config.json``
-    + ``adapter_model.safetensors``). Every file is written atomically. Raises ValueError if
-    ``directory`` exists and is not a directory, or (PEFT files) if the model is merged."""
+    + ``adapter_model.safetensors``). Every file is written atomically. Raises ValueError, before a
+    file is written: for a model that is not patched, if ``directory`` exists and is not a directory,
+    if an adapted module's base weight was made trainable (no adapter file holds a module adapted and
+    trained in full), or (PEFT files) if the model is merged."""
     return native_format.save(model, directory, peft=peft)
 
 
@@ -441,7 +453,10 @@ def count(model: nn.Module) -> Counts:
     """Parameter counts, as PEFT's ``print_trainable_parameters`` gives them (a packed 4-bit weight counts
     the values it holds, two per byte); works on meta-device models.
     ``total`` includes the frozen originals kept of ``modules_to_save`` (for ``disable_adapter``), as
-    PEFT counts its ``original_module`` beside the trained copy."""
+    PEFT counts its ``original_module`` beside the trained copy. The trainable count equals PEFT's for
+    every method, the total for LoRA and DoRA; VeRA's shared projections count here (PEFT keeps them as
+    buffers), and PEFT's AdaLoRA adds a rank counter per module. Raises ValueError for a model that is
+    not patched."""
     state = state_of(model)
     a_train = sum(p.numel() for p in state.parameters() if p.requires_grad)
     a_total = sum(p.numel() for p in state.parameters())

@@ -37,7 +37,7 @@ class NonFiniteError(FloatingPointError):
 @dataclass
 class Finding:
     where: str  # module path (a slot) or parameter name
-    what: str  # "A", "B", "u", "v" (a slot's factor) or "parameter"
+    what: str  # "A", "B", "u", "v", "m" (a slot's factor; m: DoRA's magnitude) or "parameter"
     count: int  # non-finite entries
     numel: int
     source: str = ""  # where the factor comes from (describe_slot), for slots
@@ -98,9 +98,12 @@ def check_finite(model: nn.Module) -> FiniteReport:
             if t is not None:
                 tensors.append(t)
                 where.append((slot, name))
+        if state.dora is not None:  # by its module too (a review's finding: only its parameter index was named)
+            tensors.append(state.dora.magnitude(slot.index))
+            where.append((slot, "m"))
     for (slot, name), n, t in zip(where, _nonfinite_counts(tensors), tensors):
         if n:
-            source = state.describe_slot(slot.index).get(name, "")
+            source = "DoRA magnitude" if name == "m" else state.describe_slot(slot.index).get(name, "")
             report.findings.append(Finding(slot.path, name, n, t.numel(), source))
     own = {id(p) for p in state.parameters()}
     params = [(f"{STATE_ATTR}.{n}", p) for n, p in state.named_parameters()]

@@ -37,6 +37,19 @@ def test_nan_in_one_layers_factor_names_that_layer():
         report.raise_if_bad()
 
 
+def test_a_nan_dora_magnitude_names_its_module():
+    """A magnitude of 0 gives NaN (README, DoRA): the report named only `peftkern.dora.…magnitude_vector.2`
+    and no module (a review's finding); it names the module, as for the factors."""
+    model = patched("lora", use_dora=True)
+    with torch.no_grad():
+        model.peftkern.dora.magnitude(2)[3] = float("nan")
+    report = peftkern.check_finite(model)
+    assert report.first_bad_slot == SLOTS[2]
+    assert [(f.where, f.what, f.count, f.source) for f in report.findings if f.what != "parameter"] == [
+        (SLOTS[2], "m", 1, "DoRA magnitude")]
+    assert "model.layers.1.self_attn.q_proj: factor m (DoRA magnitude) has 1 non-finite of 32 values" in str(report)
+
+
 def test_nan_in_a_hypernetwork_names_every_generated_slot_and_the_parameter():
     model = patched("pg_pos")
     generator = next(m for m in model.peftkern.modules() if any(m is g for g in model.peftkern.generators()))

@@ -46,10 +46,14 @@ def test_merge_into_a_tied_weight_is_refused_and_changes_nothing(what):
     assert peftkern.explain(model).rows[0]["merged"] is False
 
 
-def test_unmerge_of_a_tied_weight_is_refused_too():
+def test_unmerge_of_a_tied_weight_never_merged_changes_nothing():
+    """A tied weight is never merged (refused above), so there is nothing to take out: a no-op, as on any
+    module not merged (a review's finding: it raised, failing a call that should do nothing)."""
     model = peftkern.patch(tied_llama(), "lora", targets=["lm_head"])
-    with pytest.raises(ValueError, match="tied"):
-        peftkern.unmerge(model)
+    perturb(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert peftkern.unmerge(model) is model
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_untied_lm_head_merges_exactly():
