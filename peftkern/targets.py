@@ -22,6 +22,7 @@ DEFAULT_TARGETS: Dict[str, Tuple[str, ...]] = {
         "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2", "gemma3_text",
         "olmo", "olmo2", "starcoder2", "phi", "opt", "gptj", "granite", "stablelm", "smollm3")},
     **{t: ("query_key_value",) for t in ("gpt_neox", "bloom", "falcon")},
+    "phi3": ("qkv_proj",),  # Phi-3, Phi-3.5, Phi-4-mini: q, k, v fused in one Linear, as GPT-NeoX's (PEFT has none)
     **{t: ("query", "value") for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie")},
     "deberta-v2": ("query_proj", "value_proj"),
     "deberta": ("in_proj",),

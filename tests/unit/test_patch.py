@@ -45,6 +45,21 @@ def test_default_targets_per_family():
         assert got == names, family
 
 
+def test_phi3s_default_target_is_its_fused_qkv_projection():
+    """Phi-3 fuses q, k and v in qkv_proj: it had no default (a review's finding: the README's "Phi" row
+    read as covering it); it takes the fused projection, as GPT-NeoX's query_key_value, and trains."""
+    import transformers as T
+
+    cfg = T.Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=64, pad_token_id=0)
+    model = peftkern.patch(T.Phi3ForCausalLM(cfg), "lora", rank=2)
+    got = {p for p, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+    assert got == {f"model.layers.{i}.self_attn.qkv_proj" for i in range(2)}
+    ids = torch.randint(1, 64, (2, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.peftkern.parameters() if p.requires_grad)
+
+
 def test_base_frozen_and_each_adapter_parameter_once():
     model = tiny_model("llama")
     model.lm_head.weight.requires_grad_(True)
