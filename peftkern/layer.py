@@ -29,10 +29,11 @@ class AdaptedLinear(nn.Module):
     """Computes ``y = W0·x + b + s·(v ⊙ (B·(u ⊙ (A·D(x)))))`` through the chosen backend.
 
     D is the adapter's dropout (PEFT's lora_dropout, ``patch(..., dropout=p)``), active only
-    in training mode. The original module is kept untouched as ``base_layer`` so that
-    unpatch() can put it back exactly. The state is *not* registered as a submodule here:
-    it is registered once, on the model root, so that each adapter parameter appears
-    exactly once in ``model.parameters()`` however many modules share it.
+    in training mode. The original module is kept as ``base_layer`` (changed only by a merge) so
+    that unpatch() can put it back: exactly, or to rounding after a merge and unmerge. The state
+    is *not* registered as a submodule here: it is registered once, on the model root, so that
+    each adapter parameter appears exactly once in ``model.parameters()`` however many modules
+    share it.
     """
 
     def __init__(self, base_layer: nn.Module, state: AdapterState, slot: int):
