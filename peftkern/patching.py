@@ -214,6 +214,28 @@ def commit(model: nn.Module, state: AdapterState, fresh: bool = True) -> nn.Modu
     and later ``model.train()`` / ``model.eval()`` reach them: they are submodules. ``fresh``: a new
     adapter (DoRA's magnitudes start from the base weights); a loaded one brings its own."""
     frozen_from: Dict[str, bool] = {n: prm.requires_grad for n, prm in model.named_parameters()}
+    try:
+        return _commit(model, state, fresh, frozen_from)
+    except BaseException:  # a failure half way (a review's finding: DoRA's start on an unready base) undone
+        _rollback(model, state, frozen_from)
+        raise
+
+
+def _rollback(model: nn.Module, state: AdapterState, frozen_from: Dict[str, bool]) -> None:
+    """The model as before a ``commit`` that failed part way: its modules, its flags, no state."""
+    if getattr(model, STATE_ATTR, None) is state:
+        uncommit(model)
+    for slot in state.plan.slots:
+        parent_path, _, child = slot.path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        layer = getattr(parent, child)
+        if isinstance(layer, AdaptedLinear):
+            setattr(parent, child, layer.base_layer)
+    for name, prm in model.named_parameters():
+        prm.requires_grad_(frozen_from.get(name, prm.requires_grad))
+
+
+def _commit(model: nn.Module, state: AdapterState, fresh: bool, frozen_from: Dict[str, bool]) -> nn.Module:
     for prm in model.parameters():
         prm.requires_grad_(False)
     for slot in state.plan.slots:

@@ -169,14 +169,17 @@ def dequantized(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.
         # bitsandbytes' own row-wise dequantization (W = CB·SCB/127 in fp32), as PEFT's: exact where
         # pushing an identity through the layer would round W0 to its fp16 output
         return lib.functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device)).to(dtype)
+    if not getattr(module.weight, "bnb_quantized", True):  # not quantized yet (built empty, on meta): the values
+        return module.weight.detach().to(dtype)
     weight, state = _unpacked_state(module)
     return lib.functional.dequantize_4bit(weight.data, state).to(dtype)
 
 
 def parameter_count(p: torch.Tensor) -> int:
     """How many values ``p`` stands for: a packed 4-bit weight holds two per byte of its storage (what
-    PEFT's ``print_trainable_parameters`` counts), any other tensor its numel."""
-    if type(p).__name__ != "Params4bit":
+    PEFT's ``print_trainable_parameters`` counts), any other tensor, and a 4-bit one not quantized yet
+    (a model built empty, on meta: it holds its [N, K] values), its numel."""
+    if type(p).__name__ != "Params4bit" or not getattr(p, "bnb_quantized", True):
         return p.numel()
     return p.numel() * 2 * getattr(p, "quant_storage", torch.uint8).itemsize
 

@@ -461,3 +461,49 @@ def test_requantize_keeps_the_quant_storage_dtype(base4, tmp_path):
     perturb(q)
     peftkern.unpatch(q, merge=True, requantize=True)
     assert {q.get_submodule(n).weight.dtype for n in quantized_layers(q)} == {torch.bfloat16}
+
+
+def _empty_4bit(quantized=True):
+    """A 4-bit model as transformers builds it before loading weights: on meta, not quantized yet."""
+    import transformers as T
+    from accelerate import init_empty_weights
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=128)
+    with init_empty_weights():
+        model = T.AutoModelForCausalLM.from_config(cfg)
+        if not quantized:
+            return model
+        return replace_with_bnb_linear(model, quantization_config=T.BitsAndBytesConfig(load_in_4bit=True))
+
+
+def test_an_empty_4bit_model_takes_dora_and_counts_its_values_once():
+    """On a 4-bit model not quantized yet (meta), DoRA's start dequantized an empty weight and failed inside
+    bitsandbytes, after the modules were swapped (a review's finding); and count() took the [N, K] values for
+    packed bytes, doubling them. The weight's own values serve until it is quantized."""
+    model = peftkern.patch(_empty_4bit(), "lora", use_dora=True)
+    assert all(m.is_meta for m in model.peftkern.dora.m)
+    dense = peftkern.patch(_empty_4bit(quantized=False), "lora", use_dora=True)
+    assert peftkern.count(model) == peftkern.count(dense)  # the same values (was: 175,936 against 94,208)
+
+
+def test_a_patch_that_fails_part_way_leaves_the_model_as_it_was(monkeypatch):
+    """A failure after the modules were swapped (DoRA's start here) left them swapped and the state
+    registered, so the model was half-patched and a second patch was refused: commit is undone now."""
+    from peftkern import patching
+
+    model = tiny_model("llama")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modules = dict(model.named_modules())
+
+    def failing(model, state):
+        raise RuntimeError("start failed")
+
+    monkeypatch.setattr(patching, "start_magnitudes", failing)
+    with pytest.raises(RuntimeError, match="start failed"):
+        peftkern.patch(model, "lora", use_dora=True)
+    assert not hasattr(model, "peftkern") and dict(model.named_modules()) == modules
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    monkeypatch.undo()
+    peftkern.patch(model, "lora", use_dora=True)  # patches as a fresh model
