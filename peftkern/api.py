@@ -257,23 +257,36 @@ class ReferenceModel(nn.Module):
         with disable_adapter(self.policy):
             return self.policy(*args, **kwargs)
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
         """The base model's state_dict, under the base model's names: the policy's tensors with its
-        adapter disabled (``modules_to_save`` as they were), the adapter's own left out and an adapted
-        module's ``base_layer`` level dropped from the names, so that the unpatched model loads it. What
-        identifies this reference, e.g. to TRL, which keys its cache of precomputed reference
-        log-probabilities on it (an empty state_dict made every base model alike there: a review's finding)."""
+        adapter disabled, the adapter's own left out, an adapted module's ``base_layer`` level dropped
+        from the names, and the original values of ``modules_to_save`` (kept as non-persistent copies),
+        so that the unpatched model loads it. Written into ``destination`` when given, as torch's
+        nested calls expect (a parent module's state_dict). What identifies this reference, e.g. to
+        TRL, which keys its cache of precomputed reference log-probabilities on it (an empty
+        state_dict made every base model alike there: a review's finding)."""
+        if args:  # torch's deprecated positional form: (destination, prefix, keep_vars)
+            destination, prefix, keep_vars = (list(args) + [destination, prefix, keep_vars][len(args):])[:3]
         with disable_adapter(self.policy):
-            full = self.policy.state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
+            full = self.policy.state_dict(prefix=prefix, keep_vars=keep_vars)
         own = f"{prefix}{STATE_ATTR}."
         wrapped = tuple(f"{prefix}{path}.base_layer." for path, _ in patching.adapted_modules(self.policy))
-        out = type(full)()
+        out = destination if destination is not None else type(full)()
+        if destination is None and hasattr(full, "_metadata"):
+            out._metadata = full._metadata
         for key, value in full.items():
             if key.startswith(own):
                 continue
             level = next((w for w in wrapped if key.startswith(w)), None)
             out[key if level is None else level[:-len("base_layer.")] + key[len(level):]] = value
+        heads = getattr(state_of(self.policy), "heads", None)
+        if heads is not None:  # the originals' parameters, as buffers that state_dict leaves out
+            for path, original in zip(heads.paths, heads.copies):
+                trained = self.policy.get_submodule(path)
+                values = dict(original.named_buffers(remove_duplicate=False))
+                for name, _ in trained.named_parameters(remove_duplicate=False):
+                    value = values[name]
+                    out[f"{prefix}{path}.{name}"] = value if keep_vars else value.detach()
         return out
 
 

@@ -16,9 +16,14 @@ def is_main_process() -> bool:
     return not initialized() or torch.distributed.get_rank() == 0
 
 
+def world_size() -> int:
+    """The number of processes of a distributed run, 1 outside one."""
+    return torch.distributed.get_world_size() if initialized() else 1
+
+
 def is_shard(t: torch.Tensor) -> bool:
     """Whether ``t`` is an FSDP2 shard (a DTensor), whole only inside its module's forward."""
     return type(t).__name__ == "DTensor"
 
 
-__all__ = ["initialized", "is_main_process", "is_shard"]
+__all__ = ["initialized", "is_main_process", "world_size", "is_shard"]

@@ -8,6 +8,8 @@ consistent with the Trainer:
 * ``total_step="auto"`` is filled from ``TrainerState.max_steps`` at the start of training;
 * before every optimizer step the allocator's counter is set to ``TrainerState.global_step``,
   so a run resumed from a checkpoint continues the schedule where it stopped;
+* where the Trainer passes ``num_items_in_batch`` it multiplies the loss by its process count
+  (``average_tokens_across_devices``): the orthogonality term the model adds is divided by it;
 * if the optimizer cannot carry torch's step hooks (not a ``torch.optim.Optimizer``, e.g. a
   DeepSpeed-managed one), the callback allocates itself, after the step, exactly once.
 
@@ -57,6 +59,8 @@ class AllocatorCallback(TrainerCallback):
             warnings.warn(f"peftkern: total_step={allocator.schedule.total_step} but the Trainer runs "
                           f"max_steps={state.max_steps}; the budget schedule follows total_step", RuntimeWarning)
         allocator.global_step = state.global_step
+        # the Trainer multiplies a loss normalised by num_items_in_batch by its process count (allocator.py)
+        st.regularization_share = 1.0 / args.world_size if getattr(args, "average_tokens_across_devices", False) else 1.0
         self._manual = optimizer is not None and not _hookable(optimizer)
         if self._manual:
             log.info("peftkern: the optimizer carries no torch step hooks; AllocatorCallback allocates instead")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -54,12 +54,14 @@ class PassCache:
     simpler rule of ``_get_compiling`` applies. Never copied: a deep copy
     or an unpickled cache starts empty (its tensors belong to an autograd graph).
 
-    One pass at a time: a pass that starts while another thread's runs raises RuntimeError (two threads
-    sharing the model's forward, as ``nn.DataParallel``'s replicas share this cache), since the second
-    pass would reuse the first's factors and both backwards would run through one graph.
+    One training pass at a time: a pass with grad enabled that starts while another thread's pass with
+    grad runs raises RuntimeError (two threads sharing the model's forward, as ``nn.DataParallel``'s
+    replicas share this cache), since the second would reuse the first's factors and both backwards
+    would run through one graph. Passes without grad share nothing a backward frees, and the factors
+    they reuse are the ones they would generate: concurrent inference runs.
     """
 
-    __slots__ = ("value", "key", "no_grad", "in_pass", "new_pass", "gradless_pass", "consumed", "owner")
+    __slots__ = ("value", "key", "no_grad", "in_pass", "new_pass", "gradless_pass", "consumed", "passes")
 
     def __init__(self):
         self.value: Any = None
@@ -69,7 +71,8 @@ class PassCache:
         self.new_pass = False  # the pre-hook ran and no get() has checked the value since
         self.gradless_pass = False  # this pass generated with grad disabled
         self.consumed = False  # a backward ran through value (watched only for values made outside a pass)
-        self.owner: Optional[int] = None  # the thread whose pass this is
+        # the running passes: thread -> [depth (a forward nested in its own), whether with grad]
+        self.passes: Dict[int, List[Any]] = {}
 
     def attach(self, model: nn.Module) -> List[Any]:
         return [model.register_forward_pre_hook(_PassStart(self)),
@@ -136,15 +139,17 @@ class _PassStart:
     def __call__(self, module, args):
         cache = self.cache
         if not torch.compiler.is_compiling():  # (a compiled forward is traced in one thread)
-            thread = threading.get_ident()
-            if cache.in_pass and cache.owner != thread:
+            thread, grad = threading.get_ident(), torch.is_grad_enabled()
+            if grad and any(t != thread and g for t, (_, g) in cache.passes.items()):
                 raise RuntimeError(
                     "peftkern: this model's adapter generates its factors once per forward pass of the model, and "
-                    "another thread's forward pass of it is running (nn.DataParallel runs its replicas so, sharing "
-                    "them): the two would share one generated set and one autograd graph. Run one forward at a "
-                    "time per model: DistributedDataParallel (torchrun) for several GPUs, or a copy of the model "
-                    "per thread (copy.deepcopy).")
-            cache.owner = thread
+                    "another thread's training forward pass of it is running (nn.DataParallel runs its replicas "
+                    "so, sharing them): the two would share one generated set and one autograd graph. Run one "
+                    "training forward at a time per model: DistributedDataParallel (torchrun) for several GPUs, "
+                    "or a copy of the model per thread (copy.deepcopy).")
+            entry = cache.passes.setdefault(thread, [0, False])
+            entry[0] += 1
+            entry[1] = entry[1] or grad
         cache.in_pass = cache.new_pass = True
         cache.gradless_pass = False
 
@@ -154,9 +159,19 @@ class _PassEnd:
         self.cache = cache
 
     def __call__(self, module, args, output):
-        self.cache.in_pass = False
+        cache = self.cache
         if torch.compiler.is_compiling():
-            self.cache.value = None
+            cache.in_pass = False
+            cache.value = None
+            return
+        thread = threading.get_ident()
+        entry = cache.passes.get(thread)
+        if entry is None:  # a pass the start hook refused (this hook runs always)
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            del cache.passes[thread]
+        cache.in_pass = bool(cache.passes)
 
 
 def _keep(t: Tensor) -> Tensor:

@@ -404,27 +404,45 @@ def attach_step_hook(state: nn.Module) -> StepHookHandle:
 def takes_regularization(state: nn.Module, num_items_in_batch: Any = None) -> bool:
     """Whether a loss computed now takes the state's regulariser: every loss, except where the caller
     passes ``num_items_in_batch`` (transformers' Trainer and TRL with a model taking loss kwargs, and
-    their ``compute_loss``), and only the first loss with gradients of each optimizer step then.
+    their ``compute_loss``), and only the first loss with gradients of each gradient-accumulation
+    window then.
 
     With it, each micro-batch's loss is its share of the accumulated batch's, and the shares are
-    summed over the gradient-accumulation window without a division by its length: a term added to
-    each counted once per micro-batch (a review's finding: the orthogonality term doubled at
-    gradient_accumulation_steps=2). Without it, the caller divides each micro-batch's loss by the
-    window's length (the Trainer then, and the usual hand-written loop), and every loss takes the term."""
+    summed over the window without a division by its length: a term added to each counted once per
+    micro-batch (a review's finding: the orthogonality term doubled at gradient_accumulation_steps=2).
+    Without it, the caller divides each micro-batch's loss by the window's length (the Trainer then,
+    and the usual hand-written loop), and every loss takes the term.
+
+    A window starts where the adapter holds no gradient (``zero_grad``'s default sets them to None:
+    also after a step the GradScaler skipped, and at a resume), or after an optimizer step (for a
+    ``zero_grad(set_to_none=False)``)."""
     if num_items_in_batch is None or not torch.is_grad_enabled():
         return True
     allocator = state.rank_allocator()
     step = allocator.global_step if allocator is not None else stamps.steps()
-    if state.__dict__.get("_regularized_at") == step:
+    first = next((p for p in state.parameters() if p.requires_grad), None)
+    if first is not None and first.grad is not None and state.__dict__.get("_regularized_at") == step:
         return False
     state.__dict__["_regularized_at"] = step  # a plain attribute: copied and pickled with the state
     return True
 
 
+def regularization_share(state: nn.Module) -> float:
+    """The part of the term one process's loss carries where the caller passes ``num_items_in_batch``
+    under data parallelism: the Trainer multiplies such a loss by the number of processes
+    (``average_tokens_across_devices``, its default) before DDP averages the gradients, so a term
+    added whole in every process counted once per process (a review's finding). 1/world size, or what
+    ``AllocatorCallback`` read from the Trainer's arguments (``state.regularization_share``)."""
+    share = state.__dict__.get("regularization_share")
+    if share is not None:
+        return share
+    return 1.0 / dist.world_size()
+
+
 class _LossHook:
     """Root forward hook: ``outputs.loss += state.regularization()`` when the output has a loss (as
-    ``takes_regularization`` decides). An object holding its state (not a closure), so that a copied
-    model's hook serves the copy."""
+    ``takes_regularization`` decides; ``regularization_share`` of it where ``num_items_in_batch`` is
+    passed). An object holding its state (not a closure), so that a copied model's hook serves the copy."""
 
     def __init__(self, state: nn.Module):
         self.state = state
@@ -433,10 +451,13 @@ class _LossHook:
         loss = getattr(output, "loss", None)
         if self.state.disabled or not isinstance(loss, Tensor):
             return output
-        if not takes_regularization(self.state, kwargs.get("num_items_in_batch")):
+        items = kwargs.get("num_items_in_batch")
+        if not takes_regularization(self.state, items):
             return output
         reg = self.state.regularization()
         if reg is not None:
+            if items is not None:
+                reg = reg * regularization_share(self.state)
             output.loss = loss + reg.to(loss.dtype)  # ModelOutput keeps its key and attribute in step
         return output
 
@@ -446,4 +467,4 @@ def attach_loss_hook(model: nn.Module, state: nn.Module) -> Any:
 
 
 __all__ = ["AUTO", "Schedule", "ScheduledAllocator", "ImportanceAllocator", "MagnitudePruner",
-           "attach_step_hook", "attach_loss_hook", "takes_regularization"]
+           "attach_step_hook", "attach_loss_hook", "takes_regularization", "regularization_share"]

@@ -228,6 +228,8 @@ def test_the_reference_models_state_dict_is_its_base_model(tiny, tmp_path):
     assert state.keys() == base.state_dict().keys()  # the base model's names (no base_layer level: a review's finding)
     base.load_state_dict(state)
     assert all(torch.equal(state[k], v) for k, v in base.state_dict().items())
+    held = torch.nn.ModuleDict({"ref": ref}).state_dict()  # inside a parent, which passes its dict down
+    assert held.keys() == {f"ref.{k}" for k in state}
     before = hash_module(ref)
     with torch.no_grad():
         for p in model.peftkern.parameters():  # training the adapter leaves the reference as it was
@@ -236,6 +238,23 @@ def test_the_reference_models_state_dict_is_its_base_model(tiny, tmp_path):
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.base_layer.weight.add_(1.0)  # another base model
     assert hash_module(ref) != before
+
+
+def test_the_reference_models_state_dict_has_the_original_trained_heads(tiny):
+    """modules_to_save keeps its originals as non-persistent copies, which the reference's state_dict left out:
+    the base model could not load it, and two references differing only in their heads hashed alike in TRL
+    (a review's finding). The originals now, under their names, both halves of a tied pair."""
+    import transformers as T
+
+    model = peftkern.patch(T.AutoModelForCausalLM.from_pretrained(tiny[0]), "lora", rank=4,
+                           modules_to_save=["lm_head"])
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)  # training the head
+    base = T.AutoModelForCausalLM.from_pretrained(tiny[0])
+    state = peftkern.reference_model(model).state_dict()
+    assert state.keys() == base.state_dict().keys()
+    assert torch.equal(state["lm_head.weight"], base.lm_head.weight)  # the original, not the trained head
+    base.load_state_dict(state)
 
 
 def test_an_adapter_on_the_lm_head_is_refused_under_trls_fused_head(tiny, tmp_path):

@@ -76,25 +76,59 @@ def test_hyper_adaloras_regulariser_under_autocast_is_its_fp32_value():
     torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=0)
 
 
-def test_with_num_items_in_batch_the_term_comes_once_per_optimizer_step():
+def test_with_num_items_in_batch_the_term_comes_once_per_accumulation_window():
     """Where the caller passes num_items_in_batch (the Trainer, TRL's compute_loss) the micro-batches' losses
-    are summed undivided: the term comes with the first loss of each optimizer step only, from the model's
-    loss (the forward hook) and from orthogonal_regularization alike; without it, with every loss."""
+    are summed undivided: the term comes with the first loss of each window only (the adapter holding no
+    gradient yet, or an optimizer step since), from the model's loss (the forward hook) and from
+    orthogonal_regularization alike; without it, with every loss. A window cut short by a skipped step
+    (zero_grad without a step: GradScaler's overflow) or a resume starts a new one (a review's finding)."""
     model, state = _state("torch", "peft")
     ids = tokens(batch=2, seq=5)
     plain = model(input_ids=ids).logits
     ce = torch.nn.functional.cross_entropy(plain[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
     reg = state.regularization().detach()
     items = torch.tensor(ids[:, 1:].numel())
-    losses = [model(input_ids=ids, labels=ids, num_items_in_batch=items).loss.detach() for _ in range(2)]
+
+    def micro_batch():
+        loss = model(input_ids=ids, labels=ids, num_items_in_batch=items).loss
+        loss.backward()
+        return loss.detach()
+
+    losses = [micro_batch(), micro_batch()]
     torch.testing.assert_close(losses[0], ce.detach() / items + reg)
     torch.testing.assert_close(losses[1], ce.detach() / items)  # the window's second micro-batch
     assert peftkern.orthogonal_regularization(model, items) is None  # the same window
     with torch.no_grad():
         assert model(input_ids=ids, labels=ids, num_items_in_batch=items).loss > losses[1]  # evaluation: always
-    optimizer = torch.optim.SGD(state.parameters(), lr=0.0)
-    model(input_ids=ids, labels=ids).loss.backward()
-    optimizer.step()  # the next window
+    model.zero_grad()  # a step skipped (no optimizer step): the next window still takes the term
+    torch.testing.assert_close(micro_batch(), losses[0])
+    torch.testing.assert_close(micro_batch(), losses[1])
+    torch.optim.SGD(state.parameters(), lr=0.0).step()  # a step without zero_grad(set_to_none): a new window
     torch.testing.assert_close(peftkern.orthogonal_regularization(model, items), reg)
     assert peftkern.orthogonal_regularization(model, items) is None
     torch.testing.assert_close(peftkern.orthogonal_regularization(model), reg)  # a loop dividing by itself
+
+
+def test_under_data_parallelism_the_term_is_the_processs_share():
+    """The Trainer multiplies a loss normalised by num_items_in_batch by its process count before DDP averages
+    the gradients, so the term the model adds counted once per process (a review's finding, 2-process gloo
+    run): each process's loss carries 1/world size of it; AllocatorCallback reads the Trainer's setting."""
+    import types
+
+    from peftkern.methods.allocator import regularization_share
+
+    model, state = _state("torch", "peft")
+    assert regularization_share(state) == 1.0  # not distributed
+    callback = peftkern.AllocatorCallback()
+    args = types.SimpleNamespace(world_size=4, average_tokens_across_devices=True)
+    callback.on_train_begin(args, types.SimpleNamespace(global_step=0, max_steps=10), None, model=model)
+    assert regularization_share(state) == 0.25
+    ids = tokens(batch=2, seq=5)
+    items = torch.tensor(ids[:, 1:].numel())
+    with torch.no_grad():
+        plain = model(input_ids=ids, labels=ids).loss - state.regularization()  # the cross-entropy
+    first = model(input_ids=ids, labels=ids, num_items_in_batch=items).loss
+    torch.testing.assert_close(first.detach(), plain + 0.25 * state.regularization().detach())
+    args.average_tokens_across_devices = False  # then the Trainer does not multiply, and DDP's mean keeps it whole
+    callback.on_train_begin(args, types.SimpleNamespace(global_step=0, max_steps=10), None, model=model)
+    assert regularization_share(state) == 1.0
