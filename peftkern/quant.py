@@ -97,7 +97,7 @@ def keep_trainable(model: nn.Module) -> int:
     if unpacked:  # the repacking stores the block scales in bf16: unpacking cannot give the lost bits back
         log.warning("peftkern: %d 4-bit layers had been repacked by bitsandbytes for CPU inference (an eval-mode "
                     "forward without gradients before patching); unpacked them, but their block scales keep the "
-                    "bf16 rounding the repacking applied (weights within ~0.4%%). Patch before the first such "
+                    "bf16 rounding the repacking applied (weights within about 0.4%% to 0.6%% a row). Patch before the first such "
                     "forward to keep the checkpoint's weights exactly", unpacked)
     if changed:
         log.info("peftkern: bitsandbytes' CPU repacking (an inference kernel without a backward) is off for %d "
