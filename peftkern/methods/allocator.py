@@ -415,16 +415,21 @@ def takes_regularization(state: nn.Module, num_items_in_batch: Any = None) -> bo
 
     A window starts where the adapter holds no gradient (``zero_grad``'s default sets them to None:
     also after a step the GradScaler skipped, and at a resume), or after an optimizer step (for a
-    ``zero_grad(set_to_none=False)``)."""
+    ``zero_grad(set_to_none=False)``, where a skipped step leaves the next window without the term).
+    A forward recomputed inside the backward (non-reentrant checkpointing of the whole model)
+    repeats the decision of the forward it recomputes, the last one."""
     if num_items_in_batch is None or not torch.is_grad_enabled():
         return True
+    if torch._C._current_graph_task_id() != -1:  # recomputing in a backward: the graph must match
+        return state.__dict__.get("_regularized_last", True)
     allocator = state.rank_allocator()
     step = allocator.global_step if allocator is not None else stamps.steps()
     first = next((p for p in state.parameters() if p.requires_grad), None)
-    if first is not None and first.grad is not None and state.__dict__.get("_regularized_at") == step:
-        return False
-    state.__dict__["_regularized_at"] = step  # a plain attribute: copied and pickled with the state
-    return True
+    takes = first is None or first.grad is None or state.__dict__.get("_regularized_at") != step
+    if takes:
+        state.__dict__["_regularized_at"] = step  # plain attributes: copied and pickled with the state
+    state.__dict__["_regularized_last"] = takes
+    return takes
 
 
 def regularization_share(state: nn.Module) -> float:

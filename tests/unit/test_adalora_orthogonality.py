@@ -132,3 +132,25 @@ def test_under_data_parallelism_the_term_is_the_processs_share():
     args.average_tokens_across_devices = False  # then the Trainer does not multiply, and DDP's mean keeps it whole
     callback.on_train_begin(args, types.SimpleNamespace(global_step=0, max_steps=10), None, model=model)
     assert regularization_share(state) == 1.0
+
+
+def test_a_whole_model_checkpointed_recomputes_the_same_term():
+    """Non-reentrant checkpointing of the whole model runs its root forward hook again inside the backward:
+    with zero_grad(set_to_none=False) the recomputation saw the window's term taken and left it out, and
+    the checkpoint failed on a different graph (a review's finding). It repeats the forward's decision."""
+    from torch.utils.checkpoint import checkpoint
+
+    model, state = _state("torch", "peft")
+    ids = tokens(batch=2, seq=5)
+    items = torch.tensor(ids[:, 1:].numel())
+    losses = []
+    for _ in range(2):  # a window of two micro-batches, then a zeroed (not None) gradient
+        for _ in range(2):
+            loss = checkpoint(lambda x: model(input_ids=x, labels=x, num_items_in_batch=items).loss, ids,
+                              use_reentrant=False)
+            loss.backward()
+            losses.append(loss.detach())
+        torch.optim.SGD(state.parameters(), lr=0.0).step()
+        model.zero_grad(set_to_none=False)
+    torch.testing.assert_close(losses[0] - losses[1], state.regularization().detach())
+    torch.testing.assert_close(losses[2:], losses[:2])
