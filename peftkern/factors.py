@@ -143,7 +143,7 @@ class JointGroup:
     op); the others find the same ``x`` object and reuse it, so x·Aᵀ runs once per layer. The
     reference is dropped as soon as every member has consumed it, so no activation is
     kept alive. A different ``x`` (cross-attention, say) simply recomputes: always correct.
-    So does a change since the first call (``_key``): x, A or u edited in place or replaced, an
+    So does a change since the first call (``_joint_key``): x, A or u edited in place or replaced, an
     optimizer step, or grad mode switched, where a member called alone left the group open (a
     review's finding: a later call on the same x returned the hu of A before an update).
     """
