@@ -265,8 +265,9 @@ class ReferenceModel(nn.Module):
         nested calls expect (a parent module's state_dict). What identifies this reference, e.g. to
         TRL, which keys its cache of precomputed reference log-probabilities on it (an empty
         state_dict made every base model alike there: a review's finding)."""
-        if args:  # torch's deprecated positional form: (destination, prefix, keep_vars)
-            destination, prefix, keep_vars = (list(args) + [destination, prefix, keep_vars][len(args):])[:3]
+        positional = dict(zip(("destination", "prefix", "keep_vars"), args))  # torch's deprecated form
+        destination = positional.get("destination", destination)
+        prefix, keep_vars = positional.get("prefix", prefix), positional.get("keep_vars", keep_vars)
         with disable_adapter(self.policy):
             full = self.policy.state_dict(prefix=prefix, keep_vars=keep_vars)
         own = f"{prefix}{STATE_ATTR}."

@@ -221,16 +221,17 @@ def commit(model: nn.Module, state: AdapterState, fresh: bool = True) -> nn.Modu
         raise
 
 
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+
+
 def _rollback(model: nn.Module, state: AdapterState, frozen_from: Dict[str, bool]) -> None:
     """The model as before a ``commit`` that failed part way: its modules, its flags, no state."""
     if getattr(model, STATE_ATTR, None) is state:
         uncommit(model)
-    for slot in state.plan.slots:
-        parent_path, _, child = slot.path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        layer = getattr(parent, child)
-        if isinstance(layer, AdaptedLinear):
-            setattr(parent, child, layer.base_layer)
+    for path, layer in adapted_modules(model):  # swapped before the state was registered
+        _set_module(model, path, layer.base_layer)
     for name, prm in model.named_parameters():
         prm.requires_grad_(frozen_from.get(name, prm.requires_grad))
 
@@ -239,10 +240,7 @@ def _commit(model: nn.Module, state: AdapterState, fresh: bool, frozen_from: Dic
     for prm in model.parameters():
         prm.requires_grad_(False)
     for slot in state.plan.slots:
-        parent_path, _, child = slot.path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        layer = AdaptedLinear(getattr(parent, child), state, slot.index)
-        setattr(parent, child, layer.train(model.training))
+        _set_module(model, slot.path, AdaptedLinear(model.get_submodule(slot.path), state, slot.index).train(model.training))
     if state.plan.modules_to_save:  # their originals, for disable_adapter and unpatch (heads.py)
         state.add_module("heads", HeadOriginals(model, state.plan.modules_to_save))
     model.add_module(STATE_ATTR, state.train(model.training))
@@ -269,9 +267,7 @@ def uncommit(model: nn.Module, keep_heads: bool = False) -> nn.Module:
     for handle in getattr(state, "_handles", []):
         handle.remove()
     for path, module in adapted_modules(model):
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, module.base_layer)
+        _set_module(model, path, module.base_layer)
     delattr(model, STATE_ATTR)
     flags = getattr(state, "_restore", {}).get("requires_grad", {})
     for name, prm in model.named_parameters():
