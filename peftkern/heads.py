@@ -146,11 +146,18 @@ def trained_modules(model: nn.Module) -> List[str]:
 
 
 
+def tied_partners(model: nn.Module, paths: Sequence[str]) -> List[str]:
+    """The modules outside ``paths`` (and outside the modules they name) holding a parameter of one of them:
+    the input embeddings of an LM head tied to them, and the other way round."""
+    params = {id(p) for path in paths for p in model.get_submodule(path).parameters()}
+    return [path for path, m in model.named_modules(remove_duplicate=False)
+            if not any(path == p or path.startswith(f"{p}.") for p in paths)
+            and any(id(p) in params for p in m._parameters.values() if p is not None)]
+
+
 def _with_tied_partners(model: nn.Module, paths: Sequence[str]) -> List[str]:
     """``paths`` and every module holding one of their parameters (an LM head tied to the embeddings)."""
-    params = {id(p) for path in paths for p in model.get_submodule(path).parameters()}
-    partners = [path for path, m in model.named_modules(remove_duplicate=False)
-                if any(id(p) in params for p in m._parameters.values() if p is not None)]
+    partners = tied_partners(model, paths)
     out: List[str] = []
     for path in [*paths, *partners]:  # a module inside one already listed is swapped with it
         if path not in out and not any(path.startswith(f"{other}.") for other in [*paths, *partners] if other != path):
@@ -166,4 +173,4 @@ def _swap(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
     return before
 
 
-__all__ = ["HeadOriginals", "trained_outside_adapter", "trained_modules"]
+__all__ = ["HeadOriginals", "tied_partners", "trained_outside_adapter", "trained_modules"]

@@ -62,15 +62,78 @@ class SavePretrained:
         """Write the adapter to ``save_directory``. transformers' arguments are accepted: a given
         ``state_dict`` (a gathered full state dict, as the Trainer passes under FSDP or ZeRO-3) is
         where the adapter's values are read; ``is_main_process`` says whether this process writes
-        (a model sharded with FSDP2 is gathered first, on every rank); sharding options do not
-        apply to an adapter of a few MB and are ignored."""
+        (a model sharded with FSDP2 is gathered first, on every rank). PEFT's ``save_embedding_layers``
+        ("auto", True or False) and ``selected_adapters`` (None or ["default"]) are honoured; sharding
+        options (``max_shard_size``, ``save_peft_format``, ``save_original_format``) do not apply to an
+        adapter and are ignored. Raises, before a file is written, ValueError for ``push_to_hub=True``,
+        ``safe_serialization=False``, a ``variant``, ``distributed_checkpoint=True``, another adapter
+        name, a merged model or one that also carries a PEFT adapter; TypeError for any other argument."""
+        embedding_layers = _save_options(kwargs)
         if any(m.merged for _, m in patching.adapted_modules(self.model)):
             raise ValueError("save_pretrained on a merged, still-patched model: to save the merged full model, "
                              "call peftkern.unpatch(model, merge=True) and then model.save_pretrained(dir); to save "
                              "the adapter, call peftkern.unmerge(model) first")
-        if native_format.save(self.model, Path(save_directory), state_dict=state_dict,
-                              is_main_process=is_main_process) is not None:
+        check_no_peft_layers(self.model)
+        if native_format.save(self.model, Path(save_directory), state_dict=state_dict, is_main_process=is_main_process,
+                              save_embedding_layers=embedding_layers) is not None:
             log.info("peftkern: saved the adapter (PEFT LoRA + native files) to %s", save_directory)
+
+
+IGNORED_SAVE_OPTIONS = ("max_shard_size", "token", "save_peft_format", "save_original_format")
+
+
+def _save_options(kwargs: dict) -> bool:
+    """Check ``save_pretrained``'s other arguments (SavePretrained.__call__); return save_embedding_layers."""
+    refused = {"push_to_hub": (True, "upload the saved directory with huggingface_hub's upload_folder"),
+               "safe_serialization": (False, "peftkern writes safetensors only, which PEFT and transformers read"),
+               "distributed_checkpoint": (True, "the adapter is gathered and written whole (a few MB)")}
+    for name, (bad, why) in refused.items():
+        if kwargs.pop(name, not bad) == bad:
+            raise ValueError(f"save_pretrained({name}={bad}) is not supported on a peftkern-patched model: {why}")
+    if kwargs.pop("variant", None) is not None:
+        raise ValueError("save_pretrained(variant=...) is not supported on a peftkern-patched model: the adapter "
+                         "files have PEFT's fixed names")
+    selected = kwargs.pop("selected_adapters", None)
+    if selected is not None and list(selected) != ["default"]:
+        raise ValueError(f"selected_adapters={selected!r}: a peftkern-patched model has one adapter, 'default' "
+                         "(PEFT's name for it); pass None or ['default']")
+    embedding_layers = kwargs.pop("save_embedding_layers", "auto")
+    if embedding_layers not in ("auto", True, False):
+        raise ValueError(f"save_embedding_layers={embedding_layers!r}: choose 'auto', True or False (PEFT's values)")
+    unknown = sorted(k for k in kwargs if k not in IGNORED_SAVE_OPTIONS)
+    if unknown:
+        raise TypeError(f"save_pretrained() got unexpected keyword argument(s) {unknown} (a peftkern-patched model "
+                        "saves its adapter: save_directory, is_main_process, state_dict, save_embedding_layers, "
+                        f"selected_adapters; ignored: {', '.join(IGNORED_SAVE_OPTIONS)})")
+    return embedding_layers is not False
+
+
+def check_no_peft_layers(model: nn.Module) -> None:
+    """Raise ValueError where PEFT's own adapter layers were added to a patched model (transformers'
+    ``load_adapter`` or ``PeftModel`` over it): saving would write peftkern's adapter alone and lose them."""
+    stacked = [name for name, m in model.named_modules()
+               if type(m).__module__.startswith("peft.tuners.") and name and not isinstance(m, AdaptedLinear)]
+    if stacked:
+        raise ValueError(f"this model carries PEFT adapter layers ({', '.join(stacked[:3])}{' …' if len(stacked) > 3 else ''}) "
+                         "beside peftkern's adapter, which one file cannot hold: one adapter per model. Load a PEFT "
+                         "adapter onto an unpatched model with peftkern.load_peft(model, dir) instead")
+
+
+class _RefuseSecondAdapter:
+    """transformers' ``load_adapter`` / ``add_adapter`` on a patched model: refused (one adapter per model),
+    where transformers would stack PEFT's layers on peftkern's and a later save would drop them."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(f"model.{self.name}() on a peftkern-patched model: one adapter per model, and "
+                         "transformers would stack PEFT's layers on peftkern's. To load a PEFT adapter, call "
+                         "peftkern.load_peft(model, dir) on the unpatched model (peftkern.unpatch(model) first); "
+                         "for peftkern's own files, peftkern.load(model, dir)")
+
+
+ADAPTER_METHODS = ("load_adapter", "add_adapter")
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -83,6 +146,8 @@ def bind(model: nn.Module) -> None:
     if not is_transformers_model(model):
         return
     setattr(model, ATTR, SavePretrained(model))
+    for name in ADAPTER_METHODS:
+        setattr(model, name, _RefuseSecondAdapter(name))
     if getattr(model, "is_quantized", False) and not getattr(model, ADAPTERS_FLAG, False):
         setattr(model, ADAPTERS_FLAG, True)
         model._peftkern_marked_adapters = True
@@ -150,6 +215,9 @@ class _HookedLoader(importlib.abc.Loader):
 def unbind(model: nn.Module) -> None:
     if isinstance(model.__dict__.get(ATTR), SavePretrained):
         delattr(model, ATTR)
+    for name in ADAPTER_METHODS:
+        if isinstance(model.__dict__.get(name), _RefuseSecondAdapter):
+            delattr(model, name)
     if model.__dict__.pop("_peftkern_marked_adapters", False):
         model.__dict__.pop(ADAPTERS_FLAG, None)
     guard = model.__dict__.pop("_peftkern_fused_head_guard", None)

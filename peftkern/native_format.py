@@ -59,7 +59,7 @@ Tensor = torch.Tensor
 
 
 def save(model: nn.Module, directory: PathLike, peft: bool = True, state_dict: Optional[Mapping[str, Tensor]] = None,
-         is_main_process: Optional[bool] = None) -> Optional[Path]:
+         is_main_process: Optional[bool] = None, save_embedding_layers: bool = True) -> Optional[Path]:
     """Write the adapter of a patched ``model`` (and its trained head) to ``directory``: the native
     files, and with ``peft`` (default) the same ΔW as a PEFT LoRA adapter next to them.
 
@@ -67,6 +67,7 @@ def save(model: nn.Module, directory: PathLike, peft: bool = True, state_dict: O
     or DeepSpeed ZeRO-3); the adapter's values are read from it. A model sharded with FSDP2 is
     gathered instead, which every rank must take part in (snapshot.py). ``is_main_process``: whether
     this process writes; by default rank 0 of a running process group, else every caller.
+    ``save_embedding_layers``: as ``export_peft``'s (the PEFT files only).
 
     Raises ValueError if ``directory`` exists and is not a directory, or (PEFT files) if the
     model is merged. Every file is written atomically; returns the directory, or None where this
@@ -77,7 +78,8 @@ def save(model: nn.Module, directory: PathLike, peft: bool = True, state_dict: O
     if not is_main_process:
         return None
     write_native(model, directory, snap)
-    if not peft or write_peft(model, directory, skip_empty=True, snapshot=snap) is None:
+    if not peft or write_peft(model, directory, skip_empty=True, snapshot=snap,
+                              save_embedding_layers=save_embedding_layers) is None:
         remove_stale(Path(directory), (PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME), "peftkern adapter")
     return Path(directory)
 

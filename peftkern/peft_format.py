@@ -26,7 +26,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ from . import snapshot as snapshots
 from . import targets as targets_mod
 from .factors import AdapterState, Plan
 from .files import atomic_write, json_default, read_json_object, remove_stale, safetensors_bytes
-from .heads import trained_modules
+from .heads import tied_partners, trained_modules
 from .version import __version__
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -77,7 +77,7 @@ NATIVE_NAMES = ("peftkern_model.safetensors", "peftkern_config.json")
 
 
 def export_peft(model: nn.Module, directory: PathLike, skip_empty: bool = False,
-                snapshot: Optional[Any] = None) -> Optional[Path]:
+                snapshot: Optional[Any] = None, save_embedding_layers: bool = True) -> Optional[Path]:
     """Write the adapter of a patched ``model`` as a standard PEFT LoRA adapter with the same ΔW.
     peftkern's own files of an earlier ``save`` in ``directory`` are removed (they would be an older
     adapter beside it), with a log line; ``peftkern.save`` writes both formats together.
@@ -89,15 +89,18 @@ def export_peft(model: nn.Module, directory: PathLike, skip_empty: bool = False,
     export; with ``skip_empty`` it then writes nothing and returns None). peft itself is not
     needed to write this. A model sharded with FSDP2 is gathered first (every rank must call;
     ``peftkern.save`` says which rank writes); ``snapshot`` is the writers' own (internal).
+    ``save_embedding_layers`` (PEFT's name): an adapted ``embed_tokens`` or ``lm_head`` is written
+    with its own base weight (vocab × hidden values), as PEFT's default "auto" writes it for such
+    targets, unless False.
     """
-    out = write_peft(model, directory, skip_empty, snapshot)
+    out = write_peft(model, directory, skip_empty, snapshot, save_embedding_layers)
     if out is not None:
         remove_stale(out, NATIVE_NAMES, "PEFT adapter")
     return out
 
 
 def write_peft(model: nn.Module, directory: PathLike, skip_empty: bool = False,
-               snapshot: Optional[Any] = None) -> Optional[Path]:
+               snapshot: Optional[Any] = None, save_embedding_layers: bool = True) -> Optional[Path]:
     """``export_peft`` without touching other files (``peftkern.save`` writes its own beside it)."""
     snapshot = snapshot or snapshots.take(model)
     state = snapshot.state
@@ -131,8 +134,8 @@ def write_peft(model: nn.Module, directory: PathLike, skip_empty: bool = False,
     for module_path in heads:
         for pname, t in snapshot.module_tensors(model, module_path).items():
             tensors[f"{PEFT_PREFIX}{module_path}.{pname}"] = t
-    for path in pairs:  # PEFT's save_embedding_layers="auto": an adapted embedding or LM head's own weight,
-        # which a resized vocabulary changes (load_peft restores it: the file then exports back equal)
+    for path in pairs if save_embedding_layers else ():  # PEFT's "auto": an adapted embedding or LM head's own
+        # weight, which a resized vocabulary changes (load_peft restores it: the file then exports back equal)
         base = modules[path].base_layer
         if path.rpartition(".")[2] in EMBEDDING_LAYER_NAMES and quant.kind(base) is None:
             tensors[f"{PEFT_PREFIX}{path}.base_layer.weight"] = snapshot.module_tensors(model, path + ".base_layer")["weight"]
@@ -190,6 +193,16 @@ def _whole_modules(model: nn.Module, paths: List[str]) -> List[str]:
     return out
 
 
+def _target_names(model: nn.Module, paths: Iterable[str]) -> List[str]:
+    """``target_modules`` as PEFT users write it (["q_proj", "v_proj"]) where those names match exactly the
+    adapted modules in this model (PEFT matches a plain name against the end of each module's path), else
+    the modules' full paths, which match only themselves."""
+    paths = set(paths)
+    leaves = {p.rpartition(".")[2] for p in paths}
+    named = {name for name, _ in model.named_modules() if name and name.rpartition(".")[2] in leaves}
+    return sorted(leaves if named == paths else paths)
+
+
 def _config(model: nn.Module, plan: Plan, ranks: Dict[str, int], alphas: Dict[str, float], alpha: float,
             rslora: bool, modules_to_save: List[str], fan_in_fan_out: bool) -> Dict[str, Any]:
     r = plan.rank
@@ -199,7 +212,7 @@ def _config(model: nn.Module, plan: Plan, ranks: Dict[str, int], alphas: Dict[st
         "r": r, "lora_alpha": alpha, "use_rslora": rslora,
         "rank_pattern": {re.escape(p): v for p, v in ranks.items() if v != r},
         "alpha_pattern": {re.escape(p): v for p, v in alphas.items() if v != alpha},
-        "target_modules": sorted(ranks), "modules_to_save": modules_to_save or None,
+        "target_modules": _target_names(model, ranks), "modules_to_save": modules_to_save or None,
         "fan_in_fan_out": fan_in_fan_out, "lora_dropout": plan.dropout, "bias": "none",
         "use_dora": plan.use_dora, "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
         "layers_pattern": None, "revision": None,
@@ -422,6 +435,15 @@ def _check_heads(model: nn.Module, heads: Dict[str, Dict[str, torch.Tensor]]) ->
             raise ValueError(f"the adapter saves module {module_path!r} (modules_to_save), which this model does "
                              "not have") from None
         out += _matched(module, module_path, params)
+    partners = tied_partners(model, list(heads)) if heads else []
+    if partners:  # PEFT's default (ensure_weight_tying=False) trains a tied module's copy, its partner left as it was
+        named = ", ".join(heads)
+        raise ValueError(
+            f"the adapter saves {named} (modules_to_save) but not {', '.join(partners)}, which shares its weight in this "
+            f"model (tied embeddings): PEFT trained {named} apart from it (modules_to_save with ensure_weight_tying="
+            "False, PEFT's default), and peftkern trains a tied pair together. To load it as PEFT does, untie the pair "
+            "first: `model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())` and "
+            "`model.config.tie_word_embeddings = False`; or save the adapter from PEFT with ensure_weight_tying=True")
     return out
 
 

@@ -220,3 +220,31 @@ def test_adapting_one_half_of_a_tied_pair_while_training_the_other_in_full_is_re
         peftkern.patch(model, "lora", targets=["q_proj", "lm_head"], modules_to_save=["embed_tokens"])
     assert not hasattr(model, "peftkern")
     peftkern.patch(model, "lora", targets=["q_proj", "lm_head"])  # adapting it alone is fine
+
+
+@pytest.mark.parametrize("save", ["embed_tokens", "lm_head"])
+def test_a_peft_file_training_one_half_of_a_tied_pair_is_refused_until_untied(save, tmp_path):
+    """PEFT's modules_to_save (ensure_weight_tying=False, its default) trains a copy of one half of a tied
+    pair and leaves the other as it was; load_peft copied it into the shared weight, changing both halves:
+    logits 0.2 from PEFT's, silently (a review's finding). Refused before the model is touched, naming the
+    untying that loads it as PEFT does; untied, it loads equal to PEFT's model."""
+    from peft import LoraConfig, get_peft_model
+
+    theirs = get_peft_model(_tied_llama(), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"],
+                                                      modules_to_save=[save], init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if p.requires_grad and "modules_to_save" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    theirs.save_pretrained(tmp_path)
+    ids = tokens(seed=3) % 128
+    want = _logits(theirs.eval(), ids)
+    model = _tied_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"shares its weight in this model \(tied embeddings\).*ensure_weight_tying"):
+        peftkern.load_peft(model, tmp_path)
+    assert not hasattr(model, "peftkern") and model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # the untying it names
+    model.config.tie_word_embeddings = False
+    torch.testing.assert_close(_logits(peftkern.load_peft(model, tmp_path).eval(), ids), want, rtol=1e-5, atol=1e-5)
