@@ -33,9 +33,9 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalHubKernel(
 # public name -> module that defines it (relative to this package)
 _PUBLIC = {
     **{name: ".api" for name in (
-        "Counts", "Explanation", "count", "disable_adapter", "explain", "load", "load_peft", "merge", "methods",
-        "orthogonal_regularization", "parameter_table", "patch", "rank_pattern", "reference_model", "save",
-        "unmerge", "unpatch")},
+        "Counts", "Explanation", "count", "explain", "load", "load_peft", "merge", "methods",
+        "orthogonal_regularization", "parameter_table", "patch", "rank_pattern", "save", "unmerge", "unpatch")},
+    "disable_adapter": ".reference", "reference_model": ".reference",
     "NonFiniteError": ".health", "check_finite": ".health",
     "export_peft": ".peft_format",
     "AdaptedLinear": ".layer",

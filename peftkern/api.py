@@ -1,20 +1,17 @@
 """The public API. Each function validates first and mutates last."""
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from . import hf, native_format, patching, peft_format, quant
-from .factors import STATE_ATTR, is_patched, state_of
-from .layer import APART_TEXT, AdaptedLinear
+from .factors import is_patched, state_of
+from .layer import APART_TEXT
 from .methods import registry as _methods
 from .methods.allocator import takes_regularization
 from .ops import functions, registry
@@ -195,112 +192,6 @@ def _refuse_shared(model: nn.Module, what: str) -> None:
             f"with peftkern.export_peft, or untie the weights first (e.g. "
             f"model.{path}.base_layer.weight = torch.nn.Parameter(model.{path}.base_layer.weight.clone()), "
             f"and set config.tie_word_embeddings = False)")
-
-
-@contextlib.contextmanager
-def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
-    """``with peftkern.disable_adapter(model):`` the model computes as its base model (PEFT's
-    ``model.disable_adapter()``, e.g. for a DPO reference pass): every adapted module runs its
-    base layer alone, the original ``modules_to_save`` (a task head) run instead of the trained
-    ones, no factor is generated and no regulariser is added to ``outputs.loss``. The previous
-    state comes back on exit, also after an exception; blocks nest. Raises ValueError if
-    ``model`` is not patched, or is merged (its base weights then hold ΔW:
-    ``peftkern.unmerge(model)`` first)."""
-    state = state_of(model)
-    if any(isinstance(m, AdaptedLinear) and m.merged for m in model.modules()):
-        raise ValueError("disable_adapter: the model is merged, so its base weights include the adapter; "
-                         "call peftkern.unmerge(model) first")
-    before = state.disabled
-    heads = getattr(state, "heads", None)
-    with contextlib.ExitStack() as stack:
-        if heads is not None and not before:  # a nested block finds the originals in place already
-            stack.enter_context(heads.swapped_in(model))
-        state.disabled = True
-        try:
-            yield model
-        finally:
-            state.disabled = before
-
-
-class ReferenceModel(nn.Module):
-    """The base model of a patched ``model``, as a module that shares every weight with it
-    (``reference_model``). Every call runs inside ``disable_adapter``, whatever the forward is: a
-    trainer may replace it (TRL's fused LM head does). Attributes it does not have come from the
-    policy; a method of the policy (``generate``) runs inside ``disable_adapter`` too. A submodule
-    it hands on (the backbone ``.model``, ``lm_head``) is the policy's own module, which runs the
-    adapter when called on its own: call the reference model itself."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        object.__setattr__(self, "policy", model)  # not a submodule: the policy's tensors are not ours twice
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            pass
-        policy = self.__dict__["policy"]
-        value = getattr(policy, name)
-        if inspect.ismethod(value) and value.__self__ is policy:
-            @functools.wraps(value)
-            def disabled(*args: Any, **kwargs: Any) -> Any:
-                with disable_adapter(policy):
-                    return value(*args, **kwargs)
-            return disabled
-        return value
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with disable_adapter(self.policy):
-            return super().__call__(*args, **kwargs)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with disable_adapter(self.policy):
-            return self.policy(*args, **kwargs)
-
-    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
-        """The base model's state_dict, under the base model's names: the policy's tensors with its
-        adapter disabled, the adapter's own left out, an adapted module's ``base_layer`` level dropped
-        from the names, and the original values of ``modules_to_save`` (kept as non-persistent copies),
-        so that the unpatched model loads it. Written into ``destination`` when given, as torch's
-        nested calls expect (a parent module's state_dict). What identifies this reference, e.g. to
-        TRL, which keys its cache of precomputed reference log-probabilities on it (an empty
-        state_dict made every base model alike there: a review's finding)."""
-        positional = dict(zip(("destination", "prefix", "keep_vars"), args))  # torch's deprecated form
-        destination = positional.get("destination", destination)
-        prefix, keep_vars = positional.get("prefix", prefix), positional.get("keep_vars", keep_vars)
-        with disable_adapter(self.policy):
-            full = self.policy.state_dict(prefix=prefix, keep_vars=keep_vars)
-        own = f"{prefix}{STATE_ATTR}."
-        wrapped = tuple(f"{prefix}{path}.base_layer." for path, _ in patching.adapted_modules(self.policy))
-        out = destination if destination is not None else type(full)()
-        if destination is None and hasattr(full, "_metadata"):
-            out._metadata = full._metadata
-        for key, value in full.items():
-            if key.startswith(own):
-                continue
-            level = next((w for w in wrapped if key.startswith(w)), None)
-            out[key if level is None else level[:-len("base_layer.")] + key[len(level):]] = value
-        heads = getattr(state_of(self.policy), "heads", None)
-        if heads is not None:  # the originals' parameters, as buffers that state_dict leaves out
-            for path, original in zip(heads.paths, heads.copies):
-                trained = self.policy.get_submodule(path)
-                values = dict(original.named_buffers(remove_duplicate=False))
-                for name, _ in trained.named_parameters(remove_duplicate=False):
-                    value = values[name]
-                    out[f"{prefix}{path}.{name}"] = value if keep_vars else value.detach()
-        return out
-
-
-def reference_model(model: nn.Module) -> nn.Module:
-    """The reference model of preference training (DPO) for a patched ``model``, with no second copy of
-    the base: PEFT's convention, the policy with its adapter disabled (``disable_adapter``).
-
-    ``trl.DPOTrainer(model, ref_model=peftkern.reference_model(model), ...)``. TRL takes that path by
-    itself only for a ``peft.PeftModel`` (an isinstance check); given ``ref_model=None`` and any other
-    model it loads a second copy of the base from ``model.config``'s path. Raises ValueError for a model
-    that is not patched."""
-    state_of(model)
-    return ReferenceModel(model)
 
 
 def orthogonal_regularization(model: nn.Module, num_items_in_batch=None) -> Optional[torch.Tensor]:

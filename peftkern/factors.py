@@ -203,6 +203,7 @@ class AdapterState(nn.Module):
         super().__init__()
         self.plan = plan
         self.disabled = False
+        self.reference_pass = False  # a frozen reference's call (reference.py): no regulariser is added
         # the backends of every op this adapter runs, resolved once per device type (and module
         # shape) in the registry, at patch time for the model's device (ops.registry.Resolver)
         self.backends = Resolver(plan.backend)

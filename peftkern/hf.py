@@ -29,6 +29,7 @@ that flag is how it recognises adapters attached outside a ``PeftModel``.
 """
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.util
 import logging
@@ -38,7 +39,7 @@ from typing import Any
 
 from torch import nn
 
-from . import native_format, patching
+from . import native_format, patching, reference
 from .factors import is_patched
 from .health import unwrap
 from .layer import AdaptedLinear
@@ -154,7 +155,8 @@ def bind(model: nn.Module) -> None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, AdaptedLinear) and "_peftkern_fused_head_guard" not in model.__dict__:
         model._peftkern_fused_head_guard = model.register_forward_pre_hook(_refuse_fused_head, with_kwargs=True)
-    when_trainer_imported(install_trainer_hook)
+    when_imported(TRAINER_MODULE, install_trainer_hook)
+    when_imported(DPO_MODULE, install_dpo_hook)
 
 
 def _refuse_fused_head(model: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -169,18 +171,19 @@ def _refuse_fused_head(model: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 TRAINER_MODULE = "transformers.trainer"
+DPO_MODULE = "trl.trainer.dpo_trainer"
 
 
-def when_trainer_imported(hook) -> None:
-    """Run ``hook`` now if transformers' Trainer module is imported, else right after it is. Importing it
-    ourselves would cost every patch() seconds and ~90 MB (it imports datasets and the rest of the
-    training stack; 87 MB of RSS measured) for users who never build a Trainer; a Trainer cannot exist
-    before its module."""
-    if TRAINER_MODULE in sys.modules:
+def when_imported(name: str, hook) -> None:
+    """Run ``hook`` now if module ``name`` (a trainer's) is imported, else right after it is. Importing it
+    ourselves would cost every patch() seconds and ~90 MB (transformers' Trainer imports datasets and the
+    rest of the training stack; 87 MB of RSS measured) for users who never build a trainer; a trainer
+    cannot exist before its module."""
+    if name in sys.modules:
         hook()
         return
-    if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(TRAINER_MODULE, hook))
+    if not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, hook))
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
@@ -210,6 +213,32 @@ class _HookedLoader(importlib.abc.Loader):
     def exec_module(self, module):
         self.loader.exec_module(module)
         self.hook()
+
+
+def install_dpo_hook() -> None:
+    """TRL's ``DPOTrainer(model, ref_model=None)`` takes its reference from the adapter only for a
+    ``PeftModel`` (an isinstance check); for any other model it loads a second copy of the base from
+    ``model.config``'s path, in full precision even for a 4-bit policy, and says nothing. For a patched
+    model it gets ``peftkern.reference_model(model)`` instead, with a log line: the policy as it is,
+    frozen, as TRL's reference for a PeftModel. Wrapped once per process."""
+    from trl.trainer import dpo_trainer
+
+    cls = dpo_trainer.DPOTrainer
+    if getattr(cls.__init__, "_peftkern", False):
+        return
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, model, ref_model=None, *args, **kwargs):
+        inner = unwrap(getattr(model, "module", model)) if isinstance(model, nn.Module) else None
+        if ref_model is None and inner is not None and is_patched(inner):
+            ref_model = reference.reference_model(inner)
+            log.info("peftkern: DPOTrainer's reference model is the patched policy as it is now, frozen "
+                     "(peftkern.reference_model), as TRL makes it for a PeftModel; pass ref_model to choose another")
+        init(self, model, ref_model, *args, **kwargs)
+
+    __init__._peftkern = True
+    cls.__init__ = __init__
 
 
 def unbind(model: nn.Module) -> None:

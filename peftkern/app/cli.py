@@ -120,10 +120,35 @@ def _check_method_args(args) -> None:
     if args.alpha is not None and not args.alpha > 0:
         raise ValueError(f"--alpha must be a positive number, got {args.alpha}")
     _targets(args)
+    _check_backend(getattr(args, "backend", "auto"))
     if getattr(args, "model", None):
         from .models import check_local
 
         check_local(args.model)
+
+
+def _check_backend(name: str) -> None:
+    """A --backend that cannot run on the device the application trains on fails here, before a model
+    loads (it failed at the first training step, with a traceback: a review's finding)."""
+    if name == "auto":
+        return
+    from ..ops import registry as ops
+    from ..ops.backend import BackendUnavailable
+    from .hardware import device_type
+
+    device = device_type()
+    try:
+        ops.resolve(name, device)
+    except BackendUnavailable as exc:
+        here = []
+        for other in ops.names():
+            try:
+                ops.resolve(other, device)
+                here.append(other)
+            except BackendUnavailable:
+                pass
+        raise ValueError(f"--backend {name} cannot run on this machine's {device}: {exc}; backends that run here: "
+                         f"{', '.join(here)}") from None
 
 
 # --- parser ---------------------------------------------------------------------------------------

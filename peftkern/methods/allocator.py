@@ -454,7 +454,7 @@ class _LossHook:
 
     def __call__(self, module: nn.Module, args: Any, kwargs: Dict[str, Any], output: Any) -> Any:
         loss = getattr(output, "loss", None)
-        if self.state.disabled or not isinstance(loss, Tensor):
+        if self.state.disabled or self.state.reference_pass or not isinstance(loss, Tensor):
             return output
         items = kwargs.get("num_items_in_batch")
         if not takes_regularization(self.state, items):

@@ -94,12 +94,25 @@ def test_bad_flags_are_named_before_anything_loads(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_a_diverged_run_stops_with_exit_code_3_and_saves_nothing(tiny, tmp_path, capsys):
+def test_a_diverged_run_stops_with_exit_code_3_and_saves_nothing(tiny, tmp_path, capsys, monkeypatch):
     """TRL's loop has no NaN/Inf check: a run whose adapter diverged reported a NaN loss, exited 0 and
-    saved an adapter of NaNs (a review's finding). It now stops as the GLUE runs do."""
+    saved an adapter of NaNs (a review's finding). It now stops as the GLUE runs do. The divergence is
+    made, not hoped for: a learning rate of 1e30 left the adapter huge but finite with some package
+    versions (B at 2.8e30, the loss flat at ln V), and the run then rightly saved."""
+    import torch
+    import trl
+
+    train = trl.SFTTrainer.train
+
+    def diverging(self, *args, **kwargs):
+        result = train(self, *args, **kwargs)
+        with torch.no_grad():  # what a diverged step leaves
+            next(p for p in self.model.parameters() if p.requires_grad).fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(trl.SFTTrainer, "train", diverging)
     out = tmp_path / "run"
-    argv = [a if a != "1e-2" else "1e30" for a in _args(tiny, "prompt", out)]
-    assert cli.main(argv) == 3
+    assert cli.main(_args(tiny, "prompt", out)) == 3
     assert "training stopped" in capsys.readouterr().err
     assert not (out / "adapter_model.safetensors").exists() and not (out / "peftkern_model.safetensors").exists()
 
@@ -169,3 +182,13 @@ def test_a_max_length_that_leaves_no_completion_is_named(tiny, tmp_path, capsys)
     assert cli.main(argv) == 2
     assert "--max-length 4 leaves no completion token in any training example" in capsys.readouterr().err
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_backend_that_cannot_run_here_is_named_before_anything_loads(tiny, tmp_path, capsys, monkeypatch):
+    """--backend triton on a CPU without the interpreter died at the first training step with a traceback,
+    after the model had loaded (a review's finding): one line now, naming the backends that run here."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert cli.main(_args(tiny, "prompt", tmp_path / "run", "--backend", "triton")) == 2
+    err = capsys.readouterr().err
+    assert "--backend triton cannot run on this machine's cpu" in err and "backends that run here: auto, cpp, torch" in err
+    assert not (tmp_path / "run").exists()

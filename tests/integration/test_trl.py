@@ -1,7 +1,8 @@
 """TRL on peftkern: a patched model goes to ``trl.SFTTrainer`` (no ``peft_config``) and trains with
 gradient checkpointing, packing and completion-only loss; its checkpoints are the adapter alone and
 resume exactly; ``save_model`` writes a PEFT adapter; every method trains (AdaLoRA's allocator
-following TRL's step counter); ``DPOTrainer`` takes the adapter-disabled policy as its reference."""
+following TRL's step counter); ``DPOTrainer`` takes the policy frozen at its start as its reference
+(TRL's for a PeftModel), or with ``base=True`` the adapter-disabled policy."""
 
 import pytest
 import torch
@@ -160,7 +161,7 @@ def _preference_data(n=16):
                                "rejected": f" it is {2 * i + 1}"} for i in range(n)])
 
 
-def test_dpo_reference_pass_is_the_policy_with_its_adapter_disabled(tiny, tmp_path, monkeypatch):
+def test_dpo_reference_pass_with_base_is_the_policy_with_its_adapter_disabled(tiny, tmp_path, monkeypatch):
     import transformers as T
 
     model = _model(tiny)
@@ -168,19 +169,19 @@ def test_dpo_reference_pass_is_the_policy_with_its_adapter_disabled(tiny, tmp_pa
         for p in model.peftkern.parameters():
             p.add_(0.05 * torch.randn_like(p))
     base = T.AutoModelForCausalLM.from_pretrained(tiny[0]).eval()
-    ref = peftkern.reference_model(model)
+    ref = peftkern.reference_model(model, base=True)
     assert sum(1 for _ in ref.parameters()) == 0  # no second copy of the weights
     ids = torch.randint(5, 900, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(ref(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=0)
     calls = []
-    real = peftkern.api.disable_adapter
+    real = peftkern.reference.disable_adapter
 
     def counting(m):
         calls.append(m)
         return real(m)
 
-    monkeypatch.setattr(peftkern.api, "disable_adapter", counting)
+    monkeypatch.setattr(peftkern.reference, "disable_adapter", counting)
     args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
                      report_to=[], use_cpu=True, bf16=False, logging_steps=1, disable_tqdm=True, max_length=48,
                      save_strategy="no")
@@ -205,7 +206,7 @@ def test_the_reference_models_methods_run_without_the_adapter_and_its_modules_ar
             p.add_(0.05 * torch.randn_like(p))
     base = T.AutoModelForCausalLM.from_pretrained(tiny[0]).eval()
     model.eval()
-    ref = peftkern.reference_model(model)
+    ref = peftkern.reference_model(model, base=True)
     ids = torch.randint(5, 900, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(ref.forward(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=0)
@@ -222,7 +223,7 @@ def test_the_reference_models_state_dict_is_its_base_model(tiny, tmp_path):
     from trl.trainer.utils import hash_module
 
     model = _model(tiny)
-    ref = peftkern.reference_model(model)
+    ref = peftkern.reference_model(model, base=True)
     base = T.AutoModelForCausalLM.from_pretrained(tiny[0])
     state = ref.state_dict()
     assert state.keys() == base.state_dict().keys()  # the base model's names (no base_layer level: a review's finding)
@@ -251,7 +252,7 @@ def test_the_reference_models_state_dict_has_the_original_trained_heads(tiny):
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)  # training the head
     base = T.AutoModelForCausalLM.from_pretrained(tiny[0])
-    state = peftkern.reference_model(model).state_dict()
+    state = peftkern.reference_model(model, base=True).state_dict()
     assert state.keys() == base.state_dict().keys()
     assert torch.equal(state["lm_head.weight"], base.lm_head.weight)  # the original, not the trained head
     base.load_state_dict(state)
@@ -291,3 +292,74 @@ def test_dpo_turns_the_adapters_dropout_off(tiny, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
     assert model.peftkern.lora_dropout.p == 0.0
+
+
+def _trained(model, scale=0.05):
+    with torch.no_grad():  # what SFT leaves: an adapter (and head) away from its initialisation
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("method,options", [("lora", {}), ("lora", {"use_dora": True}), ("pg_pos", {}),
+                                            ("adalora", {"total_step": 20}), ("lora", {"modules_to_save": ["lm_head"]})],
+                         ids=["lora", "dora", "pg_pos", "adalora", "head"])
+def test_the_default_reference_is_the_policy_frozen_when_it_was_made(tiny, method, options):
+    """DPO after SFT on the same adapter: TRL's reference for a PeftModel is a frozen copy of the trained
+    adapter ("ref"), and reference_model was the base model, so every reward was off from TRL+PEFT's
+    (a review's finding: step-1 loss 0.678 against ln 2). The reference now equals the policy as it was at
+    the call, stays so while the policy trains, and its pass between the policy's forward and backward
+    leaves the policy's gradients as they were."""
+    torch.manual_seed(0)
+    model = _trained(_model(tiny, method, **options)).train()
+    model.peftkern.lora_dropout.p = 0.0
+    ids = torch.randint(5, 900, (2, 9))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    ref = peftkern.reference_model(model)
+    assert sum(1 for _ in ref.parameters()) == 0
+    # DoRA's norm of the copies is computed on its own, not in the batch of the policy's norms: rounding apart
+    tol = dict(rtol=1e-6, atol=1e-6) if options.get("use_dora") else dict(rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(input_ids=ids).logits, want, **tol)
+
+    def grads(with_reference):
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        if with_reference:
+            with torch.no_grad():
+                ref(input_ids=ids, labels=ids)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    alone, between = grads(False), grads(True)
+    assert alone.keys() == between.keys() and alone
+    assert all(torch.equal(alone[n], between[n]) for n in alone)
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, want)  # the policy moved
+        torch.testing.assert_close(ref(input_ids=ids).logits, want, **tol)  # its reference did not
+    base_ref = peftkern.reference_model(model, base=True)
+    with torch.no_grad():
+        assert not torch.equal(base_ref(input_ids=ids).logits, want)
+
+
+def test_dpo_without_a_ref_model_takes_the_frozen_policy_as_trl_does_for_a_peft_model(tiny, tmp_path, caplog):
+    """``DPOTrainer(patched, ref_model=None)`` loaded a second, full-precision copy of the base from the
+    config's path, silently (a review's finding). It takes ``reference_model(model)`` now, with a log line: at
+    the first step policy and reference are one model, so the loss is ln 2, as TRL+PEFT's is."""
+    import logging
+    import math
+
+    model = _trained(_model(tiny))
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+                     report_to=[], use_cpu=True, bf16=False, logging_steps=1, disable_tqdm=True, max_length=48,
+                     save_strategy="no")
+    with caplog.at_level(logging.INFO, logger="peftkern"):
+        trainer = DPOTrainer(model=model, args=args, train_dataset=_preference_data(), processing_class=tiny[1])
+    assert isinstance(trainer.ref_model, peftkern.reference.ReferenceModel) and trainer.ref_model.policy is model
+    assert "DPOTrainer's reference model is the patched policy" in caplog.text
+    trainer.train()
+    first = next(h for h in trainer.state.log_history if "loss" in h)
+    assert abs(first["loss"] - math.log(2)) < 1e-4
