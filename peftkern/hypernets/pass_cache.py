@@ -113,9 +113,13 @@ class PassCache:
         version counters and saved-tensor hooks of the eager rules are not traceable, and are not
         needed: a compiled pass is one graph, recomputed as a whole; the value is dropped at the
         end of the pass (``_PassEnd``) so that no step keeps the previous step's graph alive."""
-        if not (self.in_pass and not self.new_pass and self.value is not None):
+        grad = torch.is_grad_enabled()
+        # a value made without grad (the no-grad forward of reentrant checkpointing) cannot serve a call that
+        # needs grad (the regulariser after it): reused, it left the orthogonality term without a gradient
+        # to the hypernetworks (a review's finding), as the eager rule ``gradless`` prevents
+        if not (self.in_pass and not self.new_pass and self.value is not None and not (self.no_grad and grad)):
             self.value = generate()
-            self.key, self.no_grad = None, not torch.is_grad_enabled()
+            self.key, self.no_grad = None, not grad
         self.new_pass = False
         return self.value
 

@@ -108,7 +108,7 @@ class _Generated:
     P: List[Tensor]  # [n, r, N] per length group (token layout: rows are P's columns)
     Q: List[Tensor]  # [n, r, K] per length group
     lam: Tensor  # [slots, r], before masking
-    step: int  # the allocator's step it was generated at
+    step: Optional[int]  # the allocator's step it was generated at (None: generated in a compiled pass)
 
 
 def _groups(lengths: List[int]) -> Tuple[List[int], List[List[int]]]:
@@ -167,7 +167,11 @@ class HyperAdaLoraState(SVDState):
                 Q_of[i] = t
         masked = lam.masked_fill(~self.allocator.keep, 0.0).unbind(0)
         factors = [Factors(Q_of[i], P_of[i], masked[i], None, self.scale) for i in range(slots)]
-        return _Generated(factors, P, Q, lam, self.allocator.global_step)
+        # under torch.compile the step is not read: an int attribute is a guard, so every optimizer step
+        # recompiled the training step, and the ninth failed (fullgraph) or ran eager (a review's finding);
+        # a compiled pass drops its value at its end anyway, and the optimizer hooks keep their own (_pre)
+        step = None if torch.compiler.is_compiling() else self.allocator.global_step
+        return _Generated(factors, P, Q, lam, step)
 
     # --- integration ----------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> List[Any]:

@@ -255,6 +255,9 @@ class Resolver:
         an explicit backend where it can run (elsewhere its error comes at that device's forward,
         as a model patched on the CPU may be moved to CUDA). ``shapes``: (shape, dense) per module kind."""
         shapes = list(shapes)
+        # step_op's fallback, loaded now: a compiled forward reaching its first load() guards on the cache
+        # not holding it, and recompiled once after (a review's finding, AdaLoRA's regulariser)
+        load("torch")
         for device_type in device_types:
             for shape, dense in [(None, True), *shapes]:
                 try:

@@ -35,7 +35,7 @@ import torch
 
 from ..backend import Backend, StepOps
 from ..functions import DORA_INPLACE_ADVICE, dora_folds, first_order_only, new_seed, norm_gain
-from ..library import register
+from ..library import acc_dtype, register
 
 Tensor = torch.Tensor
 
@@ -152,11 +152,13 @@ def expand_backward(dy, x, weight, hu, B, v, scale, needs):
 
 def hypernet_forward(E, W1, b1, W2, b2, save):
     out, pre = _C.hypernet_forward(E, W1, b1, W2, b2)
-    return out, (pre if save else None)
+    # the op's contract, which its fake states and the torch backend keeps: pre saved in the accumulation
+    # dtype (a bf16 pre broke opcheck and the backends' agreement: a review's finding); exact, [L, h] values
+    return out, (pre.to(acc_dtype(E.dtype)) if save else None)
 
 
 def hypernet_backward(dout, E, W1, W2, pre, needs):
-    return list(_C.hypernet_backward(dout, E, W1, W2, pre, list(needs)))
+    return list(_C.hypernet_backward(dout, E, W1, W2, pre.to(E.dtype), list(needs)))
 
 
 def dora_scale_forward(z, g, bias):
