@@ -308,11 +308,15 @@ def sft_config(args):
     wrong = _given(args, GLUE_ONLY)
     if wrong:
         raise ValueError(f"--{wrong[0].replace('_', '-')} applies to classification/regression tasks, not --task sft")
+    targets = _targets(args)
+    if isinstance(targets, list) and "lm_head" in targets:  # else the first training step raises (hf.py's guard)
+        raise ValueError("--targets lm_head: TRL's SFT loss reads lm_head.weight directly (its fused LM head), so an "
+                         "adapter there would never train; leave lm_head out of --targets")
     picked = {k: getattr(args, k) for k in ("epochs", "batch_size", "max_length", "max_new_tokens")
               if getattr(args, k) is not None}
     return SFTConfig(
         data=args.data, eval_data=args.eval_data, model=args.model, method=args.method,
-        options=parse_options(args.option), rank=args.rank, alpha=args.alpha, targets=_targets(args),
+        options=parse_options(args.option), rank=args.rank, alpha=args.alpha, targets=targets,
         use_dora=args.use_dora,
         backend=args.backend, lr=args.lr, lr_source="--lr" if args.lr is not None else "",
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,

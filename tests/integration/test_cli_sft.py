@@ -88,6 +88,7 @@ def test_a_bad_file_is_one_line_naming_it_and_nothing_is_trained(tiny, tmp_path,
     (["finetune", "--rank", "0"], "--rank must be a positive integer, got 0"),
     (["finetune", "--task", "sst2", "--load-in-4bit"], "--load-in-4bit applies to --task sft"),
     (["finetune", "--task", "sft", "--data", "x.jsonl", "--lr", "inf"], "--lr must be a real number in (0, inf)"),
+    (["finetune", "--task", "sft", "--data", "x.jsonl", "--targets", "q_proj,lm_head"], "--targets lm_head: TRL's SFT"),
 ])
 def test_bad_flags_are_named_before_anything_loads(argv, message, capsys):
     assert cli.main(argv) == 2
