@@ -54,7 +54,7 @@ other paths).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -263,6 +263,11 @@ class Magnitudes(nn.Module):
         self._groups: Dict[tuple, Set[int]] = {}  # signature -> slots
         self._slot_group: Dict[int, tuple] = {}
         self._solo: Set[tuple] = set()  # groups whose other modules could not be read from outside
+
+    def fresh_scope(self) -> Dict[str, Any]:
+        """The caches a reference pass keeps apart (reference.py): the norms and gains of the values it
+        runs; ‖W0‖² and the batching's bookkeeping are the same for both."""
+        return {"_norms": {}, "_gains": {}}
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)

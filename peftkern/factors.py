@@ -289,6 +289,12 @@ class AdapterState(nn.Module):
         """Register hooks on the patched model; return their handles (removed by unpatch)."""
         return []
 
+    def pass_caches(self) -> List[Any]:
+        """The objects caching what a forward derives from the adapter's values (DoRA's norms, generated
+        factors), each with ``fresh_scope()``: a reference pass over frozen copies of those values keeps
+        its own fields of them (reference.py), so that neither evicts nor reads the other's."""
+        return [] if self.dora is None else [self.dora]
+
     def generators(self) -> List[nn.Module]:
         """Modules whose outputs are adapter factors (hypernetworks), watched for NaN/Inf by the
         training monitor. Default: none (the factors are parameters)."""

@@ -231,6 +231,13 @@ def install_dpo_hook() -> None:
     @functools.wraps(init)
     def __init__(self, model, ref_model=None, *args, **kwargs):
         inner = unwrap(getattr(model, "module", model)) if isinstance(model, nn.Module) else None
+        config = kwargs.get("args", args[0] if args else None)
+        if (getattr(config, "sync_ref_model", False) and (isinstance(ref_model, reference.ReferenceModel)
+                                                          or (ref_model is None and inner is not None and is_patched(inner)))):
+            # TRL's sync callback mixes the reference's parameters into the policy's; ours has none of its own
+            raise ValueError("sync_ref_model=True needs a reference model with parameters of its own, and peftkern's "
+                             "reference shares the policy's (as TRL refuses it for a PeftModel's): pass a separate "
+                             "ref_model, or set sync_ref_model=False")
         if ref_model is None and inner is not None and is_patched(inner):
             ref_model = reference.reference_model(inner)
             log.info("peftkern: DPOTrainer's reference model is the patched policy as it is now, frozen "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import weakref
 from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
@@ -59,7 +60,13 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
 class FrozenValues:
     """The trained tensors of a patched model as they are now (module docstring): every parameter with
     ``requires_grad`` (the adapter's, a trained head's) and the adapter's persistent buffers (AdaLoRA's
-    kept ranks, HyperAdaLoRA's state), each copied once, under every name it has (tied weights)."""
+    kept ranks, HyperAdaLoRA's state), each copied once, under every name it has (tied weights).
+
+    The caches a forward fills from those values (DoRA's norms, the generated factors of a pass:
+    ``AdapterState.pass_caches``) are scoped: the reference keeps its own fields of them, swapped in
+    with the values. Shared, a reference pass evicted the policy's norms (recomputed on every call) and
+    left its generation where HyperAdaLoRA's optimizer-step hook reads the policy's: it pruned and
+    advanced from the frozen values (a review's finding)."""
 
     def __init__(self, model: nn.Module):
         state = state_of(model)
@@ -74,17 +81,45 @@ class FrozenValues:
         copies: Dict[int, torch.Tensor] = {}
         with torch.no_grad():
             self.values = {n: copies.setdefault(id(t), _frozen_copy(t)) for n, t in named}
+        self.placed: Dict[str, torch.Tensor] = {}  # copies moved to where the model is now (the originals kept)
+        self.state = weakref.ref(state)
+        self.scopes = [(cache, cache.fresh_scope()) for cache in state.pass_caches()]
+
+    def _value(self, name: str, live: torch.Tensor) -> torch.Tensor:
+        """The copy under ``name`` on the live tensor's device and dtype (converted from the original, once
+        per placement: a round trip through bf16 rounds nothing)."""
+        value = self.values[name]
+        if (value.device, value.dtype) == (live.device, live.dtype):
+            return value
+        placed = self.placed.get(name)
+        if placed is None or (placed.device, placed.dtype) != (live.device, live.dtype):
+            with torch.no_grad():
+                placed = self.placed[name] = _frozen_copy(value.to(live.device, live.dtype))
+        return placed
+
+    def _check(self, model: nn.Module) -> Any:
+        state = state_of(model)
+        if state is not self.state():
+            raise ValueError("the reference model's frozen adapter is gone: the policy was unpatched (and patched "
+                             "again) since reference_model(model) was called; make a new reference")
+        if state.disabled:
+            raise ValueError("the frozen reference was called inside disable_adapter(policy), which would run the "
+                             "base model; call it outside the block, or use reference_model(model, base=True)")
+        if any(m.merged for _, m in patching.adapted_modules(model)):
+            raise ValueError("the frozen reference was called on a merged policy, whose base weights hold its live "
+                             "ΔW; call peftkern.unmerge(model) first")
+        return state
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[None]:
-        """Inside the block the model's tables hold the copies (moved to the live tensors' device and dtype
-        once, if the model moved since), and the adapter adds no regulariser; the live tensors come back on
-        exit, also after an exception."""
-        state = state_of(model)
-        swapped = []
+        """Inside the block the model's tables hold the copies, the pass caches the reference's own fields,
+        and the adapter adds no regulariser; the live ones come back on exit, also after an exception.
+        Raises ValueError where the frozen adapter is gone, the policy is merged or its adapter disabled."""
+        state = self._check(model)
+        swapped, scoped = [], []
         before = state.reference_pass
         try:
-            for name, value in self.values.items():
+            for name in self.values:
                 path, _, attr = name.rpartition(".")
                 module = model.get_submodule(path)
                 table = module._parameters if attr in module._parameters else module._buffers
@@ -93,14 +128,20 @@ class FrozenValues:
                     raise ValueError("reference_model: the model is sharded with FSDP2 now, whose forward gathers its "
                                      "own parameters over the frozen copies; use reference_model(model, base=True), or "
                                      "give the trainer a reference model of its own")
-                if (value.device, value.dtype) != (live.device, live.dtype):  # the model moved (a Trainer's .to)
-                    value = self.values[name] = _frozen_copy(value.to(live.device, live.dtype))
                 swapped.append((table, attr, live))
-                table[attr] = value
+                table[attr] = self._value(name, live)
+            for cache, fields in self.scopes:
+                scoped.append((cache, {k: getattr(cache, k) for k in fields}))
+                for k, v in fields.items():
+                    setattr(cache, k, v)
             state.reference_pass = True
             yield
         finally:
             state.reference_pass = before
+            for (cache, fields), (_, live) in zip(self.scopes, scoped):
+                for k in fields:
+                    fields[k] = getattr(cache, k)
+                    setattr(cache, k, live[k])
             for table, attr, live in reversed(swapped):
                 table[attr] = live
 

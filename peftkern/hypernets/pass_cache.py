@@ -74,6 +74,12 @@ class PassCache:
         # the running passes: thread -> [depth (a forward nested in its own), whether with grad]
         self.passes: Dict[int, List[Any]] = {}
 
+    def fresh_scope(self) -> Dict[str, Any]:
+        """The fields a reference pass keeps apart (reference.py), as a new cache has them: all but the
+        running passes, which the thread guard reads across both."""
+        fresh = PassCache()
+        return {name: getattr(fresh, name) for name in self.__slots__ if name != "passes"}
+
     def attach(self, model: nn.Module) -> List[Any]:
         return [model.register_forward_pre_hook(_PassStart(self)),
                 model.register_forward_hook(_PassEnd(self), always_call=True)]

@@ -177,6 +177,9 @@ class HyperAdaLoraState(SVDState):
     def attach(self, model: nn.Module) -> List[Any]:
         return [*super().attach(model), *self._pass.attach(model)]
 
+    def pass_caches(self) -> List[Any]:
+        return [*super().pass_caches(), self._pass]
+
     def generators(self) -> List[nn.Module]:
         return [self.H_P, self.H_lam, self.H_Q]
 

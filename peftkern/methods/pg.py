@@ -222,6 +222,9 @@ class PGState(AdapterState):
     def attach(self, model: nn.Module) -> List[Any]:
         return self._pass.attach(model)
 
+    def pass_caches(self) -> List[Any]:
+        return [*super().pass_caches(), self._pass]
+
     def generators(self) -> List[nn.Module]:
         return [gen for gens in self.hypernets for gen in gens.values()]
 

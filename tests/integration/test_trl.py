@@ -363,3 +363,92 @@ def test_dpo_without_a_ref_model_takes_the_frozen_policy_as_trl_does_for_a_peft_
     trainer.train()
     first = next(h for h in trainer.state.log_history if "loss" in h)
     assert abs(first["loss"] - math.log(2)) < 1e-4
+
+
+@pytest.mark.parametrize("state_update", ["fixed", "advance"])
+def test_a_reference_pass_leaves_hyper_adaloras_pruning_and_state_to_the_policy(tiny, state_update):
+    """HyperAdaLoRA prunes and advances its state after the optimizer step from the pass's generation; a
+    frozen reference pass run between the policy's forward and backward (TRL's order) left its own there,
+    so training pruned from the frozen values (53-57 of 57 tensors apart: a review's finding). The
+    reference keeps its own pass caches now: training is the same with and without it."""
+    def train(with_reference):
+        torch.manual_seed(0)
+        model = _model(tiny, "hyper_adalora", total_step=6, tinit=1, tfinal=1, deltaT=1,
+                       state_update=state_update).train()
+        ref = peftkern.reference_model(model)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        for i in range(5):
+            ids = torch.randint(5, 900, (2, 9), generator=torch.Generator().manual_seed(i))
+            loss = model(input_ids=ids, labels=ids).loss
+            if with_reference:
+                with torch.no_grad():
+                    ref(input_ids=ids, labels=ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return {k: v.clone() for k, v in model.peftkern.state_dict().items()}, peftkern.rank_pattern(model)
+
+    (alone, keep_alone), (between, keep_between) = train(False), train(True)
+    assert keep_alone == keep_between
+    assert all(torch.equal(alone[k], between[k]) for k in alone)
+
+
+def test_a_reference_pass_keeps_its_own_dora_norms():
+    """The norm cache held one entry per module, so policy and reference passes evicted each other's norms:
+    36 recomputations in 5 alternating evaluations against 4 (a review's finding). None now."""
+    from peftkern import dora
+    from tests.helpers.models import tiny_model, tokens
+
+    model = peftkern.patch(tiny_model("llama"), "lora", rank=4, use_dora=True, targets="all-linear").eval()
+    _trained(model)
+    ref = peftkern.reference_model(model)
+    ids = tokens()
+    with torch.no_grad():
+        policy, frozen = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    calls = []
+    gain = dora.Magnitudes.gain
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dora.Magnitudes, "gain", lambda self, *a, **k: calls.append(1) or gain(self, *a, **k))
+        with torch.no_grad():
+            for _ in range(3):
+                assert torch.equal(model(input_ids=ids).logits, policy)
+                assert torch.equal(ref(input_ids=ids).logits, frozen)
+    assert not calls
+
+
+def test_the_frozen_reference_refuses_what_would_run_other_values(tiny):
+    """Merged, it ran the live policy (0.42 from the frozen values); inside disable_adapter, the base model;
+    after unpatch and patch again, the old copies under the new adapter's names (a review's finding)."""
+    model = _trained(_model(tiny))
+    ref = peftkern.reference_model(model)
+    ids = torch.randint(5, 900, (2, 9))
+    peftkern.merge(model)
+    with pytest.raises(ValueError, match="merged policy"):
+        ref(input_ids=ids)
+    peftkern.unmerge(model)
+    with peftkern.disable_adapter(model), pytest.raises(ValueError, match="inside disable_adapter"):
+        ref(input_ids=ids)
+    peftkern.unpatch(model)
+    peftkern.patch(model, "lora", rank=8)
+    with pytest.raises(ValueError, match="frozen adapter is gone"):
+        ref(input_ids=ids)
+
+
+def test_the_frozen_copies_keep_their_values_through_a_call_in_another_dtype(tiny):
+    model = _trained(_model(tiny))
+    ref = peftkern.reference_model(model)
+    before = {n: v.clone() for n, v in ref.frozen.values.items()}
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        ref(input_ids=torch.randint(5, 900, (2, 9)))
+    model.to(torch.float32)
+    assert all(torch.equal(before[n], v) and v.dtype == torch.float32 for n, v in ref.frozen.values.items())
+
+
+def test_dpo_with_sync_ref_model_is_refused_for_a_reference_without_parameters(tiny, tmp_path):
+    """TRL's sync callback zips the reference's parameters with the policy's: ours has none, and it crashed
+    at the first sync (step 512 by default). Refused at construction, as TRL refuses it for a PeftModel."""
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[], use_cpu=True,
+                     bf16=False, disable_tqdm=True, max_length=48, save_strategy="no", sync_ref_model=True)
+    with pytest.raises(ValueError, match="sync_ref_model=True needs a reference model with parameters of its own"):
+        DPOTrainer(model=_model(tiny), args=args, train_dataset=_preference_data(), processing_class=tiny[1])
