@@ -84,6 +84,7 @@ class FrozenValues:
         self.placed: Dict[str, torch.Tensor] = {}  # copies moved to where the model is now (the originals kept)
         self.state = weakref.ref(state)
         self.scopes = [(cache, cache.fresh_scope()) for cache in state.pass_caches()]
+        self.depth = 0  # inside swapped_in: a call nests forward in __call__, a method its forwards
 
     def _value(self, name: str, live: torch.Tensor) -> torch.Tensor:
         """The copy under ``name`` on the live tensor's device and dtype (converted from the original, once
@@ -114,8 +115,21 @@ class FrozenValues:
     def swapped_in(self, model: nn.Module) -> Iterator[None]:
         """Inside the block the model's tables hold the copies, the pass caches the reference's own fields,
         and the adapter adds no regulariser; the live ones come back on exit, also after an exception.
-        Raises ValueError where the frozen adapter is gone, the policy is merged or its adapter disabled."""
+        Raises ValueError where the frozen adapter is gone, the policy is merged or its adapter disabled,
+        and RuntimeError while another thread runs the policy (the tables and caches are the model's).
+        Re-entrant: a nested block (the forward inside a call) changes nothing more."""
+        if self.depth:
+            self.depth += 1
+            try:
+                yield
+            finally:
+                self.depth -= 1
+            return
         state = self._check(model)
+        if any(getattr(cache, "running_elsewhere", lambda: False)() for cache, _ in self.scopes):
+            raise RuntimeError("the frozen reference swaps its values into the policy's modules for its call, and "
+                               "another thread is running the policy: call the reference from the thread that "
+                               "trains the policy (as TRL does)")
         swapped, scoped = [], []
         before = state.reference_pass
         try:
@@ -135,8 +149,10 @@ class FrozenValues:
                 for k, v in fields.items():
                     setattr(cache, k, v)
             state.reference_pass = True
+            self.depth = 1
             yield
         finally:
+            self.depth = 0
             state.reference_pass = before
             for (cache, fields), (_, live) in zip(self.scopes, scoped):
                 for k in fields:

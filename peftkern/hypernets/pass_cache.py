@@ -74,6 +74,11 @@ class PassCache:
         # the running passes: thread -> [depth (a forward nested in its own), whether with grad]
         self.passes: Dict[int, List[Any]] = {}
 
+    def running_elsewhere(self) -> bool:
+        """Whether another thread's forward pass of the model is running (reference.py refuses to swap then)."""
+        thread = threading.get_ident()
+        return any(t != thread for t in self.passes)
+
     def fresh_scope(self) -> Dict[str, Any]:
         """The fields a reference pass keeps apart (reference.py), as a new cache has them: all but the
         running passes, which the thread guard reads across both."""

@@ -452,3 +452,41 @@ def test_dpo_with_sync_ref_model_is_refused_for_a_reference_without_parameters(t
                      bf16=False, disable_tqdm=True, max_length=48, save_strategy="no", sync_ref_model=True)
     with pytest.raises(ValueError, match="sync_ref_model=True needs a reference model with parameters of its own"):
         DPOTrainer(model=_model(tiny), args=args, train_dataset=_preference_data(), processing_class=tiny[1])
+
+
+def test_the_reference_keeps_its_generation_across_calls_and_refuses_a_concurrent_policy_pass(tiny):
+    """Its call nests its forward: the inner scope's exit undid the outer's, so a PG reference generated at
+    every call; and a reference call while another thread ran the policy gave that thread neither model's
+    logits and left the policy's pass cache marked running (a review's finding). One generation over three
+    eval calls now, and a call during another thread's pass of the policy is refused."""
+    import threading
+
+    model = _trained(_model(tiny, "pg_trainable")).eval()
+    ref = peftkern.reference_model(model)
+    ids = torch.randint(5, 900, (2, 9))
+    cache = model.peftkern.pass_caches()[-1]
+    with torch.no_grad():
+        first = ref(input_ids=ids).logits
+        kept = ref.frozen.scopes[-1][1]["value"]
+        assert kept is not None  # the reference's own generation survives its call
+        for _ in range(2):
+            torch.testing.assert_close(ref(input_ids=ids).logits, first, rtol=0, atol=0)
+        assert ref.frozen.scopes[-1][1]["value"] is kept  # reused, not generated again
+    started, release = threading.Event(), threading.Event()
+
+    def hold(module, args, output):
+        started.set()
+        release.wait(10)
+
+    handle = model.model.layers[0].register_forward_hook(hold)
+    worker = threading.Thread(target=lambda: model(input_ids=ids))
+    worker.start()
+    started.wait(10)
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match="another thread is running the policy"):
+            ref(input_ids=ids)
+    finally:
+        release.set()
+        worker.join()
+        handle.remove()
+    assert not cache.in_pass and not cache.passes
