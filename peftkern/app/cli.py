@@ -41,7 +41,7 @@ DEMO_TASK = "sst2"
 COMMON = {"weight_decay": 0.01, "max_grad_norm": 0.0, "warmup_ratio": 0.0, "rank": 8}
 SFT_TASK = "sft"
 GLUE_ONLY = ("data_dir", "split_dev", "group_by_length", "weight_decay", "max_grad_norm",
-             "warmup_ratio", "head_lr", "save_every", "resume", "budget")
+             "warmup_ratio", "head_lr", "budget")
 SFT_ONLY = ("data", "eval_data", "eval_generate", "max_new_tokens", "gradient_checkpointing", "packing", "precision",
             "load_in_4bit")
 
@@ -208,10 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     glue.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
                       help="batch examples of similar length together (less padding, faster); default on, "
                       "off with --budget paper")
-    glue.add_argument("--save-every", type=int, metavar="N", help="write a checkpoint every N optimizer steps to "
-                      "<output-dir>/checkpoints (atomically; the last one is kept)")
-    glue.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output "
-                      "directory: adapter, optimizer, scheduler, RNG states, data order, AdaLoRA allocator")
+    ft.add_argument("--save-every", type=int, metavar="N", help="write a checkpoint every N optimizer steps "
+                    "(the last one is kept): to <output-dir>/checkpoints, atomically; with --task sft, the Trainer's "
+                    "<output-dir>/checkpoint-N")
+    ft.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output "
+                    "directory: adapter, optimizer, scheduler, RNG states, data order, AdaLoRA allocator")
     sft = ft.add_argument_group("instruction tuning (--task sft)")
     sft.add_argument("--data", help="JSONL, one example per line: {\"prompt\", \"completion\"} or {\"messages\"}")
     sft.add_argument("--eval-data", help="JSONL of held-out examples (default: a fixed tenth of --data)")
@@ -324,6 +325,7 @@ def sft_config(args):
         precision=args.precision or "auto", load_in_4bit=args.load_in_4bit,
         seed=PAPER_SEEDS[0] if args.seed is None else args.seed,
         output_dir=args.output_dir or str(Path("runs") / f"sft-{args.method}"), progress=not args.no_progress,
+        save_every=args.save_every, resume=args.resume,
         **{**{k: DEFAULTS[k] for k in ("epochs", "batch_size", "max_length", "max_new_tokens")}, **picked})
 
 

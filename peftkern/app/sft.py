@@ -72,6 +72,8 @@ class SFTConfig:
     seed: int = 100
     output_dir: Optional[str] = None
     progress: bool = True
+    save_every: Optional[int] = None  # a Trainer checkpoint every N optimizer steps (the last one kept)
+    resume: bool = False  # continue from the last Trainer checkpoint in output_dir
 
     def resolved(self) -> "SFTConfig":
         """A validated copy with the method's learning rate filled in; raises before any work is done."""
@@ -86,6 +88,8 @@ class SFTConfig:
         for name in ("epochs", "batch_size", "max_length", "max_new_tokens"):
             if not getattr(out, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(out, name)}")
+        if out.save_every is not None and not out.save_every > 0:
+            raise ValueError(f"save_every must be a positive number of steps, got {out.save_every}")
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(out, name) is not None and not getattr(out, name) > 0:
                 raise ValueError(f"{name} must be positive (or left out for every example), got {getattr(out, name)}")
@@ -127,6 +131,25 @@ def prepare_data(cfg: SFTConfig) -> Prepared:
 
 def _bf16(cfg: SFTConfig, device_type: str) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device_type))
+
+
+def _saving(cfg: SFTConfig) -> Dict[str, Any]:
+    """The Trainer's checkpointing: every ``save_every`` steps into output_dir/checkpoint-N, the last one
+    kept (each the adapter alone, with the optimizer, scheduler, RNG and step: peftkern.hf resumes it)."""
+    if cfg.save_every is None:
+        return {"save_strategy": "no"}
+    return {"save_strategy": "steps", "save_steps": cfg.save_every, "save_total_limit": 1}
+
+
+def _last_checkpoint(out_dir: str) -> Optional[str]:
+    """The last Trainer checkpoint in ``out_dir``; with none there, say so and start at step 0 (as the GLUE
+    runs do, so that a job relaunched with --resume after every preemption also starts the first time)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    found = get_last_checkpoint(out_dir) if Path(out_dir).is_dir() else None
+    if found is None:
+        log.warning("peftkern: resume: no checkpoint in %s yet; starting at step 0", out_dir)
+    return found
 
 
 def finetune_sft(config: SFTConfig) -> RunResult:
@@ -194,12 +217,12 @@ def _finetune_sft(config: SFTConfig) -> RunResult:
         packing=cfg.packing, completion_only_loss=True, bf16=bf16, fp16=False,
         # one evaluation per epoch; a single epoch's is the final evaluate() below
         use_cpu=device_type == "cpu", seed=cfg.seed, data_seed=cfg.seed, eval_strategy="epoch" if cfg.epochs > 1 else "no",
-        save_strategy="no", logging_steps=1, report_to=[], disable_tqdm=not cfg.progress, **checkpointing)
+        logging_steps=1, report_to=[], disable_tqdm=not cfg.progress, **checkpointing, **_saving(cfg))
     trainer = _regularized(SFTTrainer)(model=model, args=args, processing_class=tokenizer, callbacks=callbacks,
                          train_dataset=Dataset.from_dict(sft_data.to_trl(data.train, chat)),
                          eval_dataset=Dataset.from_dict(sft_data.to_trl(data.held_out, chat)))
     quiet_progress(trainer, cfg.progress, f"sft {cfg.method} seed {cfg.seed}")
-    trainer.train()
+    trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir) if cfg.resume else None)
     # TRL's loop has no NaN/Inf check (the GLUE loop's monitor): a diverged run must not report a NaN
     # loss, exit 0 and save an adapter of NaNs (a review's finding); the CLI's exit code 3, as there
     health.check_finite(model).raise_if_bad()

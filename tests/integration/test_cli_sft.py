@@ -193,3 +193,43 @@ def test_a_backend_that_cannot_run_here_is_named_before_anything_loads(tiny, tmp
     err = capsys.readouterr().err
     assert "--backend triton cannot run on this machine's cpu" in err and "backends that run here: auto, cpp, torch" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_sft_checkpoints_and_a_killed_run_resumes_exactly(tiny, tmp_path, caplog, monkeypatch):
+    """--save-every and --resume applied to classification runs only (a review's finding: a long SFT run had
+    no way back after a kill). The Trainer's checkpoints now: a run killed after its step-4 checkpoint and
+    resumed ends with the adapter of the run that was not killed, bit for bit; with no checkpoint yet,
+    --resume starts at step 0."""
+    import logging
+
+    import torch
+    import trl
+    from safetensors.torch import load_file
+
+    full = tmp_path / "full"
+    assert cli.main(_args(tiny, "prompt", full, "--save-every", "4")) == 0
+    assert [c.name for c in full.glob("checkpoint-*")] == ["checkpoint-9"]  # the last one kept (9 steps)
+
+    class Killed(Exception):
+        pass
+
+    step, calls = trl.SFTTrainer.training_step, []
+
+    def killed_at_the_sixth(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise Killed
+        return step(self, *args, **kwargs)
+
+    run = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        m.setattr(trl.SFTTrainer, "training_step", killed_at_the_sixth)
+        with pytest.raises(Killed):
+            cli.main(_args(tiny, "prompt", run, "--save-every", "4"))
+    assert [c.name for c in run.glob("checkpoint-*")] == ["checkpoint-4"]
+    assert cli.main(_args(tiny, "prompt", run, "--save-every", "4", "--resume")) == 0
+    want, got = load_file(str(full / "peftkern_model.safetensors")), load_file(str(run / "peftkern_model.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    with caplog.at_level(logging.WARNING, logger="peftkern"):
+        assert cli.main(_args(tiny, "prompt", tmp_path / "fresh", "--resume")) == 0
+    assert "no checkpoint in" in caplog.text
