@@ -18,6 +18,7 @@ natively (CUDA with bf16, a CPU with AVX-512 BF16 or AMX), else in fp32; the run
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -133,6 +134,45 @@ def _bf16(cfg: SFTConfig, device_type: str) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device_type))
 
 
+RUN_FILE = "peftkern_run.json"  # in each checkpoint: the settings it was made with, checked at --resume
+# what may change between a run and its resumption: the GLUE runs' list, and what only evaluation reads
+RESUME_MAY_CHANGE = ("progress", "resume", "save_every", "output_dir", "lr_source", "eval_generate", "max_new_tokens")
+
+
+def _run_settings(cfg: SFTConfig) -> Dict[str, Any]:
+    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE}, default=str))
+
+
+def _settings_callback(cfg: SFTConfig):
+    """Writes the run's settings into each checkpoint the Trainer saves (rank 0)."""
+    from transformers import TrainerCallback
+
+    settings = _run_settings(cfg)
+
+    class Settings(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                (folder / RUN_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+    return Settings()
+
+
+def _check_resumable(found: str, cfg: SFTConfig) -> None:
+    """ValueError where the checkpoint was made with other settings: the Trainer would restore its scheduler
+    (the old learning rate) and data order under this run's name (a review's finding for the GLUE runs)."""
+    path = Path(found) / RUN_FILE
+    if not path.is_file():
+        raise ValueError(f"--resume: {found} has no {RUN_FILE}: it was not written by peftkern finetune --task sft; "
+                         "use another --output-dir")
+    have, want = json.loads(path.read_text()), _run_settings(cfg)
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {have.get(k)!r}, this run {want.get(k)!r}" for k in diff[:4])
+        raise ValueError(f"checkpoint {found} was written by a different run ({shown}); resume with the same "
+                         "settings, or use another --output-dir")
+
+
 def _saving(cfg: SFTConfig) -> Dict[str, Any]:
     """The Trainer's checkpointing: every ``save_every`` steps into output_dir/checkpoint-N, the last one
     kept (each the adapter alone, with the optimizer, scheduler, RNG and step: peftkern.hf resumes it)."""
@@ -141,7 +181,7 @@ def _saving(cfg: SFTConfig) -> Dict[str, Any]:
     return {"save_strategy": "steps", "save_steps": cfg.save_every, "save_total_limit": 1}
 
 
-def _last_checkpoint(out_dir: str) -> Optional[str]:
+def _last_checkpoint(out_dir: str, cfg: SFTConfig) -> Optional[str]:
     """The last Trainer checkpoint in ``out_dir``; with none there, say so and start at step 0 (as the GLUE
     runs do, so that a job relaunched with --resume after every preemption also starts the first time)."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -149,6 +189,8 @@ def _last_checkpoint(out_dir: str) -> Optional[str]:
     found = get_last_checkpoint(out_dir) if Path(out_dir).is_dir() else None
     if found is None:
         log.warning("peftkern: resume: no checkpoint in %s yet; starting at step 0", out_dir)
+    else:
+        _check_resumable(found, cfg)
     return found
 
 
@@ -187,6 +229,9 @@ def _finetune_sft(config: SFTConfig) -> RunResult:
 
     cfg = config.resolved()
     data = prepare_data(cfg)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else None  # where the results go (none: not written)
+    trainer_dir = out_dir or Path("runs") / f"sft-{cfg.method}"  # the Trainer's, its checkpoints
+    resume_from = _last_checkpoint(str(trainer_dir), cfg) if cfg.resume else None  # a misfit fails before loading
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     tokenizer, model = models.load_causal_lm(cfg.model, load_in_4bit=cfg.load_in_4bit)
@@ -200,18 +245,17 @@ def _finetune_sft(config: SFTConfig) -> RunResult:
     options = registry.with_training_length(cfg.method, cfg.options, "auto")
     api.patch(model, cfg.method, rank=cfg.rank, targets=cfg.targets, alpha=cfg.alpha, backend=cfg.backend,
               use_dora=cfg.use_dora, **options)
-    callbacks = []
+    callbacks = [] if cfg.save_every is None else [_settings_callback(cfg)]
     if state_of(model).rank_allocator() is not None:
         from .callbacks import AllocatorCallback
 
         callbacks.append(AllocatorCallback())
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
     # TRL's config turns checkpointing on by default: say off where the flag is off (a review's finding: every
     # run checkpointed, and metrics.json said it did not)
     checkpointing = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}} \
         if cfg.gradient_checkpointing else {"activation_checkpointing": False}
     args = TrlConfig(
-        output_dir=str(out_dir or Path("runs") / f"sft-{cfg.method}"), num_train_epochs=cfg.epochs,
+        output_dir=str(trainer_dir), num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         learning_rate=cfg.lr, lr_scheduler_type="linear", weight_decay=0.0, max_length=cfg.max_length,
         packing=cfg.packing, completion_only_loss=True, bf16=bf16, fp16=False,
@@ -222,7 +266,7 @@ def _finetune_sft(config: SFTConfig) -> RunResult:
                          train_dataset=Dataset.from_dict(sft_data.to_trl(data.train, chat)),
                          eval_dataset=Dataset.from_dict(sft_data.to_trl(data.held_out, chat)))
     quiet_progress(trainer, cfg.progress, f"sft {cfg.method} seed {cfg.seed}")
-    trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir) if cfg.resume else None)
+    trainer.train(resume_from_checkpoint=resume_from)
     # TRL's loop has no NaN/Inf check (the GLUE loop's monitor): a diverged run must not report a NaN
     # loss, exit 0 and save an adapter of NaNs (a review's finding); the CLI's exit code 3, as there
     health.check_finite(model).raise_if_bad()

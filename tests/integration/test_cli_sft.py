@@ -233,3 +233,16 @@ def test_sft_checkpoints_and_a_killed_run_resumes_exactly(tiny, tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="peftkern"):
         assert cli.main(_args(tiny, "prompt", tmp_path / "fresh", "--resume")) == 0
     assert "no checkpoint in" in caplog.text
+
+
+def test_resuming_with_other_settings_is_refused_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch):
+    """The Trainer restores its scheduler (the old learning rate) and data order whatever this run asks, so a
+    resume under other settings would train one run and report another: refused, naming the settings."""
+    from peftkern.app import models
+
+    out = tmp_path / "run"
+    assert cli.main(_args(tiny, "prompt", out, "--save-every", "4")) == 0
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("the model loaded"))
+    argv = [a if a != "1e-2" else "5e-2" for a in _args(tiny, "prompt", out, "--resume")]
+    assert cli.main(argv) == 2
+    assert "was written by a different run (lr: checkpoint 0.01, this run 0.05)" in capsys.readouterr().err
