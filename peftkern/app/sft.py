@@ -18,9 +18,12 @@ natively (CUDA with bf16, a CPU with AVX-512 BF16 or AMX), else in fp32; the run
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +34,7 @@ import torch
 from .. import api, checks, health
 from ..factors import state_of
 from ..methods import registry
-from . import models, report, sft_data
+from . import checkpoint, models, report, sft_data
 from .hardware import device_type as _device_type
 from .hardware import native_bf16
 from .report import RunResult
@@ -91,6 +94,8 @@ class SFTConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(out, name)}")
         if out.save_every is not None and not out.save_every > 0:
             raise ValueError(f"save_every must be a positive number of steps, got {out.save_every}")
+        if (out.resume or out.save_every is not None) and not out.output_dir:
+            raise ValueError("resume and save_every need an output directory, where checkpoints are kept")
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(out, name) is not None and not getattr(out, name) > 0:
                 raise ValueError(f"{name} must be positive (or left out for every example), got {getattr(out, name)}")
@@ -140,37 +145,65 @@ RESUME_MAY_CHANGE = ("progress", "resume", "save_every", "output_dir", "lr_sourc
 
 
 def _run_settings(cfg: SFTConfig) -> Dict[str, Any]:
-    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE}, default=str))
+    """The settings a checkpoint must be resumed with: the config (paths resolved), the data files'
+    contents (SHA-256) and the number of processes, as the GLUE runs' checkpoints record them."""
+    values = {k: v for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
+    for key in ("data", "eval_data", "model"):  # a path given another way is the same path
+        if values.get(key) and Path(values[key]).exists():
+            values[key] = str(Path(values[key]).resolve())
+    values["data_sha256"] = {k: hashlib.sha256(Path(values[k]).read_bytes()).hexdigest()
+                             for k in ("data", "eval_data") if values.get(k)}
+    values["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, before any process group exists
+    return json.loads(json.dumps(values, default=str))
 
 
-def _settings_callback(cfg: SFTConfig):
-    """Writes the run's settings into each checkpoint the Trainer saves (rank 0)."""
-    from transformers import TrainerCallback
-
-    settings = _run_settings(cfg)
-
-    class Settings(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if state.is_world_process_zero and folder.is_dir():
-                (folder / RUN_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-
-    return Settings()
+def _complete(folder: Path) -> bool:
+    """The Trainer writes a checkpoint's trainer_state.json last: without it, the save was killed part way."""
+    return (folder / "trainer_state.json").is_file()
 
 
-def _check_resumable(found: str, cfg: SFTConfig) -> None:
-    """ValueError where the checkpoint was made with other settings: the Trainer would restore its scheduler
-    (the old learning rate) and data order under this run's name (a review's finding for the GLUE runs)."""
-    path = Path(found) / RUN_FILE
-    if not path.is_file():
-        raise ValueError(f"--resume: {found} has no {RUN_FILE}: it was not written by peftkern finetune --task sft; "
+def _checkpoints(out_dir: Path) -> List[Path]:
+    """The Trainer's checkpoint-N folders in ``out_dir``, oldest step first."""
+    found = [p for p in out_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _last_checkpoint(out_dir: Path, cfg: SFTConfig) -> Optional[str]:
+    """The last complete checkpoint in ``out_dir``, checked against this run's settings (ValueError where it
+    was made with others, or not by an SFT run); with none there, say so and start at step 0 (as the GLUE
+    runs do, so that a job relaunched with --resume after every preemption also starts the first time)."""
+    if (out_dir / checkpoint.FOLDER).is_dir():
+        raise ValueError(f"--resume: {out_dir} holds a classification run's checkpoints ({checkpoint.FOLDER}/); use "
+                         "another --output-dir for --task sft")
+    found = _checkpoints(out_dir)
+    complete = [p for p in found if _complete(p)]
+    for p in found[found.index(complete[-1]) + 1 if complete else 0:]:
+        log.warning("peftkern: resume: skipping %s, a save killed part way", p)
+    if not complete:
+        log.warning("peftkern: resume: no checkpoint in %s yet; starting at step 0", out_dir)
+        return None
+    last = complete[-1]
+    if not (last / RUN_FILE).is_file():
+        raise ValueError(f"--resume: {last} has no {RUN_FILE}: it was not written by peftkern finetune --task sft; "
                          "use another --output-dir")
-    have, want = json.loads(path.read_text()), _run_settings(cfg)
+    have, want = json.loads((last / RUN_FILE).read_text()), _run_settings(cfg)
     diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     if diff:
         shown = ", ".join(f"{k}: checkpoint {have.get(k)!r}, this run {want.get(k)!r}" for k in diff[:4])
-        raise ValueError(f"checkpoint {found} was written by a different run ({shown}); resume with the same "
+        raise ValueError(f"checkpoint {last} was written by a different run ({shown}); resume with the same "
                          "settings, or use another --output-dir")
+    return str(last)
+
+
+def _fresh_start(out_dir: Path) -> None:
+    """A run that does not resume starts without an earlier run's checkpoints in its folder: a later
+    --resume would otherwise continue theirs."""
+    old = _checkpoints(out_dir)
+    if old:
+        log.info("peftkern: removing %d checkpoint(s) of an earlier run in %s (this run starts at step 0; "
+                 "--resume continues one)", len(old), out_dir)
+        for p in old:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _saving(cfg: SFTConfig) -> Dict[str, Any]:
@@ -181,17 +214,19 @@ def _saving(cfg: SFTConfig) -> Dict[str, Any]:
     return {"save_strategy": "steps", "save_steps": cfg.save_every, "save_total_limit": 1}
 
 
-def _last_checkpoint(out_dir: str, cfg: SFTConfig) -> Optional[str]:
-    """The last Trainer checkpoint in ``out_dir``; with none there, say so and start at step 0 (as the GLUE
-    runs do, so that a job relaunched with --resume after every preemption also starts the first time)."""
-    from transformers.trainer_utils import get_last_checkpoint
+def _recording_settings(trainer_class, settings: Dict[str, Any]):
+    """``trainer_class`` writing ``settings`` into each checkpoint folder before the Trainer saves into it,
+    so that a checkpoint whose save completed (trainer_state.json, written last) always has them."""
 
-    found = get_last_checkpoint(out_dir) if Path(out_dir).is_dir() else None
-    if found is None:
-        log.warning("peftkern: resume: no checkpoint in %s yet; starting at step 0", out_dir)
-    else:
-        _check_resumable(found, cfg)
-    return found
+    class RecordingSettings(trainer_class):
+        def _save_checkpoint(self, model, trial):
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            if self.args.should_save:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / RUN_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+            return super()._save_checkpoint(model, trial)
+
+    return RecordingSettings
 
 
 def finetune_sft(config: SFTConfig) -> RunResult:
@@ -231,7 +266,12 @@ def _finetune_sft(config: SFTConfig) -> RunResult:
     data = prepare_data(cfg)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None  # where the results go (none: not written)
     trainer_dir = out_dir or Path("runs") / f"sft-{cfg.method}"  # the Trainer's, its checkpoints
-    resume_from = _last_checkpoint(str(trainer_dir), cfg) if cfg.resume else None  # a misfit fails before loading
+    if cfg.resume:
+        resume_from = _last_checkpoint(trainer_dir, cfg)  # a misfit fails before the model loads
+    else:
+        resume_from = None
+        if cfg.save_every is not None:
+            _fresh_start(trainer_dir)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     tokenizer, model = models.load_causal_lm(cfg.model, load_in_4bit=cfg.load_in_4bit)
@@ -245,7 +285,7 @@ def _finetune_sft(config: SFTConfig) -> RunResult:
     options = registry.with_training_length(cfg.method, cfg.options, "auto")
     api.patch(model, cfg.method, rank=cfg.rank, targets=cfg.targets, alpha=cfg.alpha, backend=cfg.backend,
               use_dora=cfg.use_dora, **options)
-    callbacks = [] if cfg.save_every is None else [_settings_callback(cfg)]
+    callbacks = []
     if state_of(model).rank_allocator() is not None:
         from .callbacks import AllocatorCallback
 
@@ -262,7 +302,10 @@ def _finetune_sft(config: SFTConfig) -> RunResult:
         # one evaluation per epoch; a single epoch's is the final evaluate() below
         use_cpu=device_type == "cpu", seed=cfg.seed, data_seed=cfg.seed, eval_strategy="epoch" if cfg.epochs > 1 else "no",
         logging_steps=1, report_to=[], disable_tqdm=not cfg.progress, **checkpointing, **_saving(cfg))
-    trainer = _regularized(SFTTrainer)(model=model, args=args, processing_class=tokenizer, callbacks=callbacks,
+    trainer_class = _regularized(SFTTrainer)
+    if cfg.save_every is not None:
+        trainer_class = _recording_settings(trainer_class, _run_settings(cfg))
+    trainer = trainer_class(model=model, args=args, processing_class=tokenizer, callbacks=callbacks,
                          train_dataset=Dataset.from_dict(sft_data.to_trl(data.train, chat)),
                          eval_dataset=Dataset.from_dict(sft_data.to_trl(data.held_out, chat)))
     quiet_progress(trainer, cfg.progress, f"sft {cfg.method} seed {cfg.seed}")
@@ -291,7 +334,7 @@ def _finetune_sft(config: SFTConfig) -> RunResult:
         config={**{k: v for k, v in asdict(cfg).items() if k != "progress"}, "options": options,
                 "data_source": data.source, "precision": "bf16 autocast" if bf16 else "fp32",
                 "chat_template": chat, "metrics": metrics,
-                "step_seconds": _step_seconds(history)})
+                "step_seconds": _step_seconds(history, int(Path(resume_from).name.split("-")[-1]) if resume_from else 0)})
     if out_dir is not None:
         api.save(model, out_dir)  # rank 0 writes (it says so itself under torchrun)
         if trainer.is_world_process_zero():  # every rank wrote these under torchrun, into one temporary name
@@ -353,10 +396,12 @@ def _mean(values: List[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _step_seconds(history: List[Dict[str, Any]]) -> Optional[float]:
+def _step_seconds(history: List[Dict[str, Any]], resumed_at: int = 0) -> Optional[float]:
+    """Seconds per optimizer step of this process's training (a resumed run's runtime covers the steps
+    after its checkpoint only)."""
     done = [h for h in history if "train_runtime" in h]
-    steps = max((h.get("step", 0) for h in history), default=0)
-    return done[-1]["train_runtime"] / steps if done and steps else None
+    steps = max((h.get("step", 0) for h in history), default=0) - resumed_at
+    return done[-1]["train_runtime"] / steps if done and steps > 0 else None
 
 
 @torch.no_grad()

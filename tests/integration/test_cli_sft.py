@@ -226,8 +226,12 @@ def test_sft_checkpoints_and_a_killed_run_resumes_exactly(tiny, tmp_path, caplog
         m.setattr(trl.SFTTrainer, "training_step", killed_at_the_sixth)
         with pytest.raises(Killed):
             cli.main(_args(tiny, "prompt", run, "--save-every", "4"))
-    assert [c.name for c in run.glob("checkpoint-*")] == ["checkpoint-4"]
-    assert cli.main(_args(tiny, "prompt", run, "--save-every", "4", "--resume")) == 0
+    assert {f.name for f in (run / "checkpoint-4").iterdir()} >= {"peftkern_run.json", "trainer_state.json"}
+    (run / "checkpoint-8").mkdir()  # and a later save killed part way (no trainer_state.json, written last)
+    (run / "checkpoint-8" / "adapter_model.safetensors").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="peftkern"):
+        assert cli.main(_args(tiny, "prompt", run, "--save-every", "4", "--resume")) == 0
+    assert "skipping" in caplog.text and "checkpoint-8, a save killed part way" in caplog.text
     want, got = load_file(str(full / "peftkern_model.safetensors")), load_file(str(run / "peftkern_model.safetensors"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     with caplog.at_level(logging.WARNING, logger="peftkern"):
@@ -237,12 +241,44 @@ def test_sft_checkpoints_and_a_killed_run_resumes_exactly(tiny, tmp_path, caplog
 
 def test_resuming_with_other_settings_is_refused_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch):
     """The Trainer restores its scheduler (the old learning rate) and data order whatever this run asks, so a
-    resume under other settings would train one run and report another: refused, naming the settings."""
-    from peftkern.app import models
+    resume under other settings would train one run and report another: refused, naming the settings; so
+    are the data file changed in place, another number of processes, and a classification run's folder
+    (a review's findings). A path given another way is the same path."""
+    import shutil
 
+    from peftkern.app import models, sft
+
+    data = tmp_path / "data.jsonl"
+    shutil.copy(tiny["prompt"], data)
+    local = {**tiny, "copy": str(data)}
+    out = tmp_path / "run"
+    assert cli.main(_args(local, "copy", out, "--save-every", "4")) == 0
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("the model loaded"))
+
+    def refused(argv, message):
+        assert cli.main(argv) == 2
+        assert message in capsys.readouterr().err
+
+    refused([a if a != "1e-2" else "5e-2" for a in _args(local, "copy", out, "--resume")],
+            "was written by a different run (lr: checkpoint 0.01, this run 0.05)")
+    with monkeypatch.context() as m:
+        m.setenv("WORLD_SIZE", "2")
+        refused(_args(local, "copy", out, "--resume"), "world_size: checkpoint 1, this run 2")
+    monkeypatch.chdir(tmp_path)
+    with monkeypatch.context() as m:  # the same file named relatively resumes (the model would load: stop there)
+        m.setattr(models, "load_causal_lm", lambda *a, **k: (_ for _ in ()).throw(ValueError("reached the model")))
+        refused(_args({**local, "copy": "data.jsonl"}, "copy", out, "--resume"), "reached the model")
+    data.write_text("\n".join(reversed(data.read_text().splitlines())) + "\n")  # the same path, other data
+    refused(_args(local, "copy", out, "--resume"), "data_sha256")
+    (tmp_path / "glue" / "checkpoints").mkdir(parents=True)
+    refused(_args(local, "copy", tmp_path / "glue", "--resume"), "holds a classification run's checkpoints")
+    with pytest.raises(ValueError, match="resume and save_every need an output directory"):
+        sft.SFTConfig(data=str(data), save_every=4).resolved()
+
+
+def test_a_run_that_does_not_resume_starts_without_an_earlier_runs_checkpoints(tiny, tmp_path):
     out = tmp_path / "run"
     assert cli.main(_args(tiny, "prompt", out, "--save-every", "4")) == 0
-    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("the model loaded"))
-    argv = [a if a != "1e-2" else "5e-2" for a in _args(tiny, "prompt", out, "--resume")]
-    assert cli.main(argv) == 2
-    assert "was written by a different run (lr: checkpoint 0.01, this run 0.05)" in capsys.readouterr().err
+    (out / "checkpoint-99").mkdir()  # an earlier, longer run's
+    assert cli.main(_args(tiny, "prompt", out, "--save-every", "4")) == 0
+    assert [c.name for c in out.glob("checkpoint-*")] == ["checkpoint-9"]
