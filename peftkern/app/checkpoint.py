@@ -142,6 +142,16 @@ def _strip(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Ten
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def check_same_settings(want: Dict[str, Any], have: Dict[str, Any], where: Any) -> None:
+    """ValueError naming the first settings in which checkpoint ``where`` (``have``) and this run (``want``)
+    differ: a resume under other settings would train one run and report another."""
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {have.get(k)!r}, this run {want.get(k)!r}" for k in diff[:4])
+        raise ValueError(f"checkpoint {where} was written by a different run ({shown}); resume with the same "
+                         "settings, or use another --output-dir")
+
+
 def _config_dict(config: Any) -> Dict[str, Any]:
     """The run config as JSON values, minus what may change between a run and its resumption."""
     values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
@@ -304,12 +314,7 @@ def restore(loaded: Loaded, config: Any, model: nn.Module, optimizer, scheduler,
 
     Everything is checked before anything is changed; ValueError names the first misfit."""
     m, where = loaded.manifest, str(loaded.path)
-    want, have = _config_dict(config), m.get("config", {})
-    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-    if diff:
-        shown = ", ".join(f"{k}: checkpoint {have.get(k)!r}, this run {want.get(k)!r}" for k in diff[:4])
-        raise ValueError(f"checkpoint {where} was written by a different run ({shown}); resume with the same "
-                         "settings, or use another --output-dir")
+    check_same_settings(_config_dict(config), m.get("config", {}), where)
     if m.get("world_size") != ctx.world_size:
         raise ValueError(f"checkpoint {where} was written by {m.get('world_size')} process(es); resume with the "
                          f"same number (this run has {ctx.world_size})")
@@ -373,4 +378,4 @@ def _check_optimizer(saved: Dict[str, Any], optimizer: torch.optim.Optimizer, wh
 
 
 __all__ = ["RunState", "Checkpointer", "Loaded", "read", "restore", "resume_latest", "latest", "complete", "remove_incomplete",
-           "rng_state", "set_rng_state", "FOLDER"]
+           "rng_state", "set_rng_state", "check_same_settings", "FOLDER"]

@@ -141,7 +141,7 @@ def _bf16(cfg: SFTConfig, device_type: str) -> bool:
 
 RUN_FILE = "peftkern_run.json"  # in each checkpoint: the settings it was made with, checked at --resume
 # what may change between a run and its resumption: the GLUE runs' list, and what only evaluation reads
-RESUME_MAY_CHANGE = ("progress", "resume", "save_every", "output_dir", "lr_source", "eval_generate", "max_new_tokens")
+RESUME_MAY_CHANGE = (*checkpoint.MAY_CHANGE, "lr_source", "eval_generate", "max_new_tokens")
 
 
 def _run_settings(cfg: SFTConfig) -> Dict[str, Any]:
@@ -186,12 +186,7 @@ def _last_checkpoint(out_dir: Path, cfg: SFTConfig) -> Optional[str]:
     if not (last / RUN_FILE).is_file():
         raise ValueError(f"--resume: {last} has no {RUN_FILE}: it was not written by peftkern finetune --task sft; "
                          "use another --output-dir")
-    have, want = json.loads((last / RUN_FILE).read_text()), _run_settings(cfg)
-    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-    if diff:
-        shown = ", ".join(f"{k}: checkpoint {have.get(k)!r}, this run {want.get(k)!r}" for k in diff[:4])
-        raise ValueError(f"checkpoint {last} was written by a different run ({shown}); resume with the same "
-                         "settings, or use another --output-dir")
+    checkpoint.check_same_settings(_run_settings(cfg), json.loads((last / RUN_FILE).read_text()), last)
     return str(last)
 
 
